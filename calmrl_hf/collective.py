@@ -1,0 +1,52 @@
+"""Cross-process communication used by the objectives, kept in one place.
+
+Only `torch.distributed` is used (no accelerate import): this file is copied into checkpoints as remote
+code together with the modeling files.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    """Number of processes in the default group (1 when torch.distributed is not initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _AllGatherWithLocalGrad(torch.autograd.Function):
+    """All-gather along dim 0; the backward pass returns the gradient of this process's own slice.
+
+    Each process computes the loss of its local rows against every process's columns, so the gradient
+    w.r.t. the local slice is the sum over processes of their gradients w.r.t. it: one all-reduce.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        ctx.rank = dist.get_rank()
+        ctx.local_rows = tensor.shape[0]
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        grad = grad_output.contiguous()
+        dist.all_reduce(grad)
+        start = ctx.rank * ctx.local_rows
+        return grad[start : start + ctx.local_rows]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All-gather `tensor` [n, ...] from every process (equal n everywhere), keeping the gradient path.
+
+    Returns `(gathered [world * n, ...], offset)` where `offset` is the row of this process's first row, the
+    interface `alignment.pmrl_loss(gather_fn=...)` expects. On a single process it is `(tensor, 0)`.
+    """
+    if world_size() == 1:
+        return tensor, 0
+    return _AllGatherWithLocalGrad.apply(tensor), dist.get_rank() * tensor.shape[0]
+
+
+__all__ = ["gather_with_grad", "world_size"]

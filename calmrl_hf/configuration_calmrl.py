@@ -1,0 +1,220 @@
+"""CalMRL model configuration.
+
+A `CalMRLConfig` declares the modalities of the shared embedding space, the encoder ("tower") of
+each modality, the projection into the shared space, the PPCA imputer of missing embeddings and the
+alignment objective. Encoders may be shared between modalities (by default the subtitle modality
+reuses the text tower with its own projection head).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+
+
+DEFAULT_MODALITIES = ("vision", "audio", "text", "subtitle")
+DEFAULT_ENCODER_MODEL_TYPES = {"vision": "vit", "audio": "audio-spectrogram-transformer", "text": "bert"}
+DEFAULT_SHARED_ENCODERS = {"subtitle": "text"}
+DEFAULT_POOLING = {"vision": "cls", "audio": "mean", "text": "mean", "subtitle": "mean"}
+
+POOLING_MODES = ("cls", "mean", "pooler")
+IMPUTER_METHODS = ("ppca", "mean", "zero", "none")
+ALIGNMENT_OBJECTIVES = ("pmrl", "gram", "triangle", "anchor_infonce", "pairwise_infonce")
+
+
+def _config_to_dict(config: PreTrainedConfig | dict) -> dict:
+    """Canonical JSON-safe form of an encoder sub-config: its diff against the defaults, with `model_type`."""
+    if isinstance(config, dict):
+        if "model_type" not in config:
+            raise ValueError(
+                f"An encoder config given as a dict needs a 'model_type' key (e.g. 'bert', 'vit'); got keys "
+                f"{sorted(config)}."
+            )
+        config_dict = copy.deepcopy(config)
+        config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    if not isinstance(config, PreTrainedConfig):
+        raise TypeError(f"An encoder config must be a transformers config or a dict, got {type(config).__name__}.")
+    as_dict = config.to_diff_dict()
+    as_dict.pop("transformers_version", None)
+    as_dict["model_type"] = config.model_type
+    return as_dict
+
+
+class CalMRLConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`CalMRLModel`]: modality towers -> projection -> unit-norm embeddings [B, k, D] ->
+    PPCA imputation of the missing ones -> alignment loss.
+
+    Args:
+        modalities (`list[str]`, *optional*, defaults to `["vision", "audio", "text", "subtitle"]`):
+            Names of the modalities, in the order of the `k` axis of every embedding tensor and modality mask.
+        encoder_configs (`dict[str, PreTrainedConfig | dict]`, *optional*):
+            Encoder config of each modality that has its own tower (any transformers config that
+            `AutoModel.from_config` can build). Defaults to ViT / AST / BERT base configs for vision / audio / text.
+        shared_encoders (`dict[str, str]`, *optional*, defaults to `{"subtitle": "text"}`):
+            Modalities that reuse another modality's tower (each keeps its own projection head).
+        pooling (`dict[str, str]`, *optional*):
+            How each modality's token features are pooled: `"cls"` (first token), `"mean"` (mean over tokens that the
+            attention mask keeps) or `"pooler"` (the tower's `pooler_output`). Defaults to cls for vision, mean otherwise.
+        projection_dim (`int`, *optional*, defaults to 512):
+            Dimension `D` of the shared embedding space.
+        imputer_method (`str`, *optional*, defaults to `"ppca"`):
+            How missing embeddings are filled before alignment: `"ppca"` (posterior mean of the PPCA model, CalMRL),
+            `"mean"` (the modality's marginal mean), `"zero"` (zero vectors) or `"none"` (observed-only alignment).
+        imputer_latent_dim (`int`, *optional*, defaults to 64):
+            Dimension `q` of the shared PPCA latent.
+        imputer_noise_var_floor (`float`, *optional*, defaults to 1e-6):
+            Lower bound of each modality's PPCA noise variance.
+        renormalize_imputed (`bool`, *optional*, defaults to `True`):
+            Project imputed embeddings back onto the unit sphere (the objectives assume unit-norm columns).
+        impute_with_grad (`bool`, *optional*, defaults to `True`):
+            Let gradients flow through the (linear) imputation into the observed embeddings.
+        alignment_objective (`str`, *optional*, defaults to `"pmrl"`):
+            One of `"pmrl"`, `"gram"`, `"triangle"`, `"anchor_infonce"`, `"pairwise_infonce"`.
+        pmrl_tau1 (`float`, *optional*, defaults to 0.05): PMRL intra-instance temperature (0.01 for pre-training).
+        pmrl_tau2 (`float`, *optional*, defaults to 0.1): PMRL inter-instance temperature.
+        temperature (`float`, *optional*, defaults to 0.07): temperature of the contrastive objectives.
+        learnable_temperature (`bool`, *optional*, defaults to `True`): train the contrastive temperature (clamped).
+        label_smoothing (`float`, *optional*, defaults to 0.1): label smoothing of GRAM / TRIANGLE.
+        anchor_modality (`str`, *optional*, defaults to `"text"`): anchor of GRAM / TRIANGLE / anchor InfoNCE.
+        triangle_modalities (`list[str]`, *optional*): the three modalities TRIANGLE uses (anchor first).
+        gather_across_processes (`bool`, *optional*, defaults to `True`):
+            Use the embeddings of every process as negatives (all-gather with gradient of the local part). The PMRL
+            authors use the per-GPU batch only; gathering is our documented deviation.
+        matching_weight (`float`, *optional*, defaults to 0.0): weight of the optional matching term.
+        initializer_range (`float`, *optional*, defaults to 0.02): std of the projection heads' initialisation.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig
+    >>> from calmrl_hf import CalMRLConfig, CalMRLModel
+    >>> config = CalMRLConfig(
+    ...     modalities=["text", "subtitle"],
+    ...     encoder_configs={"text": BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    ...                                         intermediate_size=64, vocab_size=100)},
+    ...     projection_dim=16, imputer_latent_dim=4)
+    >>> model = CalMRLModel(config)
+    ```
+    """
+
+    model_type = "calmrl"
+
+    modalities: list[str] | None = None
+    encoder_configs: dict[str, Any] | None = None
+    shared_encoders: dict[str, str] | None = None
+    pooling: dict[str, str] | None = None
+    projection_dim: int = 512
+    imputer_method: str = "ppca"
+    imputer_latent_dim: int = 64
+    imputer_noise_var_floor: float = 1e-6
+    renormalize_imputed: bool = True
+    impute_with_grad: bool = True
+    alignment_objective: str = "pmrl"
+    pmrl_tau1: float = 0.05
+    pmrl_tau2: float = 0.1
+    temperature: float = 0.07
+    learnable_temperature: bool = True
+    label_smoothing: float = 0.1
+    anchor_modality: str = "text"
+    triangle_modalities: list[str] | None = None
+    gather_across_processes: bool = True
+    matching_weight: float = 0.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        self.modalities = list(self.modalities) if self.modalities is not None else list(DEFAULT_MODALITIES)
+        if self.shared_encoders is None:
+            self.shared_encoders = {m: s for m, s in DEFAULT_SHARED_ENCODERS.items() if m in self.modalities}
+        if self.encoder_configs is None:
+            self.encoder_configs = {
+                m: AutoConfig.for_model(DEFAULT_ENCODER_MODEL_TYPES[m])
+                for m in self.modalities
+                if m in DEFAULT_ENCODER_MODEL_TYPES and m not in self.shared_encoders
+            }
+        self.encoder_configs = {m: _config_to_dict(c) for m, c in self.encoder_configs.items()}
+        pooling = {m: DEFAULT_POOLING.get(m, "mean") for m in self.modalities}
+        pooling.update(self.pooling or {})
+        self.pooling = pooling
+        super().__post_init__(**kwargs)
+        self._validate_calmrl()
+
+    def _validate_calmrl(self) -> None:
+        modalities = self.modalities
+        if len(modalities) < 2:
+            raise ValueError(f"CalMRLConfig needs at least two modalities, got modalities={modalities}.")
+        if len(set(modalities)) != len(modalities):
+            raise ValueError(f"Modality names must be unique, got modalities={modalities}.")
+        for name in modalities:
+            if not name.isidentifier():
+                raise ValueError(f"Modality name {name!r} must be a Python identifier (it prefixes input names).")
+        for field in ("encoder_configs", "shared_encoders", "pooling"):
+            unknown = sorted(set(getattr(self, field)) - set(modalities))
+            if unknown:
+                raise ValueError(f"{field} names unknown modalities {unknown}; the modalities are {modalities}.")
+        for name, target in self.shared_encoders.items():
+            if target not in self.encoder_configs:
+                raise ValueError(
+                    f"shared_encoders maps {name!r} to {target!r}, which has no encoder of its own "
+                    f"(encoder_configs has {sorted(self.encoder_configs)})."
+                )
+            if name in self.encoder_configs:
+                raise ValueError(f"Modality {name!r} has both its own encoder config and a shared encoder.")
+        without_encoder = [m for m in modalities if m not in self.encoder_configs and m not in self.shared_encoders]
+        if without_encoder:
+            raise ValueError(
+                f"Modalities {without_encoder} have no encoder: give each an entry in encoder_configs or map it to "
+                f"another modality in shared_encoders."
+            )
+        for name, mode in self.pooling.items():
+            if mode not in POOLING_MODES:
+                raise ValueError(f"pooling[{name!r}] = {mode!r}; expected one of {POOLING_MODES}.")
+        if self.imputer_method not in IMPUTER_METHODS:
+            raise ValueError(f"imputer_method = {self.imputer_method!r}; expected one of {IMPUTER_METHODS}.")
+        if self.alignment_objective not in ALIGNMENT_OBJECTIVES:
+            raise ValueError(
+                f"alignment_objective = {self.alignment_objective!r}; expected one of {ALIGNMENT_OBJECTIVES}."
+            )
+        if self.anchor_modality not in modalities:
+            raise ValueError(f"anchor_modality = {self.anchor_modality!r} is not one of the modalities {modalities}.")
+        if self.triangle_modalities is not None:
+            unknown = [m for m in self.triangle_modalities if m not in modalities]
+            if len(self.triangle_modalities) != 3 or unknown:
+                raise ValueError(
+                    f"triangle_modalities must name three of {modalities}, got {self.triangle_modalities}."
+                )
+        if self.projection_dim < 1 or self.imputer_latent_dim < 1:
+            raise ValueError(
+                f"projection_dim and imputer_latent_dim must be positive, got {self.projection_dim} and "
+                f"{self.imputer_latent_dim}."
+            )
+        if self.imputer_latent_dim >= self.projection_dim:
+            raise ValueError(
+                f"imputer_latent_dim ({self.imputer_latent_dim}) must be smaller than projection_dim "
+                f"({self.projection_dim}): the PPCA latent is a low-rank summary of the embeddings."
+            )
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.modalities)
+
+    def modality_index(self, name: str) -> int:
+        """Position of modality `name` on the `k` axis; a clear error for an unknown name."""
+        if name not in self.modalities:
+            raise ValueError(f"Unknown modality {name!r}; this model's modalities are {self.modalities}.")
+        return self.modalities.index(name)
+
+    def encoder_owner(self, name: str) -> str:
+        """The modality whose tower encodes `name` (itself unless shared)."""
+        self.modality_index(name)
+        return self.shared_encoders.get(name, name)
+
+    def get_encoder_config(self, name: str) -> PreTrainedConfig:
+        """The transformers config of the tower that encodes modality `name`."""
+        config_dict = dict(self.encoder_configs[self.encoder_owner(name)])
+        return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+
+
+__all__ = ["CalMRLConfig"]

@@ -1,0 +1,264 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, BertModel
+
+from calmrl_hf import CalMRLConfig, CalMRLModel
+from calmrl_hf.alignment import pmrl_loss
+
+from tiny_models import MIXED_MASK, tiny_batch, tiny_bert, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def fitted_model(**overrides) -> CalMRLModel:
+    """A tiny model whose imputer has been fitted on its own embeddings of a full-modality batch."""
+    model = CalMRLModel(tiny_config(**overrides)).eval()
+    full = torch.ones(24, 4, dtype=torch.bool)
+    with torch.no_grad():
+        embeddings, mask = model.embed_modalities(**tiny_batch(full, seed=1))
+    model.imputer.fit(embeddings, mask, max_iter=20)
+    return model
+
+
+def test_config_round_trip_and_validation(tmp_path):
+    config = tiny_config(alignment_objective="gram", anchor_modality="vision")
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, CalMRLConfig)
+    assert loaded.to_dict() == config.to_dict()
+    assert loaded.get_encoder_config("subtitle").model_type == "bert"
+    with pytest.raises(ValueError, match="unknown modalities"):
+        tiny_config(pooling={"smell": "mean"})
+    with pytest.raises(ValueError, match="imputer_method"):
+        tiny_config(imputer_method="median")
+    with pytest.raises(ValueError, match="no encoder"):
+        CalMRLConfig(modalities=["text", "depth"], encoder_configs={"text": tiny_bert()}, projection_dim=16,
+                     imputer_latent_dim=4)
+
+
+def test_forward_backward_mixed_patterns():
+    model = fitted_model().train()
+    batch = tiny_batch(MIXED_MASK)
+    out = model(**batch)
+    B, k, D = MIXED_MASK.shape[0], 4, 16
+    assert out.embeddings.shape == (B, k, D)
+    assert torch.equal(out.modality_mask, MIXED_MASK)
+    # observed rows unit norm, missing rows zero; imputed rows unit norm (renormalised) everywhere
+    norms = out.embeddings.norm(dim=-1)
+    torch.testing.assert_close(norms[MIXED_MASK], torch.ones(int(MIXED_MASK.sum())))
+    assert torch.all(norms[~MIXED_MASK] == 0)
+    assert out.aligned_mask.all()
+    torch.testing.assert_close(out.imputed_embeddings.norm(dim=-1), torch.ones(B, k))
+    assert torch.equal(out.imputed_embeddings[MIXED_MASK], out.embeddings[MIXED_MASK])
+    assert out.singular_values.shape == (B, k) and out.anchor_embeddings.shape == (B, D)
+    # the loss is the configured objective on observed + imputed columns
+    torch.testing.assert_close(out.loss, pmrl_loss(out.imputed_embeddings, tau1=0.05, tau2=0.1))
+    out.loss.backward()
+    for name in ("vision", "audio", "text"):
+        grads = [p.grad for p in model.encoders[name].parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), name
+    for name in model.config.modalities:
+        assert model.projections[name].weight.grad.abs().sum() > 0, name
+    assert all(buffer.grad is None for buffer in model.imputer.buffers())
+
+
+def test_padding_does_not_change_text_embedding():
+    model = CalMRLModel(tiny_config()).eval()
+    ids = torch.randint(1, 64, (1, 5))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    a = model.get_modality_features("text", input_ids=ids, attention_mask=torch.ones_like(ids))
+    b = model.get_modality_features("text", input_ids=padded, attention_mask=(padded > 0).long())
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_subtitle_shares_text_tower_with_own_projection():
+    model = CalMRLModel(tiny_config())
+    assert "subtitle" not in model.encoders and "subtitle" in model.projections
+    ids = torch.randint(1, 64, (3, 6))
+    text = model.get_modality_features("text", input_ids=ids)
+    with torch.no_grad():
+        model.projections["subtitle"].weight.copy_(model.projections["text"].weight)
+    torch.testing.assert_close(model.get_modality_features("subtitle", input_ids=ids), text)
+
+
+def test_embeddings_do_not_depend_on_which_rows_are_batched_together():
+    model = CalMRLModel(tiny_config()).eval()
+    batch = tiny_batch(MIXED_MASK)
+    with torch.no_grad():
+        together, _ = model.embed_modalities(**batch)
+        text_rows = MIXED_MASK[:, 2].nonzero().flatten()
+        alone = model.get_modality_features("text", input_ids=batch["text_input_ids"][:1],
+                                            attention_mask=batch["text_attention_mask"][:1])
+    torch.testing.assert_close(together[text_rows[0], 2], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_modality_absent_from_whole_batch_and_image_inputs():
+    model = fitted_model()
+    mask = torch.tensor([[True, False, True, False], [True, False, True, False]])
+    out = model(**tiny_batch(mask, video=False))
+    assert out.loss.isfinite() and out.aligned_mask.all()
+
+
+@pytest.mark.parametrize("method", ["none", "zero", "mean", "ppca"])
+def test_imputation_methods(method):
+    model = fitted_model(imputer_method=method)
+    out = model(**tiny_batch(MIXED_MASK))
+    missing = ~MIXED_MASK
+    if method == "none":
+        assert torch.equal(out.aligned_mask, MIXED_MASK)
+        assert torch.all(out.imputed_embeddings[missing] == 0)
+        torch.testing.assert_close(out.loss, pmrl_loss(out.embeddings, MIXED_MASK, tau1=0.05, tau2=0.1))
+    elif method == "zero":
+        assert out.aligned_mask.all() and torch.all(out.imputed_embeddings[missing] == 0)
+    elif method == "mean":
+        expected = torch.nn.functional.normalize(model.imputer.mean, dim=-1).expand(6, 4, 16)
+        torch.testing.assert_close(out.imputed_embeddings[missing], expected[missing])
+    else:
+        raw = model.imputer.impute(out.embeddings, MIXED_MASK)
+        torch.testing.assert_close(out.imputed_embeddings[missing],
+                                   torch.nn.functional.normalize(raw, dim=-1)[missing])
+
+
+def test_unfitted_imputer_falls_back_to_observed_only():
+    model = CalMRLModel(tiny_config())
+    out = model(**tiny_batch(MIXED_MASK))
+    assert torch.equal(out.aligned_mask, MIXED_MASK)
+
+
+def test_gradients_through_imputation_are_configurable():
+    def grad_of_text_projection(impute_with_grad):
+        model = fitted_model(impute_with_grad=impute_with_grad)
+        mask = torch.tensor([[False, False, True, False]] * 4)  # text only: everything else imputed
+        model(**tiny_batch(mask)).loss.backward()
+        return model.projections["text"].weight.grad
+
+    with_grad, without_grad = grad_of_text_projection(True), grad_of_text_projection(False)
+    assert not torch.allclose(with_grad, without_grad)
+
+
+@pytest.mark.parametrize("objective", ["gram", "anchor_infonce", "pairwise_infonce"])
+def test_other_objectives_train(objective):
+    model = fitted_model(alignment_objective=objective)
+    out = model(**tiny_batch(MIXED_MASK))
+    out.loss.backward()
+    assert out.loss.isfinite()
+    if objective != "pmrl":
+        assert model.temperature.grad is not None
+
+
+def test_triangle_objective_on_three_modalities():
+    model = fitted_model(alignment_objective="triangle", triangle_modalities=["text", "vision", "audio"])
+    out = model(**tiny_batch(MIXED_MASK))
+    out.loss.backward()
+    assert out.loss.isfinite()
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    model = fitted_model().eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not list(tmp_path.glob("*.bin"))
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, CalMRLModel)
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    for key in original:
+        assert torch.equal(original[key], restored[key]), key
+    assert loaded.imputer.fitted_modalities.all()
+    batch = tiny_batch(MIXED_MASK)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).loss, loaded(**batch).loss, rtol=0, atol=0)
+
+
+def test_bf16_loading_keeps_imputer_in_float32(tmp_path):
+    model = fitted_model()
+    model.save_pretrained(tmp_path)
+    loaded = CalMRLModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert loaded.projections["text"].weight.dtype == torch.bfloat16
+    for name, buffer in loaded.imputer.named_buffers():
+        assert buffer.dtype == torch.float32, name
+        assert torch.equal(buffer, dict(model.imputer.named_buffers())[name]), name
+    with torch.no_grad():
+        out = loaded(**{k: (v.bfloat16() if v.is_floating_point() else v) for k, v in tiny_batch(MIXED_MASK).items()})
+    assert out.loss.isfinite() and out.embeddings.dtype == torch.bfloat16
+
+
+def test_remote_code_loads_without_the_package(tmp_path):
+    model = fitted_model()
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"].endswith("CalMRLModel")
+    reference = checkpoint / "reference.pt"
+    torch.save({"weight": model.imputer.weight, "proj": model.projections["audio"].weight}, reference)
+    script = textwrap.dedent(f"""
+        import sys, torch
+        # simulate an environment without calmrl_hf, even where it is pip-installed: any import of it fails
+        sys.modules['calmrl_hf'] = None
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        ref = torch.load({str(reference)!r})
+        assert type(model).__name__ == 'CalMRLModel', type(model)
+        assert type(model).__module__.startswith('transformers_modules'), type(model).__module__
+        assert torch.equal(model.imputer.weight, ref['weight'])
+        assert torch.equal(model.projections['audio'].weight, ref['proj'])
+        print('ok')
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok" in result.stdout
+
+
+def test_from_encoders_uses_pretrained_tower(tmp_path):
+    tower = BertModel(tiny_bert()).eval()
+    tower.save_pretrained(tmp_path / "bert")
+    model = CalMRLModel.from_encoders(text=str(tmp_path / "bert"), projection_dim=16, imputer_latent_dim=4)
+    assert model.config.modalities == ["text", "subtitle"]
+    for key, value in tower.state_dict().items():
+        assert torch.equal(model.encoders["text"].state_dict()[key], value), key
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = fitted_model()
+    batch = tiny_batch(MIXED_MASK)
+    with pytest.raises(ValueError, match=r"shape \[B, 4\]"):
+        model(**{**batch, "modality_mask": MIXED_MASK[:, :3]})
+    with pytest.raises(TypeError, match="bool"):
+        model(**{**batch, "modality_mask": MIXED_MASK.long()})
+    with pytest.raises(ValueError, match="Unknown input 'smell_values'"):
+        model(**batch, smell_values=torch.zeros(2, 3))
+    empty = MIXED_MASK.clone()
+    empty[4] = False
+    with pytest.raises(ValueError, match=r"Rows \[4\].*observe no modality"):
+        model(**{**batch, "modality_mask": empty})
+    nan_batch = dict(batch)
+    nan_batch["audio_input_values"] = batch["audio_input_values"].clone()
+    nan_batch["audio_input_values"][1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"audio_input_values contains NaN.*rows \[1\]"):
+        model(**nan_batch)
+    fewer = dict(batch)
+    fewer["text_input_ids"] = batch["text_input_ids"][:-1]
+    fewer["text_attention_mask"] = batch["text_attention_mask"][:-1]
+    with pytest.raises(ValueError, match="marks 5 rows as observing 'text'"):
+        model(**fewer)
+    with pytest.raises(ValueError, match="Unknown modality 'smell'"):
+        model.get_modality_features("smell", input_ids=batch["text_input_ids"])
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    fitted_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not match"):
+        CalMRLModel.from_pretrained(tmp_path, config=tiny_config(projection_dim=8))
+    with pytest.raises(ValueError, match="does not match"):
+        CalMRLModel.from_pretrained(tmp_path, config=tiny_config(modalities=["vision", "audio", "text"]))
