@@ -1,0 +1,90 @@
+"""Retrieval evaluation in every direction between every pair of modalities.
+
+Inputs are what a CalMRL model produces for an evaluation set, gathered from all processes:
+embeddings [N, k, D] (unit norm where observed) and modality_mask [N, k]. A query of modality `a`
+retrieves among the gallery of modality `b` over the instances that observe both.
+
+- instance level: the positive of query i is instance i (the paper's protocol on MSR-VTT / AudioCaps);
+- class level (with `labels`): any gallery item of the query's class is a hit, for data whose
+  instances share labels (e.g. spoken / written / drawn numbers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _check(embeddings: torch.Tensor, modality_mask: torch.Tensor, modalities: Sequence[str]) -> None:
+    if embeddings.dim() != 3:
+        raise ValueError(f"embeddings must be [N, k, D], got shape {list(embeddings.shape)}.")
+    if modality_mask.dtype != torch.bool or modality_mask.shape != embeddings.shape[:2]:
+        raise ValueError(
+            f"modality_mask must be a bool tensor of shape {list(embeddings.shape[:2])}, got "
+            f"{modality_mask.dtype} {list(modality_mask.shape)}."
+        )
+    if len(modalities) != embeddings.shape[1]:
+        raise ValueError(f"{len(modalities)} modality names for {embeddings.shape[1]} modalities.")
+
+
+def recall_at_k(
+    similarity: torch.Tensor, ks: Sequence[int] = (1, 5, 10), labels: torch.Tensor | None = None
+) -> dict[int, float]:
+    """Recall@K (in percent) of a [Q, G] similarity matrix whose positive of query i is gallery item i.
+
+    With `labels` [Q] (query i and gallery item i share label i's class), a hit is any top-K item of the
+    query's class. Ties are broken against the query (a positive tied with a negative does not count).
+    """
+    if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1]:
+        raise ValueError(f"similarity must be square [N, N] (paired query/gallery), got {list(similarity.shape)}.")
+    num = similarity.shape[0]
+    if labels is None:
+        positive = similarity.diagonal().unsqueeze(1)  # [Q, 1]
+        rank = (similarity >= positive).sum(dim=1) - 1  # number of others at least as similar
+        return {k: 100.0 * float((rank < k).float().mean()) for k in ks}
+    same_class = labels.unsqueeze(1) == labels.unsqueeze(0)  # [Q, G]
+    order = similarity.argsort(dim=1, descending=True)
+    hits = same_class.gather(1, order)  # [Q, G] hit at each rank
+    first_hit = torch.where(hits.any(dim=1), hits.float().argmax(dim=1), torch.full((num,), num, device=hits.device))
+    return {k: 100.0 * float((first_hit < k).float().mean()) for k in ks}
+
+
+def retrieval_metrics(
+    embeddings: torch.Tensor,
+    modality_mask: torch.Tensor,
+    modalities: Sequence[str],
+    *,
+    ks: Sequence[int] = (1, 5, 10),
+    labels: torch.Tensor | None = None,
+    pairs: Sequence[tuple[str, str]] | None = None,
+) -> dict[str, float]:
+    """Recall@K for every ordered pair of modalities (or the given `pairs`).
+
+    Keys look like `"text->vision/R@1"` (instance level) and `"text->vision/class_R@1"` (class level, with
+    `labels` [N]). A pair with fewer than two instances observing both is left out. `mean_R@1` averages the
+    instance-level R@1 over the directions reported, the paper's headline number.
+    """
+    _check(embeddings, modality_mask, modalities)
+    embeddings = embeddings.float()
+    if pairs is None:
+        pairs = [(a, b) for a in modalities for b in modalities if a != b]
+    results: dict[str, float] = {}
+    for query, gallery in pairs:
+        qi, gi = list(modalities).index(query), list(modalities).index(gallery)
+        both = modality_mask[:, qi] & modality_mask[:, gi]
+        if int(both.sum()) < 2:
+            continue
+        similarity = embeddings[both, qi] @ embeddings[both, gi].T
+        for k, value in recall_at_k(similarity, ks).items():
+            results[f"{query}->{gallery}/R@{k}"] = value
+        if labels is not None:
+            for k, value in recall_at_k(similarity, ks, labels=labels[both]).items():
+                results[f"{query}->{gallery}/class_R@{k}"] = value
+    r1 = [v for key, v in results.items() if key.endswith("/R@1")]
+    if r1:
+        results["mean_R@1"] = sum(r1) / len(r1)
+    return results
+
+
+__all__ = ["recall_at_k", "retrieval_metrics"]

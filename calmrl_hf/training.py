@@ -1,0 +1,466 @@
+"""The CalMRL training loop on accelerate: the paper's bi-step, every step.
+
+(i)  imputer step: sufficient statistics of the batch's detached embeddings (observed entries only),
+     summed across processes with one all-reduce, accumulated (exponential moving average or per epoch),
+     closed-form M-step; every process runs the identical M-step on identical statistics.
+(ii) encoder step: the alignment loss on observed + imputed embeddings (or observed only, or mean / zero
+     imputation: the baselines run through the same loop, only `config.imputer_method` differs).
+
+One `Accelerator` owns devices, processes, mixed precision, gradient accumulation, checkpoints and
+trackers; the loop reads top to bottom like accelerate's `complete_nlp_example.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .evaluation import retrieval_metrics
+from .imputer import PPCAStatistics
+from .modeling_calmrl import CalMRLModel
+
+
+logger = get_logger(__name__)
+
+# Columns of a CalMRL dataset that are not modalities.
+NON_MODALITY_COLUMNS = ("id", "label", "labels", "modality_mask", "index")
+_CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainingArguments:
+    """Everything the loop needs besides the model and the data. Field names follow transformers' Trainer."""
+
+    output_dir: str = "outputs/calmrl"
+    seed: int = 42
+    max_steps: int = 100  # optimizer steps
+    per_device_train_batch_size: int = 32
+    train_batch_size: int | None = None  # global; if set, must equal per_device * processes * accumulation
+    per_device_eval_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    cpu: bool = False  # force CPU processes (torchrun on CPU: gloo all-reduce)
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    save_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir/checkpoints
+    imputer_statistics: str = "ema"  # "ema" | "epoch"
+    imputer_ema_decay: float = 0.95
+    imputer_min_rows: int | None = None  # rows a modality needs before its first M-step; default 2 (q + 1)
+    imputer_warm_start: bool = False  # full EM on the embeddings of `warm_start_dataset` before training
+    imputer_warm_start_max_iter: int = 50
+    freeze_modalities: Sequence[str] = ()  # towers to keep frozen (e.g. a pretrained text tower)
+    log_with: str | None = None  # e.g. "tensorboard"
+    dataloader_num_workers: int = 0
+    push_to_hub: str | None = None  # repo id
+    hub_endpoint: str | None = None
+    hub_token: str | None = None
+    hub_private: bool = False
+    eval_pairs: Sequence[Sequence[str]] | None = None  # e.g. [["text", "vision"], ["vision", "text"]]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainingArguments":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown training arguments {unknown}; known ones are {sorted(known)}.")
+        return cls(**values)
+
+    def __post_init__(self):
+        if self.imputer_statistics not in ("ema", "epoch"):
+            raise ValueError(f"imputer_statistics = {self.imputer_statistics!r}; expected 'ema' or 'epoch'.")
+        if not 0.0 <= self.imputer_ema_decay < 1.0:
+            raise ValueError(f"imputer_ema_decay must be in [0, 1), got {self.imputer_ema_decay}.")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision = {self.mixed_precision!r}; expected 'no', 'bf16' or 'fp16'.")
+        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+
+
+@dataclass
+class TrainOutput:
+    output_dir: str
+    global_step: int
+    metrics: dict[str, float]
+    losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step (all processes)
+
+
+class ImputerUpdater:
+    """The imputer step of the bi-step, passed to `CalMRLModel.forward` as `imputer_update_fn`.
+
+    Statistics are additive (DESIGN §2), so the batch statistics of all processes are summed with ONE
+    all-reduce of a flat float64 vector, accumulated, and every process runs the same closed-form M-step.
+    """
+
+    def __init__(self, model: CalMRLModel, accelerator: Accelerator, args: TrainingArguments):
+        self.imputer = model.imputer
+        self.accelerator = accelerator
+        self.mode = args.imputer_statistics
+        self.decay = args.imputer_ema_decay
+        imputer = self.imputer
+        self.min_rows = args.imputer_min_rows or 2 * (imputer.latent_dim + 1)
+        self.statistics = PPCAStatistics.zeros(imputer.num_modalities, imputer.dim, imputer.latent_dim,
+                                               device=imputer.weight.device)
+        self.enabled = model.config.imputer_method in ("ppca", "mean")
+
+    def start_epoch(self) -> None:
+        if self.mode == "epoch":
+            self.statistics = self.statistics.scale(0.0)
+
+    @torch.no_grad()
+    def __call__(self, embeddings: torch.Tensor, modality_mask: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        batch_stats = self.imputer.sufficient_statistics(embeddings.float(), modality_mask)
+        flat = self.accelerator.reduce(batch_stats.to_flat(), reduction="sum")  # one all-reduce
+        imputer = self.imputer
+        batch_stats = PPCAStatistics.from_flat(flat, imputer.num_modalities, imputer.dim, imputer.latent_dim)
+        decay = self.decay if self.mode == "ema" else 1.0
+        # S <- decay * S + S_batch (ema), or S <- S + S_batch within the epoch
+        self.statistics = self.statistics.scale(decay) + batch_stats
+        if bool((self.statistics.count >= self.min_rows).any()):
+            self.imputer.m_step(self._ready_statistics())
+
+    def _ready_statistics(self) -> PPCAStatistics:
+        """Statistics with modalities below `min_rows` zeroed, so their M-step waits (they keep their prior)."""
+        ready = (self.statistics.count >= self.min_rows).to(self.statistics.count.dtype)
+        stats = self.statistics
+        return PPCAStatistics(
+            latent_second_moment=stats.latent_second_moment * ready[:, None, None],
+            cross_moment=stats.cross_moment * ready[:, None, None],
+            sum_sq_norm=stats.sum_sq_norm * ready,
+            count=stats.count * ready,
+        )
+
+    def seed(self, statistics: PPCAStatistics, rows_per_step: int) -> None:
+        """Start the accumulator from warm-start statistics, weighted like a full EMA window of batches.
+
+        Without this the first M-steps would replace the warm-started parameters by estimates from a few batches.
+        """
+        if self.mode == "ema":
+            window_rows = rows_per_step / (1.0 - self.decay)  # steady-state mass of the moving average
+            scale = (window_rows / statistics.count.clamp_min(1.0)).clamp(max=1.0)  # per modality
+            statistics = PPCAStatistics(
+                latent_second_moment=statistics.latent_second_moment * scale[:, None, None],
+                cross_moment=statistics.cross_moment * scale[:, None, None],
+                sum_sq_norm=statistics.sum_sq_norm * scale,
+                count=statistics.count * scale,
+            )
+        self.statistics = statistics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"statistics": self.statistics.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.statistics.load_state_dict(state["statistics"])
+
+
+class _TrainState:
+    """Step counter saved with every checkpoint (accelerate's `register_for_checkpointing`)."""
+
+    def __init__(self):
+        self.global_step = 0
+
+    def state_dict(self):
+        return {"global_step": self.global_step}
+
+    def load_state_dict(self, state):
+        self.global_step = int(state["global_step"])
+
+
+def dataset_modalities(dataset) -> list[str]:
+    """The modality columns of a CalMRL dataset (every column except id / label / modality_mask)."""
+    names = dataset.column_names
+    if isinstance(names, dict):  # DatasetDict
+        names = next(iter(names.values()))
+    return [c for c in names or [] if c not in NON_MODALITY_COLUMNS]
+
+
+def validate_setup(model: CalMRLModel, datasets: dict[str, Any], args: TrainingArguments, num_processes: int) -> int:
+    """Fail before training starts, with a message that says what to change. Returns the per-device batch size."""
+    modalities = model.config.modalities
+    for role, dataset in datasets.items():
+        if dataset is None:
+            continue
+        lacking = [m for m in dataset_modalities(dataset) if m not in modalities]
+        if lacking:
+            raise ValueError(
+                f"The {role} dataset has modalities {lacking} that the model lacks (model modalities: {modalities}). "
+                f"Add them to CalMRLConfig.modalities with an encoder, or drop those columns "
+                f"(dataset.remove_columns({lacking}))."
+            )
+    unknown_frozen = [m for m in args.freeze_modalities if m not in modalities]
+    if unknown_frozen:
+        raise ValueError(f"freeze_modalities names unknown modalities {unknown_frozen}; the modalities are {modalities}.")
+    per_device = args.per_device_train_batch_size
+    if args.train_batch_size is not None:
+        divisor = num_processes * args.gradient_accumulation_steps
+        if args.train_batch_size % divisor:
+            raise ValueError(
+                f"train_batch_size={args.train_batch_size} is not divisible by processes ({num_processes}) x "
+                f"gradient_accumulation_steps ({args.gradient_accumulation_steps}) = {divisor}; choose a multiple "
+                f"of {divisor}."
+            )
+        per_device = args.train_batch_size // divisor
+    if model.config.alignment_objective != "pmrl" and per_device < 2:
+        raise ValueError(f"A contrastive objective needs at least 2 rows per device batch, got {per_device}.")
+    train = datasets.get("train")
+    if train is not None and hasattr(train, "__len__") and len(train) < per_device * num_processes:
+        raise ValueError(
+            f"The train dataset has {len(train)} rows, fewer than one global batch ({per_device} x {num_processes} "
+            f"processes); lower the batch size."
+        )
+    return per_device
+
+
+def build_accelerator(args: TrainingArguments) -> Accelerator:
+    return Accelerator(
+        cpu=args.cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.log_with,
+        project_dir=args.output_dir,
+        # towers of modalities absent from a batch get no gradient: DDP must not wait for them
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+
+
+@torch.no_grad()
+def embed_dataset(model, dataloader, accelerator: Accelerator) -> dict[str, torch.Tensor]:
+    """Embeddings [N, k, D], modality masks [N, k] (and labels) of a whole dataset, gathered from all processes."""
+    model.eval()
+    chunks: dict[str, list[torch.Tensor]] = {"embeddings": [], "modality_mask": [], "labels": []}
+    unwrapped = accelerator.unwrap_model(model)
+    for batch in dataloader:
+        batch = dict(batch)
+        labels = batch.pop("labels", batch.pop("label", None))
+        batch.pop("id", None)
+        batch.pop("index", None)
+        embeddings, mask = unwrapped.embed_modalities(**batch)
+        gathered = accelerator.gather_for_metrics((embeddings.float(), mask))
+        chunks["embeddings"].append(gathered[0].cpu())
+        chunks["modality_mask"].append(gathered[1].cpu())
+        if isinstance(labels, torch.Tensor):
+            chunks["labels"].append(accelerator.gather_for_metrics(labels).cpu())
+    return {key: torch.cat(value) for key, value in chunks.items() if value}
+
+
+def evaluate(model, dataloader, accelerator: Accelerator, pairs=None) -> dict[str, float]:
+    """Retrieval Recall@1/5/10 in every direction (class level too when the data has labels)."""
+    data = embed_dataset(model, dataloader, accelerator)
+    unwrapped = accelerator.unwrap_model(model)
+    return retrieval_metrics(
+        data["embeddings"], data["modality_mask"], unwrapped.config.modalities,
+        labels=data.get("labels"), pairs=[tuple(p) for p in pairs] if pairs else None,
+    )
+
+
+def warm_start_imputer(
+    model, dataloader, accelerator: Accelerator, max_iter: int
+) -> tuple[list[float], PPCAStatistics]:
+    """Fit the imputer by full EM on the embeddings of a (full-modality) dataset; identical on every process.
+
+    Returns the log-likelihood history and the statistics of the data under the fitted parameters.
+    """
+    data = embed_dataset(model, dataloader, accelerator)
+    imputer = accelerator.unwrap_model(model).imputer
+    embeddings = data["embeddings"].to(imputer.weight.device)
+    mask = data["modality_mask"].to(imputer.weight.device)
+    history = imputer.fit(embeddings, mask, max_iter=max_iter)
+    return history, imputer.sufficient_statistics(embeddings, mask)
+
+
+def _model_inputs(batch) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in dict(batch).items() if k not in ("id", "label", "labels", "index")}
+
+
+def _latest_checkpoint(output_dir: str) -> str | None:
+    root = Path(output_dir) / "checkpoints"
+    steps = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := _CHECKPOINT_PATTERN.match(p.name))]
+    return str(max(steps)[1]) if steps else None
+
+
+def _prune_checkpoints(output_dir: str, keep: int | None) -> None:
+    if not keep:
+        return
+    root = Path(output_dir) / "checkpoints"
+    steps = sorted((int(m.group(1)), p) for p in root.glob("step_*") if (m := _CHECKPOINT_PATTERN.match(p.name)))
+    for _, path in steps[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def train(
+    model: CalMRLModel,
+    train_dataset,
+    args: TrainingArguments,
+    *,
+    collate_fn: Callable,
+    eval_dataset=None,
+    warm_start_dataset=None,
+    processor=None,
+    accelerator: Accelerator | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> TrainOutput:
+    """Train `model` with CalMRL's bi-step; save model (and processor) to `args.output_dir` at the end.
+
+    `train_dataset` yields examples that `collate_fn` turns into model inputs (`{modality}_{field}` tensors and
+    `modality_mask`). `on_checkpoint(step)` is called after each checkpoint (tests use it to stop a run).
+    """
+    accelerator = accelerator or build_accelerator(args)
+    per_device = validate_setup(
+        model, {"train": train_dataset, "eval": eval_dataset, "warm start": warm_start_dataset}, args,
+        accelerator.num_processes,
+    )
+    set_seed(args.seed)
+    for name in args.freeze_modalities:
+        model.encoders[model.config.encoder_owner(name)].requires_grad_(False)
+
+    train_loader = DataLoader(train_dataset, batch_size=per_device, shuffle=True, drop_last=True,
+                              collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
+    eval_loader = warm_loader = None
+    if eval_dataset is not None:
+        eval_loader = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn)
+    if warm_start_dataset is not None and args.imputer_warm_start:
+        warm_loader = DataLoader(warm_start_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    # accelerate steps a prepared scheduler once per process per optimizer step: scale the schedule to match
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer,
+        num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    if warm_loader is not None:
+        warm_loader = accelerator.prepare(warm_loader)
+
+    unwrapped = accelerator.unwrap_model(model)
+    imputer_step = ImputerUpdater(unwrapped, accelerator, args)
+    state = _TrainState()
+    accelerator.register_for_checkpointing(imputer_step, state)
+    if args.log_with:
+        accelerator.init_trackers("calmrl", config={k: v for k, v in asdict(args).items()
+                                                    if isinstance(v, (int, float, str, bool))})
+
+    resume = args.resume_from_checkpoint
+    if resume == "latest":
+        resume = _latest_checkpoint(args.output_dir)
+        if resume is None:
+            logger.info("No checkpoint in %s/checkpoints: starting from scratch.", args.output_dir)
+    if resume:
+        accelerator.load_state(resume)
+        logger.info("Resumed from %s at step %d.", resume, state.global_step)
+    elif warm_loader is not None:
+        history, warm_statistics = warm_start_imputer(model, warm_loader, accelerator, args.imputer_warm_start_max_iter)
+        imputer_step.seed(warm_statistics, rows_per_step=per_device * accelerator.num_processes)
+        logger.info("Imputer warm start: %d EM iterations, log-likelihood %.1f -> %.1f.",
+                    len(history), history[0], history[-1])
+
+    micro_batches_done = state.global_step * args.gradient_accumulation_steps
+    batches_per_epoch = len(train_loader)
+    epoch, skip = divmod(micro_batches_done, batches_per_epoch)
+    progress = tqdm(total=args.max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
+                    desc="training")
+    losses: list[float] = []
+    metrics: dict[str, float] = {}
+    running_loss = torch.zeros((), device=accelerator.device)
+    running_count = 0
+    while state.global_step < args.max_steps:
+        train_loader.set_epoch(epoch)
+        if skip == 0:
+            imputer_step.start_epoch()
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        skip = 0
+        model.train()
+        for batch in loader:
+            with accelerator.accumulate(model):
+                outputs = model(**_model_inputs(batch), imputer_update_fn=imputer_step)
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            running_loss += outputs.loss.detach().float()
+            running_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            state.global_step += 1
+            progress.update(1)
+            step_loss = accelerator.reduce(running_loss / running_count, reduction="mean").item()
+            losses.append(step_loss)
+            running_loss.zero_()
+            running_count = 0
+            if state.global_step % args.logging_steps == 0 or state.global_step == args.max_steps:
+                log = {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0]}
+                progress.set_postfix(loss=f"{step_loss:.4f}")
+                if args.log_with:
+                    accelerator.log(log, step=state.global_step)
+            if eval_loader is not None and args.eval_steps and state.global_step % args.eval_steps == 0:
+                metrics = evaluate(model, eval_loader, accelerator, args.eval_pairs)
+                model.train()
+                if args.log_with:
+                    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.global_step)
+            if args.save_steps and state.global_step % args.save_steps == 0:
+                checkpoint = Path(args.output_dir) / "checkpoints" / f"step_{state.global_step}"
+                accelerator.save_state(str(checkpoint))
+                if accelerator.is_main_process:
+                    _prune_checkpoints(args.output_dir, args.save_total_limit)
+                accelerator.wait_for_everyone()
+                if on_checkpoint is not None:
+                    on_checkpoint(state.global_step)
+            if state.global_step >= args.max_steps:
+                break
+        epoch += 1
+    progress.close()
+
+    if eval_loader is not None:
+        metrics = evaluate(model, eval_loader, accelerator, args.eval_pairs)
+        if args.log_with:
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.global_step)
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
+                              save_function=accelerator.save)
+    if accelerator.is_main_process:
+        if processor is not None:
+            processor.save_pretrained(args.output_dir)
+        results = {"global_step": state.global_step, "final_loss": losses[-1] if losses else None, **metrics}
+        Path(args.output_dir, "train_results.json").write_text(json.dumps(results, indent=2))
+    accelerator.wait_for_everyone()
+    if args.push_to_hub and accelerator.is_main_process:
+        from .hub import push_to_hub  # only needed when pushing
+
+        push_to_hub(args.output_dir, args.push_to_hub, token=args.hub_token, endpoint=args.hub_endpoint,
+                    private=args.hub_private)
+    if args.log_with:
+        accelerator.end_training()
+    return TrainOutput(output_dir=args.output_dir, global_step=state.global_step, metrics=metrics, losses=losses)
+
+
+__all__ = ["ImputerUpdater", "TrainOutput", "TrainingArguments", "build_accelerator", "dataset_modalities",
+           "embed_dataset", "evaluate", "train", "validate_setup", "warm_start_imputer"]

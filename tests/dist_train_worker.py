@@ -1,0 +1,36 @@
+"""Worker for test_training's multi-process check: `torchrun --nproc_per_node N dist_train_worker.py OUT BATCH`.
+
+Trains the tiny model for a few steps on CPU processes (gloo) and writes the final imputer buffers and the
+loss trajectory from the main process to OUT.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from training_fixtures import MIXED_PATTERNS, collate, make_dataset, training_config  # noqa: E402
+
+from calmrl_hf import CalMRLModel  # noqa: E402
+from calmrl_hf.training import TrainingArguments, build_accelerator, train  # noqa: E402
+
+
+def main(out_path: str, per_device_batch: int) -> None:
+    torch.manual_seed(0)
+    model = CalMRLModel(training_config())
+    args = TrainingArguments(
+        output_dir=str(Path(out_path).parent / "run"), max_steps=4, per_device_train_batch_size=per_device_batch,
+        learning_rate=1e-3, warmup_steps=1, cpu=True, logging_steps=1, imputer_min_rows=8, seed=7,
+    )
+    accelerator = build_accelerator(args)
+    result = train(model, make_dataset(64, MIXED_PATTERNS), args, collate_fn=collate, accelerator=accelerator)
+    if accelerator.is_main_process:
+        imputer = accelerator.unwrap_model(model).imputer
+        torch.save({"buffers": {k: v.clone() for k, v in imputer.state_dict().items()},
+                    "losses": result.losses, "processes": accelerator.num_processes}, out_path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,143 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training_fixtures import FULL, MIXED_PATTERNS, collate, make_dataset, training_config
+
+from calmrl_hf import CalMRLModel, PPCAStatistics
+from calmrl_hf.training import ImputerUpdater, TrainingArguments, build_accelerator, train, validate_setup
+
+
+HERE = Path(__file__).parent
+
+
+def small_args(tmp_path, **overrides) -> TrainingArguments:
+    values = dict(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-3,
+                  logging_steps=1, imputer_min_rows=8, seed=3)
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def test_imputer_step_sums_statistics_and_runs_the_m_step(tmp_path):
+    """One imputer step on a batch == statistics of that batch then the closed-form M-step."""
+    torch.manual_seed(0)
+    model = CalMRLModel(training_config())
+    args = small_args(tmp_path, imputer_ema_decay=0.5)
+    updater = ImputerUpdater(model, build_accelerator(args), args)
+    z = torch.nn.functional.normalize(torch.randn(32, 4, 16), dim=-1)
+    mask = torch.rand(32, 4) > 0.3
+    mask[:, 2] = True
+    reference = CalMRLModel(training_config()).imputer
+    reference.load_state_dict(model.imputer.state_dict())
+    expected_stats = reference.sufficient_statistics(z, mask)
+    updater(z, mask)
+    reference.m_step(expected_stats)
+    for name, buffer in reference.state_dict().items():
+        torch.testing.assert_close(model.imputer.state_dict()[name], buffer)
+    # the accumulator is an exponential moving average: S <- decay * S + S_batch
+    second = model.imputer.sufficient_statistics(z[:16], mask[:16])
+    updater(z[:16], mask[:16])
+    torch.testing.assert_close(updater.statistics.to_flat(), (expected_stats.scale(0.5) + second).to_flat())
+
+
+def test_training_reduces_the_loss_and_saves_a_loadable_model(tmp_path):
+    torch.manual_seed(0)
+    model = CalMRLModel(training_config())
+    args = small_args(tmp_path, max_steps=30, per_device_train_batch_size=16, eval_steps=15, save_steps=15,
+                      imputer_warm_start=True)
+    data = make_dataset(128, MIXED_PATTERNS)
+    result = train(model, data, args, collate_fn=collate, eval_dataset=make_dataset(32, [FULL], seed=1),
+                   warm_start_dataset=make_dataset(64, [FULL], seed=2))
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < first, result.losses
+    assert model.imputer.fitted_modalities.all()
+    assert "text->vision/R@1" in result.metrics and "vision->audio/class_R@1" in result.metrics
+    saved = json.loads((Path(args.output_dir) / "train_results.json").read_text())
+    assert saved["global_step"] == 30
+    loaded = CalMRLModel.from_pretrained(args.output_dir)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert sorted(p.name for p in (Path(args.output_dir) / "checkpoints").iterdir()) == ["step_15", "step_30"]
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    data = make_dataset(96, MIXED_PATTERNS)
+
+    def run(output_dir, stop_after=None, resume=None):
+        torch.manual_seed(0)
+        model = CalMRLModel(training_config())
+        args = small_args(tmp_path, output_dir=str(output_dir), max_steps=8, save_steps=3,
+                          resume_from_checkpoint=resume, save_total_limit=None)
+
+        def stop(step):
+            if stop_after is not None and step >= stop_after:
+                raise KeyboardInterrupt  # the process is killed right after this checkpoint
+
+        try:
+            train(model, data, args, collate_fn=collate, on_checkpoint=stop)
+        except KeyboardInterrupt:
+            return None
+        return model
+
+    uninterrupted = run(tmp_path / "a")
+    assert run(tmp_path / "b", stop_after=3) is None
+    assert (tmp_path / "b" / "checkpoints" / "step_3").exists()
+    resumed = run(tmp_path / "b", resume="latest")
+    for key, value in uninterrupted.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int, out: Path, batch: int):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={_free_port()}", str(HERE / "dist_train_worker.py"), str(out), str(batch)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out)
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """Same global batches: 1 process x 16 rows == 2 processes x 8 rows (statistics all-reduced, u gathered)."""
+    single = _torchrun(1, tmp_path / "one.pt", 16)
+    double = _torchrun(2, tmp_path / "two.pt", 8)
+    assert single["processes"] == 1 and double["processes"] == 2
+    for name, buffer in single["buffers"].items():
+        torch.testing.assert_close(double["buffers"][name], buffer, rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(torch.tensor(double["losses"]), torch.tensor(single["losses"]), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_setups_fail_before_training(tmp_path):
+    model = CalMRLModel(training_config(modalities=["vision", "text"], shared_encoders={},
+                                        encoder_configs={"vision": training_config().get_encoder_config("vision"),
+                                                         "text": training_config().get_encoder_config("text")}))
+    data = make_dataset(32, [FULL])
+    with pytest.raises(ValueError, match=r"modalities \['audio', 'subtitle'\] that the model lacks"):
+        validate_setup(model, {"train": data}, small_args(tmp_path), num_processes=1)
+    full_model = CalMRLModel(training_config())
+    with pytest.raises(ValueError, match="not divisible by processes"):
+        validate_setup(full_model, {"train": data}, small_args(tmp_path, train_batch_size=10,
+                                                               gradient_accumulation_steps=4), num_processes=1)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        validate_setup(full_model, {"train": make_dataset(4, [FULL])}, small_args(tmp_path), num_processes=1)
+    with pytest.raises(ValueError, match="Unknown training arguments"):
+        TrainingArguments.from_dict({"learning_rate": 1e-3, "lr": 2})
+    with pytest.raises(ValueError, match="freeze_modalities"):
+        validate_setup(full_model, {"train": data}, small_args(tmp_path, freeze_modalities=["smell"]), 1)
+    # train() itself refuses before touching the model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="that the model lacks"):
+        train(model, data, small_args(tmp_path), collate_fn=collate)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,86 @@
+"""A small tensor-valued CalMRL dataset and collator for the training-loop tests (no media decoding).
+
+Each instance has a class c; every modality's input is a fixed random pattern of c plus noise, so the towers
+can learn to align modalities. Used both in-process and by the torchrun worker script.
+"""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+
+from tiny_models import AUDIO_FRAMES, IMAGE_SIZE, MEL_BINS, NUM_FRAMES, VOCAB_SIZE, tiny_ast, tiny_bert, tiny_vit
+
+from calmrl_hf import CalMRLConfig
+
+MODALITIES = ("vision", "audio", "text", "subtitle")
+
+
+def no_dropout(config):
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if hasattr(config, name):
+            setattr(config, name, 0.0)
+    return config
+
+
+def training_config(**overrides) -> CalMRLConfig:
+    kwargs = dict(
+        encoder_configs={"vision": no_dropout(tiny_vit()), "audio": no_dropout(tiny_ast()),
+                         "text": no_dropout(tiny_bert())},
+        projection_dim=16,
+        imputer_latent_dim=4,
+    )
+    kwargs.update(overrides)
+    return CalMRLConfig(**kwargs)
+
+
+def make_dataset(num_rows: int, patterns: list[tuple[bool, bool, bool, bool]], seed: int = 0,
+                 num_classes: int = 8) -> Dataset:
+    """Rows cycle through `patterns` (observed flags in MODALITIES order); missing modalities are None."""
+    generator = torch.Generator().manual_seed(1234)  # class prototypes shared by every split
+    prototypes = {
+        "vision": torch.randn(num_classes, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator),
+        "audio": torch.randn(num_classes, AUDIO_FRAMES, MEL_BINS, generator=generator),
+        "text": torch.randint(1, VOCAB_SIZE, (num_classes, 6), generator=generator),
+    }
+    generator = torch.Generator().manual_seed(seed)
+    rows = {name: [] for name in MODALITIES}
+    rows["label"] = []
+    for i in range(num_rows):
+        label = int(torch.randint(num_classes, (1,), generator=generator))
+        observed = patterns[i % len(patterns)]
+        frames = prototypes["vision"][label] + 0.5 * torch.randn(NUM_FRAMES, 3, IMAGE_SIZE, IMAGE_SIZE,
+                                                                  generator=generator)
+        audio = prototypes["audio"][label] + 0.5 * torch.randn(AUDIO_FRAMES, MEL_BINS, generator=generator)
+        ids = prototypes["text"][label].clone()
+        ids[int(torch.randint(6, (1,), generator=generator))] = int(torch.randint(1, VOCAB_SIZE, (1,),
+                                                                                   generator=generator))
+        values = {"vision": frames.tolist(), "audio": audio.tolist(), "text": ids.tolist(),
+                  "subtitle": ids.flip(0).tolist()}
+        for flag, name in zip(observed, MODALITIES):
+            rows[name].append(values[name] if flag else None)
+        rows["label"].append(label)
+    return Dataset.from_dict(rows)
+
+
+def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Observed rows only, in batch order, plus the [B, k] modality mask (the processor's contract)."""
+    mask = torch.tensor([[example[name] is not None for name in MODALITIES] for example in examples])
+    batch: dict[str, torch.Tensor] = {"modality_mask": mask, "labels": torch.tensor([e["label"] for e in examples])}
+    present = {name: [e[name] for e in examples if e[name] is not None] for name in MODALITIES}
+    if present["vision"]:
+        batch["vision_pixel_values"] = torch.tensor(present["vision"])
+    if present["audio"]:
+        batch["audio_input_values"] = torch.tensor(present["audio"])
+    for name in ("text", "subtitle"):
+        if present[name]:
+            ids = torch.tensor(present[name])
+            batch[f"{name}_input_ids"] = ids
+            batch[f"{name}_attention_mask"] = torch.ones_like(ids)
+    return batch
+
+
+FULL = (True, True, True, True)
+VISION_TEXT = (True, False, True, False)
+AUDIO_TEXT = (False, True, True, False)
+MIXED_PATTERNS = [FULL, VISION_TEXT, AUDIO_TEXT, (True, True, False, True)]
