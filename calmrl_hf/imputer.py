@@ -1,0 +1,407 @@
+"""Multi-view probabilistic PCA with missing views: CalMRL's imputer of missing embeddings.
+
+Model (DESIGN.md section 2; Liu et al., ICML 2026, arXiv 2511.12034, Section 4). For instance i and
+modalities m = 1..k, with a latent shared by all modalities:
+
+    beta_i ~ N(0, I_q)
+    z_i^m = W_m beta_i + mu_m + eps_i^m,      eps_i^m ~ N(0, noise_var_m I_d)
+
+Parameters {W_m (d x q), mu_m (d), noise_var_m} are buffers fitted in closed form by EM, never by gradient
+descent. Only the observed modalities Omega_i of a row enter its posterior:
+
+    P_i = I_q + sum_{m in Omega_i} W_m^T W_m / noise_var_m               (posterior precision)
+    V_i = P_i^{-1},   m_i = V_i sum_{m in Omega_i} W_m^T (z_i^m - mu_m) / noise_var_m
+
+P_i depends on the pattern Omega_i only, so the E-step factors (Cholesky) once per pattern present, never
+once per row. The M-step solves for [W_m, mu_m] jointly from additive sufficient statistics of the augmented
+latent b~ = [beta; 1], which makes full-batch EM, mini-batch / streaming EM (moving averages of statistics)
+and multi-process training (one all-reduce of the statistics) the same code. A missing modality m' is
+imputed by its posterior mean W_{m'} m_i + mu_{m'}, with covariance W_{m'} V_i W_{m'}^T + noise_var_{m'} I.
+
+References: Tipping & Bishop, "Probabilistic principal component analysis", JRSS-B 1999 (PPCA and its EM);
+Liu et al., "Calibrated Multimodal Representation Learning with Missing Modalities", ICML 2026.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+logger = logging.getLogger(__name__)
+
+# Rows per chunk for the large products: float32 within a chunk, float64 across chunks.
+_CHUNK_ROWS = 16384
+
+
+@dataclass
+class PPCAStatistics:
+    """Additive sufficient statistics of the M-step (float64), with b~ = [beta; 1]:
+
+    A_m = sum_i E[b~_i b~_i^T] ([k, q+1, q+1]),  B_m = sum_i z_i^m E[b~_i]^T ([k, d, q+1]),
+    c_m = sum_i ||z_i^m||^2 ([k]),  N_m ([k]), each sum over the rows i that observe modality m.
+    """
+
+    latent_second_moment: torch.Tensor  # A [k, q+1, q+1]
+    cross_moment: torch.Tensor  # B [k, d, q+1]
+    sum_sq_norm: torch.Tensor  # c [k]
+    count: torch.Tensor  # N_m [k]
+
+    @classmethod
+    def zeros(cls, num_modalities: int, dim: int, latent_dim: int, device=None) -> "PPCAStatistics":
+        options = dict(dtype=torch.float64, device=device)
+        return cls(
+            torch.zeros(num_modalities, latent_dim + 1, latent_dim + 1, **options),
+            torch.zeros(num_modalities, dim, latent_dim + 1, **options),
+            torch.zeros(num_modalities, **options),
+            torch.zeros(num_modalities, **options),
+        )
+
+    def _fields(self) -> tuple[torch.Tensor, ...]:
+        return (self.latent_second_moment, self.cross_moment, self.sum_sq_norm, self.count)
+
+    def __add__(self, other: "PPCAStatistics") -> "PPCAStatistics":
+        if not isinstance(other, PPCAStatistics):
+            return NotImplemented
+        for mine, theirs in zip(self._fields(), other._fields()):
+            if mine.shape != theirs.shape:
+                raise ValueError(f"Cannot add statistics of shapes {list(mine.shape)} and {list(theirs.shape)}.")
+        return PPCAStatistics(*(a + b.to(a.device) for a, b in zip(self._fields(), other._fields())))
+
+    def scale(self, factor: float) -> "PPCAStatistics":
+        """Statistics times `factor` (a moving average's decay); a scalar or a per-modality [k] tensor."""
+        if isinstance(factor, torch.Tensor) and factor.dim() == 1:
+            A, B, c, n = self._fields()
+            f = factor.to(torch.float64)
+            return PPCAStatistics(A * f[:, None, None], B * f[:, None, None], c * f, n * f)
+        return PPCAStatistics(*(field * factor for field in self._fields()))
+
+    def to_flat(self) -> torch.Tensor:
+        """One 1-D float64 tensor, so that processes can sum statistics with a single all-reduce."""
+        return torch.cat([field.reshape(-1) for field in self._fields()])
+
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor, num_modalities: int, dim: int, latent_dim: int) -> "PPCAStatistics":
+        k, d, q1 = num_modalities, dim, latent_dim + 1
+        sizes = [k * q1 * q1, k * d * q1, k, k]
+        if flat.dim() != 1 or flat.numel() != sum(sizes):
+            raise ValueError(f"A flat statistics vector for k={k}, d={d}, q={latent_dim} has {sum(sizes)} "
+                             f"entries, got shape {list(flat.shape)}.")
+        A, B, c, n = torch.split(flat.to(torch.float64), sizes)
+        return cls(A.reshape(k, q1, q1), B.reshape(k, d, q1), c, n)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"latent_second_moment": self.latent_second_moment, "cross_moment": self.cross_moment,
+                "sum_sq_norm": self.sum_sq_norm, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            current = getattr(self, name)
+            if current.shape != value.shape:
+                raise ValueError(f"Statistics field {name}: expected shape {list(current.shape)}, got "
+                                 f"{list(value.shape)}.")
+            setattr(self, name, value.to(device=current.device, dtype=torch.float64).clone())
+
+
+@dataclass
+class _EStep:
+    """Posterior of the shared latent, grouped by missingness pattern."""
+
+    mean: torch.Tensor  # m_i [N, q]
+    pattern_index: torch.Tensor  # [N] index into the pattern tensors
+    pattern_masks: torch.Tensor  # [p, k] bool
+    pattern_cov: torch.Tensor  # V_p [p, q, q]
+    pattern_logdet_precision: torch.Tensor  # log det P_p [p]
+    precision_times_mean: torch.Tensor  # b_i [N, q]
+    centered: torch.Tensor  # r_i^m = z_i^m - mu_m, 0 where missing [N, k, d]
+
+
+class PPCAImputer(nn.Module):
+    """Multi-view PPCA imputer of missing modality embeddings (see the module docstring).
+
+    Args:
+        num_modalities: `k`, the number of modalities.
+        dim: `d`, the embedding dimension.
+        latent_dim: `q`, the dimension of the shared latent.
+        noise_var_floor: lower bound of each noise variance (an M-step can otherwise collapse it to 0).
+        ridge: relative ridge added to A_m before solving the M-step (A_m is ill-conditioned with few rows).
+        init_noise_var: noise variance before any fit.
+        seed: seed of the deterministic initial W.
+
+    Buffers (persistent, float32): `weight` [k, d, q], `mean` [k, d], `noise_var` [k], `fitted` [k] (1.0 once a
+    modality has had an M-step with rows) and `num_observed` [k] (rows behind its last M-step).
+    """
+
+    def __init__(self, num_modalities: int, dim: int, latent_dim: int, *, noise_var_floor: float = 1e-6,
+                 ridge: float = 1e-6, init_noise_var: float = 1.0, seed: int = 0):
+        super().__init__()
+        if min(num_modalities, dim, latent_dim) < 1:
+            raise ValueError(f"num_modalities, dim and latent_dim must be positive, got {num_modalities}, {dim}, "
+                             f"{latent_dim}.")
+        if noise_var_floor <= 0:
+            raise ValueError(f"noise_var_floor must be positive, got {noise_var_floor}.")
+        self.num_modalities, self.dim, self.latent_dim = num_modalities, dim, latent_dim
+        self.noise_var_floor, self.ridge, self.init_noise_var, self.seed = noise_var_floor, ridge, init_noise_var, seed
+        self.register_buffer("weight", torch.empty(num_modalities, dim, latent_dim))
+        self.register_buffer("mean", torch.empty(num_modalities, dim))
+        self.register_buffer("noise_var", torch.empty(num_modalities))
+        # bookkeeping kept float on purpose: transformers' strict fp32 loading casts integer buffers
+        self.register_buffer("fitted", torch.empty(num_modalities))
+        self.register_buffer("num_observed", torch.empty(num_modalities))
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f"num_modalities={self.num_modalities}, dim={self.dim}, latent_dim={self.latent_dim}"
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Prior state: small random W (seeded), zero mean, `init_noise_var`, nothing fitted."""
+        generator = torch.Generator().manual_seed(self.seed)
+        weight = torch.randn(self.num_modalities, self.dim, self.latent_dim, generator=generator) / self.dim
+        self.weight.copy_(weight)
+        self.mean.zero_()
+        self.noise_var.fill_(self.init_noise_var)
+        self.fitted.zero_()
+        self.num_observed.zero_()
+
+    @property
+    def fitted_modalities(self) -> torch.Tensor:
+        """Bool [k]: modalities that have been fitted (the others keep their prior and are not imputed)."""
+        return self.fitted > 0
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self, z: torch.Tensor, mask: torch.Tensor) -> None:
+        k, d = self.num_modalities, self.dim
+        if not isinstance(z, torch.Tensor) or not torch.is_floating_point(z):
+            raise TypeError(f"z must be a floating-point tensor [N, {k}, {d}], got "
+                            f"{getattr(z, 'dtype', type(z).__name__)}.")
+        if z.dim() != 3 or z.shape[1] != k or z.shape[2] != d:
+            raise ValueError(f"z must have shape [N, {k}, {d}] (rows, modalities, dim), got {list(z.shape)}.")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor [N, {k}] (True = observed), got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}.")
+        if mask.shape != z.shape[:2]:
+            raise ValueError(f"mask must have shape {list(z.shape[:2])} to match z, got {list(mask.shape)}.")
+        empty = (~mask.any(dim=1)).nonzero().flatten()
+        if empty.numel():
+            raise ValueError(f"Rows {empty[:10].tolist()} observe no modality: the imputer needs at least one "
+                             f"observed modality per row.")
+        finite = torch.isfinite(z).all(dim=-1)  # [N, k]
+        bad = (mask & ~finite).nonzero()
+        if bad.numel():
+            row, modality = bad[0].tolist()
+            raise ValueError(f"z has NaN or inf in an observed entry (row {row}, modality {modality}; "
+                             f"{bad.shape[0]} such entries).")
+
+    def _parameters_as(self, dtype: torch.dtype, device: torch.device):
+        return (self.weight.to(device=device, dtype=dtype), self.mean.to(device=device, dtype=dtype),
+                self.noise_var.to(device=device, dtype=dtype))
+
+    @staticmethod
+    def _compute_dtype(z: torch.Tensor) -> torch.dtype:
+        return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+    # ------------------------------------------------------------------ E-step
+    def _e_step(self, z: torch.Tensor, mask: torch.Tensor) -> _EStep:
+        dtype = self._compute_dtype(z)
+        weight, mean, noise_var = self._parameters_as(dtype, z.device)
+        observed = mask.unsqueeze(-1)
+        # r_i^m = z_i^m - mu_m on observed slots; torch.where (not * 0) so NaN in a missing slot cannot leak
+        centered = torch.where(observed, z.to(dtype) - mean, torch.zeros((), dtype=dtype, device=z.device))
+        # b_i = sum_{m in Omega_i} W_m^T r_i^m / noise_var_m        [N, q]
+        scaled_weight = weight / noise_var[:, None, None]  # W_m / s2_m  [k, d, q]
+        precision_times_mean = torch.einsum("nkd,kdq->nq", centered, scaled_weight)
+        # one Cholesky per missingness pattern: P_p = I + sum_{m in p} W_m^T W_m / s2_m
+        powers = 2 ** torch.arange(self.num_modalities, device=mask.device)
+        codes = (mask.long() * powers).sum(dim=1)
+        pattern_codes, pattern_index = torch.unique(codes, return_inverse=True)
+        pattern_masks = (pattern_codes.unsqueeze(1) & powers) > 0  # [p, k]
+        gram = torch.einsum("kdq,kdr->kqr", weight, scaled_weight)  # W_m^T W_m / s2_m  [k, q, q]
+        eye = torch.eye(self.latent_dim, dtype=dtype, device=z.device)
+        precision = eye + torch.einsum("pk,kqr->pqr", pattern_masks.to(dtype), gram)
+        cholesky = torch.linalg.cholesky(precision)
+        pattern_cov = torch.cholesky_inverse(cholesky)  # V_p  [p, q, q]
+        logdet = 2.0 * cholesky.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        # m_i = V_p b_i, solved per pattern (rows of one pattern share V_p)
+        latent_mean = torch.empty_like(precision_times_mean)
+        for p in range(pattern_codes.numel()):
+            rows = (pattern_index == p).nonzero().flatten()
+            latent_mean = latent_mean.index_copy(0, rows, precision_times_mean[rows] @ pattern_cov[p])
+        return _EStep(latent_mean, pattern_index, pattern_masks, pattern_cov, logdet, precision_times_mean, centered)
+
+    def posterior(self, z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior of the shared latent: mean m_i [N, q] and covariance V_i [N, q, q] (in z's dtype)."""
+        self._validate(z, mask)
+        e = self._e_step(z, mask)
+        return e.mean.to(z.dtype), e.pattern_cov[e.pattern_index].to(z.dtype)
+
+    def impute(self, z: torch.Tensor, mask: torch.Tensor, *, return_covariance: bool = False):
+        """Fill the missing slots of z [N, k, d] with their posterior mean W_{m'} m_i + mu_{m'}.
+
+        Observed slots are returned unchanged. With `return_covariance`, also returns [N, k, d, d]: the posterior
+        covariance W_{m'} V_i W_{m'}^T + noise_var_{m'} I of each imputed slot (zeros at observed slots); it is
+        O(N k d^2) memory, so ask for it on small batches.
+        """
+        self._validate(z, mask)
+        e = self._e_step(z, mask)
+        weight, mean, noise_var = self._parameters_as(e.mean.dtype, z.device)
+        predicted = torch.einsum("nq,kdq->nkd", e.mean, weight) + mean  # [N, k, d]
+        imputed = torch.where(mask.unsqueeze(-1), z, predicted.to(z.dtype))
+        if not return_covariance:
+            return imputed
+        # per pattern: W_m V_p W_m^T + s2_m I, for every modality  [p, k, d, d]
+        eye = torch.eye(self.dim, dtype=weight.dtype, device=z.device)
+        pattern_cov = torch.einsum("kdq,pqr,ker->pkde", weight, e.pattern_cov, weight) + noise_var[None, :, None,
+                                                                                                   None] * eye
+        covariance = pattern_cov[e.pattern_index] * (~mask)[:, :, None, None].to(weight.dtype)
+        return imputed, covariance.to(z.dtype)
+
+    def log_likelihood(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Marginal log-likelihood [N] of each row's observed entries (in float64 for float64 input)."""
+        self._validate(z, mask)
+        e = self._e_step(z, mask)
+        _, _, noise_var = self._parameters_as(e.mean.dtype, z.device)
+        maskf = mask.to(e.mean.dtype)
+        num_observed = maskf.sum(dim=1) * self.dim  # D = d |Omega_i|
+        # log p = -1/2 [D log 2pi + sum_m d log s2_m + log det P_i + sum_m ||r_m||^2 / s2_m - b^T V_i b]
+        log_noise = (maskf * noise_var.log()).sum(dim=1) * self.dim
+        residual = ((e.centered**2).sum(dim=-1) / noise_var * maskf).sum(dim=1)
+        quadratic = (e.precision_times_mean * e.mean).sum(dim=1)  # b^T V b = b . m
+        logdet = e.pattern_logdet_precision[e.pattern_index]
+        return -0.5 * (num_observed * math.log(2 * math.pi) + log_noise + logdet + residual - quadratic)
+
+    # ------------------------------------------------------------------ M-step
+    def sufficient_statistics(self, z: torch.Tensor, mask: torch.Tensor) -> PPCAStatistics:
+        """E-step statistics of the rows of z (observed entries only), accumulated in float64."""
+        self._validate(z, mask)
+        with torch.no_grad():
+            e = self._e_step(z.detach(), mask)
+            k, q = self.num_modalities, self.latent_dim
+            maskf = mask.to(e.mean.dtype)  # [N, k]
+            # A_m = sum_i [[V_i + m_i m_i^T, m_i], [m_i^T, 1]]: V_i summed per pattern (counts), m m^T per row
+            pattern_counts = torch.zeros(e.pattern_cov.shape[0], k, dtype=torch.float64, device=z.device)
+            pattern_counts.index_add_(0, e.pattern_index, maskf.to(torch.float64))
+            A = torch.zeros(k, q + 1, q + 1, dtype=torch.float64, device=z.device)
+            A[:, :q, :q] = torch.einsum("pk,pqr->kqr", pattern_counts, e.pattern_cov.to(torch.float64))
+            B = torch.zeros(k, self.dim, q + 1, dtype=torch.float64, device=z.device)
+            observed_z = torch.where(mask.unsqueeze(-1), z.detach().to(e.mean.dtype),
+                                     torch.zeros((), dtype=e.mean.dtype, device=z.device))
+            for start in range(0, z.shape[0], _CHUNK_ROWS):  # float32 products within a chunk, float64 across
+                rows = slice(start, start + _CHUNK_ROWS)
+                latent = e.mean[rows]  # [n, q]
+                weighted_latent = maskf[rows].unsqueeze(-1) * latent.unsqueeze(1)  # m_i on rows observing m [n, k, q]
+                A[:, :q, :q] += torch.einsum("nkq,nr->kqr", weighted_latent, latent).to(torch.float64)
+                A[:, :q, q] += weighted_latent.sum(dim=0).to(torch.float64)
+                B[:, :, :q] += torch.einsum("nkd,nkq->kdq", observed_z[rows], weighted_latent).to(torch.float64)
+                B[:, :, q] += observed_z[rows].sum(dim=0).to(torch.float64)
+            A[:, q, :q] = A[:, :q, q]
+            count = mask.sum(dim=0).to(torch.float64)
+            A[:, q, q] = count
+            sum_sq_norm = (observed_z.to(torch.float64) ** 2).sum(dim=(0, 2))
+        return PPCAStatistics(A, B, sum_sq_norm, count)
+
+    @torch.no_grad()
+    def m_step(self, stats: PPCAStatistics) -> None:
+        """Closed-form update of every modality that has rows in `stats`; the others keep their parameters."""
+        k, d, q = self.num_modalities, self.dim, self.latent_dim
+        expected = {"latent_second_moment": (k, q + 1, q + 1), "cross_moment": (k, d, q + 1), "sum_sq_norm": (k,),
+                    "count": (k,)}
+        for name, shape in expected.items():
+            got = tuple(getattr(stats, name).shape)
+            if got != shape:
+                raise ValueError(f"stats.{name} has shape {list(got)}; this imputer (k={k}, d={d}, q={q}) expects "
+                                 f"{list(shape)}.")
+        device = self.weight.device
+        A = stats.latent_second_moment.to(device=device, dtype=torch.float64)
+        B = stats.cross_moment.to(device=device, dtype=torch.float64)
+        c = stats.sum_sq_norm.to(device=device, dtype=torch.float64)
+        count = stats.count.to(device=device, dtype=torch.float64)
+        active = count > 0
+        unobserved = (~active).nonzero().flatten().tolist()
+        if unobserved:
+            warnings.warn(f"PPCAImputer.m_step: modalities {unobserved} have no observed rows; they keep their "
+                          f"current parameters and are not imputed until observed.", stacklevel=2)
+        if not active.any():
+            return
+        A, B, c, count = A[active], B[active], c[active], count[active]
+        eye = torch.eye(q + 1, dtype=torch.float64, device=device)
+        ridge = self.ridge * count.clamp_min(1.0)[:, None, None] * eye  # solve, don't invert; tiny relative ridge
+        # [W_m, mu_m] = B_m A_m^{-1}  (A symmetric: solve A X = B^T, then transpose)
+        loading = torch.linalg.solve(A + ridge, B.transpose(1, 2)).transpose(1, 2)  # [a, d, q+1]
+        # s2_m = (c_m - 2 <[W_m, mu_m], B_m> + tr([W_m, mu_m]^T [W_m, mu_m] A_m)) / (N_m d)
+        cross = (loading * B).sum(dim=(1, 2))
+        quadratic = torch.einsum("adq,adr,aqr->a", loading, loading, A)
+        noise_var = ((c - 2.0 * cross + quadratic) / (count * d)).clamp_min(self.noise_var_floor)
+        index = active.nonzero().flatten()
+        self.weight[index] = loading[:, :, :q].to(self.weight.dtype)
+        self.mean[index] = loading[:, :, q].to(self.mean.dtype)
+        self.noise_var[index] = noise_var.to(self.noise_var.dtype)
+        self.fitted[index] = 1.0
+        self.num_observed[index] = count.to(self.num_observed.dtype)
+
+    # ------------------------------------------------------------------ full-batch EM
+    @torch.no_grad()
+    def initialize_from_data(self, z: torch.Tensor, mask: torch.Tensor, modalities=None) -> None:
+        """Initialise unfitted modalities by PCA of the mean-filled concatenation of all modalities.
+
+        Joint (not per-modality) PCA gives every modality's W_m the same latent basis, so the initial latent is
+        already shared; each modality's noise variance starts at its residual variance per coordinate.
+        """
+        self._validate(z, mask)
+        k, d, q = self.num_modalities, self.dim, self.latent_dim
+        modalities = (~self.fitted_modalities).nonzero().flatten().tolist() if modalities is None else modalities
+        if not modalities:
+            return
+        data = torch.where(mask.unsqueeze(-1), z.detach(), torch.zeros((), dtype=z.dtype, device=z.device)).double()
+        counts = mask.sum(dim=0).double()
+        mean = data.sum(dim=0) / counts.clamp_min(1.0)[:, None]  # [k, d]
+        centered = torch.where(mask.unsqueeze(-1), data - mean, torch.zeros((), dtype=data.dtype, device=z.device))
+        flat = centered.reshape(z.shape[0], k * d)
+        rank = min(q, *flat.shape)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)  # pca_lowrank draws a random projection: keep fit deterministic
+        try:
+            _, singular, basis = torch.pca_lowrank(flat, q=min(rank + 8, *flat.shape), center=False, niter=6)
+        finally:
+            torch.random.set_rng_state(generator_state)
+        eigenvalues = singular[:rank] ** 2 / max(z.shape[0] - 1, 1)
+        total_var = (centered**2).sum(dim=0).sum(dim=-1) / counts.clamp_min(1.0)  # per modality, summed over d
+        weight = torch.zeros(k, d, q, dtype=torch.float64, device=z.device)
+        loading = basis[:, :rank] * eigenvalues.sqrt()  # [k d, rank]
+        weight[:, :, :rank] = loading.reshape(k, d, rank)
+        explained = (weight**2).sum(dim=(1, 2))
+        # residual variance per coordinate, at least 10% of the total (the PCA may over-explain a modality)
+        noise_var = torch.maximum(total_var - explained, 0.1 * total_var) / d
+        for m in modalities:
+            if counts[m] == 0:
+                continue
+            self.weight[m] = (weight[m] * 0.9).to(self.weight.dtype)  # shrink: leave room for the noise
+            self.mean[m] = mean[m].to(self.mean.dtype)
+            self.noise_var[m] = noise_var[m].clamp_min(self.noise_var_floor).to(self.noise_var.dtype)
+
+    @torch.no_grad()
+    def fit(self, z: torch.Tensor, mask: torch.Tensor, max_iter: int = 100, tol: float = 1e-6, *,
+            init_from_data: bool = True) -> list[float]:
+        """Full-batch EM. Returns the total log-likelihood of the observed entries before each M-step and after
+        the last one (non-decreasing, Corollary 4); stops when the relative gain falls under `tol`."""
+        self._validate(z, mask)
+        if max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}.")
+        if init_from_data:
+            self.initialize_from_data(z, mask)
+        history = [float(self.log_likelihood(z, mask).sum())]
+        for _ in range(max_iter):
+            self.m_step(self.sufficient_statistics(z, mask))
+            history.append(float(self.log_likelihood(z, mask).sum()))
+            if abs(history[-1] - history[-2]) <= tol * abs(history[-2]):
+                break
+        logger.info("PPCA EM: %d iterations, log-likelihood %.4g -> %.4g", len(history) - 1, history[0], history[-1])
+        return history
+
+
+__all__ = ["PPCAImputer", "PPCAStatistics"]
