@@ -17,7 +17,8 @@ Deviations from the authors' code, all deliberate and documented:
 - PMRL's singular values and vector come from the k x k Gram eigendecomposition (exact, and far cheaper than
   `torch.linalg.svd(full_matrices=True)`, which builds a d x d U per instance); the gradient is guarded at
   repeated eigenvalues (finite where the authors' SVD gradient is not).
-- PMRL's leading vector has a canonical sign (sum_m <u_b, z_b^m> >= 0): the authors leave it to LAPACK/cuSOLVER.
+- PMRL's leading vector has a canonical sign (sum_m <u_b, z_b^m> >= 0; ties, as for two unit columns with a
+  negative cosine, broken by the first observed column): the authors leave it to LAPACK/cuSOLVER.
 - PMRL's inter term may use u gathered across processes (`gather_fn`); the authors use the per-GPU batch.
 - GRAM's columns get the plain gradient of the symmetric formula (the authors build them under no_grad).
 - Temperatures given as tensors (learnable) are clamped to at least 1e-3 (GRAM never clamps).
@@ -36,6 +37,8 @@ _MIN_TEMPERATURE = 1e-3
 _DEGENERATE_GAP = 1e-9
 # Squared singular values below this are treated as exactly zero (masked or rank-deficient columns).
 _ZERO_EIGENVALUE = 1e-12
+# |sum(w)| below this is a tie of the canonical sign rule (w is a unit vector).
+_SIGN_TIE = 1e-6
 
 
 # ---------------------------------------------------------------------------- validation
@@ -105,6 +108,18 @@ class _SymmetricEigh(torch.autograd.Function):
         return eigenvectors @ inner @ eigenvectors.transpose(-2, -1)
 
 
+def _canonical_sign(top: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """+-1 [B, 1] making sum_m <u_b, z_b^m> = s_b1 sum(w_b) >= 0.
+
+    Tie-break: two unit columns with a negative cosine give sum(w_b) = 0 exactly (u is their difference), where
+    the rule alone would leave the sign to rounding; there <u_b, z_b^first observed> >= 0 decides.
+    """
+    total = top.sum(dim=-1, keepdim=True)
+    first_observed = mask.to(torch.int8).argmax(dim=-1, keepdim=True)
+    key = torch.where(total.abs() > _SIGN_TIE, total, top.gather(-1, first_observed))
+    return torch.where(key >= 0, 1.0, -1.0).to(top.dtype)
+
+
 def gram_singular_values(
     embeddings: torch.Tensor, modality_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,8 +138,7 @@ def gram_singular_values(
     # s = sqrt(lambda), with a zero (and a zero gradient) where lambda ~ 0: sqrt' is infinite at 0
     singular = torch.where(positive, eigenvalues.clamp_min(_ZERO_EIGENVALUE).sqrt(), torch.zeros_like(eigenvalues))
     top = eigenvectors[..., 0]  # w_b [B, k]
-    sign = torch.where(top.sum(dim=-1, keepdim=True) >= 0, 1.0, -1.0)  # canonical: sum(w_b) >= 0
-    top = top * sign
+    top = top * _canonical_sign(top, mask)
     u = (top.unsqueeze(-1) * columns).sum(dim=1) / singular[:, :1].clamp_min(_ZERO_EIGENVALUE)  # A_b w_b / s_b1
     return singular, u
 
