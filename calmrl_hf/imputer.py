@@ -306,8 +306,12 @@ class PPCAImputer(nn.Module):
         return PPCAStatistics(A, B, sum_sq_norm, count)
 
     @torch.no_grad()
-    def m_step(self, stats: PPCAStatistics) -> None:
-        """Closed-form update of every modality that has rows in `stats`; the others keep their parameters."""
+    def m_step(self, stats: PPCAStatistics, modalities: torch.Tensor | None = None) -> None:
+        """Closed-form update of every modality that has rows in `stats`; the others keep their parameters.
+
+        `modalities` (bool [k]) restricts the update to some modalities (a streaming caller waiting for enough
+        rows); a selected modality without rows is reported.
+        """
         k, d, q = self.num_modalities, self.dim, self.latent_dim
         expected = {"latent_second_moment": (k, q + 1, q + 1), "cross_moment": (k, d, q + 1), "sum_sq_norm": (k,),
                     "count": (k,)}
@@ -321,8 +325,9 @@ class PPCAImputer(nn.Module):
         B = stats.cross_moment.to(device=device, dtype=torch.float64)
         c = stats.sum_sq_norm.to(device=device, dtype=torch.float64)
         count = stats.count.to(device=device, dtype=torch.float64)
-        active = count > 0
-        unobserved = (~active).nonzero().flatten().tolist()
+        selected = torch.ones(k, dtype=torch.bool, device=device) if modalities is None else modalities.to(device)
+        active = (count > 0) & selected
+        unobserved = (selected & ~active).nonzero().flatten().tolist()
         if unobserved:
             warnings.warn(f"PPCAImputer.m_step: modalities {unobserved} have no observed rows; they keep their "
                           f"current parameters and are not imputed until observed.", stacklevel=2)

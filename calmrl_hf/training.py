@@ -138,19 +138,9 @@ class ImputerUpdater:
         decay = self.decay if self.mode == "ema" else 1.0
         # S <- decay * S + S_batch (ema), or S <- S + S_batch within the epoch
         self.statistics = self.statistics.scale(decay) + batch_stats
-        if bool((self.statistics.count >= self.min_rows).any()):
-            self.imputer.m_step(self._ready_statistics())
-
-    def _ready_statistics(self) -> PPCAStatistics:
-        """Statistics with modalities below `min_rows` zeroed, so their M-step waits (they keep their prior)."""
-        ready = (self.statistics.count >= self.min_rows).to(self.statistics.count.dtype)
-        stats = self.statistics
-        return PPCAStatistics(
-            latent_second_moment=stats.latent_second_moment * ready[:, None, None],
-            cross_moment=stats.cross_moment * ready[:, None, None],
-            sum_sq_norm=stats.sum_sq_norm * ready,
-            count=stats.count * ready,
-        )
+        ready = self.statistics.count >= self.min_rows  # a modality's first M-step waits for enough rows
+        if bool(ready.any()):
+            self.imputer.m_step(self.statistics, modalities=ready)
 
     def seed(self, statistics: PPCAStatistics, rows_per_step: int) -> None:
         """Start the accumulator from warm-start statistics, weighted like a full EMA window of batches.
