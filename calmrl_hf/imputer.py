@@ -118,7 +118,7 @@ class _EStep:
     pattern_cov: torch.Tensor  # V_p [p, q, q]
     pattern_logdet_precision: torch.Tensor  # log det P_p [p]
     precision_times_mean: torch.Tensor  # b_i [N, q]
-    centered: torch.Tensor  # r_i^m = z_i^m - mu_m, 0 where missing [N, k, d]
+    observed: torch.Tensor  # z with 0 in missing slots [N, k, d] (compute dtype)
 
 
 class PPCAImputer(nn.Module):
@@ -191,7 +191,8 @@ class PPCAImputer(nn.Module):
         if empty.numel():
             raise ValueError(f"Rows {empty[:10].tolist()} observe no modality: the imputer needs at least one "
                              f"observed modality per row.")
-        finite = torch.isfinite(z).all(dim=-1)  # [N, k]
+        # a row sum is finite iff every entry is (NaN or inf propagates): one read pass, no [N, k, d] temporary
+        finite = torch.isfinite(z.sum(dim=-1))  # [N, k]
         bad = (mask & ~finite).nonzero()
         if bad.numel():
             row, modality = bad[0].tolist()
@@ -210,14 +211,17 @@ class PPCAImputer(nn.Module):
     def _e_step(self, z: torch.Tensor, mask: torch.Tensor) -> _EStep:
         dtype = self._compute_dtype(z)
         weight, mean, noise_var = self._parameters_as(dtype, z.device)
-        observed = mask.unsqueeze(-1)
-        # r_i^m = z_i^m - mu_m on observed slots; torch.where (not * 0) so NaN in a missing slot cannot leak
-        centered = torch.where(observed, z.to(dtype) - mean, torch.zeros((), dtype=dtype, device=z.device))
-        # b_i = sum_{m in Omega_i} W_m^T r_i^m / noise_var_m        [N, q]
+        n, k, d = z.shape
+        # torch.where (not * 0) so that NaN in a missing slot cannot leak
+        observed = torch.where(mask.unsqueeze(-1), z.to(dtype), torch.zeros((), dtype=dtype, device=z.device))
         scaled_weight = weight / noise_var[:, None, None]  # W_m / s2_m  [k, d, q]
-        precision_times_mean = torch.einsum("nkd,kdq->nq", centered, scaled_weight)
+        # b_i = sum_{m in Omega_i} W_m^T (z_i^m - mu_m) / s2_m
+        #     = [z_i^1 .. z_i^k] @ [W_1 / s2_1; ..; W_k / s2_k] - sum_{m in Omega_i} W_m^T mu_m / s2_m
+        mean_offset = torch.einsum("kd,kdq->kq", mean, scaled_weight)  # [k, q]
+        precision_times_mean = observed.reshape(n, k * d) @ scaled_weight.reshape(k * d, -1)
+        precision_times_mean = precision_times_mean - mask.to(dtype) @ mean_offset
         # one Cholesky per missingness pattern: P_p = I + sum_{m in p} W_m^T W_m / s2_m
-        powers = 2 ** torch.arange(self.num_modalities, device=mask.device)
+        powers = 2 ** torch.arange(k, device=mask.device)
         codes = (mask.long() * powers).sum(dim=1)
         pattern_codes, pattern_index = torch.unique(codes, return_inverse=True)
         pattern_masks = (pattern_codes.unsqueeze(1) & powers) > 0  # [p, k]
@@ -228,11 +232,14 @@ class PPCAImputer(nn.Module):
         pattern_cov = torch.cholesky_inverse(cholesky)  # V_p  [p, q, q]
         logdet = 2.0 * cholesky.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         # m_i = V_p b_i, solved per pattern (rows of one pattern share V_p)
-        latent_mean = torch.empty_like(precision_times_mean)
-        for p in range(pattern_codes.numel()):
-            rows = (pattern_index == p).nonzero().flatten()
-            latent_mean = latent_mean.index_copy(0, rows, precision_times_mean[rows] @ pattern_cov[p])
-        return _EStep(latent_mean, pattern_index, pattern_masks, pattern_cov, logdet, precision_times_mean, centered)
+        if pattern_codes.numel() == 1:
+            latent_mean = precision_times_mean @ pattern_cov[0]
+        else:
+            latent_mean = torch.empty_like(precision_times_mean)
+            for p in range(pattern_codes.numel()):
+                rows = (pattern_index == p).nonzero().flatten()
+                latent_mean = latent_mean.index_copy(0, rows, precision_times_mean[rows] @ pattern_cov[p])
+        return _EStep(latent_mean, pattern_index, pattern_masks, pattern_cov, logdet, precision_times_mean, observed)
 
     def posterior(self, z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior of the shared latent: mean m_i [N, q] and covariance V_i [N, q, q] (in z's dtype)."""
@@ -266,11 +273,14 @@ class PPCAImputer(nn.Module):
         self._validate(z, mask)
         e = self._e_step(z, mask)
         _, _, noise_var = self._parameters_as(e.mean.dtype, z.device)
+        _, mean, _ = self._parameters_as(e.mean.dtype, z.device)
         maskf = mask.to(e.mean.dtype)
         num_observed = maskf.sum(dim=1) * self.dim  # D = d |Omega_i|
         # log p = -1/2 [D log 2pi + sum_m d log s2_m + log det P_i + sum_m ||r_m||^2 / s2_m - b^T V_i b]
         log_noise = (maskf * noise_var.log()).sum(dim=1) * self.dim
-        residual = ((e.centered**2).sum(dim=-1) / noise_var * maskf).sum(dim=1)
+        # ||r_m||^2 = ||z^m - mu_m||^2, on observed slots only
+        residual_sq = (e.observed - mean).square().sum(dim=-1)  # [N, k]
+        residual = (residual_sq / noise_var * maskf).sum(dim=1)
         quadratic = (e.precision_times_mean * e.mean).sum(dim=1)  # b^T V b = b . m
         logdet = e.pattern_logdet_precision[e.pattern_index]
         return -0.5 * (num_observed * math.log(2 * math.pi) + log_noise + logdet + residual - quadratic)
@@ -282,27 +292,27 @@ class PPCAImputer(nn.Module):
         with torch.no_grad():
             e = self._e_step(z.detach(), mask)
             k, q = self.num_modalities, self.latent_dim
-            maskf = mask.to(e.mean.dtype)  # [N, k]
-            # A_m = sum_i [[V_i + m_i m_i^T, m_i], [m_i^T, 1]]: V_i summed per pattern (counts), m m^T per row
+            # A_m = sum_i [[V_i + m_i m_i^T, m_i], [m_i^T, 1]] over rows observing m: V_i summed per pattern
             pattern_counts = torch.zeros(e.pattern_cov.shape[0], k, dtype=torch.float64, device=z.device)
-            pattern_counts.index_add_(0, e.pattern_index, maskf.to(torch.float64))
+            pattern_counts.index_add_(0, e.pattern_index, mask.to(torch.float64))
             A = torch.zeros(k, q + 1, q + 1, dtype=torch.float64, device=z.device)
             A[:, :q, :q] = torch.einsum("pk,pqr->kqr", pattern_counts, e.pattern_cov.to(torch.float64))
             B = torch.zeros(k, self.dim, q + 1, dtype=torch.float64, device=z.device)
-            observed_z = torch.where(mask.unsqueeze(-1), z.detach().to(e.mean.dtype),
-                                     torch.zeros((), dtype=e.mean.dtype, device=z.device))
-            for start in range(0, z.shape[0], _CHUNK_ROWS):  # float32 products within a chunk, float64 across
+            sum_sq_norm = torch.zeros(k, dtype=torch.float64, device=z.device)
+            maskf = mask.to(e.mean.dtype)
+            for start in range(0, z.shape[0], _CHUNK_ROWS):  # compute dtype within a chunk, float64 across
                 rows = slice(start, start + _CHUNK_ROWS)
-                latent = e.mean[rows]  # [n, q]
-                weighted_latent = maskf[rows].unsqueeze(-1) * latent.unsqueeze(1)  # m_i on rows observing m [n, k, q]
-                A[:, :q, :q] += torch.einsum("nkq,nr->kqr", weighted_latent, latent).to(torch.float64)
-                A[:, :q, q] += weighted_latent.sum(dim=0).to(torch.float64)
-                B[:, :, :q] += torch.einsum("nkd,nkq->kdq", observed_z[rows], weighted_latent).to(torch.float64)
-                B[:, :, q] += observed_z[rows].sum(dim=0).to(torch.float64)
+                latent, observed = e.mean[rows], e.observed[rows]  # [n, q], [n, k, d]
+                for m in range(k):
+                    # rows missing m hold zeros in `observed`, so plain products sum over rows observing m only
+                    B[m, :, :q] += (observed[:, m].T @ latent).to(torch.float64)  # sum_i z_i^m m_i^T
+                    A[m, :q, :q] += ((latent * maskf[rows, m, None]).T @ latent).to(torch.float64)
+                A[:, :q, q] += (maskf[rows].T @ latent).to(torch.float64)  # sum_i m_i
+                B[:, :, q] += observed.sum(dim=0).to(torch.float64)  # sum_i z_i^m
+                sum_sq_norm += observed.square().sum(dim=(0, 2)).to(torch.float64)
             A[:, q, :q] = A[:, :q, q]
             count = mask.sum(dim=0).to(torch.float64)
             A[:, q, q] = count
-            sum_sq_norm = (observed_z.to(torch.float64) ** 2).sum(dim=(0, 2))
         return PPCAStatistics(A, B, sum_sq_norm, count)
 
     @torch.no_grad()
