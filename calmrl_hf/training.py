@@ -131,7 +131,8 @@ class ImputerUpdater:
     def __call__(self, embeddings: torch.Tensor, modality_mask: torch.Tensor) -> None:
         if not self.enabled:
             return
-        batch_stats = self.imputer.sufficient_statistics(embeddings.float(), modality_mask)
+        embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))  # bf16 -> float32
+        batch_stats = self.imputer.sufficient_statistics(embeddings, modality_mask)
         flat = self.accelerator.reduce(batch_stats.to_flat(), reduction="sum")  # one all-reduce
         imputer = self.imputer
         batch_stats = PPCAStatistics.from_flat(flat, imputer.num_modalities, imputer.dim, imputer.latent_dim)

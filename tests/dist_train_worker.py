@@ -17,15 +17,20 @@ from calmrl_hf import CalMRLModel  # noqa: E402
 from calmrl_hf.training import TrainingArguments, build_accelerator, train  # noqa: E402
 
 
+def collate64(examples):
+    # float64 end to end: what is compared is the algorithm, not float32 reduction order across processes
+    return {k: v.double() if v.is_floating_point() else v for k, v in collate(examples).items()}
+
+
 def main(out_path: str, per_device_batch: int) -> None:
     torch.manual_seed(0)
-    model = CalMRLModel(training_config())
+    model = CalMRLModel(training_config()).double()
     args = TrainingArguments(
         output_dir=str(Path(out_path).parent / "run"), max_steps=4, per_device_train_batch_size=per_device_batch,
         learning_rate=1e-3, warmup_steps=1, cpu=True, logging_steps=1, imputer_min_rows=8, seed=7,
     )
     accelerator = build_accelerator(args)
-    result = train(model, make_dataset(64, MIXED_PATTERNS), args, collate_fn=collate, accelerator=accelerator)
+    result = train(model, make_dataset(64, MIXED_PATTERNS), args, collate_fn=collate64, accelerator=accelerator)
     if accelerator.is_main_process:
         imputer = accelerator.unwrap_model(model).imputer
         torch.save({"buffers": {k: v.clone() for k, v in imputer.state_dict().items()},

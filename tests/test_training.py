@@ -115,8 +115,8 @@ def test_two_processes_match_one_process(tmp_path):
     double = _torchrun(2, tmp_path / "two.pt", 8)
     assert single["processes"] == 1 and double["processes"] == 2
     for name, buffer in single["buffers"].items():
-        torch.testing.assert_close(double["buffers"][name], buffer, rtol=1e-5, atol=1e-5, msg=name)
-    torch.testing.assert_close(torch.tensor(double["losses"]), torch.tensor(single["losses"]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(double["buffers"][name], buffer, rtol=1e-9, atol=1e-9, msg=name)
+    torch.testing.assert_close(torch.tensor(double["losses"]), torch.tensor(single["losses"]), rtol=1e-6, atol=1e-6)
 
 
 def test_bad_setups_fail_before_training(tmp_path):
