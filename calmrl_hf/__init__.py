@@ -1,10 +1,11 @@
 """calmrl_hf: CalMRL (calibrated multimodal representation learning with missing modalities) for transformers."""
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .configuration_calmrl import CalMRLConfig
 from .imputer import PPCAImputer, PPCAStatistics
 from .modeling_calmrl import CalMRLModel, CalMRLOutput, CalMRLPreTrainedModel
+from .processing_calmrl import CalMRLProcessor
 
 
 __version__ = "0.1.0"
@@ -13,7 +14,9 @@ __version__ = "0.1.0"
 # register_for_auto_class makes save_pretrained copy the code, so `trust_remote_code=True` works without it.
 AutoConfig.register(CalMRLConfig.model_type, CalMRLConfig, exist_ok=True)
 AutoModel.register(CalMRLConfig, CalMRLModel, exist_ok=True)
+AutoProcessor.register(CalMRLConfig, CalMRLProcessor, exist_ok=True)
 CalMRLConfig.register_for_auto_class()
 CalMRLModel.register_for_auto_class("AutoModel")
 
-__all__ = ["CalMRLConfig", "CalMRLModel", "CalMRLOutput", "CalMRLPreTrainedModel", "PPCAImputer", "PPCAStatistics"]
+__all__ = ["CalMRLConfig", "CalMRLModel", "CalMRLOutput", "CalMRLPreTrainedModel", "CalMRLProcessor", "PPCAImputer",
+           "PPCAStatistics"]

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from .data.loaders import dataset_modalities
 from .evaluation import retrieval_metrics
 from .imputer import PPCAStatistics
 from .modeling_calmrl import CalMRLModel
@@ -35,8 +36,6 @@ from .modeling_calmrl import CalMRLModel
 
 logger = get_logger(__name__)
 
-# Columns of a CalMRL dataset that are not modalities.
-NON_MODALITY_COLUMNS = ("id", "label", "labels", "modality_mask", "index")
 _CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 
 
@@ -179,14 +178,6 @@ class _TrainState:
         self.global_step = int(state["global_step"])
 
 
-def dataset_modalities(dataset) -> list[str]:
-    """The modality columns of a CalMRL dataset (every column except id / label / modality_mask)."""
-    names = dataset.column_names
-    if isinstance(names, dict):  # DatasetDict
-        names = next(iter(names.values()))
-    return [c for c in names or [] if c not in NON_MODALITY_COLUMNS]
-
-
 def validate_setup(model: CalMRLModel, datasets: dict[str, Any], args: TrainingArguments, num_processes: int) -> int:
     """Fail before training starts, with a message that says what to change. Returns the per-device batch size."""
     modalities = model.config.modalities
@@ -246,8 +237,8 @@ def embed_dataset(model, dataloader, accelerator: Accelerator) -> dict[str, torc
     for batch in dataloader:
         batch = dict(batch)
         labels = batch.pop("labels", batch.pop("label", None))
-        batch.pop("id", None)
-        batch.pop("index", None)
+        for key in ("id", "ids", "index"):
+            batch.pop(key, None)
         embeddings, mask = unwrapped.embed_modalities(**batch)
         gathered = accelerator.gather_for_metrics((embeddings.float(), mask))
         chunks["embeddings"].append(gathered[0].cpu())
@@ -283,7 +274,7 @@ def warm_start_imputer(
 
 
 def _model_inputs(batch) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in dict(batch).items() if k not in ("id", "label", "labels", "index")}
+    return {k: v for k, v in dict(batch).items() if k not in ("id", "ids", "label", "labels", "index")}
 
 
 def _latest_checkpoint(output_dir: str) -> str | None:
