@@ -36,8 +36,8 @@ class CalMRLProcessor(ProcessorMixin):
         tokenizer: tokenizer of the text tower.
         image_processor: image processor of the vision tower (applied to each sampled video frame).
         feature_extractor: feature extractor of the audio tower.
-        modalities (`dict[str, str]`, *optional*): modality name -> kind ("vision", "audio" or "text"), in the
-            model's modality order. Defaults to vision, audio, text, subtitle.
+        modalities (`dict[str, str]` or list of `[name, kind]`, *optional*): modality name -> kind ("vision",
+            "audio" or "text"), in the model's modality order. Defaults to vision, audio, text, subtitle.
         num_frames (`int`, *optional*, defaults to 4): frames sampled evenly from each video.
         max_length (`int`, *optional*, defaults to 64): token budget of text inputs (longer ones are truncated).
 
@@ -50,8 +50,11 @@ class CalMRLProcessor(ProcessorMixin):
 
     def __init__(self, tokenizer=None, image_processor=None, feature_extractor=None, modalities=None,
                  num_frames: int = 4, max_length: int = 64):
-        self.modalities = dict(modalities or DEFAULT_MODALITY_KINDS)
-        for name, kind in self.modalities.items():
+        # kept as [name, kind] pairs: the order is the model's k axis, and JSON objects are saved with sorted keys
+        pairs = list((modalities or DEFAULT_MODALITY_KINDS).items()) if isinstance(modalities, dict) or \
+            modalities is None else [tuple(pair) for pair in modalities]
+        self.modalities = [[name, kind] for name, kind in pairs]
+        for name, kind in self.modalities:
             if kind not in MODALITY_KINDS:
                 raise ValueError(f"Modality {name!r} has kind {kind!r}; expected one of {MODALITY_KINDS}.")
         if num_frames < 1 or max_length < 1:
@@ -61,14 +64,19 @@ class CalMRLProcessor(ProcessorMixin):
         super().__init__(tokenizer, image_processor, feature_extractor)
 
     @property
+    def modality_kinds(self) -> dict[str, str]:
+        """Modality name -> kind, in the model's modality order."""
+        return {name: kind for name, kind in self.modalities}
+
+    @property
     def modality_names(self) -> list[str]:
-        return list(self.modalities)
+        return [name for name, _ in self.modalities]
 
     def __call__(self, sampling_rate: int | None = None, return_tensors: str = "pt", **modality_inputs):
         if return_tensors != "pt":
             raise ValueError(f"CalMRLProcessor returns PyTorch tensors only (return_tensors='pt'), got "
                              f"{return_tensors!r}.")
-        unknown = sorted(set(modality_inputs) - set(self.modalities))
+        unknown = sorted(set(modality_inputs) - set(self.modality_names))
         if unknown:
             raise ValueError(f"Unknown modalities {unknown}; this processor knows {self.modality_names}.")
         if not modality_inputs:
@@ -80,7 +88,7 @@ class CalMRLProcessor(ProcessorMixin):
         batch_size = next(iter(lengths.values()))
         mask = torch.zeros(batch_size, len(self.modalities), dtype=torch.bool)
         data: dict[str, torch.Tensor] = {}
-        for index, (name, kind) in enumerate(self.modalities.items()):
+        for index, (name, kind) in enumerate(self.modalities):
             items = modality_inputs.get(name)
             if items is None:
                 continue
