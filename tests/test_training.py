@@ -141,3 +141,19 @@ def test_bad_setups_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="that the model lacks"):
         train(model, data, small_args(tmp_path), collate_fn=collate)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_training_pushes_the_final_model_to_the_hub(tmp_path):
+    os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+    from fake_hub import FakeHub
+
+    torch.manual_seed(0)
+    model = CalMRLModel(training_config())
+    with FakeHub() as hub:
+        args = small_args(tmp_path, max_steps=2, save_steps=1, push_to_hub="team/calmrl-run", hub_token="hf_fake",
+                          hub_endpoint=hub.endpoint)
+        train(model, make_dataset(32, MIXED_PATTERNS), args, collate_fn=collate)
+    assert len(hub.commits) == 1
+    files = hub.commits[0]["files"]
+    assert "model.safetensors" in files and "train_results.json" in files
+    assert not any(path.startswith("checkpoints/") for path in files)
