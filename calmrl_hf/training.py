@@ -82,7 +82,19 @@ class TrainingArguments:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"Unknown training arguments {unknown}; known ones are {sorted(known)}.")
-        return cls(**values)
+        coerced = {}
+        for f in fields(cls):
+            if f.name not in values:
+                continue
+            value = values[f.name]
+            # YAML reads "1e-3" as a string: convert strings for numeric fields, with a clear error
+            if isinstance(value, str) and isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+                try:
+                    value = type(f.default)(float(value)) if isinstance(f.default, int) else float(value)
+                except ValueError:
+                    raise ValueError(f"Training argument {f.name} must be a number, got {value!r}.") from None
+            coerced[f.name] = value
+        return cls(**coerced)
 
     def __post_init__(self):
         if self.imputer_statistics not in ("ema", "epoch"):

@@ -153,6 +153,10 @@ def main(argv=None) -> dict:
     accelerator = None
     for stage in ("stage1", "stage2"):
         settings = copy.deepcopy(recipe[stage])
+        # a stage may train with its own objective (e.g. InfoNCE pre-training of towers learned from scratch)
+        model.config.alignment_objective = settings.pop("alignment_objective",
+                                                        recipe["model"].get("config", {}).get("alignment_objective",
+                                                                                              "pmrl"))
         settings.update(output_dir=str(output_dir / stage), seed=seed, cpu=args.cpu or settings.get("cpu", False))
         if args.resume:
             settings["resume_from_checkpoint"] = "latest"
