@@ -157,3 +157,29 @@ def test_training_pushes_the_final_model_to_the_hub(tmp_path):
     files = hub.commits[0]["files"]
     assert "model.safetensors" in files and "train_results.json" in files
     assert not any(path.startswith("checkpoints/") for path in files)
+
+
+def test_accumulation_bf16_epoch_statistics_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    torch.manual_seed(0)
+    model = CalMRLModel(training_config())
+    args = small_args(tmp_path, max_steps=3, gradient_accumulation_steps=2, mixed_precision="bf16",
+                      imputer_statistics="epoch", log_with="tensorboard", logging_steps=1)
+    result = train(model, make_dataset(64, MIXED_PATTERNS), args, collate_fn=collate)
+    assert result.global_step == 3 and len(result.losses) == 3
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert model.imputer.fitted_modalities.all()
+    assert list(Path(args.output_dir).rglob("events.out.tfevents*")), "no tensorboard event file"
+
+
+def test_epoch_statistics_restart_each_epoch(tmp_path):
+    model = CalMRLModel(training_config())
+    args = small_args(tmp_path, imputer_statistics="epoch")
+    updater = ImputerUpdater(model, build_accelerator(args), args)
+    z = torch.nn.functional.normalize(torch.randn(16, 4, 16), dim=-1)
+    mask = torch.ones(16, 4, dtype=torch.bool)
+    updater(z, mask)
+    updater(z, mask)
+    assert updater.statistics.count.tolist() == [32.0] * 4  # summed within the epoch
+    updater.start_epoch()
+    assert updater.statistics.count.tolist() == [0.0] * 4
