@@ -161,13 +161,7 @@ class ImputerUpdater:
         """
         if self.mode == "ema":
             window_rows = rows_per_step / (1.0 - self.decay)  # steady-state mass of the moving average
-            scale = (window_rows / statistics.count.clamp_min(1.0)).clamp(max=1.0)  # per modality
-            statistics = PPCAStatistics(
-                latent_second_moment=statistics.latent_second_moment * scale[:, None, None],
-                cross_moment=statistics.cross_moment * scale[:, None, None],
-                sum_sq_norm=statistics.sum_sq_norm * scale,
-                count=statistics.count * scale,
-            )
+            statistics = statistics.scale((window_rows / statistics.count.clamp_min(1.0)).clamp(max=1.0))
         self.statistics = statistics
 
     def state_dict(self) -> dict[str, Any]:
