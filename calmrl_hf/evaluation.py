@@ -14,6 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
+
+from .alignment import anchor_shift, calibrated_anchor_shift
 
 
 def _check(embeddings: torch.Tensor, modality_mask: torch.Tensor, modalities: Sequence[str]) -> None:
@@ -87,4 +90,58 @@ def retrieval_metrics(
     return results
 
 
-__all__ = ["recall_at_k", "retrieval_metrics"]
+def zero_shot_accuracy(
+    embeddings: torch.Tensor, class_embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
+    """Top-K accuracy (%) of classifying `embeddings` [N, D] by their nearest class prompt [C, D] (cosine)."""
+    if embeddings.dim() != 2 or class_embeddings.dim() != 2 or embeddings.shape[1] != class_embeddings.shape[1]:
+        raise ValueError(f"embeddings [N, D] and class_embeddings [C, D] must share D; got "
+                         f"{list(embeddings.shape)} and {list(class_embeddings.shape)}.")
+    if labels.shape != embeddings.shape[:1]:
+        raise ValueError(f"labels must be [N] = {list(embeddings.shape[:1])}, got {list(labels.shape)}.")
+    scores = F.normalize(embeddings.float(), dim=-1) @ F.normalize(class_embeddings.float(), dim=-1).T
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # [N, K]
+    hits = top == labels.unsqueeze(1)
+    return {f"top{k}": 100.0 * float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
+
+
+def imputation_error(
+    true_embeddings: torch.Tensor, imputed_embeddings: torch.Tensor, imputed_mask: torch.Tensor,
+    modalities: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """MSE and cosine similarity between imputed and held-out true embeddings over the `imputed_mask` slots.
+
+    Returns overall `mse` / `cosine` and, with `modalities`, per-modality `mse/{name}` and `cosine/{name}`.
+    """
+    if true_embeddings.shape != imputed_embeddings.shape or imputed_mask.shape != true_embeddings.shape[:2]:
+        raise ValueError(f"true {list(true_embeddings.shape)}, imputed {list(imputed_embeddings.shape)} and mask "
+                         f"{list(imputed_mask.shape)} must be [N, k, D], [N, k, D], [N, k].")
+    if not bool(imputed_mask.any()):
+        raise ValueError("imputed_mask selects no slot.")
+    true, imputed = true_embeddings.float(), imputed_embeddings.float()
+    squared = ((imputed - true) ** 2).sum(dim=-1)  # [N, k]
+    cosine = F.cosine_similarity(imputed, true, dim=-1)  # [N, k]
+    result = {"mse": float(squared[imputed_mask].mean()), "cosine": float(cosine[imputed_mask].mean())}
+    for index, name in enumerate(modalities or []):
+        column = imputed_mask[:, index]
+        if bool(column.any()):
+            result[f"mse/{name}"] = float(squared[column, index].mean())
+            result[f"cosine/{name}"] = float(cosine[column, index].mean())
+    return result
+
+
+def anchor_shift_report(
+    true_embeddings: torch.Tensor, observed_mask: torch.Tensor, calibrated_embeddings: torch.Tensor
+) -> dict[str, float]:
+    """Mean anchor shift of the instances missing something: observed only (||u1 - u1^Omega||) and after
+    calibration (||u1 - u1^cal||, the missing columns imputed), both against the true full-modality anchor."""
+    incomplete = ~observed_mask.all(dim=1)
+    if not bool(incomplete.any()):
+        raise ValueError("No instance misses a modality: there is no anchor shift to measure.")
+    true, mask, calibrated = true_embeddings[incomplete], observed_mask[incomplete], calibrated_embeddings[incomplete]
+    return {"observed_only": float(anchor_shift(true, mask).mean()),
+            "calibrated": float(calibrated_anchor_shift(true, calibrated).mean()),
+            "instances": int(incomplete.sum())}
+
+
+__all__ = ["anchor_shift_report", "imputation_error", "recall_at_k", "retrieval_metrics", "zero_shot_accuracy"]
