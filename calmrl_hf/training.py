@@ -132,6 +132,7 @@ class ImputerUpdater:
         self.min_rows = args.imputer_min_rows or 2 * (imputer.latent_dim + 1)
         self.statistics = PPCAStatistics.zeros(imputer.num_modalities, imputer.dim, imputer.latent_dim,
                                                device=imputer.weight.device)
+        self.prior_statistics = self.statistics.scale(0.0)  # warm-start statistics, see `seed`
         self.enabled = model.config.imputer_method in ("ppca", "mean")
 
     def start_epoch(self) -> None:
@@ -150,25 +151,27 @@ class ImputerUpdater:
         decay = self.decay if self.mode == "ema" else 1.0
         # S <- decay * S + S_batch (ema), or S <- S + S_batch within the epoch
         self.statistics = self.statistics.scale(decay) + batch_stats
-        ready = self.statistics.count >= self.min_rows  # a modality's first M-step waits for enough rows
+        total = self.statistics + self.prior_statistics
+        ready = total.count >= self.min_rows  # a modality's first M-step waits for enough rows
         if bool(ready.any()):
-            self.imputer.m_step(self.statistics, modalities=ready)
+            self.imputer.m_step(total, modalities=ready)
 
-    def seed(self, statistics: PPCAStatistics, rows_per_step: int) -> None:
-        """Start the accumulator from warm-start statistics, weighted like a full EMA window of batches.
+    def seed(self, statistics: PPCAStatistics, window_rows: float) -> None:
+        """Keep warm-start statistics as a fixed prior that every M-step adds to the accumulated ones.
 
-        Without this the first M-steps would replace the warm-started parameters by estimates from a few batches.
+        Scaled to at most `window_rows` rows per modality (the training loop passes the mass of one full EMA window,
+        or one epoch in epoch mode), so it weighs like the recent data; it never decays:
+        it is the only source of the cross-modal statistics that partial data (video-text, audio-text) never
+        observes together (vision-audio), which online EM on partial batches alone would forget.
         """
-        if self.mode == "ema":
-            window_rows = rows_per_step / (1.0 - self.decay)  # steady-state mass of the moving average
-            statistics = statistics.scale((window_rows / statistics.count.clamp_min(1.0)).clamp(max=1.0))
-        self.statistics = statistics
+        self.prior_statistics = statistics.scale((window_rows / statistics.count.clamp_min(1.0)).clamp(max=1.0))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"statistics": self.statistics.state_dict()}
+        return {"statistics": self.statistics.state_dict(), "prior_statistics": self.prior_statistics.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.statistics.load_state_dict(state["statistics"])
+        self.prior_statistics.load_state_dict(state["prior_statistics"])
 
 
 class _TrainState:
@@ -364,7 +367,10 @@ def train(
         logger.info("Resumed from %s at step %d.", resume, state.global_step)
     elif warm_loader is not None:
         history, warm_statistics = warm_start_imputer(model, warm_loader, accelerator, args.imputer_warm_start_max_iter)
-        imputer_step.seed(warm_statistics, rows_per_step=per_device * accelerator.num_processes)
+        rows_per_step = per_device * accelerator.num_processes
+        window_rows = (rows_per_step / (1.0 - args.imputer_ema_decay) if args.imputer_statistics == "ema"
+                       else rows_per_step * len(train_loader))  # one EMA window, or one epoch
+        imputer_step.seed(warm_statistics, window_rows)
         logger.info("Imputer warm start: %d EM iterations, log-likelihood %.1f -> %.1f.",
                     len(history), history[0], history[-1])
 

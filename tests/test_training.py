@@ -46,6 +46,22 @@ def test_imputer_step_sums_statistics_and_runs_the_m_step(tmp_path):
     torch.testing.assert_close(updater.statistics.to_flat(), (expected_stats.scale(0.5) + second).to_flat())
 
 
+def test_warm_start_statistics_stay_as_a_prior(tmp_path):
+    torch.manual_seed(0)
+    model = CalMRLModel(training_config())
+    args = small_args(tmp_path, imputer_ema_decay=0.5)
+    updater = ImputerUpdater(model, build_accelerator(args), args)
+    full = torch.nn.functional.normalize(torch.randn(64, 4, 16), dim=-1)
+    prior = model.imputer.sufficient_statistics(full, torch.ones(64, 4, dtype=torch.bool))
+    updater.seed(prior, window_rows=16.0)
+    torch.testing.assert_close(updater.prior_statistics.count, torch.full((4,), 16.0, dtype=torch.float64))
+    partial_mask = torch.tensor([[True, False, True, False]] * 32)
+    for _ in range(3):  # partial batches decay, the prior stays
+        updater(full[:32], partial_mask)
+    torch.testing.assert_close(updater.prior_statistics.to_flat(), prior.scale(0.25).to_flat())
+    assert updater.statistics.count[1] == 0 and model.imputer.fitted_modalities[1]  # audio fitted from the prior
+
+
 def test_training_reduces_the_loss_and_saves_a_loadable_model(tmp_path):
     torch.manual_seed(0)
     model = CalMRLModel(training_config())
