@@ -171,7 +171,8 @@ class ImputerUpdater:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.statistics.load_state_dict(state["statistics"])
-        self.prior_statistics.load_state_dict(state["prior_statistics"])
+        if "prior_statistics" in state:  # absent from checkpoints of runs without a warm start prior
+            self.prior_statistics.load_state_dict(state["prior_statistics"])
 
 
 class _TrainState:
