@@ -176,16 +176,22 @@ class ImputerUpdater:
 
 
 class _TrainState:
-    """Step counter saved with every checkpoint (accelerate's `register_for_checkpointing`)."""
+    """Position saved with every checkpoint (accelerate's `register_for_checkpointing`): the optimizer step, and
+    the epoch and micro-batch within it, so a resumed run skips exactly the batches already seen (also for
+    streaming datasets, whose length is unknown)."""
 
     def __init__(self):
         self.global_step = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0
 
     def state_dict(self):
-        return {"global_step": self.global_step}
+        return {"global_step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
 
     def load_state_dict(self, state):
         self.global_step = int(state["global_step"])
+        self.epoch = int(state.get("epoch", 0))
+        self.batches_in_epoch = int(state.get("batches_in_epoch", 0))
 
 
 def validate_setup(model: CalMRLModel, datasets: dict[str, Any], args: TrainingArguments, num_processes: int) -> int:
@@ -234,7 +240,10 @@ def build_accelerator(args: TrainingArguments) -> Accelerator:
         project_dir=args.output_dir,
         # towers of modalities absent from a batch get no gradient: DDP must not wait for them
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # batches hold the observed rows of each modality only (ragged), so they are never split or dispatched
+        # across processes: each process collates its own examples
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
+                                                  dispatch_batches=False),
     )
 
 
@@ -328,7 +337,9 @@ def train(
     for name in args.freeze_modalities:
         model.encoders[model.config.encoder_owner(name)].requires_grad_(False)
 
-    train_loader = DataLoader(train_dataset, batch_size=per_device, shuffle=True, drop_last=True,
+    # a streaming dataset shuffles itself (e.g. `dataset.shuffle(seed, buffer_size)`), reshuffled every epoch
+    streaming = isinstance(train_dataset, torch.utils.data.IterableDataset)
+    train_loader = DataLoader(train_dataset, batch_size=per_device, shuffle=not streaming, drop_last=True,
                               collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
     eval_loader = warm_loader = None
     if eval_dataset is not None:
@@ -369,15 +380,14 @@ def train(
     elif warm_loader is not None:
         history, warm_statistics = warm_start_imputer(model, warm_loader, accelerator, args.imputer_warm_start_max_iter)
         rows_per_step = per_device * accelerator.num_processes
-        window_rows = (rows_per_step / (1.0 - args.imputer_ema_decay) if args.imputer_statistics == "ema"
-                       else rows_per_step * len(train_loader))  # one EMA window, or one epoch
+        if args.imputer_statistics == "ema" or streaming:  # one EMA window (an epoch's length may be unknown)
+            window_rows = rows_per_step / (1.0 - args.imputer_ema_decay)
+        else:  # one epoch
+            window_rows = rows_per_step * len(train_loader)
         imputer_step.seed(warm_statistics, window_rows)
         logger.info("Imputer warm start: %d EM iterations, log-likelihood %.1f -> %.1f.",
                     len(history), history[0], history[-1])
 
-    micro_batches_done = state.global_step * args.gradient_accumulation_steps
-    batches_per_epoch = len(train_loader)
-    epoch, skip = divmod(micro_batches_done, batches_per_epoch)
     progress = tqdm(total=args.max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                     desc="training")
     losses: list[float] = []
@@ -385,13 +395,14 @@ def train(
     running_loss = torch.zeros((), device=accelerator.device)
     running_count = 0
     while state.global_step < args.max_steps:
-        train_loader.set_epoch(epoch)
+        train_loader.set_epoch(state.epoch)
+        skip = state.batches_in_epoch
         if skip == 0:
             imputer_step.start_epoch()
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        skip = 0
         model.train()
         for batch in loader:
+            state.batches_in_epoch += 1
             with accelerator.accumulate(model):
                 outputs = model(**_model_inputs(batch), imputer_update_fn=imputer_step)
                 accelerator.backward(outputs.loss)
@@ -430,7 +441,11 @@ def train(
                     on_checkpoint(state.global_step)
             if state.global_step >= args.max_steps:
                 break
-        epoch += 1
+        else:  # the epoch ran out
+            state.epoch += 1
+            state.batches_in_epoch = 0
+            if state.global_step == 0 and skip == 0:
+                raise ValueError("The train dataset yields no full batch: lower the batch size.")
     progress.close()
 
     if eval_loader is not None:

@@ -199,3 +199,33 @@ def test_epoch_statistics_restart_each_epoch(tmp_path):
     assert updater.statistics.count.tolist() == [32.0] * 4  # summed within the epoch
     updater.start_epoch()
     assert updater.statistics.count.tolist() == [0.0] * 4
+
+
+def test_streaming_dataset_trains_and_resumes_exactly(tmp_path):
+    """An IterableDataset (unknown length) trains across epochs and a resumed run matches an uninterrupted one."""
+
+    def streamed():
+        return make_dataset(40, MIXED_PATTERNS).to_iterable_dataset(num_shards=4).shuffle(seed=5, buffer_size=8)
+
+    def run(output_dir, stop_after=None, resume=None):
+        torch.manual_seed(0)
+        model = CalMRLModel(training_config())
+        args = small_args(tmp_path, output_dir=str(output_dir), max_steps=7, save_steps=3, save_total_limit=None,
+                          resume_from_checkpoint=resume)  # 40 rows / 8 = 5 batches an epoch: 7 steps cross one
+
+        def stop(step):
+            if stop_after is not None and step >= stop_after:
+                raise KeyboardInterrupt
+
+        try:
+            result = train(model, streamed(), args, collate_fn=collate, on_checkpoint=stop)
+        except KeyboardInterrupt:
+            return None, None
+        return model, result
+
+    uninterrupted, result = run(tmp_path / "a")
+    assert result.global_step == 7 and len(result.losses) == 7
+    assert run(tmp_path / "b", stop_after=6)[0] is None  # killed in the second epoch
+    resumed, _ = run(tmp_path / "b", resume="latest")
+    for key, value in uninterrupted.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
