@@ -255,7 +255,9 @@ class CalMRLModel(CalMRLPreTrainedModel):
             features = self.get_modality_features(name, **inputs)  # [n_m, D]
             if embeddings is None:
                 embeddings = features.new_zeros(batch_size, self.config.num_modalities, self.config.projection_dim)
-            embeddings = embeddings.index_put((modality_mask[:, index].nonzero().squeeze(1), torch.tensor(index)), features)
+            rows = modality_mask[:, index].nonzero().squeeze(1).to(features.device)
+            column = torch.full_like(rows, index)
+            embeddings = embeddings.index_put((rows, column), features)  # [B, k, D], observed rows of modality
         return embeddings, modality_mask
 
     def _group_inputs(self, modality_inputs: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
