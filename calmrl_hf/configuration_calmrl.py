@@ -13,6 +13,12 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 
+from .feature_encoder import FeatureEncoderConfig
+
+
+# Towers over precomputed features resolve by model_type like any transformers config (also as remote code).
+AutoConfig.register(FeatureEncoderConfig.model_type, FeatureEncoderConfig, exist_ok=True)
+
 
 DEFAULT_MODALITIES = ("vision", "audio", "text", "subtitle")
 DEFAULT_ENCODER_MODEL_TYPES = {"vision": "vit", "audio": "audio-spectrogram-transformer", "text": "bert"}
@@ -78,7 +84,8 @@ class CalMRLConfig(PreTrainedConfig):
         temperature (`float`, *optional*, defaults to 0.07): temperature of the contrastive objectives.
         learnable_temperature (`bool`, *optional*, defaults to `True`): train the contrastive temperature (clamped).
         label_smoothing (`float`, *optional*, defaults to 0.1): label smoothing of GRAM / TRIANGLE.
-        anchor_modality (`str`, *optional*, defaults to `"text"`): anchor of GRAM / TRIANGLE / anchor InfoNCE.
+        anchor_modality (`str`, *optional*): anchor of GRAM / TRIANGLE / anchor InfoNCE; defaults to `"text"` when
+            there is such a modality, else the first modality.
         triangle_modalities (`list[str]`, *optional*): the three modalities TRIANGLE uses (anchor first).
         gather_across_processes (`bool`, *optional*, defaults to `True`):
             Use the embeddings of every process as negatives (all-gather with gradient of the local part). The PMRL
@@ -118,7 +125,7 @@ class CalMRLConfig(PreTrainedConfig):
     temperature: float = 0.07
     learnable_temperature: bool = True
     label_smoothing: float = 0.1
-    anchor_modality: str = "text"
+    anchor_modality: str | None = None
     triangle_modalities: list[str] | None = None
     gather_across_processes: bool = True
     matching_weight: float = 0.0
@@ -135,6 +142,8 @@ class CalMRLConfig(PreTrainedConfig):
                 if m in DEFAULT_ENCODER_MODEL_TYPES and m not in self.shared_encoders
             }
         self.encoder_configs = {m: _config_to_dict(c) for m, c in self.encoder_configs.items()}
+        if self.anchor_modality is None:
+            self.anchor_modality = "text" if "text" in self.modalities else self.modalities[0]
         pooling = {m: DEFAULT_POOLING.get(m, "mean") for m in self.modalities}
         pooling.update(self.pooling or {})
         self.pooling = pooling

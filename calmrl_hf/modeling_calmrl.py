@@ -32,8 +32,11 @@ from .alignment import (
 )
 from .collective import gather_with_grad, world_size
 from .configuration_calmrl import DEFAULT_MODALITIES, DEFAULT_SHARED_ENCODERS, CalMRLConfig
+from .feature_encoder import FeatureEncoderConfig, FeatureEncoderModel
 from .imputer import PPCAImputer
 
+
+AutoModel.register(FeatureEncoderConfig, FeatureEncoderModel, exist_ok=True)
 
 # Inputs whose values are ids or masks, not features: they are never checked for NaN.
 _INTEGER_LIKE_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")

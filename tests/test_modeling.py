@@ -263,3 +263,29 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
         CalMRLModel.from_pretrained(tmp_path, config=tiny_config(projection_dim=8))
     with pytest.raises(ValueError, match="does not match"):
         CalMRLModel.from_pretrained(tmp_path, config=tiny_config(modalities=["vision", "audio", "text"]))
+
+
+def test_feature_towers_over_precomputed_embeddings(tmp_path):
+    from calmrl_hf import FeatureEncoderConfig
+
+    config = CalMRLConfig(
+        modalities=["image", "sound", "caption"],
+        encoder_configs={"image": FeatureEncoderConfig(input_dim=12, hidden_size=24),
+                         "sound": FeatureEncoderConfig(input_dim=7, hidden_size=24, num_hidden_layers=1),
+                         "caption": tiny_bert()},
+        projection_dim=16, imputer_latent_dim=4, alignment_objective="pairwise_infonce")
+    model = CalMRLModel(config)
+    mask = torch.tensor([[True, True, True], [True, False, True], [False, True, True], [True, True, False]])
+    batch = {"modality_mask": mask, "image_input_features": torch.randn(3, 12),
+             "sound_input_features": torch.randn(3, 5, 7), "sound_attention_mask": torch.ones(3, 5, dtype=torch.long),
+             "caption_input_ids": torch.randint(1, 64, (3, 6))}
+    out = model(**batch)
+    out.loss.backward()
+    assert out.embeddings.shape == (4, 3, 16) and model.encoders["image"].layers[0].weight.grad is not None
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert type(loaded.encoders["sound"]).__name__ == "FeatureEncoderModel"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(**batch).embeddings, model.eval()(**batch).embeddings)
+    with pytest.raises(ValueError, match=r"input_features must be \[n, 12\]"):
+        model(**{**batch, "image_input_features": torch.randn(3, 11)})
