@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -172,8 +174,19 @@ class CalMRLModel(CalMRLPreTrainedModel):
         checkpoint must load completely, imputer buffers included.
         """
         return_info = kwargs.pop("output_loading_info", False)
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("CalMRL checkpoints load from safetensors only (pickle files are never unpickled).")
+        kwargs["use_safetensors"] = True
+        location = Path(str(args[0])) if args else None
+        if location is not None and location.is_dir() and not list(location.glob("*.safetensors")):
+            pickles = sorted(p.name for p in location.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+            raise ValueError(f"{location} has no safetensors weights{f' (only {pickles})' if pickles else ''}; "
+                             f"CalMRL refuses to unpickle checkpoints. Convert them to safetensors first.")
         try:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except SafetensorError as error:
+            raise ValueError(f"The safetensors weights of {args[0] if args else 'the checkpoint'} are corrupt or "
+                             f"tampered with: {error}") from error
         except RuntimeError as error:
             if "ignore_mismatched_sizes" not in str(error):
                 raise

@@ -289,3 +289,20 @@ def test_feature_towers_over_precomputed_embeddings(tmp_path):
         torch.testing.assert_close(loaded.eval()(**batch).embeddings, model.eval()(**batch).embeddings)
     with pytest.raises(ValueError, match=r"input_features must be \[n, 12\]"):
         model(**{**batch, "image_input_features": torch.randn(3, 11)})
+
+
+def test_loading_refuses_pickles_and_tampered_files(tmp_path):
+    model = fitted_model()
+    model.save_pretrained(tmp_path / "good")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tmp_path / "good" / "config.json").read_text())
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"no safetensors weights \(only \['pytorch_model.bin'\]\)"):
+        AutoModel.from_pretrained(pickled)
+    with pytest.raises(ValueError, match="safetensors only"):
+        CalMRLModel.from_pretrained(tmp_path / "good", use_safetensors=False)
+    weights = tmp_path / "good" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])  # truncated: tampered
+    with pytest.raises(ValueError, match="corrupt or tampered"):
+        CalMRLModel.from_pretrained(tmp_path / "good")
