@@ -90,7 +90,14 @@ class CalMRLConfig(PreTrainedConfig):
         gather_across_processes (`bool`, *optional*, defaults to `True`):
             Use the embeddings of every process as negatives (all-gather with gradient of the local part). The PMRL
             authors use the per-GPU batch only; gathering is our documented deviation.
-        matching_weight (`float`, *optional*, defaults to 0.0): weight of the optional matching term.
+        matching_weight (`float`, *optional*, defaults to 0.1): weight alpha of the matching term (the paper's 0.1);
+            it applies when the model has a matching head (`fusion_num_layers > 0`).
+        fusion_num_layers (`int`, *optional*, defaults to 0): layers of the fusion encoder of the matching head
+            (0: no matching head).
+        fusion_num_attention_heads (`int`, *optional*): attention heads of the fusion layers; defaults to the
+            caption tower's.
+        matching_modality (`str`, *optional*): the caption modality the fusion encoder reads (its tower's width is
+            the fusion width); defaults to the anchor modality.
         initializer_range (`float`, *optional*, defaults to 0.02): std of the projection heads' initialisation.
 
     Example:
@@ -128,7 +135,10 @@ class CalMRLConfig(PreTrainedConfig):
     anchor_modality: str | None = None
     triangle_modalities: list[str] | None = None
     gather_across_processes: bool = True
-    matching_weight: float = 0.0
+    matching_weight: float = 0.1
+    fusion_num_layers: int = 0
+    fusion_num_attention_heads: int | None = None
+    matching_modality: str | None = None
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -144,6 +154,8 @@ class CalMRLConfig(PreTrainedConfig):
         self.encoder_configs = {m: _config_to_dict(c) for m, c in self.encoder_configs.items()}
         if self.anchor_modality is None:
             self.anchor_modality = "text" if "text" in self.modalities else self.modalities[0]
+        if self.matching_modality is None:
+            self.matching_modality = self.anchor_modality
         pooling = {m: DEFAULT_POOLING.get(m, "mean") for m in self.modalities}
         pooling.update(self.pooling or {})
         self.pooling = pooling
@@ -194,6 +206,11 @@ class CalMRLConfig(PreTrainedConfig):
                 raise ValueError(
                     f"triangle_modalities must name three of {modalities}, got {self.triangle_modalities}."
                 )
+        if self.matching_modality not in modalities:
+            raise ValueError(f"matching_modality = {self.matching_modality!r} is not one of the modalities {modalities}.")
+        if self.fusion_num_layers < 0 or self.matching_weight < 0:
+            raise ValueError(f"fusion_num_layers and matching_weight must be >= 0, got {self.fusion_num_layers} and "
+                             f"{self.matching_weight}.")
         if self.projection_dim < 1 or self.imputer_latent_dim < 1:
             raise ValueError(
                 f"projection_dim and imputer_latent_dim must be positive, got {self.projection_dim} and "

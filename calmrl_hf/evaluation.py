@@ -53,6 +53,23 @@ def recall_at_k(
     return {k: 100.0 * float((first_hit < k).float().mean()) for k in ks}
 
 
+def rerank_top_k(similarity: torch.Tensor, score_fn, k: int) -> torch.Tensor:
+    """Re-rank each query's top-`k` gallery items by `score_fn` (e.g. a matching head), as VAST does with K = 50.
+
+    `score_fn(query_indices, gallery_indices) -> scores` scores the Q x k candidate pairs (flat index tensors).
+    Returns a [Q, G] score matrix whose ranking puts the top-k candidates first, ordered by their scores, and the
+    other items after them in their original order; feed it to `recall_at_k`.
+    """
+    num_queries, gallery = similarity.shape
+    k = min(k, gallery)
+    top = similarity.topk(k, dim=1).indices  # [Q, k]
+    queries = torch.arange(num_queries, device=similarity.device).unsqueeze(1).expand(-1, k)
+    scores = score_fn(queries.reshape(-1), top.reshape(-1)).reshape(num_queries, k).to(similarity.dtype)
+    # everything outside the top-k goes below every re-ranked candidate, keeping its own order
+    reranked = scores.min() - 1.0 - (similarity.max() - similarity)
+    return reranked.scatter(1, top, scores)
+
+
 def retrieval_metrics(
     embeddings: torch.Tensor,
     modality_mask: torch.Tensor,
@@ -144,4 +161,5 @@ def anchor_shift_report(
             "instances": int(incomplete.sum())}
 
 
-__all__ = ["anchor_shift_report", "imputation_error", "recall_at_k", "retrieval_metrics", "zero_shot_accuracy"]
+__all__ = ["anchor_shift_report", "imputation_error", "recall_at_k", "rerank_top_k", "retrieval_metrics",
+           "zero_shot_accuracy"]

@@ -35,6 +35,7 @@ from .alignment import (
 from .collective import gather_with_grad, world_size
 from .configuration_calmrl import DEFAULT_MODALITIES, DEFAULT_SHARED_ENCODERS, CalMRLConfig
 from .feature_encoder import FeatureEncoderConfig, FeatureEncoderModel
+from .fusion import FusionEncoder, matching_loss, sample_hard_negatives
 from .imputer import PPCAImputer
 
 
@@ -53,7 +54,10 @@ class CalMRLOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
-            The alignment objective on observed + imputed embeddings (plus the weighted matching term).
+            The alignment objective on observed + imputed embeddings plus `matching_weight` x the matching term.
+        alignment_loss (`torch.FloatTensor` of shape `()`, *optional*): the alignment objective alone.
+        matching_loss (`torch.FloatTensor` of shape `()`, *optional*): the matching term (models with a matching
+            head, when the batch has at least two instances with a caption and another observed modality).
         embeddings (`torch.FloatTensor` of shape `[B, k, D]`):
             Unit-norm embeddings of the observed modalities; rows of missing modalities are zero.
         modality_mask (`torch.BoolTensor` of shape `[B, k]`): True where a modality was observed.
@@ -67,6 +71,8 @@ class CalMRLOutput(ModelOutput):
     """
 
     loss: torch.FloatTensor | None = None
+    alignment_loss: torch.FloatTensor | None = None
+    matching_loss: torch.FloatTensor | None = None
     embeddings: torch.FloatTensor | None = None
     modality_mask: torch.BoolTensor | None = None
     imputed_embeddings: torch.FloatTensor | None = None
@@ -120,6 +126,14 @@ class CalMRLModel(CalMRLPreTrainedModel):
         self.temperature = nn.Parameter(
             torch.tensor(float(config.temperature)), requires_grad=config.learnable_temperature
         )
+        self.fusion = None
+        if config.fusion_num_layers > 0:
+            caption_config = config.get_encoder_config(config.matching_modality)
+            width = caption_config.hidden_size
+            heads = config.fusion_num_attention_heads or getattr(caption_config, "num_attention_heads", 1)
+            others = {m: config.get_encoder_config(m).hidden_size for m in config.modalities
+                      if m != config.matching_modality}
+            self.fusion = FusionEncoder(width, config.fusion_num_layers, heads, others, config.num_modalities)
         self.post_init()
 
     # ------------------------------------------------------------------ construction from towers
@@ -204,8 +218,12 @@ class CalMRLModel(CalMRLPreTrainedModel):
         return (model, info) if return_info else model
 
     # ------------------------------------------------------------------ towers
-    def _run_tower(self, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pooled tower features [n, H] of modality `name`; video [n, T, C, H, W] is pooled over its T frames."""
+    def _run_tower(self, name: str, inputs: dict[str, torch.Tensor]):
+        """Tower of modality `name`: pooled features [n, H], token states [n, L, H] and their bool mask [n, L].
+
+        A video [n, T, C, H, W] runs frame by frame: pooled features are averaged over its T frames, token states
+        are the T frames' tokens one after the other [n, T * L, H].
+        """
         tower = self.encoders[self.config.encoder_owner(name)]
         pixel_values = inputs.get("pixel_values")
         num_frames = None
@@ -213,10 +231,18 @@ class CalMRLModel(CalMRLPreTrainedModel):
             num_frames = pixel_values.shape[1]
             inputs = {**inputs, "pixel_values": pixel_values.flatten(0, 1)}  # [n * T, C, H, W]
         outputs = tower(**inputs, return_dict=True)
-        pooled = self._pool(name, tower, outputs, inputs.get("attention_mask"))
+        attention_mask = inputs.get("attention_mask")
+        pooled = self._pool(name, tower, outputs, attention_mask)
+        tokens = outputs.last_hidden_state  # [n (* T), L, H]
+        if attention_mask is not None and attention_mask.shape == tokens.shape[:2]:
+            token_mask = attention_mask.bool()
+        else:
+            token_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         if num_frames is not None:
             pooled = pooled.unflatten(0, (-1, num_frames)).mean(dim=1)  # mean over frames
-        return pooled
+            tokens = tokens.unflatten(0, (-1, num_frames)).flatten(1, 2)  # [n, T * L, H]
+            token_mask = token_mask.unflatten(0, (-1, num_frames)).flatten(1, 2)
+        return pooled, tokens, token_mask
 
     def _pool(self, name: str, tower: nn.Module, outputs, attention_mask: torch.Tensor | None) -> torch.Tensor:
         mode = self.config.pooling[name]
@@ -246,35 +272,43 @@ class CalMRLModel(CalMRLPreTrainedModel):
         >>> video_embeds = model.get_modality_features("vision", pixel_values=frames)  # [n, T, C, H, W]
         ```
         """
+        return self._encode(name, inputs)[0]
+
+    def _encode(self, name: str, inputs: dict[str, torch.Tensor]):
+        """(unit-norm embeddings [n, D], token states [n, L, H], token mask [n, L]) of one modality."""
         self.config.modality_index(name)
         _check_feature_inputs(name, inputs)
-        pooled = self._run_tower(name, inputs)
-        return F.normalize(self.projections[name](pooled), dim=-1)
+        pooled, tokens, token_mask = self._run_tower(name, inputs)
+        return F.normalize(self.projections[name](pooled), dim=-1), tokens, token_mask
 
     # ------------------------------------------------------------------ step 1: embed
     def embed_modalities(
-        self, modality_mask: torch.Tensor | None = None, **modality_inputs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, modality_mask: torch.Tensor | None = None, return_tokens: bool = False, **modality_inputs: torch.Tensor
+    ):
         """Embed every observed modality of a batch.
 
         `modality_inputs` are named `{modality}_{field}` (e.g. `text_input_ids`, `vision_pixel_values`,
         `audio_input_values`) and hold the OBSERVED rows of that modality only, in batch order. `modality_mask`
         [B, k] says which rows observe which modality; without it, every given modality is taken as observed
-        for all rows. Returns `(embeddings [B, k, D], modality_mask [B, k])`, zeros in missing slots.
+        for all rows. Returns `(embeddings [B, k, D], modality_mask [B, k])`, zeros in missing slots, and with
+        `return_tokens` a third element: {modality: (token states [n_m, L, H], token mask [n_m, L])}.
         """
         grouped = self._group_inputs(modality_inputs)
         modality_mask = self._resolve_modality_mask(grouped, modality_mask)
         batch_size = modality_mask.shape[0]
         embeddings = None
+        tokens = {}
         for name, inputs in grouped.items():
             index = self.config.modality_index(name)
-            features = self.get_modality_features(name, **inputs)  # [n_m, D]
+            features, states, state_mask = self._encode(name, inputs)  # [n_m, D], [n_m, L, H], [n_m, L]
+            if return_tokens:
+                tokens[name] = (states, state_mask)
             if embeddings is None:
                 embeddings = features.new_zeros(batch_size, self.config.num_modalities, self.config.projection_dim)
             rows = modality_mask[:, index].nonzero().squeeze(1).to(features.device)
             column = torch.full_like(rows, index)
             embeddings = embeddings.index_put((rows, column), features)  # [B, k, D], observed rows of modality
-        return embeddings, modality_mask
+        return (embeddings, modality_mask, tokens) if return_tokens else (embeddings, modality_mask)
 
     def _group_inputs(self, modality_inputs: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """Split flat `{modality}_{field}` keyword arguments by modality (longest modality name wins)."""
@@ -398,6 +432,91 @@ class CalMRLModel(CalMRLPreTrainedModel):
             return anchor_infonce_loss(embeddings, mask, anchor=anchor, temperature=temperature)
         return pairwise_infonce_loss(embeddings, mask, temperature=temperature)
 
+    # ------------------------------------------------------------------ matching head
+    def _condition_memory(self, modality_mask: torch.Tensor, tokens: dict, rows: torch.Tensor):
+        """Condition tokens of batch rows `rows`: their observed non-caption modalities' tokens in the fusion space,
+        concatenated and padded: ([n, M, W], bool mask [n, M]). Imputed modalities have no tokens: never fed."""
+        caption = self.config.matching_modality
+        per_row_states, per_row_masks = [[] for _ in rows], [[] for _ in rows]
+        for name, (states, state_mask) in tokens.items():
+            if name == caption:
+                continue
+            index = self.config.modality_index(name)
+            position = modality_mask[:, index].long().cumsum(0) - 1  # batch row -> row of this modality's inputs
+            projected = self.fusion.condition_tokens(name, index, states)
+            for slot, row in enumerate(rows.tolist()):
+                if modality_mask[row, index]:
+                    per_row_states[slot].append(projected[position[row]])
+                    per_row_masks[slot].append(state_mask[position[row]])
+        width = self.fusion.head.in_features
+        reference = next(iter(tokens.values()))[0]
+        empty_state = reference.new_zeros(1, width)  # a row without condition: one masked placeholder
+        empty_mask = torch.zeros(1, dtype=torch.bool, device=reference.device)
+        memory = nn.utils.rnn.pad_sequence([torch.cat(s) if s else empty_state for s in per_row_states],
+                                           batch_first=True)  # [n, M, W]
+        memory_mask = nn.utils.rnn.pad_sequence([torch.cat(m) if m else empty_mask for m in per_row_masks],
+                                                batch_first=True)  # [n, M]
+        return memory, memory_mask
+
+    def matching_step(self, embeddings: torch.Tensor, modality_mask: torch.Tensor, tokens: dict):
+        """The matching term with hard negatives, over the rows observing the caption and another modality.
+
+        Per row: the positive pair, one negative condition for its caption and one negative caption for its
+        condition, each drawn from the batch in proportion to softmax(alignment similarity / temperature), the
+        positive excluded. Returns None when fewer than two rows qualify.
+        """
+        caption = self.config.matching_modality
+        caption_index = self.config.modality_index(caption)
+        others = torch.ones(self.config.num_modalities, dtype=torch.bool, device=modality_mask.device)
+        others[caption_index] = False
+        eligible = modality_mask[:, caption_index] & (modality_mask & others).any(dim=1)
+        rows = eligible.nonzero().flatten()
+        if rows.numel() < 2:
+            return None
+        caption_states, caption_mask = tokens[caption]
+        caption_position = modality_mask[:, caption_index].long().cumsum(0) - 1
+        captions, captions_mask = caption_states[caption_position[rows]], caption_mask[caption_position[rows]]
+        memory, memory_mask = self._condition_memory(modality_mask, tokens, rows)
+        # similarity of caption i and condition j: caption embedding vs mean of j's observed other embeddings
+        condition_embeds = (embeddings[rows] * (modality_mask[rows] & others).unsqueeze(-1)).sum(dim=1)
+        similarity = embeddings[rows, caption_index] @ F.normalize(condition_embeds, dim=-1).T
+        similarity = similarity / self.temperature.clamp_min(_MIN_TEMPERATURE)
+        negative_condition = sample_hard_negatives(similarity)  # for each caption
+        negative_caption = sample_hard_negatives(similarity.T)  # for each condition
+        n = rows.numel()
+        own = torch.arange(n, device=rows.device)
+        caption_index_pairs = torch.cat([own, own, negative_caption])
+        condition_index_pairs = torch.cat([own, negative_condition, own])
+        labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(rows.device)
+        logits = self.fusion(captions[caption_index_pairs], captions_mask[caption_index_pairs],
+                             memory[condition_index_pairs], memory_mask[condition_index_pairs])
+        return matching_loss(logits, labels)
+
+    @torch.no_grad()
+    def matching_scores(self, caption_inputs: dict[str, torch.Tensor],
+                        condition_inputs: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        """P(match) [n] of n (caption, condition) pairs, row by row, for re-ranking retrieval candidates.
+
+        `caption_inputs` are the caption modality's inputs (e.g. input_ids, attention_mask) with n rows;
+        `condition_inputs` maps each condition modality to its inputs with n rows (all observed).
+        """
+        if self.fusion is None:
+            raise ValueError("This model has no matching head: set fusion_num_layers > 0 in its config.")
+        caption = self.config.matching_modality
+        _, caption_states, caption_mask = self._encode(caption, caption_inputs)
+        n = caption_states.shape[0]
+        mask = torch.zeros(n, self.config.num_modalities, dtype=torch.bool, device=caption_states.device)
+        tokens = {}
+        for name, inputs in condition_inputs.items():
+            _, states, state_mask = self._encode(name, inputs)
+            if states.shape[0] != n:
+                raise ValueError(f"condition {name!r} has {states.shape[0]} rows for {n} captions.")
+            tokens[name] = (states, state_mask)
+            mask[:, self.config.modality_index(name)] = True
+        memory, memory_mask = self._condition_memory(mask, tokens, torch.arange(n, device=mask.device))
+        logits = self.fusion(caption_states, caption_mask, memory, memory_mask)
+        return logits.float().softmax(dim=-1)[:, 1]
+
     def forward(
         self,
         modality_mask: torch.Tensor | None = None,
@@ -423,14 +542,24 @@ class CalMRLModel(CalMRLPreTrainedModel):
         >>> out.loss.backward()
         ```
         """
-        embeddings, modality_mask = self.embed_modalities(modality_mask, **modality_inputs)
+        with_matching = return_loss and self.fusion is not None and self.config.matching_weight > 0
+        embeddings, modality_mask, *tokens = self.embed_modalities(modality_mask, return_tokens=with_matching,
+                                                                   **modality_inputs)
         if imputer_update_fn is not None:
             imputer_update_fn(embeddings.detach(), modality_mask)
         imputed, aligned_mask = self.impute_missing(embeddings, modality_mask)
         singular_values, anchor_embeddings = gram_singular_values(imputed, aligned_mask)
-        loss = self.alignment_loss(imputed, aligned_mask) if return_loss else None
+        loss = alignment = matching = None
+        if return_loss:
+            loss = alignment = self.alignment_loss(imputed, aligned_mask)
+            if with_matching:  # on observed modalities only (imputed embeddings have no tokens)
+                matching = self.matching_step(embeddings, modality_mask, tokens[0])
+                if matching is not None:
+                    loss = alignment + self.config.matching_weight * matching
         return CalMRLOutput(
             loss=loss,
+            alignment_loss=alignment,
+            matching_loss=matching,
             embeddings=embeddings,
             modality_mask=modality_mask,
             imputed_embeddings=imputed,

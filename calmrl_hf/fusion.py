@@ -1,0 +1,67 @@
+"""The matching head: a fusion encoder that reads caption tokens and attends to the other modalities' tokens.
+
+VAST / PMRL / CalMRL train a binary matching term next to the alignment loss (weight alpha = 0.1 in the paper),
+computed on observed modalities only, and re-rank the top retrieval candidates with it at test time. Each
+fusion layer is bidirectional self-attention over the caption tokens, cross-attention to the condition tokens
+(the observed non-caption modalities of an instance, projected to the fusion width, plus a modality type
+embedding) and a feed-forward block; the head classifies the first token (match / no match).
+
+transformers 5's `BertLayer` builds cross-attention only for `is_decoder=True`, which also makes its
+self-attention causal; a fusion encoder must see the whole caption, so its layers are built here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sample_hard_negatives(similarity: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each row i of `similarity` [n, n], a column j != i drawn with probability softmax_j(similarity[i, j]).
+
+    The positive (the diagonal) is never drawn; rows need n >= 2.
+    """
+    if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1] or similarity.shape[0] < 2:
+        raise ValueError(f"similarity must be square with at least 2 rows, got {list(similarity.shape)}.")
+    logits = similarity.detach().float().clone()
+    logits.fill_diagonal_(float("-inf"))  # exclude the positive
+    probabilities = logits.softmax(dim=1)
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+
+
+class FusionEncoder(nn.Module):
+    """Caption tokens [n, L, W] x condition tokens [n, M, W] -> match logits [n, 2]."""
+
+    def __init__(self, width: int, num_layers: int, num_heads: int, condition_widths: dict[str, int],
+                 num_modalities: int, dropout: float = 0.1):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"The fusion width {width} is not divisible by {num_heads} attention heads.")
+        self.token_projections = nn.ModuleDict({name: nn.Linear(w, width) for name, w in condition_widths.items()})
+        self.modality_type = nn.Embedding(num_modalities, width)
+        layer = nn.TransformerDecoderLayer(width, num_heads, 4 * width, dropout, batch_first=True, norm_first=True)
+        self.layers = nn.TransformerDecoder(layer, num_layers)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 2)
+
+    def condition_tokens(self, name: str, index: int, states: torch.Tensor) -> torch.Tensor:
+        """Token states [n, L, H] of modality `name` in the fusion space, tagged with its type embedding."""
+        return self.token_projections[name](states) + self.modality_type.weight[index]
+
+    def forward(self, caption: torch.Tensor, caption_mask: torch.Tensor, condition: torch.Tensor,
+                condition_mask: torch.Tensor) -> torch.Tensor:
+        """Match logits [n, 2]; masks are bool, True where a token is real. Every row needs a condition token."""
+        if not bool(condition_mask.any(dim=1).all()):
+            raise ValueError("Every pair fed to the fusion encoder needs at least one observed condition token.")
+        hidden = self.layers(caption, condition, tgt_key_padding_mask=~caption_mask,
+                             memory_key_padding_mask=~condition_mask)
+        return self.head(self.norm(hidden[:, 0]))  # the first ([CLS]) token
+
+
+def matching_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary matching cross-entropy over positive (label 1) and negative (label 0) pairs."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+__all__ = ["FusionEncoder", "matching_loss", "sample_hard_negatives"]

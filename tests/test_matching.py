@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from calmrl_hf import CalMRLModel
+from calmrl_hf.evaluation import recall_at_k, rerank_top_k
+from calmrl_hf.fusion import sample_hard_negatives
+
+from tiny_models import MIXED_MASK, NUM_FRAMES, tiny_batch, tiny_config
+
+
+def matching_model(**overrides) -> CalMRLModel:
+    torch.manual_seed(0)
+    return CalMRLModel(tiny_config(fusion_num_layers=1, **overrides))
+
+
+def test_hard_negatives_never_include_the_positive_and_follow_similarity():
+    generator = torch.Generator().manual_seed(0)
+    similarity = torch.randn(6, 6, generator=generator)
+    draws = torch.stack([sample_hard_negatives(similarity, generator) for _ in range(500)])  # [500, 6]
+    assert not (draws == torch.arange(6)).any()
+    peaked = torch.zeros(4, 4)
+    peaked[:, 2] = 10.0  # every row strongly prefers column 2 (except row 2 itself)
+    picks = torch.stack([sample_hard_negatives(peaked, generator) for _ in range(200)])
+    assert (picks[:, [0, 1, 3]] == 2).float().mean() > 0.95 and not (picks[:, 2] == 2).any()
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        sample_hard_negatives(torch.zeros(1, 1))
+
+
+def test_matching_term_is_added_with_its_weight_and_reaches_fusion_and_towers():
+    model = matching_model().train()
+    out = model(**tiny_batch(MIXED_MASK))
+    assert out.matching_loss is not None and out.matching_loss > 0
+    torch.testing.assert_close(out.loss, out.alignment_loss + 0.1 * out.matching_loss)
+    out.matching_loss.backward()
+    assert model.fusion.head.weight.grad.abs().sum() > 0
+    for name in ("vision", "audio", "subtitle"):
+        assert model.fusion.token_projections[name].weight.grad.abs().sum() > 0, name
+    for name in ("vision", "audio", "text"):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoders[name].parameters()), name
+
+
+def test_zero_weight_turns_the_matching_term_off():
+    model = matching_model(matching_weight=0.0)
+    out = model(**tiny_batch(MIXED_MASK))
+    assert out.matching_loss is None and torch.equal(out.loss, out.alignment_loss)
+    out.loss.backward()
+    assert all(p.grad is None for p in model.fusion.parameters())
+
+
+def test_only_observed_modalities_are_fed_to_the_fusion_encoder():
+    model = matching_model()
+    with torch.no_grad():
+        embeddings, mask, tokens = model.embed_modalities(return_tokens=True, **tiny_batch(MIXED_MASK))
+    rows = torch.arange(MIXED_MASK.shape[0])
+    memory, memory_mask = model._condition_memory(mask, tokens, rows)
+    for row in rows.tolist():
+        expected = 0
+        for index, name in enumerate(model.config.modalities):
+            if name != "text" and MIXED_MASK[row, index]:
+                position = int(MIXED_MASK[: row + 1, index].sum()) - 1  # the row among this modality's inputs
+                expected += int(tokens[name][1][position].sum())  # its real (unpadded) tokens
+        assert int(memory_mask[row].sum()) == expected
+    assert tokens["vision"][0].shape[1] % NUM_FRAMES == 0  # vision gives T frames x its tokens
+
+
+def test_reranking_with_the_similarity_itself_changes_nothing():
+    generator = torch.Generator().manual_seed(0)
+    similarity = torch.randn(12, 12, generator=generator)
+    unchanged = rerank_top_k(similarity, lambda q, g: similarity[q, g], k=5)
+    assert torch.equal(unchanged.argsort(dim=1, descending=True)[:, :5],
+                       similarity.argsort(dim=1, descending=True)[:, :5])
+    assert recall_at_k(unchanged) == recall_at_k(similarity)
+    oracle = rerank_top_k(similarity, lambda q, g: (q == g).float(), k=12)  # a perfect matcher over all items
+    assert recall_at_k(oracle)[1] == 100.0
+
+
+def test_matching_scores_and_round_trip(tmp_path):
+    model = matching_model().eval()
+    batch = tiny_batch(torch.ones(3, 4, dtype=torch.bool))
+    caption = {"input_ids": batch["text_input_ids"], "attention_mask": batch["text_attention_mask"]}
+    condition = {"vision": {"pixel_values": batch["vision_pixel_values"]},
+                 "audio": {"input_values": batch["audio_input_values"]}}
+    scores = model.matching_scores(caption, condition)
+    assert scores.shape == (3,) and torch.all((scores > 0) & (scores < 1))
+    model.save_pretrained(tmp_path)
+    loaded = CalMRLModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded.matching_scores(caption, condition), scores)
+    without_head = CalMRLModel(tiny_config())
+    with pytest.raises(ValueError, match="no matching head"):
+        without_head.matching_scores(caption, condition)
