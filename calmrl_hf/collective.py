@@ -49,4 +49,35 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     return _AllGatherWithLocalGrad.apply(tensor), dist.get_rank() * tensor.shape[0]
 
 
-__all__ = ["gather_with_grad", "world_size"]
+def gather_padded(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All-gather a tensor whose first two sizes may differ across processes (rows; tokens for 3-D tensors).
+
+    Pads rows (and dim 1 of tensors with 3+ dims) to the largest size of any process, gathers with the gradient
+    of the local part, and returns `(gathered [world * max_rows, ...], valid_rows [world * max_rows], offset)`
+    with `offset` the position of this process's first row. Bool tensors travel as uint8. On one process:
+    `(tensor, all-True, 0)`.
+    """
+    if world_size() == 1:
+        return tensor, torch.ones(tensor.shape[0], dtype=torch.bool, device=tensor.device), 0
+    is_bool = tensor.dtype == torch.bool
+    local = tensor.to(torch.uint8) if is_bool else tensor
+    sizes = torch.tensor([local.shape[0], local.shape[1] if local.dim() > 2 else 0], device=local.device)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_sizes, sizes)
+    max_rows = int(max(size[0] for size in all_sizes))
+    padding = [0, 0] * (local.dim() - 1) + [0, max_rows - local.shape[0]]  # F.pad order: last dim first
+    if local.dim() > 2:
+        padding[-3] = int(max(size[1] for size in all_sizes)) - local.shape[1]  # right side of dim 1
+    padded = torch.nn.functional.pad(local, padding)
+    gathered = _AllGatherWithLocalGrad.apply(padded) if padded.is_floating_point() else _gather_plain(padded)
+    valid = torch.cat([torch.arange(max_rows, device=local.device) < size[0] for size in all_sizes])
+    return (gathered.bool() if is_bool else gathered), valid, dist.get_rank() * max_rows
+
+
+def _gather_plain(tensor: torch.Tensor) -> torch.Tensor:
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+__all__ = ["gather_padded", "gather_with_grad", "world_size"]

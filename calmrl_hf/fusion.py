@@ -17,17 +17,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def sample_hard_negatives(similarity: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """For each row i of `similarity` [n, n], a column j != i drawn with probability softmax_j(similarity[i, j]).
+def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor | None = None,
+                          valid: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each row i of `similarity` [n, m], a column j != positives[i] drawn with probability
+    softmax_j(similarity[i, j]) over the `valid` columns (default: the square case, positive i = column i).
 
-    The positive (the diagonal) is never drawn; rows need n >= 2.
+    The positive is never drawn; every row needs at least one other valid column.
     """
-    if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1] or similarity.shape[0] < 2:
-        raise ValueError(f"similarity must be square with at least 2 rows, got {list(similarity.shape)}.")
-    logits = similarity.detach().float().clone()
-    logits.fill_diagonal_(float("-inf"))  # exclude the positive
-    probabilities = logits.softmax(dim=1)
-    return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+    if similarity.dim() != 2:
+        raise ValueError(f"similarity must be [n, m], got {list(similarity.shape)}.")
+    n, m = similarity.shape
+    positives = torch.arange(n, device=similarity.device) if positives is None else positives
+    allowed = torch.ones(n, m, dtype=torch.bool, device=similarity.device) if valid is None else \
+        valid.unsqueeze(0).expand(n, m).clone()
+    allowed[torch.arange(n, device=similarity.device), positives] = False  # exclude the positive
+    if not bool(allowed.any(dim=1).all()):
+        raise ValueError("Hard negatives need at least 2 rows: some row has no other candidate.")
+    logits = similarity.detach().float().masked_fill(~allowed, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
 
 
 class FusionEncoder(nn.Module):

@@ -32,7 +32,7 @@ from .alignment import (
     pmrl_loss,
     triangle_loss,
 )
-from .collective import gather_with_grad, world_size
+from .collective import gather_padded, gather_with_grad, world_size
 from .configuration_calmrl import DEFAULT_MODALITIES, DEFAULT_SHARED_ENCODERS, CalMRLConfig
 from .feature_encoder import FeatureEncoderConfig, FeatureEncoderModel
 from .fusion import FusionEncoder, matching_loss, sample_hard_negatives
@@ -462,8 +462,9 @@ class CalMRLModel(CalMRLPreTrainedModel):
         """The matching term with hard negatives, over the rows observing the caption and another modality.
 
         Per row: the positive pair, one negative condition for its caption and one negative caption for its
-        condition, each drawn from the batch in proportion to softmax(alignment similarity / temperature), the
-        positive excluded. Returns None when fewer than two rows qualify.
+        condition, each drawn in proportion to softmax(alignment similarity / temperature) from the batch gathered
+        across processes (`gather_across_processes`), the positive excluded. Returns None when fewer than two rows
+        of the local batch qualify.
         """
         caption = self.config.matching_modality
         caption_index = self.config.modality_index(caption)
@@ -479,17 +480,30 @@ class CalMRLModel(CalMRLPreTrainedModel):
         memory, memory_mask = self._condition_memory(modality_mask, tokens, rows)
         # similarity of caption i and condition j: caption embedding vs mean of j's observed other embeddings
         condition_embeds = (embeddings[rows] * (modality_mask[rows] & others).unsqueeze(-1)).sum(dim=1)
-        similarity = embeddings[rows, caption_index] @ F.normalize(condition_embeds, dim=-1).T
-        similarity = similarity / self.temperature.clamp_min(_MIN_TEMPERATURE)
-        negative_condition = sample_hard_negatives(similarity)  # for each caption
-        negative_caption = sample_hard_negatives(similarity.T)  # for each condition
+        condition_embeds = F.normalize(condition_embeds, dim=-1)
+        caption_embeds = embeddings[rows, caption_index]
+        # negatives come from the batch of every process (padded gather; the local part keeps its gradient)
+        gather = self.config.gather_across_processes and world_size() > 1
+        pool = [gather_padded(t) if gather else (t, None, 0) for t in
+                (captions, captions_mask, memory, memory_mask, caption_embeds, condition_embeds)]
+        (all_captions, valid, offset), (all_captions_mask, _, _), (all_memory, _, _), (all_memory_mask, _, _), \
+            (all_caption_embeds, _, _), (all_condition_embeds, _, _) = pool
         n = rows.numel()
         own = torch.arange(n, device=rows.device)
-        caption_index_pairs = torch.cat([own, own, negative_caption])
-        condition_index_pairs = torch.cat([own, negative_condition, own])
+        temperature = self.temperature.clamp_min(_MIN_TEMPERATURE)
+        negative_condition = sample_hard_negatives(caption_embeds @ all_condition_embeds.T / temperature,
+                                                   own + offset, valid)  # a condition for each local caption
+        negative_caption = sample_hard_negatives(condition_embeds @ all_caption_embeds.T / temperature,
+                                                 own + offset, valid)  # a caption for each local condition
+        pair_captions = torch.cat([all_captions[own + offset], all_captions[own + offset],
+                                   all_captions[negative_caption]])
+        pair_captions_mask = torch.cat([all_captions_mask[own + offset], all_captions_mask[own + offset],
+                                        all_captions_mask[negative_caption]])
+        pair_memory = torch.cat([all_memory[own + offset], all_memory[negative_condition], all_memory[own + offset]])
+        pair_memory_mask = torch.cat([all_memory_mask[own + offset], all_memory_mask[negative_condition],
+                                      all_memory_mask[own + offset]])
         labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(rows.device)
-        logits = self.fusion(captions[caption_index_pairs], captions_mask[caption_index_pairs],
-                             memory[condition_index_pairs], memory_mask[condition_index_pairs])
+        logits = self.fusion(pair_captions, pair_captions_mask, pair_memory, pair_memory_mask)
         return matching_loss(logits, labels)
 
     @torch.no_grad()

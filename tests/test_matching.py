@@ -16,11 +16,11 @@ def matching_model(**overrides) -> CalMRLModel:
 def test_hard_negatives_never_include_the_positive_and_follow_similarity():
     generator = torch.Generator().manual_seed(0)
     similarity = torch.randn(6, 6, generator=generator)
-    draws = torch.stack([sample_hard_negatives(similarity, generator) for _ in range(500)])  # [500, 6]
+    draws = torch.stack([sample_hard_negatives(similarity, generator=generator) for _ in range(500)])  # [500, 6]
     assert not (draws == torch.arange(6)).any()
     peaked = torch.zeros(4, 4)
     peaked[:, 2] = 10.0  # every row strongly prefers column 2 (except row 2 itself)
-    picks = torch.stack([sample_hard_negatives(peaked, generator) for _ in range(200)])
+    picks = torch.stack([sample_hard_negatives(peaked, generator=generator) for _ in range(200)])
     assert (picks[:, [0, 1, 3]] == 2).float().mean() > 0.95 and not (picks[:, 2] == 2).any()
     with pytest.raises(ValueError, match="at least 2 rows"):
         sample_hard_negatives(torch.zeros(1, 1))
@@ -88,3 +88,43 @@ def test_matching_scores_and_round_trip(tmp_path):
     without_head = CalMRLModel(tiny_config())
     with pytest.raises(ValueError, match="no matching head"):
         without_head.matching_scores(caption, condition)
+
+
+def test_hard_negatives_from_a_gathered_pool_respect_offsets_and_padding():
+    generator = torch.Generator().manual_seed(1)
+    similarity = torch.randn(3, 8, generator=generator)  # 3 local rows against a pool of 8 (2 processes x 4)
+    valid = torch.tensor([True, True, True, False, True, True, True, True])  # row 3 is padding
+    positives = torch.arange(3) + 4  # this process's rows start at offset 4
+    draws = torch.stack([sample_hard_negatives(similarity, positives, valid, generator=generator)
+                         for _ in range(300)])
+    assert not (draws == positives).any() and not (draws == 3).any()
+    assert (draws < 4).any()  # other processes' rows are drawn too
+
+
+def test_negatives_are_drawn_across_processes(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "draws.pt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    worker = Path(__file__).parent / "dist_matching_worker.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={port}", str(worker), str(out)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    record = torch.load(out, weights_only=False)
+    assert record["finite"]
+    for draw in record["draws"]:
+        assert draw["pool"] == 12  # 2 processes x 6 rows (rank 0's 4 rows padded to 6)
+        assert draw["valid"].tolist() == [True] * 4 + [False] * 2 + [True] * 6
+        assert not (draw["picked"] == draw["positives"]).any()
+        assert draw["valid"][draw["picked"]].all()
+    picked = torch.cat([d["picked"] for d in record["draws"]])
+    assert (picked >= 6).any()  # rank 0 drew negatives from rank 1's rows
