@@ -130,8 +130,10 @@ def reranked_recall(model: CalMRLModel, test: Dataset, embeddings: torch.Tensor)
                                          {gallery: {"input_features": features[gallery][candidates]}})
 
         reranked = rerank_top_k(similarity, score, RERANK_K)
-        result[f"text->{gallery}_R@1"] = recall_at_k(similarity, (1,))[1]
-        result[f"text->{gallery}_R@1_reranked"] = recall_at_k(reranked, (1,))[1]
+        for k, value in recall_at_k(similarity, (1, 5)).items():
+            result[f"text->{gallery}_R@{k}"] = value
+        for k, value in recall_at_k(reranked, (1, 5)).items():
+            result[f"text->{gallery}_R@{k}_reranked"] = value
     return result
 
 
@@ -215,7 +217,7 @@ def summarise(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str
 def markdown(summary) -> str:
     columns = ["mean_R@1", "vision<->audio_R@1", "imputation_cosine", "mean_imputation_cosine",
                "anchor_shift_observed_only", "anchor_shift_calibrated"]
-    rerank = ["text->vision_R@1", "text->vision_R@1_reranked", "text->audio_R@1", "text->audio_R@1_reranked"]
+    rerank = [f"text->{g}_R@{k}{suffix}" for g in ("vision", "audio") for k in (1, 5) for suffix in ("", "_reranked")]
     lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for method, metrics in summary.items():
         cells = [f"{metrics[c][0]:.3f} ± {metrics[c][1]:.3f}" if c in metrics else "–" for c in columns]
