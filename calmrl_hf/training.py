@@ -461,6 +461,11 @@ def train(
             processor.save_pretrained(args.output_dir)
         results = {"global_step": state.global_step, "final_loss": losses[-1] if losses else None, **metrics}
         Path(args.output_dir, "train_results.json").write_text(json.dumps(results, indent=2))
+        recorded_args = {k: v for k, v in asdict(args).items() if k != "hub_token"}  # never write the token
+        Path(args.output_dir, "training_args.json").write_text(json.dumps(recorded_args, indent=2, default=str))
+        from .hub import write_model_card
+
+        write_model_card(args.output_dir, repo_id=args.push_to_hub, metrics=metrics, training_args=recorded_args)
     accelerator.wait_for_everyone()
     if args.push_to_hub and accelerator.is_main_process:
         from .hub import push_to_hub  # only needed when pushing

@@ -56,3 +56,22 @@ def test_push_refuses_pickles_and_folders_without_config(tmp_path):
         with pytest.raises(ValueError, match="no config.json"):
             push_to_hub(tmp_path, "team/x", token="hf_fake", endpoint=hub.endpoint)
     assert hub.commits == [] and hub.requests == []
+
+
+def test_model_card_carries_the_runs_numbers(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from calmrl_hf.hub import write_model_card
+
+    folder = tmp_path / "model"
+    saved_model(folder)
+    metrics = {"text->vision/R@1": 61.1, "vision->text/R@1": 59.2, "mean_R@1": 60.15, "text->vision/R@5": 85.0}
+    write_model_card(folder, repo_id="team/calmrl-tiny", metrics=metrics, dataset_name="msrvtt",
+                     training_args={"learning_rate": 1e-4, "hub_token": "secret"})
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "calmrl_hf" and "missing-modalities" in card.data.tags
+    values = {result.metric_name: result.metric_value for result in card.data.eval_results}
+    assert values == {"text->vision/R@1": 61.1, "vision->text/R@1": 59.2, "mean_R@1": 60.15}
+    text = (folder / "README.md").read_text()
+    assert "| text->vision/R@1 | 61.10 |" in text and "| subtitle | bert (shared with text) | mean |" in text
+    assert "team/calmrl-tiny" in text and "secret" not in text

@@ -171,7 +171,8 @@ def test_training_pushes_the_final_model_to_the_hub(tmp_path):
         train(model, make_dataset(32, MIXED_PATTERNS), args, collate_fn=collate)
     assert len(hub.commits) == 1
     files = hub.commits[0]["files"]
-    assert "model.safetensors" in files and "train_results.json" in files
+    assert {"model.safetensors", "train_results.json", "training_args.json", "README.md"} <= set(files)
+    assert b"hf_fake" not in files["training_args.json"]
     assert not any(path.startswith("checkpoints/") for path in files)
 
 
