@@ -5,7 +5,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 from .configuration_calmrl import CalMRLConfig
 from .feature_encoder import FeatureEncoderConfig, FeatureEncoderModel
 from .imputer import PPCAImputer, PPCAStatistics
-from .modeling_calmrl import CalMRLModel, CalMRLOutput, CalMRLPreTrainedModel
+from .modeling_calmrl import CalMRLEncoding, CalMRLModel, CalMRLOutput, CalMRLPreTrainedModel
 from .processing_calmrl import CalMRLProcessor
 
 
@@ -19,5 +19,5 @@ AutoProcessor.register(CalMRLConfig, CalMRLProcessor, exist_ok=True)
 CalMRLConfig.register_for_auto_class()
 CalMRLModel.register_for_auto_class("AutoModel")
 
-__all__ = ["FeatureEncoderConfig", "FeatureEncoderModel", "CalMRLConfig", "CalMRLModel", "CalMRLOutput", "CalMRLPreTrainedModel", "CalMRLProcessor", "PPCAImputer",
+__all__ = ["CalMRLEncoding", "FeatureEncoderConfig", "FeatureEncoderModel", "CalMRLConfig", "CalMRLModel", "CalMRLOutput", "CalMRLPreTrainedModel", "CalMRLProcessor", "PPCAImputer",
            "PPCAStatistics"]

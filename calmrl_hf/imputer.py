@@ -268,6 +268,17 @@ class PPCAImputer(nn.Module):
         covariance = pattern_cov[e.pattern_index] * (~mask)[:, :, None, None].to(weight.dtype)
         return imputed, covariance.to(z.dtype)
 
+    def imputation_variance(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Posterior variance per coordinate [N, k] of each imputed slot (0 at observed slots): the mean diagonal
+        of W_{m'} V_i W_{m'}^T + noise_var_{m'} I, computed without forming the d x d matrices."""
+        self._validate(z, mask)
+        e = self._e_step(z, mask)
+        weight, _, noise_var = self._parameters_as(e.mean.dtype, z.device)
+        # diag(W V W^T)_d = sum_{q,r} W_dq V_qr W_dr, per pattern and modality: [p, k]
+        explained = torch.einsum("kdq,pqr,kdr->pk", weight, e.pattern_cov, weight) / self.dim
+        variance = (explained + noise_var)[e.pattern_index]  # [N, k]
+        return torch.where(mask, torch.zeros_like(variance), variance).to(z.dtype)
+
     def log_likelihood(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Marginal log-likelihood [N] of each row's observed entries (in float64 for float64 input)."""
         self._validate(z, mask)

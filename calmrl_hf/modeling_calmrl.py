@@ -81,6 +81,30 @@ class CalMRLOutput(ModelOutput):
     anchor_embeddings: torch.FloatTensor | None = None
 
 
+@dataclass
+class CalMRLEncoding(ModelOutput):
+    """
+    Output of [`CalMRLModel.encode`]: what a model knows about a batch with any subset of modalities.
+
+    Args:
+        embeddings (`torch.FloatTensor` of shape `[B, k, D]`): unit-norm embeddings of the observed modalities.
+        modality_mask (`torch.BoolTensor` of shape `[B, k]`): the observed modalities.
+        imputed_embeddings (`torch.FloatTensor` of shape `[B, k, D]`): observed embeddings, missing ones imputed.
+        imputed_mask (`torch.BoolTensor` of shape `[B, k]`): the slots that were imputed.
+        imputation_variance (`torch.FloatTensor` of shape `[B, k]`): posterior variance per coordinate of each
+            imputed slot (0 where observed or not imputed), the imputation's uncertainty.
+        fused_embeddings (`torch.FloatTensor` of shape `[B, D]`): the leading left singular vector of each
+            instance's observed + imputed embeddings, a single query that represents all its modalities.
+    """
+
+    embeddings: torch.FloatTensor | None = None
+    modality_mask: torch.BoolTensor | None = None
+    imputed_embeddings: torch.FloatTensor | None = None
+    imputed_mask: torch.BoolTensor | None = None
+    imputation_variance: torch.FloatTensor | None = None
+    fused_embeddings: torch.FloatTensor | None = None
+
+
 class CalMRLPreTrainedModel(PreTrainedModel):
     config: CalMRLConfig
     config_class = CalMRLConfig
@@ -432,6 +456,31 @@ class CalMRLModel(CalMRLPreTrainedModel):
             return anchor_infonce_loss(embeddings, mask, anchor=anchor, temperature=temperature)
         return pairwise_infonce_loss(embeddings, mask, temperature=temperature)
 
+    @torch.no_grad()
+    def encode(self, modality_mask: torch.Tensor | None = None, **modality_inputs: torch.Tensor) -> CalMRLEncoding:
+        """Embed any subset of modalities, impute the missing ones with their uncertainty, and fuse them.
+
+        ```python
+        >>> enc = model.encode(**processor(text=["a dog barks"], audio=[waveform]))   # no video
+        >>> enc.imputed_embeddings[:, 0]          # the imputed vision embedding
+        >>> enc.imputation_variance[:, 0]         # and how uncertain it is
+        >>> enc.fused_embeddings                  # one query for text + audio (+ imputed vision, subtitle)
+        ```
+        """
+        embeddings, modality_mask = self.embed_modalities(modality_mask, **modality_inputs)
+        imputed, aligned_mask = self.impute_missing(embeddings, modality_mask)
+        imputed_mask = aligned_mask & ~modality_mask
+        variance = torch.zeros(modality_mask.shape, dtype=embeddings.dtype, device=embeddings.device)
+        conditioning = modality_mask & self.imputer.fitted_modalities.to(modality_mask.device)
+        rows = conditioning.any(dim=1) & imputed_mask.any(dim=1)
+        if self.config.imputer_method == "ppca" and bool(rows.any()):
+            variance[rows] = self.imputer.imputation_variance(embeddings[rows], conditioning[rows]).to(variance.dtype)
+            variance = torch.where(imputed_mask, variance, torch.zeros_like(variance))
+        _, fused = gram_singular_values(imputed, aligned_mask)
+        return CalMRLEncoding(embeddings=embeddings, modality_mask=modality_mask, imputed_embeddings=imputed,
+                              imputed_mask=imputed_mask, imputation_variance=variance,
+                              fused_embeddings=F.normalize(fused, dim=-1))
+
     # ------------------------------------------------------------------ matching head
     def _condition_memory(self, modality_mask: torch.Tensor, tokens: dict, rows: torch.Tensor):
         """Condition tokens of batch rows `rows`: their observed non-caption modalities' tokens in the fusion space,
@@ -607,4 +656,4 @@ def _load_tower(name: str, spec) -> PreTrainedModel | PreTrainedConfig:
     )
 
 
-__all__ = ["CalMRLModel", "CalMRLOutput", "CalMRLPreTrainedModel"]
+__all__ = ["CalMRLEncoding", "CalMRLModel", "CalMRLOutput", "CalMRLPreTrainedModel"]

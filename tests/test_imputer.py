@@ -276,3 +276,11 @@ def test_log_likelihood_is_normalised_in_one_dimension():
     grid = torch.linspace(-8, 8, 4001, dtype=torch.float64)
     density = imputer.log_likelihood(grid.view(-1, 1, 1), torch.ones(4001, 1, dtype=torch.bool)).exp()
     assert math.isclose(float(torch.trapezoid(density, grid)), 1.0, rel_tol=1e-6)
+
+
+def test_imputation_variance_is_the_mean_diagonal_of_the_posterior_covariance():
+    imputer = planted()
+    z, mask = sample(imputer, 9)
+    _, covariance = imputer.impute(z, mask, return_covariance=True)
+    expected = covariance.diagonal(dim1=-2, dim2=-1).mean(dim=-1)  # [N, k], 0 where observed
+    torch.testing.assert_close(imputer.imputation_variance(z, mask), expected)

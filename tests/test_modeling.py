@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModel, BertModel
 
 from calmrl_hf import CalMRLConfig, CalMRLModel
-from calmrl_hf.alignment import pmrl_loss
+from calmrl_hf.alignment import gram_singular_values, pmrl_loss
 
 from tiny_models import MIXED_MASK, tiny_batch, tiny_bert, tiny_config
 
@@ -306,3 +306,17 @@ def test_loading_refuses_pickles_and_tampered_files(tmp_path):
     weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])  # truncated: tampered
     with pytest.raises(ValueError, match="corrupt or tampered"):
         CalMRLModel.from_pretrained(tmp_path / "good")
+
+
+def test_encode_any_subset_with_imputation_uncertainty_and_fusion():
+    model = fitted_model()
+    mask = torch.tensor([[False, False, True, False], [True, True, True, True], [False, True, False, False]])
+    enc = model.encode(**tiny_batch(mask))
+    assert torch.equal(enc.imputed_mask, ~mask)
+    assert torch.all(enc.imputation_variance[mask] == 0) and torch.all(enc.imputation_variance[~mask] > 0)
+    # less observed -> more uncertain: the text-only row's imputed vision vs nothing imputed in the full row
+    raw = model.imputer.imputation_variance(enc.embeddings, mask)
+    torch.testing.assert_close(enc.imputation_variance, raw)
+    torch.testing.assert_close(enc.fused_embeddings.norm(dim=-1), torch.ones(3))
+    _, u = gram_singular_values(enc.imputed_embeddings)
+    torch.testing.assert_close(enc.fused_embeddings, u)
