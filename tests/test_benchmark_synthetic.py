@@ -18,3 +18,6 @@ def test_quick_controlled_benchmark(tmp_path):
     assert set(summary) >= {"base (stage 1 only)", "PMRL (observed only)", "oracle (stage 2, all modalities)"}
     assert all(0.0 <= metrics["mean_R@1"][0] <= 100.0 for metrics in summary.values())
     assert (tmp_path / "results.md").read_text().count("\n|") >= 9
+    # a fused query (observed text + subtitle, imputed vision + audio) beats the best single observed modality
+    fused = calmrl["query_fused->vision_R@1"][0]
+    assert fused > max(calmrl["query_text->vision_R@1"][0], calmrl["query_subtitle->vision_R@1"][0])

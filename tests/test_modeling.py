@@ -314,7 +314,6 @@ def test_encode_any_subset_with_imputation_uncertainty_and_fusion():
     enc = model.encode(**tiny_batch(mask))
     assert torch.equal(enc.imputed_mask, ~mask)
     assert torch.all(enc.imputation_variance[mask] == 0) and torch.all(enc.imputation_variance[~mask] > 0)
-    # less observed -> more uncertain: the text-only row's imputed vision vs nothing imputed in the full row
     raw = model.imputer.imputation_variance(enc.embeddings, mask)
     torch.testing.assert_close(enc.imputation_variance, raw)
     torch.testing.assert_close(enc.fused_embeddings.norm(dim=-1), torch.ones(3))
