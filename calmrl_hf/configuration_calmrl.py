@@ -98,6 +98,9 @@ class CalMRLConfig(PreTrainedConfig):
             caption tower's.
         matching_modality (`str`, *optional*): the caption modality the fusion encoder reads (its tower's width is
             the fusion width); defaults to the anchor modality.
+        lora (`dict`, *optional*): LoRA adapters (peft) on some towers, e.g. `{"modalities": ["text"], "r": 8,
+            "alpha": 16, "dropout": 0.0, "target_modules": ["query", "value"]}`. Those towers' base weights are
+            frozen and only their adapters train; adapters are saved and loaded with the model.
         initializer_range (`float`, *optional*, defaults to 0.02): std of the projection heads' initialisation.
 
     Example:
@@ -139,6 +142,7 @@ class CalMRLConfig(PreTrainedConfig):
     fusion_num_layers: int = 0
     fusion_num_attention_heads: int | None = None
     matching_modality: str | None = None
+    lora: dict[str, Any] | None = None
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -211,6 +215,16 @@ class CalMRLConfig(PreTrainedConfig):
         if self.fusion_num_layers < 0 or self.matching_weight < 0:
             raise ValueError(f"fusion_num_layers and matching_weight must be >= 0, got {self.fusion_num_layers} and "
                              f"{self.matching_weight}.")
+        if self.lora is not None:
+            unknown = sorted(set(self.lora) - {"modalities", "r", "alpha", "dropout", "target_modules"})
+            towers = self.lora.get("modalities") or []
+            if unknown or not towers or not self.lora.get("target_modules"):
+                raise ValueError(f"lora needs 'modalities' and 'target_modules' (and optionally r, alpha, dropout); "
+                                 f"got {self.lora}.")
+            bad = [m for m in towers if m not in self.encoder_configs]
+            if bad:
+                raise ValueError(f"lora names {bad}, which have no tower of their own (towers: "
+                                 f"{sorted(self.encoder_configs)}).")
         if self.projection_dim < 1 or self.imputer_latent_dim < 1:
             raise ValueError(
                 f"projection_dim and imputer_latent_dim must be positive, got {self.projection_dim} and "

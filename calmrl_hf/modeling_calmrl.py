@@ -125,6 +125,10 @@ class CalMRLPreTrainedModel(PreTrainedModel):
                 init.copy_(getattr(module, name), buffer)
         elif isinstance(module, CalMRLModel):
             init.constant_(module.temperature, self.config.temperature)
+        elif type(module).__module__.startswith("peft.") and hasattr(module, "lora_B"):
+            # a fresh adapter starts as the identity: B = 0 (A keeps peft's own initialisation)
+            for layer in module.lora_B.values():
+                init.zeros_(layer.weight)
 
 
 class CalMRLModel(CalMRLPreTrainedModel):
@@ -150,6 +154,8 @@ class CalMRLModel(CalMRLPreTrainedModel):
         self.temperature = nn.Parameter(
             torch.tensor(float(config.temperature)), requires_grad=config.learnable_temperature
         )
+        if config.lora is not None:
+            self._add_lora(config.lora)
         self.fusion = None
         if config.fusion_num_layers > 0:
             caption_config = config.get_encoder_config(config.matching_modality)
@@ -159,6 +165,23 @@ class CalMRLModel(CalMRLPreTrainedModel):
                       if m != config.matching_modality}
             self.fusion = FusionEncoder(width, config.fusion_num_layers, heads, others, config.num_modalities)
         self.post_init()
+
+    def _add_lora(self, settings: dict) -> None:
+        """Inject LoRA adapters (peft) into the named towers and freeze those towers' base weights."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora_config = LoraConfig(r=settings.get("r", 8), lora_alpha=settings.get("alpha", 16),
+                                 lora_dropout=settings.get("dropout", 0.0),
+                                 target_modules=list(settings["target_modules"]))
+        for name in settings["modalities"]:
+            inject_adapter_in_model(lora_config, self.encoders[name])
+        self._freeze_lora_towers()
+
+    def _freeze_lora_towers(self) -> None:
+        """Only the adapters of LoRA towers train (also after loading, which re-creates parameters)."""
+        for name in (self.config.lora or {}).get("modalities", []):
+            for parameter_name, parameter in self.encoders[name].named_parameters():
+                parameter.requires_grad = "lora_" in parameter_name
 
     # ------------------------------------------------------------------ construction from towers
     @classmethod
@@ -189,6 +212,7 @@ class CalMRLModel(CalMRLPreTrainedModel):
             shared_encoders = {m: t for m, t in DEFAULT_SHARED_ENCODERS.items() if t in towers and m in known}
         if modalities is None:
             modalities = [m for m in DEFAULT_MODALITIES if m in towers or m in shared_encoders]
+        lora = kwargs.pop("lora", None)  # injected after the pretrained weights are in (keys change, B = 0)
         loaded = {name: _load_tower(name, spec) for name, spec in towers.items()}
         config = CalMRLConfig(
             modalities=modalities,
@@ -202,6 +226,10 @@ class CalMRLModel(CalMRLPreTrainedModel):
         for name, tower in loaded.items():
             if isinstance(tower, PreTrainedModel):
                 model.encoders[name].load_state_dict(tower.state_dict())
+        if lora is not None:
+            model.config.lora = lora
+            model.config._validate_calmrl()
+            model._add_lora(lora)  # peft starts each adapter at B = 0: the tower is unchanged until trained
         return model
 
     @classmethod
@@ -239,6 +267,7 @@ class CalMRLModel(CalMRLPreTrainedModel):
                 f"The checkpoint does not match the model config ({details}). Check that the config's modalities, "
                 f"encoders, projection_dim and imputer_latent_dim are those the checkpoint was saved with."
             )
+        model._freeze_lora_towers()
         return (model, info) if return_info else model
 
     # ------------------------------------------------------------------ towers

@@ -1,0 +1,47 @@
+import torch
+from transformers import BertModel
+
+from calmrl_hf import CalMRLModel
+
+from tiny_models import MIXED_MASK, tiny_batch, tiny_bert, tiny_config
+
+LORA = {"modalities": ["text"], "r": 4, "alpha": 8, "target_modules": ["query", "value"]}
+
+
+def test_lora_on_a_pretrained_tower_starts_as_the_identity_and_trains_only_adapters(tmp_path):
+    torch.manual_seed(0)
+    tower = BertModel(tiny_bert()).eval()
+    tower.save_pretrained(tmp_path / "bert")
+    plain = CalMRLModel.from_encoders(text=str(tmp_path / "bert"), projection_dim=16, imputer_latent_dim=4).eval()
+    adapted = CalMRLModel.from_encoders(text=str(tmp_path / "bert"), projection_dim=16, imputer_latent_dim=4,
+                                        lora=LORA).eval()
+    adapted.projections.load_state_dict(plain.projections.state_dict())
+    ids = torch.randint(1, 64, (3, 6))
+    torch.testing.assert_close(adapted.get_modality_features("text", input_ids=ids),
+                               plain.get_modality_features("text", input_ids=ids))  # B = 0 at the start
+    adapted.train()
+    adapted(modality_mask=torch.ones(3, 2, dtype=torch.bool), text_input_ids=ids, subtitle_input_ids=ids).loss.backward()
+    with_grad = {n for n, p in adapted.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    text_tower = {n for n in with_grad if n.startswith("encoders.text.")}
+    assert text_tower and all("lora_" in n for n in text_tower)
+    assert {"projections.text.weight", "projections.subtitle.weight"} <= with_grad
+    frozen = [n for n, p in adapted.named_parameters() if n.startswith("encoders.text.") and "lora_" not in n]
+    assert frozen and not any(dict(adapted.named_parameters())[n].requires_grad for n in frozen)
+
+
+def test_lora_adapters_save_and_load_with_the_model(tmp_path):
+    torch.manual_seed(0)
+    model = CalMRLModel(tiny_config(lora=LORA))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**tiny_batch(MIXED_MASK)).loss.backward()
+    optimizer.step()  # adapters move away from their initialisation
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    model.save_pretrained(tmp_path)
+    loaded = CalMRLModel.from_pretrained(tmp_path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**tiny_batch(MIXED_MASK)).embeddings, model(**tiny_batch(MIXED_MASK)).embeddings)
+    assert not any(p.requires_grad for n, p in loaded.named_parameters()
+                   if n.startswith("encoders.text.") and "lora_" not in n)
