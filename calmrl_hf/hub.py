@@ -32,11 +32,13 @@ def _eval_results(metrics: dict[str, float], dataset_name: str, dataset_type: st
 
 def write_model_card(output_dir: str | Path, *, repo_id: str | None = None, metrics: dict[str, float] | None = None,
                      dataset_name: str = "evaluation set", dataset_type: str = "custom",
-                     training_args: dict | None = None, template_path: str | Path | None = None):
+                     training_args: dict | None = None, template_path: str | Path | None = None,
+                     datasets: list[str] | None = None):
     """Fill the model card template from the saved config and the run's own evaluation numbers; writes README.md.
 
     `metrics` are the run's retrieval metrics (keys like `"text->vision/R@1"`); their Recall@1 values become
-    `model-index` results and the card's evaluation table. Returns the `ModelCard`.
+    `model-index` results and the card's evaluation table; `datasets` are the training sets' Hub ids or names.
+    Returns the `ModelCard`.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -58,6 +60,7 @@ def write_model_card(output_dir: str | Path, *, repo_id: str | None = None, metr
     summary = "\n".join(f"- `{k}`: {v}" for k, v in sorted((training_args or {}).items())
                         if isinstance(v, (int, float, str, bool)) and k not in ("hub_token",))
     card_data = ModelCardData(library_name="calmrl_hf", license="apache-2.0", model_name=repo_id or folder.name,
+                              datasets=list(datasets) if datasets else None,
                               tags=["calmrl", "multimodal", "missing-modalities", "representation-learning",
                                     "retrieval"],
                               eval_results=_eval_results(metrics, dataset_name, dataset_type) or None)

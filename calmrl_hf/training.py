@@ -68,6 +68,7 @@ class TrainingArguments:
     imputer_warm_start: bool = False  # full EM on the embeddings of `warm_start_dataset` before training
     imputer_warm_start_max_iter: int = 50
     freeze_modalities: Sequence[str] = ()  # towers to keep frozen (e.g. a pretrained text tower)
+    freeze_projections: Sequence[str] = ()  # projection heads to keep frozen
     log_with: str | None = None  # e.g. "tensorboard"
     dataloader_num_workers: int = 0
     push_to_hub: str | None = None  # repo id
@@ -207,9 +208,10 @@ def validate_setup(model: CalMRLModel, datasets: dict[str, Any], args: TrainingA
                 f"Add them to CalMRLConfig.modalities with an encoder, or drop those columns "
                 f"(dataset.remove_columns({lacking}))."
             )
-    unknown_frozen = [m for m in args.freeze_modalities if m not in modalities]
+    unknown_frozen = [m for m in (*args.freeze_modalities, *args.freeze_projections) if m not in modalities]
     if unknown_frozen:
-        raise ValueError(f"freeze_modalities names unknown modalities {unknown_frozen}; the modalities are {modalities}.")
+        raise ValueError(f"freeze_modalities / freeze_projections name unknown modalities {unknown_frozen}; the "
+                         f"modalities are {modalities}.")
     per_device = args.per_device_train_batch_size
     if args.train_batch_size is not None:
         divisor = num_processes * args.gradient_accumulation_steps
@@ -336,6 +338,8 @@ def train(
     set_seed(args.seed)
     for name in args.freeze_modalities:
         model.encoders[model.config.encoder_owner(name)].requires_grad_(False)
+    for name in args.freeze_projections:
+        model.projections[name].requires_grad_(False)
 
     # a streaming dataset shuffles itself (e.g. `dataset.shuffle(seed, buffer_size)`), reshuffled every epoch
     streaming = isinstance(train_dataset, torch.utils.data.IterableDataset)

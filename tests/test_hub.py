@@ -67,9 +67,10 @@ def test_model_card_carries_the_runs_numbers(tmp_path):
     saved_model(folder)
     metrics = {"text->vision/R@1": 61.1, "vision->text/R@1": 59.2, "mean_R@1": 60.15, "text->vision/R@5": 85.0}
     write_model_card(folder, repo_id="team/calmrl-tiny", metrics=metrics, dataset_name="msrvtt",
-                     training_args={"learning_rate": 1e-4, "hub_token": "secret"})
+                     training_args={"learning_rate": 1e-4, "hub_token": "secret"}, datasets=["msrvtt", "audiocaps"])
     card = ModelCard.load(folder / "README.md")
     assert card.data.library_name == "calmrl_hf" and "missing-modalities" in card.data.tags
+    assert card.data.datasets == ["msrvtt", "audiocaps"]
     values = {result.metric_name: result.metric_value for result in card.data.eval_results}
     assert values == {"text->vision/R@1": 61.1, "vision->text/R@1": 59.2, "mean_R@1": 60.15}
     text = (folder / "README.md").read_text()

@@ -45,3 +45,27 @@ def test_lora_adapters_save_and_load_with_the_model(tmp_path):
         torch.testing.assert_close(loaded(**tiny_batch(MIXED_MASK)).embeddings, model(**tiny_batch(MIXED_MASK)).embeddings)
     assert not any(p.requires_grad for n, p in loaded.named_parameters()
                    if n.startswith("encoders.text.") and "lora_" not in n)
+
+
+def test_training_updates_only_what_is_configured(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from training_fixtures import MIXED_PATTERNS, collate, make_dataset, training_config
+
+    from calmrl_hf.training import TrainingArguments, train
+
+    torch.manual_seed(0)
+    model = CalMRLModel(training_config(lora=LORA))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
+                             learning_rate=1e-2, freeze_projections=["audio"], freeze_modalities=["vision"])
+    train(model, make_dataset(32, MIXED_PATTERNS), args, collate_fn=collate)
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert any("lora_" in k for k in changed if k.startswith("encoders.text."))
+    assert not any(k.startswith("encoders.text.") and "lora_" not in k for k in changed)  # frozen base weights
+    assert not any(k.startswith("encoders.vision.") or k == "projections.audio.weight" for k in changed)
+    assert {"projections.text.weight", "projections.vision.weight"} <= changed
+    assert any(k.startswith("imputer.") for k in changed)  # closed-form M-steps, not gradients

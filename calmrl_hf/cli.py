@@ -1,0 +1,176 @@
+"""`calmrl`: the command line over the library (train, evaluate, embed, impute).
+
+    calmrl train [--config recipe.yaml] [--set stage2.max_steps=500] [--resume] [--push_to_hub REPO]
+    calmrl evaluate MODEL --annotations test.json --video_dir videos --audio_dir audios
+    calmrl embed MODEL --annotations data.json --video_dir videos --audio_dir audios --output embeddings.parquet
+    calmrl impute MODEL --embeddings embeddings.safetensors --output imputed.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class CommandError(Exception):
+    """A problem with the user's input, reported as a message without a traceback."""
+
+
+def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--annotations", type=Path, required=True,
+                        help="annotation file in the VAST-150K format (clip_id, vast_cap, subtitle), or --format")
+    parser.add_argument("--video_dir", type=Path, help="folder of {clip_id}.mp4 videos")
+    parser.add_argument("--audio_dir", type=Path, help="folder of {clip_id}.wav audio")
+    parser.add_argument("--format", choices=["vast", "msrvtt", "audiocaps"], default="vast",
+                        help="annotation format (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--skip_bad_media", action="store_true",
+                        help="mark unreadable media as missing (and count them) instead of stopping")
+
+
+def _load_model(path: Path):
+    from . import CalMRLModel, CalMRLProcessor
+
+    if not (path / "config.json").is_file():
+        raise CommandError(f"{path} is not a saved CalMRL model folder (no config.json).")
+    return CalMRLModel.from_pretrained(path).eval(), CalMRLProcessor.from_pretrained(path)
+
+
+def _load_dataset(args, processor):
+    from .data import load_audiocaps, load_msrvtt, load_vast, with_media_decoding
+
+    if args.format == "vast":
+        dataset = load_vast(args.annotations, args.video_dir, args.audio_dir)
+    elif args.format == "msrvtt":
+        dataset = load_msrvtt(args.annotations, args.video_dir, args.audio_dir)
+    else:
+        dataset = load_audiocaps(args.annotations, args.audio_dir)
+    return with_media_decoding(dataset, num_frames=processor.num_frames,
+                               sampling_rate=processor.feature_extractor.sampling_rate,
+                               on_error="skip" if args.skip_bad_media else "raise")
+
+
+def _embed(model, processor, dataset, batch_size: int):
+    import torch
+
+    from .data import CalMRLCollator
+
+    collator = CalMRLCollator(processor)
+    ids, labels, embeddings, masks = [], [], [], []
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            examples = [e for e in examples if any(e.get(m) is not None for m in processor.modality_names)]
+            if not examples:
+                continue
+            batch = collator(examples)
+            batch_labels = batch.pop("labels", None)
+            z, mask = model.embed_modalities(**batch)
+            ids += [e["id"] for e in examples]
+            labels += batch_labels.tolist() if batch_labels is not None else [None] * len(examples)
+            embeddings.append(z.float())
+            masks.append(mask)
+    return ids, labels, torch.cat(embeddings), torch.cat(masks)
+
+
+def command_train(args) -> None:
+    from .recipe import run
+
+    run(args)
+
+
+def command_evaluate(args) -> None:
+    import torch
+
+    from .evaluation import retrieval_metrics
+
+    model, processor = _load_model(args.model)
+    ids, labels, embeddings, mask = _embed(model, processor, _load_dataset(args, processor), args.batch_size)
+    label_tensor = torch.tensor(labels) if labels and all(label is not None for label in labels) else None
+    metrics = retrieval_metrics(embeddings, mask, model.config.modalities, labels=label_tensor)
+    print(json.dumps({"instances": len(ids), **{k: round(v, 4) for k, v in metrics.items()}}, indent=2))
+
+
+def command_embed(args) -> None:
+    model, processor = _load_model(args.model)
+    ids, labels, embeddings, mask = _embed(model, processor, _load_dataset(args, processor), args.batch_size)
+    suffix = args.output.suffix
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"embeddings": embeddings.contiguous(), "modality_mask": mask.contiguous()}, str(args.output),
+                  metadata={"ids": json.dumps(ids), "modalities": json.dumps(model.config.modalities)})
+    elif suffix == ".parquet":
+        from datasets import Dataset
+
+        columns = {"id": ids, "modality_mask": mask.tolist()}
+        for index, name in enumerate(model.config.modalities):
+            columns[name] = [row.tolist() if observed else None for row, observed in
+                             zip(embeddings[:, index], mask[:, index].tolist())]
+        Dataset.from_dict(columns).to_parquet(str(args.output))
+    else:
+        raise CommandError(f"--output must end in .safetensors or .parquet, got {args.output.name!r}.")
+    print(f"Wrote {len(ids)} embeddings of {model.config.modalities} to {args.output}")
+
+
+def command_impute(args) -> None:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, _ = _load_model(args.model)
+    if not args.embeddings.is_file():
+        raise CommandError(f"Embeddings file not found: {args.embeddings}")
+    with safe_open(str(args.embeddings), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if "embeddings" not in handle.keys() or "modality_mask" not in handle.keys():
+            raise CommandError(f"{args.embeddings} must hold 'embeddings' and 'modality_mask' (as `calmrl embed` "
+                               f"writes them).")
+        embeddings, mask = handle.get_tensor("embeddings"), handle.get_tensor("modality_mask")
+    with torch.no_grad():
+        imputed = model.imputer.impute(embeddings, mask)
+        variance = model.imputer.imputation_variance(embeddings, mask)
+    save_file({"imputed_embeddings": imputed.contiguous(), "imputation_variance": variance.contiguous(),
+               "modality_mask": mask.contiguous()}, str(args.output), metadata=metadata)
+    print(f"Imputed {int((~mask).sum())} missing embeddings of {mask.shape[0]} instances into {args.output}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="calmrl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from .recipe import add_arguments
+
+    train = commands.add_parser("train", help="train with a recipe (default: the built-in offline one)")
+    add_arguments(train)
+    train.set_defaults(handler=command_train)
+    for name, handler, text in (("evaluate", command_evaluate, "retrieval Recall@K of a saved model on a dataset"),
+                                ("embed", command_embed, "write a dataset's embeddings to parquet or safetensors")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("model", type=Path, help="saved CalMRL model folder (with its processor)")
+        _add_dataset_arguments(sub)
+        if name == "embed":
+            sub.add_argument("--output", type=Path, required=True, help="embeddings.parquet or .safetensors")
+        sub.set_defaults(handler=handler)
+    impute = commands.add_parser("impute", help="impute the missing embeddings of a `calmrl embed` file")
+    impute.add_argument("model", type=Path, help="saved CalMRL model folder")
+    impute.add_argument("--embeddings", type=Path, required=True, help="a .safetensors written by `calmrl embed`")
+    impute.add_argument("--output", type=Path, required=True, help="output .safetensors")
+    impute.set_defaults(handler=command_impute)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (CommandError, FileNotFoundError, ValueError, OSError) as error:
+        print(f"calmrl {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

