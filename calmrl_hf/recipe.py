@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 import yaml
+from accelerate.utils import set_seed
 from datasets import concatenate_datasets
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, ViTImageProcessor, Wav2Vec2FeatureExtractor
 
@@ -143,6 +144,7 @@ def run(args: argparse.Namespace) -> dict:
     output_dir = Path(recipe["output_dir"])
     seed = recipe.get("seed", 0)
 
+    set_seed(seed)  # the towers' random initialisation is part of the run: same seed, same model
     towers = {name: resolve_tower(spec) for name, spec in recipe["model"]["towers"].items()}
     processor_settings = recipe.get("processor", {})
     processor = build_processor(towers, processor_settings)
