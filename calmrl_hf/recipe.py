@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 import yaml
+from accelerate import PartialState
 from accelerate.utils import set_seed
 from datasets import concatenate_datasets
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, ViTImageProcessor, Wav2Vec2FeatureExtractor
@@ -118,7 +119,8 @@ def load_data(data: dict, seed: int) -> dict:
 
         settings = dict(data["generate_mini_vast"])
         root = settings.pop("root")
-        paths = generate_mini_vast(root, MiniVastSizes(**settings), seed=seed)
+        with PartialState().main_process_first():  # one process writes the corpus, the others then read it
+            paths = generate_mini_vast(root, MiniVastSizes(**settings), seed=seed)
         data = {
             "vast": {"annotation_file": paths["vast_train"], "video_dir": paths["vast_videos"],
                      "audio_dir": paths["vast_audios"]},
