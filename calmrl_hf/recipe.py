@@ -19,7 +19,6 @@ import logging
 from pathlib import Path
 
 import yaml
-from accelerate import PartialState
 from accelerate.utils import set_seed
 from datasets import concatenate_datasets
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, ViTImageProcessor, Wav2Vec2FeatureExtractor
@@ -112,14 +111,14 @@ def build_processor(towers: dict, settings: dict) -> CalMRLProcessor:
                            num_frames=settings.get("num_frames", 4), max_length=settings.get("max_length", 64))
 
 
-def load_data(data: dict, seed: int) -> dict:
+def load_data(data: dict, seed: int, accelerator) -> dict:
     """Stage-1 (full modality), stage-2 (video-text + audio-text) and test datasets, paths as strings."""
     if "generate_mini_vast" in data:
         from .data.mini_vast import MiniVastSizes, generate_mini_vast
 
         settings = dict(data["generate_mini_vast"])
         root = settings.pop("root")
-        with PartialState().main_process_first():  # one process writes the corpus, the others then read it
+        with accelerator.main_process_first():  # one process writes the corpus, the others then read it
             paths = generate_mini_vast(root, MiniVastSizes(**settings), seed=seed)
         data = {
             "vast": {"annotation_file": paths["vast_train"], "video_dir": paths["vast_videos"],
@@ -140,11 +139,29 @@ def main(argv=None) -> dict:
     return run(parse_args(argv))
 
 
+def stage_arguments(recipe: dict, stage: str, args: argparse.Namespace) -> tuple[TrainingArguments, str]:
+    """The TrainingArguments of one stage, and the alignment objective it trains with."""
+    settings = copy.deepcopy(recipe[stage])
+    # a stage may train with its own objective (e.g. InfoNCE pre-training of towers learned from scratch)
+    objective = settings.pop("alignment_objective",
+                             recipe["model"].get("config", {}).get("alignment_objective", "pmrl"))
+    settings.update(output_dir=str(Path(recipe["output_dir"]) / stage), seed=recipe.get("seed", 0),
+                    cpu=args.cpu or settings.get("cpu", False))
+    if args.resume:
+        settings["resume_from_checkpoint"] = "latest"
+    if stage == "stage2" and args.push_to_hub:
+        settings["push_to_hub"] = args.push_to_hub
+    return TrainingArguments.from_dict(settings), objective
+
+
 def run(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     recipe = load_recipe(args)
     output_dir = Path(recipe["output_dir"])
     seed = recipe.get("seed", 0)
+    stages = {stage: stage_arguments(recipe, stage, args) for stage in ("stage1", "stage2")}
+    # the Accelerator first: it sets up the processes (torchrun + --cpu: gloo) that everything below runs in
+    accelerator = build_accelerator(stages["stage1"][0])
 
     set_seed(seed)  # the towers' random initialisation is part of the run: same seed, same model
     towers = {name: resolve_tower(spec) for name, spec in recipe["model"]["towers"].items()}
@@ -154,24 +171,13 @@ def run(args: argparse.Namespace) -> dict:
 
     decode = dict(num_frames=processor_settings.get("num_frames", 4),
                   sampling_rate=processor_settings.get("sampling_rate", 16000))
-    datasets = {name: with_media_decoding(ds, **decode) for name, ds in load_data(recipe["data"], seed).items()}
+    datasets = {name: with_media_decoding(ds, **decode)
+                for name, ds in load_data(recipe["data"], seed, accelerator).items()}
     collator = CalMRLCollator(processor)
 
     results = {}
-    accelerator = None
-    for stage in ("stage1", "stage2"):
-        settings = copy.deepcopy(recipe[stage])
-        # a stage may train with its own objective (e.g. InfoNCE pre-training of towers learned from scratch)
-        model.config.alignment_objective = settings.pop("alignment_objective",
-                                                        recipe["model"].get("config", {}).get("alignment_objective",
-                                                                                              "pmrl"))
-        settings.update(output_dir=str(output_dir / stage), seed=seed, cpu=args.cpu or settings.get("cpu", False))
-        if args.resume:
-            settings["resume_from_checkpoint"] = "latest"
-        if stage == "stage2" and args.push_to_hub:
-            settings["push_to_hub"] = args.push_to_hub
-        training_args = TrainingArguments.from_dict(settings)
-        accelerator = accelerator or build_accelerator(training_args)
+    for stage, (training_args, objective) in stages.items():
+        model.config.alignment_objective = objective
         warm_start = datasets["stage1"] if training_args.imputer_warm_start else None
         result = train(model, datasets[stage], training_args, collate_fn=collator, eval_dataset=datasets["test"],
                        warm_start_dataset=warm_start, processor=processor, accelerator=accelerator)
