@@ -53,6 +53,9 @@ DIAGNOSTIC_METHODS = {
     "CalMRL (PPCA, no gradient through imputation)": Method({"alignment_objective": "pmrl", "imputer_method": "ppca",
                                                               "impute_with_grad": False}),
     "CalMRL (PPCA, imputer frozen after warm start)": Method({"alignment_objective": "pmrl", "imputer_method": "ppca"}),
+    "PMRL (observed only, tau2 = 0.5)": Method({"alignment_objective": "pmrl", "imputer_method": "none",
+                                                "pmrl_tau2": 0.5}),
+    "CalMRL (PPCA, tau2 = 0.5)": Method({"alignment_objective": "pmrl", "imputer_method": "ppca", "pmrl_tau2": 0.5}),
     "CalMRL (PPCA) + matching head": Method({"alignment_objective": "pmrl", "imputer_method": "ppca",
                                              "fusion_num_layers": 1, "fusion_num_attention_heads": 4}),
 }

@@ -116,6 +116,12 @@ class CalMRLPreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = ["imputer"]
 
     def _init_weights(self, module):
+        if getattr(module, "_fusion_init", False):
+            # the matching head's fusion encoder keeps PyTorch's init: N(0, initializer_range) on its Linear layers
+            # starves the head of its condition signal (see `FusionEncoder.init_module`). Loaded weights are kept:
+            # transformers guards torch's init functions during `initialize_weights`.
+            FusionEncoder.init_module(module)
+            return
         super()._init_weights(module)
         if isinstance(module, PPCAImputer):
             fresh = PPCAImputer(

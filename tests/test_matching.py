@@ -128,3 +128,44 @@ def test_negatives_are_drawn_across_processes(tmp_path):
         assert draw["valid"][draw["picked"]].all()
     picked = torch.cat([d["picked"] for d in record["draws"]])
     assert (picked >= 6).any()  # rank 0 drew negatives from rank 1's rows
+
+
+def test_fusion_encoder_keeps_pytorch_init_and_learns_matching_quickly():
+    """transformers' `_init_weights` used to give the fusion encoder's Linear layers N(0, 0.02): the condition then
+    reached the [CLS] state scaled by ~1e-2, the head sat at the label prior (P(match) ~ 1/3 for every pair) for
+    the benchmark's whole training budget and re-ranking fell below chance. With PyTorch's init it learns."""
+    from calmrl_hf import CalMRLConfig, FeatureEncoderConfig
+
+    torch.manual_seed(0)
+    tower = FeatureEncoderConfig(input_dim=8, hidden_size=32, num_hidden_layers=1)
+    config = CalMRLConfig(modalities=["vision", "text"], encoder_configs={"vision": tower, "text": tower},
+                          shared_encoders={}, projection_dim=16, imputer_latent_dim=2, fusion_num_layers=1,
+                          fusion_num_attention_heads=2, alignment_objective="pairwise_infonce")
+    model = CalMRLModel(config)
+    projection = model.fusion.token_projections["vision"].weight
+    assert projection.std() > 0.05  # kaiming-uniform (1 / sqrt(3 * 32) = 0.10), not N(0, 0.02)
+    model.requires_grad_(False)
+    model.fusion.requires_grad_(True)
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(8, 8, generator=generator)
+
+    def sample(n):  # text = a fixed linear map of the vision features + noise: a learnable matching task
+        latent = torch.randn(n, 8, generator=generator)
+        return latent, latent @ mixing + 0.1 * torch.randn(n, 8, generator=generator)
+
+    optimizer = torch.optim.Adam(model.fusion.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(40):
+        vision, text = sample(32)
+        embeddings, mask, tokens = model.embed_modalities(return_tokens=True, vision_input_features=vision,
+                                                          text_input_features=text)
+        loss = model.matching_step(embeddings, mask, tokens)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    vision, text = sample(64)
+    positive = model.matching_scores({"input_features": text}, {"vision": {"input_features": vision}})
+    negative = model.matching_scores({"input_features": text}, {"vision": {"input_features": vision.roll(1, 0)}})
+    assert (positive > negative).float().mean() > 0.8  # N(0, 0.02) init: 0.64
+    assert positive.mean() - negative.mean() > 0.2  # N(0, 0.02) init: 0.06

@@ -62,6 +62,28 @@ def test_warm_start_statistics_stay_as_a_prior(tmp_path):
     assert updater.statistics.count[1] == 0 and model.imputer.fitted_modalities[1]  # audio fitted from the prior
 
 
+def test_frozen_imputer_keeps_its_warm_start_fit(tmp_path):
+    """imputer_statistics='frozen': the warm start fits the imputer, training never runs an M-step afterwards."""
+    torch.manual_seed(0)
+    model = CalMRLModel(training_config())
+    args = small_args(tmp_path, max_steps=5, per_device_train_batch_size=16, imputer_warm_start=True,
+                      imputer_statistics="frozen")
+    warm = make_dataset(64, [FULL], seed=2)
+    train(model, make_dataset(64, MIXED_PATTERNS), args, collate_fn=collate, warm_start_dataset=warm)
+    after = {k: v.clone() for k, v in model.imputer.state_dict().items()}
+    # the same warm start followed by one step that changes nothing (learning rate 0) gives the same imputer
+    torch.manual_seed(0)
+    reference = CalMRLModel(training_config())
+    train(reference, make_dataset(64, MIXED_PATTERNS), small_args(tmp_path / "ref", max_steps=1,
+          per_device_train_batch_size=16, imputer_warm_start=True, imputer_statistics="frozen", learning_rate=0.0),
+          collate_fn=collate, warm_start_dataset=warm)
+    for key, value in reference.imputer.state_dict().items():
+        torch.testing.assert_close(after[key], value)
+    assert model.imputer.fitted_modalities.all()
+    with pytest.raises(ValueError, match="'ema', 'epoch' or 'frozen'"):
+        small_args(tmp_path, imputer_statistics="online")
+
+
 def test_training_reduces_the_loss_and_saves_a_loadable_model(tmp_path):
     torch.manual_seed(0)
     model = CalMRLModel(training_config())

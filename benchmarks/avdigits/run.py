@@ -1,6 +1,6 @@
 """Real-signal benchmark: handwritten, spoken and written two-digit numbers (see `benchmarks/avdigits/data.py`).
 
-    python -m benchmarks.avdigits.run            # default size, 3 seeds (~15 min on 2 cores)
+    python -m benchmarks.avdigits.run            # default size, 3 seeds (about 15 minutes on 2 CPU cores)
     python -m benchmarks.avdigits.run --quick    # CI size
     python -m benchmarks.avdigits.run --text-lora   # LoRA adapters on the text tower instead of freezing it
 
@@ -50,14 +50,16 @@ class Sizes:
     stage1: int = 900  # 10 per number
     stage2: int = 1800  # per partial split
     test: int = 450  # 5 per number
-    stage1_steps: int = 400
-    stage2_steps: int = 150
-    batch_size: int = 64
+    stage1_steps: int = 350
+    stage2_steps: int = 120
+    stage1_batch_size: int = 64
+    stage2_batch_size: int = 32
     clips_per_number: int = 8
     test_clips_per_number: int = 2
 
 
-QUICK = Sizes(stage1=180, stage2=180, test=180, stage1_steps=20, stage2_steps=10, batch_size=30,
+QUICK = Sizes(stage1=180, stage2=180, test=180, stage1_steps=20, stage2_steps=10, stage1_batch_size=30,
+              stage2_batch_size=30,
               clips_per_number=2, test_clips_per_number=1)
 
 
@@ -194,8 +196,8 @@ def run_seed(world: AVDigits, processor: CalMRLProcessor, sizes: Sizes, seed: in
     return run_methods(
         build_model=lambda **architecture: build_model(text_lora, **architecture),
         splits=Splits(stage1=stage1, stage2=stage2, stage2_full=stage2_full, test=test), collate_fn=collate,
-        stage1=StageSettings(sizes.stage1_steps, 1e-3, sizes.batch_size, dict(frozen_text)),
-        stage2=StageSettings(sizes.stage2_steps, 1e-4, sizes.batch_size, dict(frozen_text)),
+        stage1=StageSettings(sizes.stage1_steps, 1e-3, sizes.stage1_batch_size, dict(frozen_text)),
+        stage2=StageSettings(sizes.stage2_steps, 1e-4, sizes.stage2_batch_size, dict(frozen_text)),
         evaluate=lambda model: evaluate(model, processor, test), methods=methods, seed=seed, workdir=workdir)
 
 
@@ -224,7 +226,6 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     sizes = QUICK if args.quick else Sizes()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     world = AVDigits(sizes.clips_per_number, sizes.test_clips_per_number)
     processor = build_processor()
     with tempfile.TemporaryDirectory() as workdir:
