@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import datasets
+import evaluate
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -161,5 +164,44 @@ def anchor_shift_report(
             "instances": int(incomplete.sum())}
 
 
-__all__ = ["anchor_shift_report", "imputation_error", "recall_at_k", "rerank_top_k", "retrieval_metrics",
+class RetrievalRecall(evaluate.Metric):
+    """`retrieval_metrics` as a 🤗 evaluate metric: `add_batch(embeddings=..., modality_mask=...[, labels=...])`
+    per evaluation batch, `compute()` once (evaluate's own multi-process mode, `num_process` / `process_id`, works
+    too; the training loop gathers with accelerate and adds the gathered batches).
+
+    ```python
+    >>> metric = RetrievalRecall(modalities=["vision", "audio", "text"], config_name="class")
+    >>> metric.add_batch(embeddings=z, modality_mask=mask, labels=labels)  # z [B, k, D], mask [B, k], labels [B]
+    >>> metric.compute()["text->vision/class_R@1"]
+    ```
+
+    `config_name="instance"` (default) takes no labels; `"class"` adds class-level recall from `labels`.
+    """
+
+    def __init__(self, modalities: Sequence[str], ks: Sequence[int] = (1, 5, 10),
+                 pairs: Sequence[tuple[str, str]] | None = None, config_name: str = "instance", **kwargs):
+        if config_name not in ("instance", "class"):
+            raise ValueError(f"config_name must be 'instance' or 'class', got {config_name!r}.")
+        self.modalities, self.ks = list(modalities), tuple(ks)
+        self.pairs = [tuple(pair) for pair in pairs] if pairs else None
+        super().__init__(config_name=config_name, **kwargs)
+
+    def _info(self) -> evaluate.MetricInfo:
+        features = {"embeddings": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),  # [k, D]
+                    "modality_mask": datasets.Sequence(datasets.Value("bool"))}  # [k]
+        if self.config_name == "class":
+            features["labels"] = datasets.Value("int64")
+        return evaluate.MetricInfo(
+            description="Recall@K of cross-modal retrieval in every direction between every pair of modalities, "
+                        "over the instances observing both (instance level; class level with labels).",
+            citation="", inputs_description=self.__doc__, features=datasets.Features(features))
+
+    def _compute(self, embeddings, modality_mask, labels=None) -> dict[str, float]:
+        return retrieval_metrics(
+            torch.from_numpy(np.asarray(embeddings, dtype=np.float32)), torch.tensor(np.asarray(modality_mask)),
+            self.modalities, ks=self.ks, pairs=self.pairs,
+            labels=torch.tensor(np.asarray(labels)) if labels is not None else None)
+
+
+__all__ = ["RetrievalRecall", "anchor_shift_report", "imputation_error", "recall_at_k", "rerank_top_k", "retrieval_metrics",
            "zero_shot_accuracy"]

@@ -30,7 +30,7 @@ from transformers import get_scheduler
 
 from .data.collator import model_inputs
 from .data.loaders import dataset_modalities
-from .evaluation import retrieval_metrics
+from .evaluation import RetrievalRecall
 from .imputer import PPCAStatistics
 from .modeling_calmrl import CalMRLModel
 
@@ -268,13 +268,17 @@ def embed_dataset(model, dataloader, accelerator: Accelerator) -> dict[str, torc
 
 
 def evaluate(model, dataloader, accelerator: Accelerator, pairs=None) -> dict[str, float]:
-    """Retrieval Recall@1/5/10 in every direction (class level too when the data has labels)."""
+    """Retrieval Recall@1/5/10 in every direction (class level too when the data has labels), computed by the
+    `RetrievalRecall` evaluate metric on the embeddings gathered from all processes."""
     data = embed_dataset(model, dataloader, accelerator)
-    unwrapped = accelerator.unwrap_model(model)
-    return retrieval_metrics(
-        data["embeddings"], data["modality_mask"], unwrapped.config.modalities,
-        labels=data.get("labels"), pairs=[tuple(p) for p in pairs] if pairs else None,
-    )
+    labels = data.get("labels")
+    metric = RetrievalRecall(accelerator.unwrap_model(model).config.modalities, pairs=pairs,
+                             config_name="instance" if labels is None else "class", keep_in_memory=True)
+    inputs = {"embeddings": data["embeddings"].numpy(), "modality_mask": data["modality_mask"].numpy()}
+    if labels is not None:
+        inputs["labels"] = labels.numpy()
+    metric.add_batch(**inputs)
+    return metric.compute()
 
 
 def warm_start_imputer(

@@ -59,3 +59,27 @@ def test_imputation_error_and_anchor_shift_report_on_a_planted_model():
     assert good["mse"] < 0.5 * bad["mse"] and good["cosine"] > 0.5 and "mse/b" in good
     report = anchor_shift_report(truth, mask, imputed)
     assert report["calibrated"] < report["observed_only"] and report["instances"] == int((~mask.all(1)).sum())
+
+
+def test_retrieval_recall_metric_equals_retrieval_metrics_over_batches():
+    """The evaluate metric, fed batch by batch, gives exactly `retrieval_metrics` of the whole set."""
+    from calmrl_hf.evaluation import RetrievalRecall
+
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.nn.functional.normalize(torch.randn(40, 3, 8, generator=generator), dim=-1)
+    mask = torch.rand(40, 3, generator=generator) > 0.3
+    mask[:, 2] = True
+    labels = torch.randint(0, 5, (40,), generator=generator)
+    modalities = ["vision", "audio", "text"]
+    expected = retrieval_metrics(embeddings, mask, modalities, labels=labels)
+    metric = RetrievalRecall(modalities, config_name="class", keep_in_memory=True)
+    for start in range(0, 40, 16):
+        metric.add_batch(embeddings=embeddings[start:start + 16].numpy(), modality_mask=mask[start:start + 16].numpy(),
+                         labels=labels[start:start + 16].numpy())
+    assert metric.compute() == pytest.approx(expected)
+    instance = RetrievalRecall(modalities, pairs=[("text", "vision")], keep_in_memory=True)
+    instance.add_batch(embeddings=embeddings.numpy(), modality_mask=mask.numpy())
+    assert instance.compute() == pytest.approx({k: v for k, v in retrieval_metrics(
+        embeddings, mask, modalities, pairs=[("text", "vision")]).items()})
+    with pytest.raises(ValueError, match="config_name"):
+        RetrievalRecall(modalities, config_name="classes")
