@@ -30,10 +30,11 @@ from calmrl_hf.training import TrainingArguments, build_accelerator, train
 @dataclass(frozen=True)
 class Method:
     """Stage-2 config overrides (None: no stage 2, the stage-1 model is evaluated); `oracle`: stage 2 sees every
-    modality of its instances (the same instances, nothing hidden)."""
+    modality of its instances (the same instances, nothing hidden); `training`: stage-2 TrainingArguments."""
 
     overrides: dict | None
     oracle: bool = False
+    training: dict = field(default_factory=dict)
 
 
 METHODS = {
@@ -52,7 +53,8 @@ DIAGNOSTIC_METHODS = {
                                                  "renormalize_imputed": False}),
     "CalMRL (PPCA, no gradient through imputation)": Method({"alignment_objective": "pmrl", "imputer_method": "ppca",
                                                               "impute_with_grad": False}),
-    "CalMRL (PPCA, imputer frozen after warm start)": Method({"alignment_objective": "pmrl", "imputer_method": "ppca"}),
+    "CalMRL (PPCA, imputer frozen after warm start)": Method({"alignment_objective": "pmrl", "imputer_method": "ppca"},
+                                                             training={"imputer_statistics": "frozen"}),
     "PMRL (observed only, tau2 = 0.5)": Method({"alignment_objective": "pmrl", "imputer_method": "none",
                                                 "pmrl_tau2": 0.5}),
     "CalMRL (PPCA, tau2 = 0.5)": Method({"alignment_objective": "pmrl", "imputer_method": "ppca", "pmrl_tau2": 0.5}),
@@ -62,19 +64,16 @@ DIAGNOSTIC_METHODS = {
 ALL_METHODS = {**METHODS, **DIAGNOSTIC_METHODS}
 # Options that shape the architecture: set when the model is built, not after stage 1.
 ARCHITECTURE_KEYS = ("fusion_num_layers", "fusion_num_attention_heads")
-# Stage-2 training options a method may change (the rest of a method's overrides are config values).
-STAGE2_ARGUMENTS = {"CalMRL (PPCA, imputer frozen after warm start)": {"imputer_statistics": "frozen"}}
 
 
 @dataclass
 class Splits:
     """stage1: full modality; stage2: vision-text + audio-text instances; stage2_full: the same instances with every
-    modality (the oracle's data); test: held-out full-modality instances."""
+    modality (the oracle's data). The test set stays with the benchmark's `evaluate`."""
 
     stage1: object
     stage2: object
     stage2_full: object
-    test: object
 
 
 @dataclass
@@ -130,8 +129,7 @@ def run_methods(
         if spec.overrides is not None:
             for key, value in overrides.items():
                 setattr(model.config, key, value)
-            args = arguments(method.split(" ")[0], stage2, imputer_warm_start=True,
-                             **STAGE2_ARGUMENTS.get(method, {}))
+            args = arguments(method.split(" ")[0], stage2, imputer_warm_start=True, **spec.training)
             train(model, splits.stage2_full if spec.oracle else splits.stage2, args, collate_fn=collate_fn,
                   warm_start_dataset=splits.stage1, accelerator=accelerator)
             model = accelerator.unwrap_model(model)

@@ -27,10 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
 from transformers import ASTConfig, ASTFeatureExtractor, AutoTokenizer, ViTConfig, ViTImageProcessorPil
 
 from calmrl_hf import CalMRLModel, CalMRLProcessor
 from calmrl_hf.evaluation import retrieval_metrics, zero_shot_accuracy
+from calmrl_hf.training import embed_dataset
 
 from ..protocol import (ALL_METHODS, METHODS, Splits, StageSettings, imputation_metrics, markdown_table,
                         paired_cosines, run_methods, summarise, write_results)
@@ -99,20 +102,9 @@ class EncodedSplit(torch.utils.data.Dataset):
 
     @classmethod
     def encode(cls, processor: CalMRLProcessor, instances: list[Instance], patterns) -> "EncodedSplit":
-        encoded = {}
-        for start in range(0, len(instances), 512):
-            chunk = instances[start:start + 512]
-            batch = processor(vision=[i.image for i in chunk], audio=[i.audio for i in chunk],
-                              text=[i.text for i in chunk], sampling_rate=16000)
-            for key, value in batch.items():
-                if key != "modality_mask":
-                    encoded.setdefault(key, []).append(value)
-        # text is padded per chunk: pad every chunk to the longest
-        for key, values in encoded.items():
-            if values[0].dim() == 2 and key.startswith("text_"):
-                width = max(v.shape[1] for v in values)
-                values[:] = [torch.nn.functional.pad(v, (0, width - v.shape[1])) for v in values]
-        encoded = {key: torch.cat(values) for key, values in encoded.items()}
+        batch = processor(vision=[i.image for i in instances], audio=[i.audio for i in instances],
+                          text=[i.text for i in instances], sampling_rate=16000)
+        encoded = {key: value for key, value in batch.items() if key != "modality_mask"}
         return cls(encoded, torch.tensor([i.label for i in instances]), patterns)
 
     def with_patterns(self, patterns: list[tuple[bool, ...]]) -> "EncodedSplit":
@@ -142,18 +134,6 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def embed(model: CalMRLModel, split: EncodedSplit, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    embeddings, masks = [], []
-    for start in range(0, len(split), batch_size):
-        batch = collate([split[i] for i in range(start, min(start + batch_size, len(split)))])
-        batch.pop("labels")
-        z, mask = model.embed_modalities(**batch)
-        embeddings.append(z)
-        masks.append(mask)
-    return torch.cat(embeddings), torch.cat(masks)
-
-
-@torch.no_grad()
 def class_embeddings(model: CalMRLModel, processor: CalMRLProcessor) -> torch.Tensor:
     """[90, D]: per number, the normalised mean of its prompts' text embeddings (CLIP-style prompt ensemble)."""
     prompts = class_prompts()
@@ -167,8 +147,8 @@ def class_embeddings(model: CalMRLModel, processor: CalMRLProcessor) -> torch.Te
 
 @torch.no_grad()
 def evaluate(model: CalMRLModel, processor: CalMRLProcessor, test: EncodedSplit) -> dict[str, float]:
-    model.eval()
-    truth, mask = embed(model, test)
+    data = embed_dataset(model, DataLoader(test, batch_size=256, collate_fn=collate), Accelerator())
+    truth, mask = data["embeddings"], data["modality_mask"]
     metrics = retrieval_metrics(truth, mask, MODALITIES, labels=test.labels)
     class_r1 = {key: value for key, value in metrics.items() if key.endswith("/class_R@1")}
     result = {"mean_class_R@1": sum(class_r1.values()) / len(class_r1),
@@ -195,7 +175,7 @@ def run_seed(world: AVDigits, processor: CalMRLProcessor, sizes: Sizes, seed: in
     frozen_text = {} if text_lora else {"freeze_modalities": ["text"]}
     return run_methods(
         build_model=lambda **architecture: build_model(text_lora, **architecture),
-        splits=Splits(stage1=stage1, stage2=stage2, stage2_full=stage2_full, test=test), collate_fn=collate,
+        splits=Splits(stage1=stage1, stage2=stage2, stage2_full=stage2_full), collate_fn=collate,
         stage1=StageSettings(sizes.stage1_steps, 1e-3, sizes.stage1_batch_size, dict(frozen_text)),
         stage2=StageSettings(sizes.stage2_steps, 1e-4, sizes.stage2_batch_size, dict(frozen_text)),
         evaluate=lambda model: evaluate(model, processor, test), methods=methods, seed=seed, workdir=workdir)

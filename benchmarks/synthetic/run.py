@@ -174,7 +174,7 @@ def run_seed(sizes: Sizes, seed: int, methods: list[str], workdir: Path) -> dict
     test = world.sample(sizes.test, FULL)
     return run_methods(
         build_model=lambda **architecture: build_model(sizes, **architecture),
-        splits=Splits(stage1=stage1, stage2=stage2, stage2_full=stage2_full, test=test), collate_fn=collate,
+        splits=Splits(stage1=stage1, stage2=stage2, stage2_full=stage2_full), collate_fn=collate,
         stage1=StageSettings(sizes.stage1_steps, 1e-3, sizes.batch_size),
         stage2=StageSettings(sizes.stage2_steps, 3e-4, sizes.batch_size),
         evaluate=lambda model: evaluate(model, test), methods=methods, seed=seed, workdir=workdir)
