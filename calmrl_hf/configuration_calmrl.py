@@ -256,5 +256,16 @@ class CalMRLConfig(PreTrainedConfig):
         config_dict = dict(self.encoder_configs[self.encoder_owner(name)])
         return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
 
+    def get_encoder_width(self, name: str) -> int:
+        """Width of the features the tower of modality `name` outputs: `hidden_size`, or the last stage's channels
+        of a convolutional tower (`hidden_sizes[-1]`: ResNet, ConvNext)."""
+        config = self.get_encoder_config(name)
+        width = getattr(config, "hidden_size", None)
+        if width is None and getattr(config, "hidden_sizes", None):
+            width = config.hidden_sizes[-1]
+        if width is None:
+            raise ValueError(f"The {config.model_type} tower of {name!r} has neither hidden_size nor hidden_sizes.")
+        return int(width)
+
 
 __all__ = ["CalMRLConfig"]

@@ -147,7 +147,7 @@ class CalMRLModel(CalMRLPreTrainedModel):
         )
         self.projections = nn.ModuleDict(
             {
-                name: nn.Linear(config.get_encoder_config(name).hidden_size, config.projection_dim, bias=False)
+                name: nn.Linear(config.get_encoder_width(name), config.projection_dim, bias=False)
                 for name in config.modalities
             }
         )
@@ -165,9 +165,9 @@ class CalMRLModel(CalMRLPreTrainedModel):
         self.fusion = None
         if config.fusion_num_layers > 0:
             caption_config = config.get_encoder_config(config.matching_modality)
-            width = caption_config.hidden_size
+            width = config.get_encoder_width(config.matching_modality)
             heads = config.fusion_num_attention_heads or getattr(caption_config, "num_attention_heads", 1)
-            others = {m: config.get_encoder_config(m).hidden_size for m in config.modalities
+            others = {m: config.get_encoder_width(m) for m in config.modalities
                       if m != config.matching_modality}
             self.fusion = FusionEncoder(width, config.fusion_num_layers, heads, others, config.num_modalities)
         self.post_init()
@@ -291,8 +291,10 @@ class CalMRLModel(CalMRLPreTrainedModel):
             inputs = {**inputs, "pixel_values": pixel_values.flatten(0, 1)}  # [n * T, C, H, W]
         outputs = tower(**inputs, return_dict=True)
         attention_mask = inputs.get("attention_mask")
-        pooled = self._pool(name, tower, outputs, attention_mask)
         tokens = outputs.last_hidden_state  # [n (* T), L, H]
+        if tokens.dim() == 4:  # convolutional towers (ResNet, ConvNext): feature map [n, C, h, w] -> [n, h * w, C]
+            tokens = tokens.flatten(2).transpose(1, 2)
+        pooled = self._pool(name, tower, outputs, tokens, attention_mask)
         if attention_mask is not None and attention_mask.shape == tokens.shape[:2]:
             token_mask = attention_mask.bool()
         else:
@@ -303,13 +305,14 @@ class CalMRLModel(CalMRLPreTrainedModel):
             token_mask = token_mask.unflatten(0, (-1, num_frames)).flatten(1, 2)
         return pooled, tokens, token_mask
 
-    def _pool(self, name: str, tower: nn.Module, outputs, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _pool(self, name: str, tower: nn.Module, outputs, hidden: torch.Tensor,
+              attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Pooled features [n, H] of token states `hidden` [n, L, H] (or the tower's pooler output)."""
         mode = self.config.pooling[name]
         if mode == "pooler":
             if getattr(outputs, "pooler_output", None) is None:
                 raise ValueError(f"pooling[{name!r}] = 'pooler' but the {type(tower).__name__} tower has no pooler_output.")
-            return outputs.pooler_output
-        hidden = outputs.last_hidden_state  # [n, L, H]
+            return outputs.pooler_output.flatten(1)  # convolutional towers pool to [n, C, 1, 1]
         if mode == "cls":
             return hidden[:, 0]
         if attention_mask is not None and attention_mask.shape[1] != hidden.shape[1]:

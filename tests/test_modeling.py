@@ -319,3 +319,32 @@ def test_encode_any_subset_with_imputation_uncertainty_and_fusion():
     torch.testing.assert_close(enc.fused_embeddings.norm(dim=-1), torch.ones(3))
     _, u = gram_singular_values(enc.imputed_embeddings)
     torch.testing.assert_close(enc.fused_embeddings, u)
+
+
+@pytest.mark.parametrize("kind", ["resnet", "convnext"])
+def test_convolutional_vision_tower(kind, tmp_path):
+    """A ResNet / ConvNext tower (feature map [n, C, h, w]): mean pooling over the map's positions equals the
+    tower's own global average pooler, tokens are the map's positions, and the model round-trips."""
+    from transformers import ConvNextConfig, ResNetConfig
+
+    tower = (ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 24], depths=[1, 1], layer_type="basic")
+             if kind == "resnet" else ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 24], depths=[1, 1], patch_size=2))
+    config = tiny_config(encoder_configs={"vision": tower, "audio": tiny_config().encoder_configs["audio"],
+                                          "text": tiny_bert()}, pooling={"vision": "mean"})
+    model = CalMRLModel(config).eval()
+    assert model.projections["vision"].in_features == 24
+    pixels = torch.randn(3, 3, 16, 16)
+    pooled, tokens, token_mask = model._run_tower("vision", {"pixel_values": pixels})
+    assert tokens.shape[0] == 3 and tokens.shape[2] == 24 and token_mask.all()
+    if kind == "resnet":  # ResNet's pooler is the global average of its last feature map
+        model.config.pooling["vision"] = "pooler"
+        pooler, _, _ = model._run_tower("vision", {"pixel_values": pixels})
+        torch.testing.assert_close(pooler, pooled)
+        model.config.pooling["vision"] = "mean"
+    mask = torch.tensor([[True, False, True, False]] * 3)
+    out = model(modality_mask=mask, vision_pixel_values=pixels, text_input_ids=torch.randint(1, 60, (3, 5)))
+    assert out.embeddings.shape == (3, 4, 16) and torch.isfinite(out.loss)
+    model.save_pretrained(tmp_path)
+    reloaded = CalMRLModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded.get_modality_features("vision", pixel_values=pixels),
+                               model.get_modality_features("vision", pixel_values=pixels))
