@@ -1,7 +1,8 @@
 """Regenerate every quality benchmark: the controlled set and the real-signal avdigits set.
 
-    python -m benchmarks.run            # default size, 3 seeds each (about 20 minutes on 2 CPU cores)
-    python -m benchmarks.run --quick    # CI size (about 1 minute), written under outputs/benchmarks_quick
+    python -m benchmarks.run            # default size, 5 seeds each, at the committed tuned hyperparameters
+    python -m benchmarks.run --tune     # first re-tune every method on each benchmark's validation split
+    python -m benchmarks.run --quick    # CI size, written under outputs/benchmarks_quick
 
 Each benchmark writes its markdown table (with the command that made it), JSON and PNG plot next to its code
 (`benchmarks/synthetic/results.*`, `benchmarks/avdigits/results.*`). At the default size, the tables are also
@@ -40,7 +41,10 @@ def update_document(path: Path, name: str, results: Path) -> bool:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI size; results go under --output-dir")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--tune", action="store_true",
+                        help="re-tune each benchmark's methods on its validation split first (writes its "
+                             "hyperparameters.json)")
     parser.add_argument("--only", choices=list(BENCHMARKS), nargs="+", default=list(BENCHMARKS))
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where results go (default: next to each benchmark; outputs/benchmarks_quick with --quick)")
@@ -50,6 +54,9 @@ def main(argv=None) -> dict:
     for name in args.only:
         output = (output_dir / name if output_dir else ROOT / "benchmarks" / name) / "results.md"
         started = time.perf_counter()
+        if args.tune and not args.quick:
+            BENCHMARKS[name].main(["--tune"])
+            print(f"\n{name}: tuned in {time.perf_counter() - started:.0f} s\n")
         summaries[name] = BENCHMARKS[name].main([*(["--quick"] if args.quick else []), "--seeds", str(args.seeds),
                                                  "--output", str(output)])
         print(f"\n{name}: {time.perf_counter() - started:.0f} s -> {output}\n")

@@ -12,8 +12,22 @@ import copy
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.utils import logging
 
 from .feature_encoder import FeatureEncoderConfig
+
+
+logger = logging.get_logger(__name__)
+# Why GRAM / TRIANGLE and imputed columns do not mix (measured: README, "What the benchmarks show").
+VOLUME_WITH_IMPUTATION_WARNING = (
+    "alignment_objective={objective!r} with imputer_method={method!r}: {objective} contrasts an anchor with a "
+    "column's other modalities through a volume that factorises into a part of the column alone and the anchor's "
+    "distance to it (GRAM: V_ij = vol(column j) * dist(anchor_i, span(column j)); TRIANGLE: |z_j^1 - z_j^2| * the "
+    "anchor's distance to their line). With imputed columns (functions of the column's observed embeddings) the "
+    "column-only part varies across columns and dominates the contrast, and training lowers it by pulling the "
+    "column's modalities together instead of aligning them with the anchor: retrieval collapses. Observed-only "
+    "GRAM (imputer_method='none') or an objective without a volume (pmrl, *_infonce) does not have this problem."
+)
 
 
 # Towers over precomputed features resolve by model_type like any transformers config (also as remote code).
@@ -77,6 +91,13 @@ class CalMRLConfig(PreTrainedConfig):
             Project imputed embeddings back onto the unit sphere (the objectives assume unit-norm columns).
         impute_with_grad (`bool`, *optional*, defaults to `True`):
             Let gradients flow through the (linear) imputation into the observed embeddings.
+        impute_from_anchor (`bool`, *optional*, defaults to `True`):
+            In training, condition the imputations the objective sees on the anchor modality too. GRAM, TRIANGLE
+            and anchor InfoNCE contrast the anchor of one instance with the other columns of another: imputations
+            conditioned on the anchor carry that instance's own anchor into its columns, so the positive can be
+            recognised through the imputed columns alone and the observed towers are no longer pulled together.
+            `False` conditions them on the other observed modalities only (a row observing only its anchor is then
+            not imputed). Inference (`encode`) always conditions on every observed modality.
         alignment_objective (`str`, *optional*, defaults to `"pmrl"`):
             One of `"pmrl"`, `"gram"`, `"triangle"`, `"anchor_infonce"`, `"pairwise_infonce"`.
         pmrl_tau1 (`float`, *optional*, defaults to 0.05): PMRL intra-instance temperature (0.01 for pre-training).
@@ -129,6 +150,7 @@ class CalMRLConfig(PreTrainedConfig):
     imputer_noise_var_floor: float = 1e-6
     renormalize_imputed: bool = True
     impute_with_grad: bool = True
+    impute_from_anchor: bool = True
     alignment_objective: str = "pmrl"
     pmrl_tau1: float = 0.05
     pmrl_tau2: float = 0.1
@@ -225,6 +247,9 @@ class CalMRLConfig(PreTrainedConfig):
             if bad:
                 raise ValueError(f"lora names {bad}, which have no tower of their own (towers: "
                                  f"{sorted(self.encoder_configs)}).")
+        if self.alignment_objective in ("gram", "triangle") and self.imputer_method != "none":
+            logger.warning_once(VOLUME_WITH_IMPUTATION_WARNING.format(objective=self.alignment_objective,
+                                                                      method=self.imputer_method))
         if self.projection_dim < 1 or self.imputer_latent_dim < 1:
             raise ValueError(
                 f"projection_dim and imputer_latent_dim must be positive, got {self.projection_dim} and "

@@ -440,12 +440,14 @@ class CalMRLModel(CalMRLPreTrainedModel):
 
     # ------------------------------------------------------------------ step 2: impute
     def impute_missing(
-        self, embeddings: torch.Tensor, modality_mask: torch.Tensor
+        self, embeddings: torch.Tensor, modality_mask: torch.Tensor, *, exclude_anchor: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fill the missing embeddings as the config says; returns `(imputed [B, k, D], aligned_mask [B, k])`.
 
         `aligned_mask` marks the columns the objective uses: observed ones plus imputed ones. With `ppca` or `mean`,
         only modalities the imputer has been fitted on are imputed (a never-seen modality has no estimate yet).
+        `exclude_anchor`: PPCA imputations are conditioned on the observed modalities other than the anchor
+        (`config.impute_from_anchor = False`).
         """
         method = self.config.imputer_method
         if method == "none":
@@ -454,6 +456,8 @@ class CalMRLModel(CalMRLPreTrainedModel):
             return embeddings, torch.ones_like(modality_mask)
         fitted = self.imputer.fitted_modalities.to(modality_mask.device)  # [k]
         conditioning_mask = modality_mask & fitted
+        if exclude_anchor and method == "ppca":
+            conditioning_mask[:, self.config.modality_index(self.config.anchor_modality)] = False
         imputable_rows = conditioning_mask.any(dim=1)  # rows with at least one fitted observed modality
         aligned_mask = modality_mask | (fitted & imputable_rows.unsqueeze(1))
         if bool((aligned_mask == modality_mask).all()):
@@ -648,7 +652,8 @@ class CalMRLModel(CalMRLPreTrainedModel):
                                                                    **modality_inputs)
         if imputer_update_fn is not None:
             imputer_update_fn(embeddings.detach(), modality_mask)
-        imputed, aligned_mask = self.impute_missing(embeddings, modality_mask)
+        imputed, aligned_mask = self.impute_missing(embeddings, modality_mask,
+                                                    exclude_anchor=not self.config.impute_from_anchor)
         singular_values, anchor_embeddings = gram_singular_values(imputed, aligned_mask)
         loss = alignment = matching = None
         if return_loss:

@@ -570,3 +570,34 @@ def test_objectives_follow_the_device_of_their_inputs(objective):
     loss.backward()
     assert loss.device == on_device.device and torch.isfinite(on_device.grad).all()
     torch.testing.assert_close(loss.cpu(), OBJECTIVES[objective](Z, mask), atol=1e-4, rtol=1e-4)
+
+
+def test_gram_volume_factorises_into_column_volume_and_anchor_distance():
+    """V_ij = vol(column j's non-anchor modalities) * dist(z_i^anchor, their span) (Schur complement): the part
+    of GRAM's logits that depends on column j alone, which imputed columns make vary (see the config warning)."""
+    from calmrl_hf.alignment import gram_volume
+
+    torch.manual_seed(0)
+    embeddings = torch.nn.functional.normalize(torch.randn(5, 4, 16, dtype=torch.float64), dim=-1)
+    volume = gram_volume(embeddings, anchor=2)
+    rest = embeddings[:, [0, 1, 3]]  # [B, 3, d]
+    column_volume = torch.linalg.det(rest @ rest.transpose(1, 2)).sqrt()  # [B]
+    basis, _ = torch.linalg.qr(rest.transpose(1, 2))  # [B, d, 3]: orthonormal basis of each column's span
+    anchors = embeddings[:, 2]  # [B, d]
+    projected = torch.einsum("jdr,jer,ie->ijd", basis, basis, anchors)  # P_j z_i  [B, B, d]
+    distance = (anchors.unsqueeze(1) - projected).norm(dim=-1)  # [B, B]
+    torch.testing.assert_close(volume, column_volume.unsqueeze(0) * distance)
+
+
+def test_config_warns_about_volume_objectives_with_imputed_columns():
+    from transformers.testing_utils import CaptureLogger
+
+    from calmrl_hf import CalMRLConfig, configuration_calmrl
+
+    with CaptureLogger(configuration_calmrl.logger) as captured:
+        CalMRLConfig(alignment_objective="gram", imputer_method="mean")
+    assert "alignment_objective='gram' with imputer_method='mean'" in captured.out
+    with CaptureLogger(configuration_calmrl.logger) as captured:
+        CalMRLConfig(alignment_objective="gram", imputer_method="none")
+        CalMRLConfig(alignment_objective="pmrl", imputer_method="ppca")
+    assert captured.out == ""

@@ -129,6 +129,35 @@ def test_imputation_methods(method):
                                    torch.nn.functional.normalize(raw, dim=-1)[missing])
 
 
+def test_imputation_without_the_anchor():
+    """impute_from_anchor=False: the imputations the objective sees are the PPCA posterior means given the
+    non-anchor observed modalities only (so they do not change with the anchor's inputs); rows observing only the
+    anchor are not imputed; encode() still conditions on everything observed."""
+    model = fitted_model(impute_from_anchor=False)
+    batch = tiny_batch(MIXED_MASK)
+    out = model(**batch)
+    anchor = model.config.modality_index("text")
+    conditioning = MIXED_MASK.clone()
+    conditioning[:, anchor] = False
+    rows = conditioning.any(dim=1)
+    raw = model.imputer.impute(out.embeddings[rows], conditioning[rows])
+    missing = ~MIXED_MASK[rows]
+    torch.testing.assert_close(out.imputed_embeddings[rows][missing],
+                               torch.nn.functional.normalize(raw, dim=-1)[missing])
+    assert torch.equal(out.aligned_mask[~rows], MIXED_MASK[~rows])  # the text-only row stays observed-only
+    other = dict(batch, text_input_ids=torch.flip(batch["text_input_ids"], dims=[0]))
+    moved = model(**other)
+    assert not torch.allclose(moved.embeddings[:, anchor], out.embeddings[:, anchor])
+    torch.testing.assert_close(moved.imputed_embeddings[rows][missing], out.imputed_embeddings[rows][missing])
+    encoded = model.encode(**batch)
+    everything = model.imputer.impute(out.embeddings, MIXED_MASK)
+    both = MIXED_MASK[:, anchor] & conditioning.any(dim=1) & ~MIXED_MASK.all(dim=1)
+    assert not torch.allclose(encoded.imputed_embeddings[both][~MIXED_MASK[both]],
+                              out.imputed_embeddings[both][~MIXED_MASK[both]])
+    torch.testing.assert_close(encoded.imputed_embeddings[~MIXED_MASK],
+                               torch.nn.functional.normalize(everything, dim=-1)[~MIXED_MASK])
+
+
 def test_unfitted_imputer_falls_back_to_observed_only():
     model = CalMRLModel(tiny_config())
     out = model(**tiny_batch(MIXED_MASK))

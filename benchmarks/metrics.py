@@ -1,0 +1,102 @@
+"""Test-set metrics the benchmarks share: Recall@1 by family of directions, imputation error and anchor shift of
+a model's own imputer against held-out true embeddings, and matched-pair cosines."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from calmrl_hf import CalMRLModel
+from calmrl_hf.evaluation import anchor_shift_report, imputation_error
+
+
+def direction_families(recall: dict[str, float], modalities: Sequence[str], *, suffix: str = "R@1",
+                       observed_pairs: Sequence[tuple[str, str]] = (("vision", "text"), ("audio", "text")),
+                       never_paired: tuple[str, str] = ("vision", "audio"),
+                       never_observed: Sequence[str] = ("subtitle",)) -> dict[str, float]:
+    """Recall by family of directions (`recall`: keys like `"text->vision/R@1"`): the pairs stage 2 observes
+    (what the paper's table measures), the pair it never observes together, the modalities it never observes,
+    and the mean over every direction. Keys: `observed_pairs_{suffix}`, `vision<->audio_{suffix}`,
+    `subtitle_{suffix}` (only where such a modality exists) and `mean_{suffix}`."""
+
+    def mean_of(directions):
+        values = [recall[f"{a}->{b}/{suffix}"] for a, b in directions]
+        return sum(values) / len(values)
+
+    both_ways = lambda pairs: [d for a, b in pairs for d in ((a, b), (b, a))]  # noqa: E731
+    every = [(a, b) for a in modalities for b in modalities if a != b]
+    result = {f"mean_{suffix}": mean_of(every),
+              f"observed_pairs_{suffix}": mean_of(both_ways(observed_pairs)),
+              f"{never_paired[0]}<->{never_paired[1]}_{suffix}": mean_of(both_ways([never_paired]))}
+    unseen = [m for m in never_observed if m in modalities]
+    if unseen:
+        result[f"{'+'.join(unseen)}_{suffix}"] = mean_of([d for d in every if set(d) & set(unseen)])
+    return result
+
+
+@torch.no_grad()
+def imputation_metrics(model: CalMRLModel, truth: torch.Tensor, patterns: dict[str, Sequence[bool]]) -> dict:
+    """Hide modalities of full-modality test embeddings as stage 2 does (`patterns`: name -> observed flags), impute
+    them with the model's imputer and compare with the truth: imputation error (cosine, MSE) of PPCA and of the
+    modality-mean baseline, and the anchor shift without and with calibration (mean over the patterns)."""
+    if not bool(model.imputer.fitted_modalities.all()):
+        return {}
+    values: dict[str, list[float]] = {}
+    for flags in patterns.values():
+        observed = torch.tensor(list(flags), device=truth.device).expand(truth.shape[:2]).clone()
+        imputed = model.imputer.impute(truth, observed)
+        if model.config.renormalize_imputed:
+            imputed = F.normalize(imputed, dim=-1)
+        error = imputation_error(truth, imputed, ~observed)
+        marginal = F.normalize(model.imputer.mean, dim=-1).expand_as(truth)  # mean imputation
+        baseline = imputation_error(truth, marginal, ~observed)
+        shift = anchor_shift_report(truth, observed, F.normalize(imputed, dim=-1))
+        for key, value in (("imputation_cosine", error["cosine"]), ("imputation_mse", error["mse"]),
+                           ("mean_imputation_cosine", baseline["cosine"]), ("mean_imputation_mse", baseline["mse"]),
+                           ("anchor_shift_observed_only", shift["observed_only"]),
+                           ("anchor_shift_calibrated", shift["calibrated"])):
+            values.setdefault(key, []).append(value)
+    return {key: sum(v) / len(v) for key, v in values.items()}
+
+
+@torch.no_grad()
+def paired_cosines(embeddings: torch.Tensor, modalities: Sequence[str], pairs: Sequence[tuple[str, str]]) -> dict:
+    """Mean cosine of the two embeddings of the same instance, per pair of modalities (full-modality test set):
+    negative values mean the two towers ended anti-aligned."""
+    result = {}
+    for first, second in pairs:
+        a, b = embeddings[:, modalities.index(first)], embeddings[:, modalities.index(second)]
+        result[f"cos({first},{second})"] = float(F.cosine_similarity(a, b, dim=-1).mean())
+    return result
+
+
+
+
+@torch.no_grad()
+def volume_discrimination(model: CalMRLModel, truth: torch.Tensor, patterns: dict[str, Sequence[bool]],
+                          anchor: int) -> dict:
+    """How well GRAM's volume tells an instance's own columns from another's, on full-modality test embeddings
+    `truth` seen the way stage 2 sees them (`patterns`): the fraction of anchors z_i^anchor whose smallest volume
+    V_ij = sqrt det Gram(z_i^anchor, z_j^m...) is their own column (in-batch top-1, the quantity GRAM's softmax
+    contrasts), and the mean negative / mean positive volume, for three columns: the observed modalities only,
+    observed + PPCA-imputed (the model's imputer), and every true modality. Mean over the patterns."""
+    from calmrl_hf.alignment import gram_volume
+
+    if not bool(model.imputer.fitted_modalities.all()):
+        return {}
+    values: dict[str, list[float]] = {}
+    for flags in patterns.values():
+        observed = torch.tensor(list(flags), device=truth.device).expand(truth.shape[:2]).clone()
+        imputed = F.normalize(model.imputer.impute(truth, observed), dim=-1)
+        calibrated = torch.where(observed.unsqueeze(-1), truth, imputed)
+        for name, columns, mask in (("observed", truth, observed), ("imputed", calibrated, None),
+                                    ("full", truth, None)):
+            volume = gram_volume(columns, mask, anchor=anchor)
+            own = volume.diagonal()
+            others = (volume.sum() - own.sum()) / (volume.numel() - own.numel())
+            top1 = (volume.argmin(dim=1) == torch.arange(len(volume), device=volume.device)).float().mean()
+            values.setdefault(f"gram_top1_{name}", []).append(100.0 * float(top1))
+            values.setdefault(f"gram_volume_ratio_{name}", []).append(float(others / own.mean()))
+    return {key: sum(v) / len(v) for key, v in values.items()}
