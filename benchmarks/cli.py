@@ -1,0 +1,107 @@
+"""The command line both quality benchmarks share: tune on validation, run seeds on test, write the results.
+
+    python -m benchmarks.<name>.run --tune                       # each method's grid on the validation split
+    python -m benchmarks.<name>.run --seeds N --first-seed S     # seeds S..S+N-1 at the tuned hyperparameters
+    python -m benchmarks.<name>.run --quick                      # CI size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .methods import ALL_METHODS, METHODS, TUNED_METHODS, hyperparameters_of
+from .protocol import Experiment, run_methods, tune_methods
+from .report import calibration_gaps, summarise, write_results
+
+
+@dataclass
+class Benchmark:
+    """`experiment(sizes, seed, workdir)` -> (the seed's Experiment, evaluate(model, full) on validation,
+    evaluate(model) on test); `markdown(summary, gaps)` -> the results text."""
+
+    name: str
+    description: str
+    sizes: object
+    quick: object
+    experiment: Callable[..., tuple[Experiment, Callable, Callable]]
+    headline: str
+    family_metrics: Sequence[str]
+    markdown: Callable[[dict, dict], str]
+    title: str
+    folder: Path
+
+    @property
+    def hyperparameters(self) -> Path:
+        return self.folder / "hyperparameters.json"
+
+
+def tune(benchmark: Benchmark, sizes, seed: int, methods: list[str], path: Path) -> dict:
+    """Each method's grid on the validation split of world `seed`; merges {method: best} into `path` and the
+    whole grid into its `.grid.json` sibling."""
+    with tempfile.TemporaryDirectory() as workdir:
+        setup, validate, _ = benchmark.experiment(sizes, seed, Path(workdir))
+        tuned = tune_methods(setup, methods, lambda model: validate(model), benchmark.headline)
+    chosen = json.loads(path.read_text()) if path.exists() else {}
+    chosen.update({name: entry["best"] for name, entry in tuned.items()})
+    path.write_text(json.dumps(chosen, indent=1))
+    grid_path = path.with_suffix(".grid.json")
+    grids = json.loads(grid_path.read_text()) if grid_path.exists() else {}
+    grids.update({name: {"validation": benchmark.headline, "seed": seed, "grid": entry["grid"]}
+                  for name, entry in tuned.items()})
+    grid_path.write_text(json.dumps(grids, indent=1))
+    return tuned
+
+
+def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None = None) -> dict:
+    default_methods = list(default_methods or METHODS)
+    parser = argparse.ArgumentParser(description=benchmark.description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI size")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", choices=list(ALL_METHODS), default=default_methods, metavar="METHOD",
+                        help=f"methods to run (default: %(default)s; choices: {list(ALL_METHODS)})")
+    parser.add_argument("--tune", action="store_true",
+                        help="choose the methods' hyperparameters on the validation split of --tune-seed's world and "
+                             "write them to --hyperparameters (the test split is not used)")
+    parser.add_argument("--tune-seed", type=int, default=100)
+    parser.add_argument("--hyperparameters", type=Path, default=benchmark.hyperparameters)
+    parser.add_argument("--output", type=Path, default=benchmark.folder / "results.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    sizes = benchmark.quick if args.quick else benchmark.sizes
+    if args.tune:
+        if args.quick and args.hyperparameters == benchmark.hyperparameters:
+            parser.error("--tune --quick would overwrite the default-size hyperparameters: give --hyperparameters")
+        return tune(benchmark, sizes, args.tune_seed, [m for m in args.methods if m in TUNED_METHODS],
+                    args.hyperparameters)
+    tuned = json.loads(args.hyperparameters.read_text())
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    per_seed = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for seed in seeds:
+            setup, _, evaluate = benchmark.experiment(sizes, seed, Path(workdir))
+            per_seed.append(run_methods(setup, args.methods, tuned, evaluate))
+    summary = summarise(per_seed, {name: hyperparameters_of(name, tuned) for name in args.methods})
+    gaps = calibration_gaps(per_seed, benchmark.family_metrics)
+    text = benchmark.markdown(summary, gaps)
+    print(text)
+    if args.output:
+        command = (f"python -m benchmarks.{benchmark.name}.run{' --quick' if args.quick else ''} --seeds {args.seeds}"
+                   f"{f' --first-seed {args.first_seed}' if args.first_seed else ''}")
+        if args.output != benchmark.folder / "results.md":
+            command += f" --output {args.output}"
+        if args.hyperparameters != benchmark.hyperparameters:
+            command += f" --hyperparameters {args.hyperparameters}"
+        if args.methods != default_methods:
+            command += " --methods " + " ".join(f"'{m}'" for m in args.methods)
+        write_results(args.output, command, text, summary, title=benchmark.title,
+                      recall=[(metric, metric.replace("_R@1", "")) for metric in benchmark.family_metrics],
+                      siblings={"calibration": gaps, "seeds": {str(s): r for s, r in zip(seeds, per_seed)}})
+    return summary
