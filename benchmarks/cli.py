@@ -25,7 +25,7 @@ class Benchmark:
     """`experiment(sizes, seed, workdir)` -> (the seed's Experiment, evaluate(model, full) on validation,
     evaluate(model) on test); `markdown(summary, gaps)` -> the results text."""
 
-    name: str
+    module: str  # e.g. "benchmarks.synthetic.run"
     description: str
     sizes: object
     quick: object
@@ -33,12 +33,19 @@ class Benchmark:
     headline: str
     family_metrics: Sequence[str]
     markdown: Callable[[dict, dict], str]
+    summary_markdown: Callable[[dict, dict], str]  # the short version README.md and model_card.md carry
     title: str
     folder: Path
+    stem: str = "results"  # writes {stem}.md, .json, .png; tuned values in hyperparameters{suffix}.json
+    hyperparameters_suffix: str = ""
 
     @property
     def hyperparameters(self) -> Path:
-        return self.folder / "hyperparameters.json"
+        return self.folder / f"hyperparameters{self.hyperparameters_suffix}.json"
+
+    @property
+    def results(self) -> Path:
+        return self.folder / f"{self.stem}.md"
 
 
 def tune(benchmark: Benchmark, sizes, seed: int, methods: list[str], path: Path) -> dict:
@@ -72,7 +79,7 @@ def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None 
                              "write them to --hyperparameters (the test split is not used)")
     parser.add_argument("--tune-seed", type=int, default=100)
     parser.add_argument("--hyperparameters", type=Path, default=benchmark.hyperparameters)
-    parser.add_argument("--output", type=Path, default=benchmark.folder / "results.md")
+    parser.add_argument("--output", type=Path, default=benchmark.results)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     sizes = benchmark.quick if args.quick else benchmark.sizes
@@ -93,9 +100,9 @@ def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None 
     text = benchmark.markdown(summary, gaps)
     print(text)
     if args.output:
-        command = (f"python -m benchmarks.{benchmark.name}.run{' --quick' if args.quick else ''} --seeds {args.seeds}"
+        command = (f"python -m {benchmark.module}{' --quick' if args.quick else ''} --seeds {args.seeds}"
                    f"{f' --first-seed {args.first_seed}' if args.first_seed else ''}")
-        if args.output != benchmark.folder / "results.md":
+        if args.output != benchmark.results:
             command += f" --output {args.output}"
         if args.hyperparameters != benchmark.hyperparameters:
             command += f" --hyperparameters {args.hyperparameters}"
@@ -104,4 +111,11 @@ def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None 
         write_results(args.output, command, text, summary, title=benchmark.title,
                       recall=[(metric, metric.replace("_R@1", "")) for metric in benchmark.family_metrics],
                       siblings={"calibration": gaps, "seeds": {str(s): r for s, r in zip(seeds, per_seed)}})
+        summary_path(args.output).write_text(f"Command: `{command}` (all tables: `{args.output.name}`)\n\n"
+                                             f"{benchmark.summary_markdown(summary, gaps)}\n")
     return summary
+
+
+def summary_path(output: Path) -> Path:
+    """Where the short version of results `output` goes (`results.md` -> `results_summary.md`)."""
+    return output.with_name(f"{output.stem}_summary.md")

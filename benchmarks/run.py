@@ -17,23 +17,26 @@ import time
 from pathlib import Path
 
 from .avdigits import run as avdigits
+from .cli import summary_path
 from .synthetic import run as synthetic
+from .synthetic import run_av as synthetic_av
 
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = {"synthetic": synthetic, "avdigits": avdigits}
+BENCHMARKS = {"synthetic": synthetic, "synthetic_av": synthetic_av, "avdigits": avdigits}
 DOCUMENTS = ("README.md", "model_card.md")
 
 
 def update_document(path: Path, name: str, results: Path) -> bool:
-    """Replace the text between `<!-- benchmarks:{name}:start -->` and `...:end -->` in `path` with `results`'
-    table. Returns False (and leaves the file alone) where the markers are absent."""
+    """Replace the text between `<!-- benchmarks:{name}:start -->` and `...:end -->` in `path` with the short
+    version of `results` (its `_summary.md`). Returns False (and leaves the file alone) where the markers are
+    absent."""
     text = path.read_text()
     start, end = f"<!-- benchmarks:{name}:start -->", f"<!-- benchmarks:{name}:end -->"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), flags=re.DOTALL)
     if not pattern.search(text):
         return False
-    body = results.read_text().strip()
+    body = summary_path(results).read_text().strip()
     path.write_text(pattern.sub(lambda _: f"{start}\n{body}\n{end}", text))
     return True
 
@@ -52,7 +55,8 @@ def main(argv=None) -> dict:
     output_dir = args.output_dir or (ROOT / "outputs" / "benchmarks_quick" if args.quick else None)
     summaries = {}
     for name in args.only:
-        output = (output_dir / name if output_dir else ROOT / "benchmarks" / name) / "results.md"
+        benchmark = BENCHMARKS[name].BENCHMARK
+        output = output_dir / name / benchmark.results.name if output_dir else benchmark.results
         started = time.perf_counter()
         if args.tune and not args.quick:
             BENCHMARKS[name].main(["--tune"])
