@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, BertModel
 
 from calmrl_hf import CalMRLConfig, CalMRLModel
 from calmrl_hf.alignment import gram_singular_values, pmrl_loss
+from calmrl_hf.towers import run_tower
 
 from tiny_models import MIXED_MASK, tiny_batch, tiny_bert, tiny_config
 
@@ -334,13 +335,11 @@ def test_convolutional_vision_tower(kind, tmp_path):
     model = CalMRLModel(config).eval()
     assert model.projections["vision"].in_features == 24
     pixels = torch.randn(3, 3, 16, 16)
-    pooled, tokens, token_mask = model._run_tower("vision", {"pixel_values": pixels})
+    pooled, tokens, token_mask = run_tower(model.encoders["vision"], "mean", "vision", {"pixel_values": pixels})
     assert tokens.shape[0] == 3 and tokens.shape[2] == 24 and token_mask.all()
     if kind == "resnet":  # ResNet's pooler is the global average of its last feature map
-        model.config.pooling["vision"] = "pooler"
-        pooler, _, _ = model._run_tower("vision", {"pixel_values": pixels})
+        pooler, _, _ = run_tower(model.encoders["vision"], "pooler", "vision", {"pixel_values": pixels})
         torch.testing.assert_close(pooler, pooled)
-        model.config.pooling["vision"] = "mean"
     mask = torch.tensor([[True, False, True, False]] * 3)
     out = model(modality_mask=mask, vision_pixel_values=pixels, text_input_ids=torch.randint(1, 60, (3, 5)))
     assert out.embeddings.shape == (3, 4, 16) and torch.isfinite(out.loss)
