@@ -37,8 +37,9 @@ def check_embeddings(embeddings, modality_mask, *, name: str = "embeddings", mas
                      rows: str = "B", num_modalities: int | None = None, dim: int | None = None,
                      min_rows: int = 1, every_row_observed: bool = True,
                      mask_optional: bool = True) -> torch.Tensor | None:
-    """Embeddings: a floating-point tensor [rows, k, d] (k and d fixed where given, every size >= 1, the
-    rows >= `min_rows`: 0 or 1); `modality_mask`: a bool [rows, k] on the same device, or None (all observed) where `mask_optional`.
+    """Embeddings: a floating-point tensor [rows, k, d] (k and d fixed where given; k, d >= 1 and rows >=
+    `min_rows`, 0 or 1); `modality_mask`: a bool [rows, k] on the same device, or None (all observed) where
+    `mask_optional`.
 
     Returns the mask as given (None stays None).
     """

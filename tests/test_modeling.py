@@ -256,6 +256,17 @@ def test_remote_code_loads_without_the_package(tmp_path):
     assert "ok" in result.stdout
 
 
+def test_remote_code_imports_only_torch_transformers_and_safetensors(tmp_path):
+    from transformers.dynamic_module_utils import get_imports
+
+    CalMRLModel(tiny_config()).save_pretrained(tmp_path)
+    copied = sorted(tmp_path.glob("*.py"))
+    assert {"modeling_calmrl.py", "configuration_calmrl.py", "alignment.py", "imputer.py"} <= {p.name for p in copied}
+    for path in copied:
+        third_party = set(get_imports(path)) - set(sys.stdlib_module_names)
+        assert third_party <= {"torch", "transformers", "safetensors"}, (path.name, third_party)
+
+
 def test_from_encoders_uses_pretrained_tower(tmp_path):
     tower = BertModel(tiny_bert()).eval()
     tower.save_pretrained(tmp_path / "bert")
