@@ -135,8 +135,8 @@ class PPCAImputer(nn.Module):
         init_noise_var: noise variance before any fit.
         seed: seed of the deterministic initial W.
 
-    Buffers (persistent, float32): `weight` [k, d, q], `mean` [k, d], `noise_var` [k], `fitted` [k] (1.0 once a
-    modality has had an M-step with rows) and `num_observed` [k] (rows behind its last M-step).
+    Buffers (persistent, float32): `weight` [k, d, q], `mean` [k, d], `noise_var` [k] and `fitted` [k] (1.0 once a
+    modality has had an M-step with rows).
     """
 
     def __init__(self, num_modalities: int, dim: int, latent_dim: int, *, noise_var_floor: float = 1e-6,
@@ -154,7 +154,6 @@ class PPCAImputer(nn.Module):
         self.register_buffer("noise_var", torch.empty(num_modalities))
         # bookkeeping kept float on purpose: transformers' strict fp32 loading casts integer buffers
         self.register_buffer("fitted", torch.empty(num_modalities))
-        self.register_buffer("num_observed", torch.empty(num_modalities))
         self.reset_parameters()
 
     def extra_repr(self) -> str:
@@ -169,7 +168,6 @@ class PPCAImputer(nn.Module):
         self.mean.zero_()
         self.noise_var.fill_(self.init_noise_var)
         self.fitted.zero_()
-        self.num_observed.zero_()
 
     @property
     def fitted_modalities(self) -> torch.Tensor:
@@ -357,7 +355,6 @@ class PPCAImputer(nn.Module):
         self.mean[index] = loading[:, :, q].to(self.mean.dtype)
         self.noise_var[index] = noise_var.to(self.noise_var.dtype)
         self.fitted[index] = 1.0
-        self.num_observed[index] = count.to(self.num_observed.dtype)
 
     # ------------------------------------------------------------------ full-batch EM
     @torch.no_grad()

@@ -108,6 +108,8 @@ class CalMRLPreTrainedModel(PreTrainedModel):
     # for fp16; the strict variant keeps them float32 under bf16 too (it also makes the module's integer buffers
     # float32, which is why the imputer's bookkeeping buffers are float).
     _keep_in_fp32_modules_strict = ["imputer"]
+    # Checkpoints saved before the imputer dropped its write-only `num_observed` buffer still load.
+    _keys_to_ignore_on_load_unexpected = [r"^imputer\.num_observed$"]
 
     def _init_weights(self, module):
         if getattr(module, "_fusion_init", False):

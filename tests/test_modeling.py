@@ -311,6 +311,19 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
         CalMRLModel.from_pretrained(tmp_path, config=tiny_config(modalities=["vision", "audio", "text"]))
 
 
+def test_checkpoints_with_the_former_num_observed_buffer_still_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = fitted_model()
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(weights)
+    save_file({**tensors, "imputer.num_observed": torch.full((4,), 24.0)}, weights, metadata={"format": "pt"})
+    loaded = CalMRLModel.from_pretrained(tmp_path)
+    for name, buffer in model.imputer.named_buffers():
+        assert torch.equal(dict(loaded.imputer.named_buffers())[name], buffer), name
+
+
 def test_feature_towers_over_precomputed_embeddings(tmp_path):
     from calmrl_hf import FeatureEncoderConfig
 
