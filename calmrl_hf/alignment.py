@@ -3,7 +3,8 @@
 Every objective takes `embeddings` [B, k, d] (row b, modality m: the unit-norm embedding z_b^m) and an optional
 `modality_mask` [B, k] (True = observed; None = all observed) and returns a scalar. With a mask and no
 imputation, each instance uses only its observed columns: the "observed only" baseline. CalMRL is any of them
-applied to observed + imputed columns (DESIGN.md section 3).
+applied to observed + imputed columns: the imputer fills the missing columns first, so every instance enters the
+objective with all k columns (`OBJECTIVES` maps each `CalMRLConfig.alignment_objective` to its function).
 
 Objectives (each written the way its authors' public training code computes it):
 
@@ -19,8 +20,9 @@ Objectives (each written the way its authors' public training code computes it):
   against an anchor modality.
 - `pairwise_infonce_loss`: symmetric InfoNCE over every pair of modalities.
 
-Diagnostics (CalMRL, arXiv 2511.12034, Theorem 1; DESIGN.md section 4): `anchor_shift`,
-`anchor_shift_bounds`, `calibrated_anchor_shift`. Building block: `gram_singular_values`.
+Diagnostics (CalMRL, arXiv 2511.12034, Theorem 1: how far the leading left singular vector, the "anchor", moves
+when columns are missing, and how far it stays after calibration): `anchor_shift`, `anchor_shift_bounds`,
+`calibrated_anchor_shift`. Building block: `gram_singular_values`.
 
 Deviations from the authors' code, all deliberate:
 - PMRL's singular values and vector come from the k x k Gram eigendecomposition (exact, and far cheaper than
@@ -64,13 +66,18 @@ import functools
 import numbers
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .collective import gather_with_grad, world_size
+from .validation import check_embeddings
 
-_MIN_TEMPERATURE = 1e-3
+
+# Temperatures are clamped to at least this, so a learnable one can never reach zero.
+MIN_TEMPERATURE = 1e-3
 # Eigenvalue gaps below this fraction of max(|lambda|, 1) count as repeated in the eigh backward: their
 # (infinite) eigenvector-gradient terms are dropped. Per dtype: max(1e-9, 100 eps).
 _DEGENERATE_GAP_FLOOR = 1e-9
@@ -101,28 +108,10 @@ def _full_precision(function):
 
 
 def _check(embeddings: torch.Tensor, modality_mask: torch.Tensor | None, name: str = "embeddings") -> torch.Tensor:
-    """Validate at the door; returns a bool mask [B, k] (all True when None)."""
-    if not isinstance(embeddings, torch.Tensor) or not torch.is_floating_point(embeddings):
-        raise TypeError(f"{name} must be a floating-point tensor [B, k, d], got "
-                        f"{getattr(embeddings, 'dtype', type(embeddings).__name__)}.")
-    if embeddings.dim() != 3:
-        raise ValueError(f"{name} must have shape [B, k, d], got {list(embeddings.shape)}.")
-    if 0 in embeddings.shape:
-        raise ValueError(f"{name} must have B, k, d >= 1, got shape {list(embeddings.shape)}.")
+    """Validate at the door (`validation.check_embeddings`); returns a bool mask [B, k] (all True when None)."""
+    check_embeddings(embeddings, modality_mask, name=name)
     if modality_mask is None:
         return torch.ones(embeddings.shape[:2], dtype=torch.bool, device=embeddings.device)
-    if not isinstance(modality_mask, torch.Tensor) or modality_mask.dtype != torch.bool:
-        raise TypeError(f"modality_mask must be a bool tensor [B, k], got "
-                        f"{getattr(modality_mask, 'dtype', type(modality_mask).__name__)}.")
-    if modality_mask.shape != embeddings.shape[:2]:
-        raise ValueError(f"modality_mask must have shape {list(embeddings.shape[:2])} to match {name} "
-                         f"{list(embeddings.shape)}, got {list(modality_mask.shape)}.")
-    if modality_mask.device != embeddings.device:
-        raise ValueError(f"modality_mask is on {modality_mask.device}, {name} on {embeddings.device}.")
-    empty = (~modality_mask.any(dim=1)).nonzero().flatten()
-    if empty.numel():
-        raise ValueError(f"Rows {empty[:10].tolist()}{' ...' if empty.numel() > 10 else ''} of modality_mask "
-                         f"observe no modality ({empty.numel()} such rows); every row needs at least one.")
     return modality_mask
 
 
@@ -135,15 +124,15 @@ def _masked(embeddings: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
                                                                              device=embeddings.device))
 
 
-def _temperature(value, name: str = "temperature") -> torch.Tensor | float:
-    """A float or a 0-dim tensor (learnable temperatures keep their gradient), clamped to >= 1e-3."""
+def clamp_temperature(value, name: str = "temperature") -> torch.Tensor | float:
+    """A float or a 0-dim tensor (learnable temperatures keep their gradient), clamped to >= `MIN_TEMPERATURE`."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dim() > 1:
             raise ValueError(f"{name} must be a float or a 0-dim tensor, got a tensor of shape {list(value.shape)}.")
-        return value.reshape(()).clamp_min(_MIN_TEMPERATURE)
+        return value.reshape(()).clamp_min(MIN_TEMPERATURE)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
         raise ValueError(f"{name} must be a positive finite number or a 0-dim tensor, got {value!r}.")
-    return max(float(value), _MIN_TEMPERATURE)
+    return max(float(value), MIN_TEMPERATURE)
 
 
 def _label_smoothing(value: float) -> float:
@@ -275,7 +264,7 @@ def pmrl_loss(
     local batch.
     """
     mask = _check(embeddings, modality_mask)
-    tau1, tau2 = _temperature(tau1, "tau1"), _temperature(tau2, "tau2")
+    tau1, tau2 = clamp_temperature(tau1, "tau1"), clamp_temperature(tau2, "tau2")
     singular, u = _leading(_masked(embeddings, modality_mask), mask)
     # row b has min(|Omega_b|, d) singular values: the leading ones of the descending list
     count = mask.sum(dim=1, keepdim=True).clamp_max(embeddings.shape[2])
@@ -346,7 +335,7 @@ def gram_loss(
     """
     mask = _check(embeddings, modality_mask)
     anchor = _anchor_index(anchor, mask.shape[1])
-    temperature, label_smoothing = _temperature(temperature), _label_smoothing(label_smoothing)
+    temperature, label_smoothing = clamp_temperature(temperature), _label_smoothing(label_smoothing)
     if mask.shape[1] < 2:
         raise ValueError(f"gram_loss needs at least two modalities, got k={mask.shape[1]}.")
     others = [m for m in range(mask.shape[1]) if m != anchor]
@@ -402,7 +391,7 @@ def triangle_loss(
     vertices); raises if none does.
     """
     mask = _check(embeddings, modality_mask)
-    temperature, label_smoothing = _temperature(temperature), _label_smoothing(label_smoothing)
+    temperature, label_smoothing = clamp_temperature(temperature), _label_smoothing(label_smoothing)
     k = mask.shape[1]
     if modalities is None:
         if k != 3:
@@ -447,7 +436,7 @@ def anchor_infonce_loss(embeddings: torch.Tensor, modality_mask: torch.Tensor | 
     mask = _check(embeddings, modality_mask)
     anchor = _anchor_index(anchor, mask.shape[1])
     pairs = [(anchor, m) for m in range(mask.shape[1]) if m != anchor]
-    return _pair_infonce(_masked(embeddings, modality_mask), mask, pairs, _temperature(temperature))
+    return _pair_infonce(_masked(embeddings, modality_mask), mask, pairs, clamp_temperature(temperature))
 
 
 @_full_precision
@@ -458,7 +447,7 @@ def pairwise_infonce_loss(embeddings: torch.Tensor, modality_mask: torch.Tensor 
     mask = _check(embeddings, modality_mask)
     k = mask.shape[1]
     pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
-    return _pair_infonce(_masked(embeddings, modality_mask), mask, pairs, _temperature(temperature))
+    return _pair_infonce(_masked(embeddings, modality_mask), mask, pairs, clamp_temperature(temperature))
 
 
 # ---------------------------------------------------------------------------- anchor shift (Theorem 1)
@@ -523,11 +512,70 @@ def calibrated_anchor_shift(true_embeddings: torch.Tensor, calibrated_embeddings
     return (true_u - _aligned(true_u, calibrated_u)).norm(dim=-1)
 
 
+# ---------------------------------------------------------------------------- the objective registry
+@dataclass(frozen=True)
+class Objective:
+    """An entry of `OBJECTIVES`: `loss(embeddings, modality_mask, config, temperature)` is the objective with its
+    settings read from a `CalMRLConfig` (the fields named in `config_keys`); `temperature` is the model's
+    (learnable) contrastive temperature, clamped inside the loss."""
+
+    loss: Callable[..., torch.Tensor]
+    config_keys: tuple[str, ...]
+
+
+def _anchor_of(config) -> int:
+    return config.modality_index(config.anchor_modality)
+
+
+def _pmrl_objective(embeddings, modality_mask, config, temperature):
+    # negatives from every process where asked (and there is more than one)
+    gather_fn = gather_with_grad if config.gather_across_processes and world_size() > 1 else None
+    return pmrl_loss(embeddings, modality_mask, tau1=config.pmrl_tau1, tau2=config.pmrl_tau2, gather_fn=gather_fn)
+
+
+def _gram_objective(embeddings, modality_mask, config, temperature):
+    return gram_loss(embeddings, modality_mask, temperature=temperature, label_smoothing=config.label_smoothing,
+                     anchor=_anchor_of(config))
+
+
+def _triangle_objective(embeddings, modality_mask, config, temperature):
+    anchor, modalities = _anchor_of(config), None
+    if config.triangle_modalities is not None:  # the three named modalities, the first one the anchor
+        modalities = [config.modality_index(m) for m in config.triangle_modalities]
+        anchor = modalities[0]
+    return triangle_loss(embeddings, modality_mask, temperature=temperature, label_smoothing=config.label_smoothing,
+                         anchor=anchor, modalities=modalities)
+
+
+def _anchor_infonce_objective(embeddings, modality_mask, config, temperature):
+    return anchor_infonce_loss(embeddings, modality_mask, anchor=_anchor_of(config), temperature=temperature)
+
+
+def _pairwise_infonce_objective(embeddings, modality_mask, config, temperature):
+    return pairwise_infonce_loss(embeddings, modality_mask, temperature=temperature)
+
+
+_CONTRASTIVE_KEYS = ("temperature", "learnable_temperature")
+# `CalMRLConfig.alignment_objective` -> the objective; its names are `configuration_calmrl.ALIGNMENT_OBJECTIVES`.
+OBJECTIVES: dict[str, Objective] = {
+    "pmrl": Objective(_pmrl_objective, ("pmrl_tau1", "pmrl_tau2", "gather_across_processes")),
+    "gram": Objective(_gram_objective, (*_CONTRASTIVE_KEYS, "label_smoothing", "anchor_modality")),
+    "triangle": Objective(_triangle_objective,
+                          (*_CONTRASTIVE_KEYS, "label_smoothing", "anchor_modality", "triangle_modalities")),
+    "anchor_infonce": Objective(_anchor_infonce_objective, (*_CONTRASTIVE_KEYS, "anchor_modality")),
+    "pairwise_infonce": Objective(_pairwise_infonce_objective, _CONTRASTIVE_KEYS),
+}
+
+
 __all__ = [
+    "MIN_TEMPERATURE",
+    "OBJECTIVES",
+    "Objective",
     "anchor_infonce_loss",
     "anchor_shift",
     "anchor_shift_bounds",
     "calibrated_anchor_shift",
+    "clamp_temperature",
     "gram_loss",
     "gram_singular_values",
     "gram_volume",

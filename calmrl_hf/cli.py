@@ -53,26 +53,26 @@ def _load_dataset(args, processor):
 
 
 def _embed(model, processor, dataset, batch_size: int):
-    import torch
-
-    from .data import CalMRLCollator, model_inputs
+    """(ids, labels or None, embeddings [N, k, D], modality_mask [N, k]) of a dataset, through the library's one
+    embedding loop (`training.embed_dataset`); examples observing no modality are left out."""
+    from .data import CalMRLCollator
+    from .training import embed_dataset
 
     collator = CalMRLCollator(processor)
-    ids, labels, embeddings, masks = [], [], [], []
-    with torch.no_grad():
+    ids = []
+
+    def batches():
         for start in range(0, len(dataset), batch_size):
             examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             examples = [e for e in examples if any(e.get(m) is not None for m in processor.modality_names)]
-            if not examples:
-                continue
-            batch = collator(examples)
-            batch_labels = batch.get("labels")
-            z, mask = model.embed_modalities(**model_inputs(batch))
-            ids += [e["id"] for e in examples]
-            labels += batch_labels.tolist() if batch_labels is not None else [None] * len(examples)
-            embeddings.append(z.float())
-            masks.append(mask)
-    return ids, labels, torch.cat(embeddings), torch.cat(masks)
+            if examples:
+                ids.extend(e["id"] for e in examples)
+                yield collator(examples)
+
+    data = embed_dataset(model, batches())
+    if not ids:
+        raise CommandError("The dataset has no example with any modality to embed.")
+    return ids, data.get("labels"), data["embeddings"], data["modality_mask"]
 
 
 def command_train(args) -> None:
@@ -82,14 +82,11 @@ def command_train(args) -> None:
 
 
 def command_evaluate(args) -> None:
-    import torch
-
     from .evaluation import retrieval_metrics
 
     model, processor = _load_model(args.model)
     ids, labels, embeddings, mask = _embed(model, processor, _load_dataset(args, processor), args.batch_size)
-    label_tensor = torch.tensor(labels) if labels and all(label is not None for label in labels) else None
-    metrics = retrieval_metrics(embeddings, mask, model.config.modalities, labels=label_tensor)
+    metrics = retrieval_metrics(embeddings, mask, model.config.modalities, labels=labels)
     print(json.dumps({"instances": len(ids), **{k: round(v, 4) for k, v in metrics.items()}}, indent=2))
 
 

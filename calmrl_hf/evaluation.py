@@ -20,16 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from .alignment import anchor_shift, calibrated_anchor_shift
+from .validation import check_embeddings
 
 
 def _check(embeddings: torch.Tensor, modality_mask: torch.Tensor, modalities: Sequence[str]) -> None:
-    if embeddings.dim() != 3:
-        raise ValueError(f"embeddings must be [N, k, D], got shape {list(embeddings.shape)}.")
-    if modality_mask.dtype != torch.bool or modality_mask.shape != embeddings.shape[:2]:
-        raise ValueError(
-            f"modality_mask must be a bool tensor of shape {list(embeddings.shape[:2])}, got "
-            f"{modality_mask.dtype} {list(modality_mask.shape)}."
-        )
+    check_embeddings(embeddings, modality_mask, rows="N", min_rows=0, every_row_observed=False, mask_optional=False)
     if len(modalities) != embeddings.shape[1]:
         raise ValueError(f"{len(modalities)} modality names for {embeddings.shape[1]} modalities.")
 

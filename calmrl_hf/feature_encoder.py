@@ -14,6 +14,8 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .towers import masked_mean
+
 
 class FeatureEncoderConfig(PreTrainedConfig):
     r"""
@@ -66,12 +68,7 @@ class FeatureEncoderModel(PreTrainedModel):
         for layer in self.layers:
             hidden = self.dropout(self.activation(layer(hidden)))
         hidden = self.layer_norm(hidden)  # [n, L, H]
-        if attention_mask is None:
-            pooled = hidden.mean(dim=1)
-        else:
-            weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
-            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
-        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=masked_mean(hidden, attention_mask))
 
 
 __all__ = ["FeatureEncoderConfig", "FeatureEncoderModel"]

@@ -8,6 +8,11 @@ embedding) and a feed-forward block; the head classifies the first token (match 
 
 transformers 5's `BertLayer` builds cross-attention only for `is_decoder=True`, which also makes its
 self-attention causal; a fusion encoder must see the whole caption, so its layers are built here.
+
+The plumbing between the model and the head lives here too: which rows are paired, their condition tokens
+(`condition_memory`), the hard negatives drawn across processes (`matching_step`) and re-ranking scores
+(`match_probability`). Imports torch only (and same-folder files): this file is copied into checkpoints as
+remote code.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .alignment import clamp_temperature
+from .collective import gather_padded, world_size
 
 
 def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor | None = None,
@@ -38,15 +46,20 @@ def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor | No
 
 
 class FusionEncoder(nn.Module):
-    """Caption tokens [n, L, W] x condition tokens [n, M, W] -> match logits [n, 2]."""
+    """Caption tokens [n, L, W] x condition tokens [n, M, W] -> match logits [n, 2].
+
+    `modalities` are the model's modalities (in the order of its k axis), `caption` the one whose tokens the
+    encoder reads (its tower's width is `width`); `condition_widths` the token width of each other modality.
+    """
 
     def __init__(self, width: int, num_layers: int, num_heads: int, condition_widths: dict[str, int],
-                 num_modalities: int, dropout: float = 0.1):
+                 modalities: list[str], caption: str, dropout: float = 0.1):
         super().__init__()
         if width % num_heads:
             raise ValueError(f"The fusion width {width} is not divisible by {num_heads} attention heads.")
+        self.modalities, self.caption = list(modalities), caption
         self.token_projections = nn.ModuleDict({name: nn.Linear(w, width) for name, w in condition_widths.items()})
-        self.modality_type = nn.Embedding(num_modalities, width)
+        self.modality_type = nn.Embedding(len(self.modalities), width)
         layer = nn.TransformerDecoderLayer(width, num_heads, 4 * width, dropout, batch_first=True, norm_first=True)
         self.layers = nn.TransformerDecoder(layer, num_layers)
         self.norm = nn.LayerNorm(width)
@@ -60,12 +73,10 @@ class FusionEncoder(nn.Module):
         """PyTorch's own initialisation of one fusion-encoder module (Linear: kaiming-uniform, attention
         in-projections: xavier, LayerNorm: identity), the modality type embedding N(0, 0.02).
 
-        Not the N(0, initializer_range = 0.02) that transformers' `_init_weights` gives every `nn.Linear`: at width
-        W = 64 such a layer scales a vector by about 0.02 sqrt(W) = 0.16, and the condition reaches the [CLS] state
-        through three of them (token projection, attention value, attention output), ~1e-2 of the caption's
-        residual. The head then starts as a near-constant function of the caption alone, and on a small training
-        budget it stays one: its logits barely depend on the candidate, and what little they do ranks the true
-        candidate in the middle of its retrieval neighbours (below chance at Recall@1 after re-ranking).
+        Not the N(0, initializer_range = 0.02) that transformers' `_init_weights` gives every `nn.Linear`: such a
+        layer scales a vector by about 0.02 sqrt(W), and the condition reaches the [CLS] state through three of
+        them (token projection, attention value, attention output), so the head would start as a function of the
+        caption alone, blind to the candidate it is asked to match.
         """
         if isinstance(module, nn.MultiheadAttention):
             module._reset_parameters()  # xavier in-projection, zero biases (out_proj is a Linear: its own call)
@@ -90,6 +101,90 @@ class FusionEncoder(nn.Module):
         hidden = self.layers(caption, condition, tgt_key_padding_mask=~caption_mask,
                              memory_key_padding_mask=~condition_mask)
         return self.head(self.norm(hidden[:, 0]))  # the first ([CLS]) token
+
+    def condition_memory(self, modality_mask: torch.Tensor, tokens: dict, rows: torch.Tensor):
+        """Condition tokens of batch rows `rows`: their observed non-caption modalities' tokens in the fusion space,
+        concatenated and padded: ([n, M, W], bool mask [n, M]). Imputed modalities have no tokens: never fed.
+
+        `tokens` maps each modality to (token states [n_m, L, H], token mask [n_m, L]) of its observed rows.
+        """
+        per_row_states, per_row_masks = [[] for _ in rows], [[] for _ in rows]
+        for name, (states, state_mask) in tokens.items():
+            if name == self.caption:
+                continue
+            index = self.modalities.index(name)
+            position = modality_mask[:, index].long().cumsum(0) - 1  # batch row -> row of this modality's inputs
+            projected = self.condition_tokens(name, index, states)
+            for slot, row in enumerate(rows.tolist()):
+                if modality_mask[row, index]:
+                    per_row_states[slot].append(projected[position[row]])
+                    per_row_masks[slot].append(state_mask[position[row]])
+        reference = next(iter(tokens.values()))[0]
+        empty_state = reference.new_zeros(1, self.head.in_features)  # a row without condition: a masked placeholder
+        empty_mask = torch.zeros(1, dtype=torch.bool, device=reference.device)
+        memory = nn.utils.rnn.pad_sequence([torch.cat(s) if s else empty_state for s in per_row_states],
+                                           batch_first=True)  # [n, M, W]
+        memory_mask = nn.utils.rnn.pad_sequence([torch.cat(m) if m else empty_mask for m in per_row_masks],
+                                                batch_first=True)  # [n, M]
+        return memory, memory_mask
+
+    def matching_step(self, embeddings: torch.Tensor, modality_mask: torch.Tensor, tokens: dict, temperature,
+                      gather: bool = False) -> torch.Tensor | None:
+        """The matching term with hard negatives, over the rows observing the caption and another modality.
+
+        Per row: the positive pair, one negative condition for its caption and one negative caption for its
+        condition, each drawn in proportion to softmax(alignment similarity / temperature) from the batch (of
+        every process with `gather`), the positive excluded. `embeddings` [B, k, D] and `modality_mask` [B, k] are
+        the observed ones. Returns None when fewer than two rows of the local batch qualify.
+        """
+        caption_index = self.modalities.index(self.caption)
+        others = torch.ones(len(self.modalities), dtype=torch.bool, device=modality_mask.device)
+        others[caption_index] = False
+        rows = (modality_mask[:, caption_index] & (modality_mask & others).any(dim=1)).nonzero().flatten()
+        if rows.numel() < 2:
+            return None
+        caption_states, caption_mask = tokens[self.caption]
+        caption_position = modality_mask[:, caption_index].long().cumsum(0) - 1
+        captions, captions_mask = caption_states[caption_position[rows]], caption_mask[caption_position[rows]]
+        memory, memory_mask = self.condition_memory(modality_mask, tokens, rows)
+        # similarity of caption i and condition j: caption embedding vs mean of j's observed other embeddings
+        condition_embeds = F.normalize((embeddings[rows] * (modality_mask[rows] & others).unsqueeze(-1)).sum(dim=1),
+                                       dim=-1)
+        caption_embeds = embeddings[rows, caption_index]
+        # negatives come from the batch of every process (padded gather; the local part keeps its gradient)
+        pool = [gather_padded(t) if gather and world_size() > 1 else (t, None, 0) for t in
+                (captions, captions_mask, memory, memory_mask, caption_embeds, condition_embeds)]
+        (all_captions, valid, offset), (all_captions_mask, _, _), (all_memory, _, _), (all_memory_mask, _, _), \
+            (all_caption_embeds, _, _), (all_condition_embeds, _, _) = pool
+        n = rows.numel()
+        own = torch.arange(n, device=rows.device) + offset  # the local rows among the gathered ones
+        temperature = clamp_temperature(temperature)
+        negative_condition = sample_hard_negatives(caption_embeds @ all_condition_embeds.T / temperature,
+                                                   own, valid)  # a condition for each local caption
+        negative_caption = sample_hard_negatives(condition_embeds @ all_caption_embeds.T / temperature,
+                                                 own, valid)  # a caption for each local condition
+        pair_captions = torch.cat([all_captions[own], all_captions[own], all_captions[negative_caption]])
+        pair_captions_mask = torch.cat([all_captions_mask[own], all_captions_mask[own],
+                                        all_captions_mask[negative_caption]])
+        pair_memory = torch.cat([all_memory[own], all_memory[negative_condition], all_memory[own]])
+        pair_memory_mask = torch.cat([all_memory_mask[own], all_memory_mask[negative_condition],
+                                      all_memory_mask[own]])
+        labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(rows.device)
+        return matching_loss(self(pair_captions, pair_captions_mask, pair_memory, pair_memory_mask), labels)
+
+    def match_probability(self, caption_states: torch.Tensor, caption_mask: torch.Tensor,
+                          tokens: dict) -> torch.Tensor:
+        """P(match) [n] of n (caption, condition) pairs: caption tokens [n, L, H] and mask [n, L], and the tokens
+        of each condition modality, all n rows observed."""
+        n = caption_states.shape[0]
+        mask = torch.zeros(n, len(self.modalities), dtype=torch.bool, device=caption_states.device)
+        for name, (states, _) in tokens.items():
+            if states.shape[0] != n:
+                raise ValueError(f"condition {name!r} has {states.shape[0]} rows for {n} captions.")
+            mask[:, self.modalities.index(name)] = True
+        memory, memory_mask = self.condition_memory(mask, tokens, torch.arange(n, device=mask.device))
+        logits = self(caption_states, caption_mask, memory, memory_mask)
+        return logits.float().softmax(dim=-1)[:, 1]
 
 
 def matching_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,11 @@ import json
 import logging
 from pathlib import Path
 
+from .loading import PICKLE_SUFFIXES
+
 
 logger = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Training-state folders and files that belong to a run, not to the shared model.
 EXCLUDED_PATTERNS = ["checkpoints/**", "runs/**", "logs/**", "*.pkl", "optimizer*", "scheduler*", "random_states*"]
 

@@ -1,6 +1,6 @@
 """Multi-view probabilistic PCA with missing views: CalMRL's imputer of missing embeddings.
 
-Model (DESIGN.md section 2; Liu et al., ICML 2026, arXiv 2511.12034, Section 4). For instance i and
+Model (Liu et al., ICML 2026, arXiv 2511.12034, Section 4). For instance i and
 modalities m = 1..k, with a latent shared by all modalities:
 
     beta_i ~ N(0, I_q)
@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .validation import check_embeddings
 
 
 logger = logging.getLogger(__name__)
@@ -133,8 +135,8 @@ class PPCAImputer(nn.Module):
         init_noise_var: noise variance before any fit.
         seed: seed of the deterministic initial W.
 
-    Buffers (persistent, float32): `weight` [k, d, q], `mean` [k, d], `noise_var` [k], `fitted` [k] (1.0 once a
-    modality has had an M-step with rows) and `num_observed` [k] (rows behind its last M-step).
+    Buffers (persistent, float32): `weight` [k, d, q], `mean` [k, d], `noise_var` [k] and `fitted` [k] (1.0 once a
+    modality has had an M-step with rows).
     """
 
     def __init__(self, num_modalities: int, dim: int, latent_dim: int, *, noise_var_floor: float = 1e-6,
@@ -152,7 +154,6 @@ class PPCAImputer(nn.Module):
         self.register_buffer("noise_var", torch.empty(num_modalities))
         # bookkeeping kept float on purpose: transformers' strict fp32 loading casts integer buffers
         self.register_buffer("fitted", torch.empty(num_modalities))
-        self.register_buffer("num_observed", torch.empty(num_modalities))
         self.reset_parameters()
 
     def extra_repr(self) -> str:
@@ -167,7 +168,6 @@ class PPCAImputer(nn.Module):
         self.mean.zero_()
         self.noise_var.fill_(self.init_noise_var)
         self.fitted.zero_()
-        self.num_observed.zero_()
 
     @property
     def fitted_modalities(self) -> torch.Tensor:
@@ -176,21 +176,8 @@ class PPCAImputer(nn.Module):
 
     # ------------------------------------------------------------------ validation
     def _validate(self, z: torch.Tensor, mask: torch.Tensor) -> None:
-        k, d = self.num_modalities, self.dim
-        if not isinstance(z, torch.Tensor) or not torch.is_floating_point(z):
-            raise TypeError(f"z must be a floating-point tensor [N, {k}, {d}], got "
-                            f"{getattr(z, 'dtype', type(z).__name__)}.")
-        if z.dim() != 3 or z.shape[1] != k or z.shape[2] != d:
-            raise ValueError(f"z must have shape [N, {k}, {d}] (rows, modalities, dim), got {list(z.shape)}.")
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor [N, {k}] (True = observed), got "
-                            f"{getattr(mask, 'dtype', type(mask).__name__)}.")
-        if mask.shape != z.shape[:2]:
-            raise ValueError(f"mask must have shape {list(z.shape[:2])} to match z, got {list(mask.shape)}.")
-        empty = (~mask.any(dim=1)).nonzero().flatten()
-        if empty.numel():
-            raise ValueError(f"Rows {empty[:10].tolist()} observe no modality: the imputer needs at least one "
-                             f"observed modality per row.")
+        check_embeddings(z, mask, name="z", mask_name="mask", rows="N", num_modalities=self.num_modalities,
+                         dim=self.dim, min_rows=0, mask_optional=False)
         # a row sum is finite iff every entry is (NaN or inf propagates): one read pass, no [N, k, d] temporary
         finite = torch.isfinite(z.sum(dim=-1))  # [N, k]
         bad = (mask & ~finite).nonzero()
@@ -368,7 +355,6 @@ class PPCAImputer(nn.Module):
         self.mean[index] = loading[:, :, q].to(self.mean.dtype)
         self.noise_var[index] = noise_var.to(self.noise_var.dtype)
         self.fitted[index] = 1.0
-        self.num_observed[index] = count.to(self.num_observed.dtype)
 
     # ------------------------------------------------------------------ full-batch EM
     @torch.no_grad()

@@ -121,8 +121,9 @@ class TrainOutput:
 class ImputerUpdater:
     """The imputer step of the bi-step, passed to `CalMRLModel.forward` as `imputer_update_fn`.
 
-    Statistics are additive (DESIGN §2), so the batch statistics of all processes are summed with ONE
-    all-reduce of a flat float64 vector, accumulated, and every process runs the same closed-form M-step.
+    Statistics are additive (`PPCAStatistics` are sums over rows), so the batch statistics of all processes
+    are summed with ONE all-reduce of a flat float64 vector, accumulated, and every process runs the same
+    closed-form M-step.
     """
 
     def __init__(self, model: CalMRLModel, accelerator: Accelerator, args: TrainingArguments):
@@ -251,20 +252,29 @@ def build_accelerator(args: TrainingArguments) -> Accelerator:
 
 
 @torch.no_grad()
-def embed_dataset(model, dataloader, accelerator: Accelerator) -> dict[str, torch.Tensor]:
-    """Embeddings [N, k, D], modality masks [N, k] (and labels) of a whole dataset, gathered from all processes."""
+def embed_dataset(model, dataloader, accelerator: Accelerator | None = None) -> dict[str, torch.Tensor]:
+    """Embeddings [N, k, D], modality masks [N, k] (and labels, where every batch has them) of a whole dataset.
+
+    `dataloader` is any iterable of collated batches; with an `accelerator` they are gathered from all processes
+    (`gather_for_metrics`). The one embedding loop of the library: the training loop, the CLI and the benchmarks
+    embed through it.
+    """
     model.eval()
+    gather = accelerator.gather_for_metrics if accelerator is not None else (lambda value: value)
+    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
     chunks: dict[str, list[torch.Tensor]] = {"embeddings": [], "modality_mask": [], "labels": []}
-    unwrapped = accelerator.unwrap_model(model)
     for batch in dataloader:
         labels = batch.get("labels")
         embeddings, mask = unwrapped.embed_modalities(**model_inputs(batch))
-        gathered = accelerator.gather_for_metrics((embeddings.float(), mask))
+        gathered = gather((embeddings.float(), mask))
         chunks["embeddings"].append(gathered[0].cpu())
         chunks["modality_mask"].append(gathered[1].cpu())
         if isinstance(labels, torch.Tensor):
-            chunks["labels"].append(accelerator.gather_for_metrics(labels).cpu())
-    return {key: torch.cat(value) for key, value in chunks.items() if value}
+            chunks["labels"].append(gather(labels).cpu())
+    data = {key: torch.cat(value) for key, value in chunks.items() if value}
+    if "labels" in data and data["labels"].shape[0] != data["embeddings"].shape[0]:
+        del data["labels"]  # some batches had none
+    return data
 
 
 def evaluate(model, dataloader, accelerator: Accelerator, pairs=None) -> dict[str, float]:
@@ -311,6 +321,235 @@ def _prune_checkpoints(output_dir: str, keep: int | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@dataclass
+class _Run:
+    """What the steps of `train` share: the prepared objects and the loop's running state."""
+
+    accelerator: Accelerator
+    args: TrainingArguments
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    trainable: list[torch.nn.Parameter]  # the parameters the optimizer steps (gradient clipping)
+    train_loader: Any
+    eval_loader: Any
+    warm_loader: Any
+    streaming: bool  # an IterableDataset: it shuffles itself and may not know its length
+    imputer_step: ImputerUpdater
+    state: _TrainState
+    on_checkpoint: Callable[[int], None] | None
+    losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step (all processes)
+    running_loss: torch.Tensor | None = None  # sum over the micro-batches of the current optimizer step
+    running_count: int = 0
+
+
+def freeze_modules(model: CalMRLModel, args: TrainingArguments) -> None:
+    """Keep the towers of `freeze_modalities` and the heads of `freeze_projections` fixed."""
+    for name in args.freeze_modalities:
+        model.encoders[model.config.encoder_owner(name)].requires_grad_(False)
+    for name in args.freeze_projections:
+        model.projections[name].requires_grad_(False)
+
+
+def build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_fn: Callable, per_device: int,
+                      args: TrainingArguments) -> tuple[DataLoader, DataLoader | None, DataLoader | None]:
+    """(train, eval, warm-start) loaders; eval and warm start are None where there is no dataset (or no warm
+    start asked for). Train batches are whole (`drop_last`); a map-style train set is shuffled by the loader,
+    a streaming one shuffles itself (e.g. `dataset.shuffle(seed, buffer_size)`), reshuffled every epoch."""
+    streaming = isinstance(train_dataset, torch.utils.data.IterableDataset)
+    train_loader = DataLoader(train_dataset, batch_size=per_device, shuffle=not streaming, drop_last=True,
+                              collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
+    eval_loader = warm_loader = None
+    if eval_dataset is not None:
+        eval_loader = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn)
+    if warm_start_dataset is not None and args.imputer_warm_start:
+        warm_loader = DataLoader(warm_start_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn)
+    return train_loader, eval_loader, warm_loader
+
+
+def build_optimizer(model: CalMRLModel, args: TrainingArguments, num_processes: int):
+    """AdamW over the trainable parameters and the learning-rate schedule: `(optimizer, scheduler)`."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    # accelerate steps a prepared scheduler once per process per optimizer step: scale the schedule to match
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer,
+        num_warmup_steps=args.warmup_steps * num_processes,
+        num_training_steps=args.max_steps * num_processes,
+    )
+    return optimizer, scheduler
+
+
+def prepare_run(accelerator: Accelerator, args: TrainingArguments, model, optimizer, scheduler, loaders,
+                on_checkpoint) -> _Run:
+    """`accelerator.prepare` everything; the imputer step and the loop position join the checkpoints."""
+    train_loader, eval_loader, warm_loader = loaders
+    streaming = isinstance(train_loader.dataset, torch.utils.data.IterableDataset)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    if warm_loader is not None:
+        warm_loader = accelerator.prepare(warm_loader)
+    imputer_step = ImputerUpdater(accelerator.unwrap_model(model), accelerator, args)
+    state = _TrainState()
+    accelerator.register_for_checkpointing(imputer_step, state)
+    if args.log_with:
+        accelerator.init_trackers("calmrl", config={k: v for k, v in asdict(args).items()
+                                                    if isinstance(v, (int, float, str, bool))})
+    return _Run(accelerator, args, model, optimizer, scheduler, trainable, train_loader, eval_loader, warm_loader,
+                streaming, imputer_step, state, on_checkpoint,
+                running_loss=torch.zeros((), device=accelerator.device))
+
+
+def resume_or_warm_start(run: _Run, per_device: int) -> None:
+    """Resume from `args.resume_from_checkpoint` ("latest": the newest in output_dir/checkpoints), or else fit the
+    imputer on the warm-start data by full EM and keep its statistics as a prior (`ImputerUpdater.seed`)."""
+    args, accelerator = run.args, run.accelerator
+    resume = args.resume_from_checkpoint
+    if resume == "latest":
+        resume = _latest_checkpoint(args.output_dir)
+        if resume is None:
+            logger.info("No checkpoint in %s/checkpoints: starting from scratch.", args.output_dir)
+    if resume:
+        accelerator.load_state(resume)
+        logger.info("Resumed from %s at step %d.", resume, run.state.global_step)
+        return
+    if run.warm_loader is None:
+        return
+    history, warm_statistics = warm_start_imputer(run.model, run.warm_loader, accelerator,
+                                                  args.imputer_warm_start_max_iter)
+    rows_per_step = per_device * accelerator.num_processes
+    if args.imputer_statistics == "ema" or run.streaming:  # one EMA window (an epoch's length may be unknown)
+        window_rows = rows_per_step / (1.0 - args.imputer_ema_decay)
+    else:  # one epoch
+        window_rows = rows_per_step * len(run.train_loader)
+    run.imputer_step.seed(warm_statistics, window_rows)
+    logger.info("Imputer warm start: %d EM iterations, log-likelihood %.1f -> %.1f.",
+                len(history), history[0], history[-1])
+
+
+def train_step(run: _Run, batch) -> bool:
+    """One micro-batch of the bi-step: the imputer step (inside forward, `imputer_update_fn`), then the encoder
+    step. True when it completes an optimizer step (the last micro-batch of a gradient accumulation)."""
+    accelerator, args = run.accelerator, run.args
+    with accelerator.accumulate(run.model):
+        outputs = run.model(**model_inputs(batch), imputer_update_fn=run.imputer_step)
+        accelerator.backward(outputs.loss)
+        if accelerator.sync_gradients and args.max_grad_norm:
+            accelerator.clip_grad_norm_(run.trainable, args.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad()
+    run.running_loss += outputs.loss.detach().float()
+    run.running_count += 1
+    if not accelerator.sync_gradients:
+        return False
+    run.state.global_step += 1
+    step_loss = accelerator.reduce(run.running_loss / run.running_count, reduction="mean").item()
+    run.losses.append(step_loss)
+    run.running_loss.zero_()
+    run.running_count = 0
+    return True
+
+
+def after_optimizer_step(run: _Run, progress) -> None:
+    """Log every `logging_steps`, evaluate every `eval_steps`, checkpoint every `save_steps`."""
+    accelerator, args, step = run.accelerator, run.args, run.state.global_step
+    if step % args.logging_steps == 0 or step == args.max_steps:
+        progress.set_postfix(loss=f"{run.losses[-1]:.4f}")
+        if args.log_with:
+            accelerator.log({"train/loss": run.losses[-1], "train/lr": run.scheduler.get_last_lr()[0]}, step=step)
+    if run.eval_loader is not None and args.eval_steps and step % args.eval_steps == 0:
+        metrics = evaluate(run.model, run.eval_loader, accelerator, args.eval_pairs)
+        run.model.train()
+        if args.log_with:
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    if args.save_steps and step % args.save_steps == 0:
+        save_checkpoint(run)
+
+
+def save_checkpoint(run: _Run) -> None:
+    """`accelerator.save_state` to output_dir/checkpoints/step_N (model, optimizer, schedule, RNG, imputer
+    statistics, loop position), keeping the newest `save_total_limit`."""
+    accelerator, args, step = run.accelerator, run.args, run.state.global_step
+    accelerator.save_state(str(Path(args.output_dir) / "checkpoints" / f"step_{step}"))
+    if accelerator.is_main_process:
+        _prune_checkpoints(args.output_dir, args.save_total_limit)
+    accelerator.wait_for_everyone()
+    if run.on_checkpoint is not None:
+        run.on_checkpoint(step)
+
+
+def run_epoch(run: _Run, progress) -> bool:
+    """One pass over the train loader (after a resume, the rest of the interrupted epoch). True when the epoch
+    ran out, False when `max_steps` ended it."""
+    state = run.state
+    run.train_loader.set_epoch(state.epoch)
+    skip = state.batches_in_epoch
+    if skip == 0:
+        run.imputer_step.start_epoch()
+    loader = run.accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
+    run.model.train()
+    for batch in loader:
+        state.batches_in_epoch += 1
+        if not train_step(run, batch):
+            continue
+        progress.update(1)
+        after_optimizer_step(run, progress)
+        if state.global_step >= run.args.max_steps:
+            return False
+    return True
+
+
+def run_epochs(run: _Run) -> None:
+    """Epochs until `max_steps` optimizer steps."""
+    state, args = run.state, run.args
+    progress = tqdm(total=args.max_steps, initial=state.global_step,
+                    disable=not run.accelerator.is_local_main_process, desc="training")
+    while state.global_step < args.max_steps:
+        resumed_mid_epoch = state.batches_in_epoch > 0
+        if run_epoch(run, progress):
+            state.epoch += 1
+            state.batches_in_epoch = 0
+            if state.global_step == 0 and not resumed_mid_epoch:
+                raise ValueError("The train dataset yields no full batch: lower the batch size.")
+    progress.close()
+
+
+def finish(run: _Run, processor=None) -> dict[str, float]:
+    """Evaluate (with an eval set), save model and processor with `save_pretrained`, write the run's results,
+    arguments and model card, push where asked. Returns the evaluation metrics."""
+    accelerator, args, step = run.accelerator, run.args, run.state.global_step
+    metrics: dict[str, float] = {}
+    if run.eval_loader is not None:
+        metrics = evaluate(run.model, run.eval_loader, accelerator, args.eval_pairs)
+        if args.log_with:
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(run.model).save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
+                                                        save_function=accelerator.save)
+    if accelerator.is_main_process:
+        if processor is not None:
+            processor.save_pretrained(args.output_dir)
+        results = {"global_step": step, "final_loss": run.losses[-1] if run.losses else None, **metrics}
+        Path(args.output_dir, "train_results.json").write_text(json.dumps(results, indent=2))
+        recorded_args = {k: v for k, v in asdict(args).items() if k != "hub_token"}  # never write the token
+        Path(args.output_dir, "training_args.json").write_text(json.dumps(recorded_args, indent=2, default=str))
+        from .hub import write_model_card
+
+        write_model_card(args.output_dir, repo_id=args.push_to_hub, metrics=metrics, training_args=recorded_args)
+    accelerator.wait_for_everyone()
+    if args.push_to_hub and accelerator.is_main_process:
+        from .hub import push_to_hub  # only needed when pushing
+
+        push_to_hub(args.output_dir, args.push_to_hub, token=args.hub_token, endpoint=args.hub_endpoint,
+                    private=args.hub_private)
+    if args.log_with:
+        accelerator.end_training()
+    return metrics
+
+
 def train(
     model: CalMRLModel,
     train_dataset,
@@ -334,150 +573,18 @@ def train(
         accelerator.num_processes,
     )
     set_seed(args.seed)
-    for name in args.freeze_modalities:
-        model.encoders[model.config.encoder_owner(name)].requires_grad_(False)
-    for name in args.freeze_projections:
-        model.projections[name].requires_grad_(False)
-
-    # a streaming dataset shuffles itself (e.g. `dataset.shuffle(seed, buffer_size)`), reshuffled every epoch
-    streaming = isinstance(train_dataset, torch.utils.data.IterableDataset)
-    train_loader = DataLoader(train_dataset, batch_size=per_device, shuffle=not streaming, drop_last=True,
-                              collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
-    eval_loader = warm_loader = None
-    if eval_dataset is not None:
-        eval_loader = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn)
-    if warm_start_dataset is not None and args.imputer_warm_start:
-        warm_loader = DataLoader(warm_start_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn)
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-    # accelerate steps a prepared scheduler once per process per optimizer step: scale the schedule to match
-    scheduler = get_scheduler(
-        args.lr_scheduler_type, optimizer,
-        num_warmup_steps=args.warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_steps * accelerator.num_processes,
-    )
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
-    if warm_loader is not None:
-        warm_loader = accelerator.prepare(warm_loader)
-
-    unwrapped = accelerator.unwrap_model(model)
-    imputer_step = ImputerUpdater(unwrapped, accelerator, args)
-    state = _TrainState()
-    accelerator.register_for_checkpointing(imputer_step, state)
-    if args.log_with:
-        accelerator.init_trackers("calmrl", config={k: v for k, v in asdict(args).items()
-                                                    if isinstance(v, (int, float, str, bool))})
-
-    resume = args.resume_from_checkpoint
-    if resume == "latest":
-        resume = _latest_checkpoint(args.output_dir)
-        if resume is None:
-            logger.info("No checkpoint in %s/checkpoints: starting from scratch.", args.output_dir)
-    if resume:
-        accelerator.load_state(resume)
-        logger.info("Resumed from %s at step %d.", resume, state.global_step)
-    elif warm_loader is not None:
-        history, warm_statistics = warm_start_imputer(model, warm_loader, accelerator, args.imputer_warm_start_max_iter)
-        rows_per_step = per_device * accelerator.num_processes
-        if args.imputer_statistics == "ema" or streaming:  # one EMA window (an epoch's length may be unknown)
-            window_rows = rows_per_step / (1.0 - args.imputer_ema_decay)
-        else:  # one epoch
-            window_rows = rows_per_step * len(train_loader)
-        imputer_step.seed(warm_statistics, window_rows)
-        logger.info("Imputer warm start: %d EM iterations, log-likelihood %.1f -> %.1f.",
-                    len(history), history[0], history[-1])
-
-    progress = tqdm(total=args.max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
-                    desc="training")
-    losses: list[float] = []
-    metrics: dict[str, float] = {}
-    running_loss = torch.zeros((), device=accelerator.device)
-    running_count = 0
-    while state.global_step < args.max_steps:
-        train_loader.set_epoch(state.epoch)
-        skip = state.batches_in_epoch
-        if skip == 0:
-            imputer_step.start_epoch()
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        model.train()
-        for batch in loader:
-            state.batches_in_epoch += 1
-            with accelerator.accumulate(model):
-                outputs = model(**model_inputs(batch), imputer_update_fn=imputer_step)
-                accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            running_loss += outputs.loss.detach().float()
-            running_count += 1
-            if not accelerator.sync_gradients:
-                continue
-            state.global_step += 1
-            progress.update(1)
-            step_loss = accelerator.reduce(running_loss / running_count, reduction="mean").item()
-            losses.append(step_loss)
-            running_loss.zero_()
-            running_count = 0
-            if state.global_step % args.logging_steps == 0 or state.global_step == args.max_steps:
-                log = {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0]}
-                progress.set_postfix(loss=f"{step_loss:.4f}")
-                if args.log_with:
-                    accelerator.log(log, step=state.global_step)
-            if eval_loader is not None and args.eval_steps and state.global_step % args.eval_steps == 0:
-                metrics = evaluate(model, eval_loader, accelerator, args.eval_pairs)
-                model.train()
-                if args.log_with:
-                    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.global_step)
-            if args.save_steps and state.global_step % args.save_steps == 0:
-                checkpoint = Path(args.output_dir) / "checkpoints" / f"step_{state.global_step}"
-                accelerator.save_state(str(checkpoint))
-                if accelerator.is_main_process:
-                    _prune_checkpoints(args.output_dir, args.save_total_limit)
-                accelerator.wait_for_everyone()
-                if on_checkpoint is not None:
-                    on_checkpoint(state.global_step)
-            if state.global_step >= args.max_steps:
-                break
-        else:  # the epoch ran out
-            state.epoch += 1
-            state.batches_in_epoch = 0
-            if state.global_step == 0 and skip == 0:
-                raise ValueError("The train dataset yields no full batch: lower the batch size.")
-    progress.close()
-
-    if eval_loader is not None:
-        metrics = evaluate(model, eval_loader, accelerator, args.eval_pairs)
-        if args.log_with:
-            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.global_step)
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
-                              save_function=accelerator.save)
-    if accelerator.is_main_process:
-        if processor is not None:
-            processor.save_pretrained(args.output_dir)
-        results = {"global_step": state.global_step, "final_loss": losses[-1] if losses else None, **metrics}
-        Path(args.output_dir, "train_results.json").write_text(json.dumps(results, indent=2))
-        recorded_args = {k: v for k, v in asdict(args).items() if k != "hub_token"}  # never write the token
-        Path(args.output_dir, "training_args.json").write_text(json.dumps(recorded_args, indent=2, default=str))
-        from .hub import write_model_card
-
-        write_model_card(args.output_dir, repo_id=args.push_to_hub, metrics=metrics, training_args=recorded_args)
-    accelerator.wait_for_everyone()
-    if args.push_to_hub and accelerator.is_main_process:
-        from .hub import push_to_hub  # only needed when pushing
-
-        push_to_hub(args.output_dir, args.push_to_hub, token=args.hub_token, endpoint=args.hub_endpoint,
-                    private=args.hub_private)
-    if args.log_with:
-        accelerator.end_training()
-    return TrainOutput(output_dir=args.output_dir, global_step=state.global_step, metrics=metrics, losses=losses)
+    freeze_modules(model, args)
+    loaders = build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_fn, per_device, args)
+    optimizer, scheduler = build_optimizer(model, args, accelerator.num_processes)
+    run = prepare_run(accelerator, args, model, optimizer, scheduler, loaders, on_checkpoint)
+    resume_or_warm_start(run, per_device)
+    run_epochs(run)
+    metrics = finish(run, processor)
+    return TrainOutput(output_dir=args.output_dir, global_step=run.state.global_step, metrics=metrics,
+                       losses=run.losses)
 
 
-__all__ = ["ImputerUpdater", "TrainOutput", "TrainingArguments", "build_accelerator", "dataset_modalities",
-           "embed_dataset", "evaluate", "train", "validate_setup", "warm_start_imputer"]
+__all__ = ["ImputerUpdater", "TrainOutput", "TrainingArguments", "build_accelerator", "build_dataloaders",
+           "build_optimizer", "dataset_modalities", "embed_dataset", "evaluate", "finish", "freeze_modules",
+           "prepare_run", "resume_or_warm_start", "run_epoch", "run_epochs", "save_checkpoint", "train",
+           "train_step", "validate_setup", "warm_start_imputer"]

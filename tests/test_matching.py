@@ -52,7 +52,7 @@ def test_only_observed_modalities_are_fed_to_the_fusion_encoder():
     with torch.no_grad():
         embeddings, mask, tokens = model.embed_modalities(return_tokens=True, **tiny_batch(MIXED_MASK))
     rows = torch.arange(MIXED_MASK.shape[0])
-    memory, memory_mask = model._condition_memory(mask, tokens, rows)
+    memory, memory_mask = model.fusion.condition_memory(mask, tokens, rows)
     for row in rows.tolist():
         expected = 0
         for index, name in enumerate(model.config.modalities):

@@ -9,7 +9,17 @@ import torch
 from transformers import AutoConfig, AutoModel, BertModel
 
 from calmrl_hf import CalMRLConfig, CalMRLModel
-from calmrl_hf.alignment import gram_singular_values, pmrl_loss
+from calmrl_hf.alignment import (
+    OBJECTIVES,
+    anchor_infonce_loss,
+    gram_loss,
+    gram_singular_values,
+    pairwise_infonce_loss,
+    pmrl_loss,
+    triangle_loss,
+)
+from calmrl_hf.configuration_calmrl import ALIGNMENT_OBJECTIVES
+from calmrl_hf.towers import run_tower
 
 from tiny_models import MIXED_MASK, tiny_batch, tiny_bert, tiny_config
 
@@ -106,7 +116,9 @@ def test_modality_absent_from_whole_batch_and_image_inputs():
     model = fitted_model()
     mask = torch.tensor([[True, False, True, False], [True, False, True, False]])
     out = model(**tiny_batch(mask, video=False))
-    assert out.loss.isfinite() and out.aligned_mask.all()
+    assert out.aligned_mask.all()  # audio and subtitle, absent from the whole batch, are imputed for every row
+    torch.testing.assert_close(out.imputed_embeddings.norm(dim=-1), torch.ones(2, 4))
+    torch.testing.assert_close(out.loss, pmrl_loss(out.imputed_embeddings, tau1=0.05, tau2=0.1))
 
 
 @pytest.mark.parametrize("method", ["none", "zero", "mean", "ppca"])
@@ -175,21 +187,40 @@ def test_gradients_through_imputation_are_configurable():
     assert not torch.allclose(with_grad, without_grad)
 
 
+def test_objective_registry_matches_the_config():
+    assert set(OBJECTIVES) == set(ALIGNMENT_OBJECTIVES)
+    fields = tiny_config().to_dict()
+    for name, objective in OBJECTIVES.items():
+        assert objective.config_keys and all(key in fields for key in objective.config_keys), name
+
+
 @pytest.mark.parametrize("objective", ["gram", "anchor_infonce", "pairwise_infonce"])
-def test_other_objectives_train(objective):
+def test_contrastive_objectives_use_the_learnable_temperature(objective):
     model = fitted_model(alignment_objective=objective)
     out = model(**tiny_batch(MIXED_MASK))
+    assert out.aligned_mask.all()  # every missing column imputed: the objective sees complete instances
+    text = model.config.modality_index("text")  # the default anchor
+    expected = {
+        "gram": lambda z, t: gram_loss(z, temperature=t, label_smoothing=0.1, anchor=text),
+        "anchor_infonce": lambda z, t: anchor_infonce_loss(z, anchor=text, temperature=t),
+        "pairwise_infonce": lambda z, t: pairwise_infonce_loss(z, temperature=t),
+    }[objective]
+    torch.testing.assert_close(out.loss, expected(out.imputed_embeddings, 0.07))
+    hotter = expected(out.imputed_embeddings.detach(), 0.5)
+    assert not torch.allclose(out.loss, hotter)  # the temperature is the model's, not a constant of the loss
     out.loss.backward()
-    assert out.loss.isfinite()
-    if objective != "pmrl":
-        assert model.temperature.grad is not None
+    assert model.temperature.grad is not None and model.temperature.grad != 0
 
 
 def test_triangle_objective_on_three_modalities():
     model = fitted_model(alignment_objective="triangle", triangle_modalities=["text", "vision", "audio"])
     out = model(**tiny_batch(MIXED_MASK))
+    text, vision, audio = (model.config.modality_index(m) for m in ("text", "vision", "audio"))
+    expected = triangle_loss(out.imputed_embeddings, temperature=0.07, label_smoothing=0.1, anchor=text,
+                             modalities=[text, vision, audio])
+    torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
-    assert out.loss.isfinite()
+    assert model.temperature.grad != 0
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
@@ -219,7 +250,11 @@ def test_bf16_loading_keeps_imputer_in_float32(tmp_path):
         assert torch.equal(buffer, dict(model.imputer.named_buffers())[name]), name
     with torch.no_grad():
         out = loaded(**{k: (v.bfloat16() if v.is_floating_point() else v) for k, v in tiny_batch(MIXED_MASK).items()})
-    assert out.loss.isfinite() and out.embeddings.dtype == torch.bfloat16
+    assert out.embeddings.dtype == torch.bfloat16
+    torch.testing.assert_close(out.loss, pmrl_loss(out.imputed_embeddings, tau1=0.05, tau2=0.1))
+    with torch.no_grad():
+        reference = model(**tiny_batch(MIXED_MASK))  # the float32 model: bf16 rounding apart, the same embeddings
+    torch.testing.assert_close(out.imputed_embeddings.float(), reference.imputed_embeddings, atol=0.05, rtol=0)
 
 
 def test_remote_code_loads_without_the_package(tmp_path):
@@ -248,6 +283,17 @@ def test_remote_code_loads_without_the_package(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ok" in result.stdout
+
+
+def test_remote_code_imports_only_torch_transformers_and_safetensors(tmp_path):
+    from transformers.dynamic_module_utils import get_imports
+
+    CalMRLModel(tiny_config()).save_pretrained(tmp_path)
+    copied = sorted(tmp_path.glob("*.py"))
+    assert {"modeling_calmrl.py", "configuration_calmrl.py", "alignment.py", "imputer.py"} <= {p.name for p in copied}
+    for path in copied:
+        third_party = set(get_imports(path)) - set(sys.stdlib_module_names)
+        assert third_party <= {"torch", "transformers", "safetensors"}, (path.name, third_party)
 
 
 def test_from_encoders_uses_pretrained_tower(tmp_path):
@@ -292,6 +338,19 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
         CalMRLModel.from_pretrained(tmp_path, config=tiny_config(projection_dim=8))
     with pytest.raises(ValueError, match="does not match"):
         CalMRLModel.from_pretrained(tmp_path, config=tiny_config(modalities=["vision", "audio", "text"]))
+
+
+def test_checkpoints_with_the_former_num_observed_buffer_still_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = fitted_model()
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(weights)
+    save_file({**tensors, "imputer.num_observed": torch.full((4,), 24.0)}, weights, metadata={"format": "pt"})
+    loaded = CalMRLModel.from_pretrained(tmp_path)
+    for name, buffer in model.imputer.named_buffers():
+        assert torch.equal(dict(loaded.imputer.named_buffers())[name], buffer), name
 
 
 def test_feature_towers_over_precomputed_embeddings(tmp_path):
@@ -363,16 +422,15 @@ def test_convolutional_vision_tower(kind, tmp_path):
     model = CalMRLModel(config).eval()
     assert model.projections["vision"].in_features == 24
     pixels = torch.randn(3, 3, 16, 16)
-    pooled, tokens, token_mask = model._run_tower("vision", {"pixel_values": pixels})
+    pooled, tokens, token_mask = run_tower(model.encoders["vision"], "mean", "vision", {"pixel_values": pixels})
     assert tokens.shape[0] == 3 and tokens.shape[2] == 24 and token_mask.all()
     if kind == "resnet":  # ResNet's pooler is the global average of its last feature map
-        model.config.pooling["vision"] = "pooler"
-        pooler, _, _ = model._run_tower("vision", {"pixel_values": pixels})
+        pooler, _, _ = run_tower(model.encoders["vision"], "pooler", "vision", {"pixel_values": pixels})
         torch.testing.assert_close(pooler, pooled)
-        model.config.pooling["vision"] = "mean"
     mask = torch.tensor([[True, False, True, False]] * 3)
     out = model(modality_mask=mask, vision_pixel_values=pixels, text_input_ids=torch.randint(1, 60, (3, 5)))
-    assert out.embeddings.shape == (3, 4, 16) and torch.isfinite(out.loss)
+    assert out.embeddings.shape == (3, 4, 16) and torch.equal(out.aligned_mask, mask)  # unfitted: observed only
+    torch.testing.assert_close(out.loss, pmrl_loss(out.embeddings, mask, tau1=0.05, tau2=0.1))
     model.save_pretrained(tmp_path)
     reloaded = CalMRLModel.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(reloaded.get_modality_features("vision", pixel_values=pixels),

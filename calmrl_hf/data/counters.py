@@ -45,11 +45,6 @@ class SharedCounts:
     def total(self) -> int:
         return sum(self.as_dict().values())
 
-    def reset(self) -> None:
-        with self._values.get_lock():
-            for i in range(len(self.names)):
-                self._values[i] = 0
-
     def _index(self, name: str) -> int:
         try:
             return self.names.index(name)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from datasets import Dataset, IterableDataset
 
+from ..configuration_calmrl import DEFAULT_MODALITIES
 from ..processing_calmrl import normalize_modalities
 from .media import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from .schema import dataset_modalities, features_for
@@ -34,7 +35,6 @@ from .schema import dataset_modalities, features_for
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODALITIES = ("vision", "audio", "text", "subtitle")
 CORPUS_MODALITIES = DEFAULT_MODALITIES  # what the VAST / MSR-VTT / AudioCaps loaders can fill
 STREAMING_SHARDS = 16  # shards of an in-memory streaming dataset: divisible by 1, 2, 4, 8, 16 processes
 

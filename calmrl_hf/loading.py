@@ -1,0 +1,71 @@
+"""How CalMRL checkpoints and towers load: safetensors only, and completely or not at all.
+
+transformers only logs missing or unexpected keys (and leaves freshly initialised values in the missing ones); a
+CalMRL checkpoint must load completely, imputer buffers included, or it is an error that says what differs.
+Pickle files are never unpickled. Imports torch, transformers and safetensors only: this file is copied into
+checkpoints as remote code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors import SafetensorError
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+
+
+# Files that hold pickled weights: refused when loading a model (`load_strictly`) and when sharing one (`hub`).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_LOADING_PROBLEMS = ("missing_keys", "unexpected_keys", "mismatched_keys")
+
+
+def _refuse_pickles(location) -> None:
+    folder = Path(str(location))
+    if folder.is_dir() and not list(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        raise ValueError(f"{folder} has no safetensors weights{f' (only {pickles})' if pickles else ''}; "
+                         f"CalMRL refuses to unpickle checkpoints. Convert them to safetensors first.")
+
+
+def load_strictly(from_pretrained: Callable, *args, **kwargs):
+    """`(model, loading_info)` from transformers' `from_pretrained(*args, **kwargs)`, refusing pickles, corrupt
+    safetensors and any checkpoint that does not match the config (missing, unexpected or reshaped tensors).
+
+    Tensors of another shape are reported by transformers in `mismatched_keys` (`ignore_mismatched_sizes=True`)
+    and refused here with the others, instead of surfacing as transformers' own RuntimeError.
+    """
+    if kwargs.get("use_safetensors") is False:
+        raise ValueError("CalMRL checkpoints load from safetensors only (pickle files are never unpickled).")
+    kwargs.update(use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True)
+    if args:
+        _refuse_pickles(args[0])
+    try:
+        model, info = from_pretrained(*args, **kwargs)
+    except SafetensorError as error:
+        raise ValueError(f"The safetensors weights of {args[0] if args else 'the checkpoint'} are corrupt or "
+                         f"tampered with: {error}") from error
+    problems = {key: sorted(map(str, info.get(key) or [])) for key in _LOADING_PROBLEMS}
+    problems = {key: value for key, value in problems.items() if value}
+    if problems:
+        details = "; ".join(f"{key}: {value[:8]}{' ...' if len(value) > 8 else ''}" for key, value in problems.items())
+        raise ValueError(
+            f"The checkpoint does not match the model config ({details}). Check that the config's modalities, "
+            f"encoders, projection_dim and imputer_latent_dim are those the checkpoint was saved with."
+        )
+    return model, info
+
+
+def load_tower(name: str, spec) -> PreTrainedModel | PreTrainedConfig:
+    """The tower of modality `name` for `CalMRLModel.from_encoders`: a model or config as given, or a folder /
+    Hub repo id loaded with `AutoModel.from_pretrained`."""
+    if isinstance(spec, (PreTrainedModel, PreTrainedConfig)):
+        return spec
+    if isinstance(spec, str):
+        return AutoModel.from_pretrained(spec)
+    raise TypeError(
+        f"The tower of {name!r} must be a folder or repo id, a PreTrainedModel or a config; got {type(spec).__name__}."
+    )
+
+
+__all__ = ["PICKLE_SUFFIXES", "load_strictly", "load_tower"]

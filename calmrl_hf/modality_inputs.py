@@ -1,0 +1,96 @@
+"""The model's inputs: flat `{modality}_{field}` tensors holding each modality's OBSERVED rows, and the mask.
+
+`text_input_ids` [n_text, L] holds the rows of the batch that observe text, in batch order; `modality_mask`
+[B, k] says which rows observe which modality (without it, every given modality is observed by every row).
+Imports torch only: this file is copied into checkpoints as remote code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .validation import check_modality_mask
+
+
+# Inputs whose values are ids or masks, not features: they are never checked for NaN.
+_INTEGER_LIKE_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def group_inputs(modalities: Sequence[str], modality_inputs: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Split flat `{modality}_{field}` keyword arguments by modality (longest modality name wins), in the order
+    of `modalities` (so that outputs do not depend on keyword order); None values are dropped."""
+    by_length = sorted(modalities, key=len, reverse=True)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in modality_inputs.items():
+        if value is None:
+            continue
+        name = next((m for m in by_length if key.startswith(m + "_") and len(key) > len(m) + 1), None)
+        if name is None:
+            raise ValueError(
+                f"Unknown input {key!r}: inputs are named '{{modality}}_{{field}}' (e.g. 'text_input_ids', "
+                f"'vision_pixel_values') with a modality among {list(modalities)}."
+            )
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"Input {key!r} must be a torch.Tensor, got {type(value).__name__}.")
+        grouped.setdefault(name, {})[key[len(name) + 1 :]] = value
+    if not grouped:
+        raise ValueError(f"No modality inputs given; expected keys like 'text_input_ids' for the modalities "
+                         f"{list(modalities)}.")
+    return {name: grouped[name] for name in modalities if name in grouped}
+
+
+def resolve_modality_mask(modalities: Sequence[str], grouped: dict[str, dict],
+                          modality_mask: torch.Tensor | None) -> torch.Tensor:
+    """The mask [B, k] of a batch: checked against the rows of each modality's inputs, or (None) built with every
+    given modality observed by every row."""
+    modalities = list(modalities)
+    rows = {name: next(iter(inputs.values())).shape[0] for name, inputs in grouped.items()}
+    for name, inputs in grouped.items():
+        for field, value in inputs.items():
+            if value.shape[0] != rows[name]:
+                raise ValueError(
+                    f"Inputs of modality {name!r} disagree on the number of rows: {name}_{field} has "
+                    f"{value.shape[0]}, expected {rows[name]}."
+                )
+    k = len(modalities)
+    if modality_mask is None:
+        sizes = set(rows.values())
+        if len(sizes) != 1:
+            raise ValueError(
+                f"Without a modality_mask every modality must have the same number of rows; got {rows}. "
+                f"Pass modality_mask [B, {k}] when some rows miss a modality."
+            )
+        device = next(iter(next(iter(grouped.values())).values())).device
+        modality_mask = torch.zeros(sizes.pop(), k, dtype=torch.bool, device=device)
+        for name in grouped:
+            modality_mask[:, modalities.index(name)] = True
+        return modality_mask
+    check_modality_mask(modality_mask, k, context=f" (modalities {modalities})")
+    for index, name in enumerate(modalities):
+        expected, given = int(modality_mask[:, index].sum()), rows.get(name, 0)
+        if given != expected:
+            raise ValueError(
+                f"modality_mask marks {expected} rows as observing {name!r} but its inputs have {given} rows "
+                f"(inputs hold the observed rows only, in batch order)."
+            )
+    return modality_mask
+
+
+def check_feature_inputs(name: str, inputs: dict[str, torch.Tensor]) -> None:
+    """Some input for modality `name`, and no NaN or inf in its floating-point features."""
+    if not inputs:
+        raise ValueError(f"No inputs given for modality {name!r}.")
+    for field, value in inputs.items():
+        if field in _INTEGER_LIKE_FIELDS or not torch.is_floating_point(value):
+            continue
+        if not bool(torch.isfinite(value).all()):
+            bad_rows = (~torch.isfinite(value.flatten(1) if value.dim() > 1 else value.unsqueeze(1))).any(1)
+            raise ValueError(
+                f"Input {name}_{field} contains NaN or inf (rows {bad_rows.nonzero().flatten().tolist()[:10]} of "
+                f"that modality's inputs)."
+            )
+
+
+__all__ = ["check_feature_inputs", "group_inputs", "resolve_modality_mask"]

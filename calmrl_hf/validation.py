@@ -1,0 +1,66 @@
+"""Checks at the door of every public function that takes embeddings [B, k, d] and a modality mask [B, k].
+
+One home for the rules the objectives, the imputer, the model and the evaluation share, so that they fail with
+the same words. Imports torch only: this file is copied into checkpoints as remote code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _kind(value) -> str:
+    return str(getattr(value, "dtype", type(value).__name__))
+
+
+def check_modality_mask(modality_mask, num_modalities: int, *, rows: int | None = None, name: str = "modality_mask",
+                        context: str = "", every_row_observed: bool = True) -> torch.Tensor:
+    """A bool tensor [rows (or B), k], True = observed; with `every_row_observed`, each row observes a modality.
+
+    `context` is appended to the shape message (e.g. " to match embeddings [4, 3, 16]"). Returns the mask.
+    """
+    expected = f"[{'B' if rows is None else rows}, {num_modalities}]"
+    if not isinstance(modality_mask, torch.Tensor) or modality_mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor {expected} (True = observed), got {_kind(modality_mask)}.")
+    if (modality_mask.dim() != 2 or modality_mask.shape[1] != num_modalities
+            or (rows is not None and modality_mask.shape[0] != rows)):
+        raise ValueError(f"{name} must have shape {expected}{context}, got {list(modality_mask.shape)}.")
+    if every_row_observed:
+        empty = (~modality_mask.any(dim=1)).nonzero().flatten()
+        if empty.numel():
+            raise ValueError(f"Rows {empty[:10].tolist()}{' ...' if empty.numel() > 10 else ''} observe no modality "
+                             f"({empty.numel()} such rows of {name}); every row needs at least one.")
+    return modality_mask
+
+
+def check_embeddings(embeddings, modality_mask, *, name: str = "embeddings", mask_name: str = "modality_mask",
+                     rows: str = "B", num_modalities: int | None = None, dim: int | None = None,
+                     min_rows: int = 1, every_row_observed: bool = True,
+                     mask_optional: bool = True) -> torch.Tensor | None:
+    """Embeddings: a floating-point tensor [rows, k, d] (k and d fixed where given; k, d >= 1 and rows >=
+    `min_rows`, 0 or 1); `modality_mask`: a bool [rows, k] on the same device, or None (all observed) where
+    `mask_optional`.
+
+    Returns the mask as given (None stays None).
+    """
+    k, d = ("k" if num_modalities is None else num_modalities), ("d" if dim is None else dim)
+    expected = f"[{rows}, {k}, {d}]"
+    if not isinstance(embeddings, torch.Tensor) or not torch.is_floating_point(embeddings):
+        raise TypeError(f"{name} must be a floating-point tensor {expected}, got {_kind(embeddings)}.")
+    shape = embeddings.shape
+    if (embeddings.dim() != 3 or (num_modalities is not None and shape[1] != num_modalities)
+            or (dim is not None and shape[2] != dim)):
+        raise ValueError(f"{name} must have shape {expected}, got {list(shape)}.")
+    if shape[0] < min_rows or 0 in shape[1:]:
+        sizes = f"{rows}, k, d" if min_rows else "k, d"
+        raise ValueError(f"{name} must have {sizes} >= 1, got shape {list(shape)}.")
+    if modality_mask is None and mask_optional:
+        return None
+    check_modality_mask(modality_mask, shape[1], rows=shape[0], name=mask_name,
+                        context=f" to match {name} {list(shape)}", every_row_observed=every_row_observed)
+    if modality_mask.device != embeddings.device:
+        raise ValueError(f"{mask_name} is on {modality_mask.device}, {name} on {embeddings.device}.")
+    return modality_mask
+
+
+__all__ = ["check_embeddings", "check_modality_mask"]
