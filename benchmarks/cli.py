@@ -80,6 +80,9 @@ def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None 
     parser.add_argument("--tune-seed", type=int, default=100)
     parser.add_argument("--hyperparameters", type=Path, default=benchmark.hyperparameters)
     parser.add_argument("--output", type=Path, default=benchmark.results)
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="SEEDS_JSON",
+                        help="instead of running, aggregate the per-seed results of earlier runs (their "
+                             "`.seeds.json`, e.g. seeds run in parallel processes) and write --output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     sizes = benchmark.quick if args.quick else benchmark.sizes
@@ -89,12 +92,17 @@ def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None 
         return tune(benchmark, sizes, args.tune_seed, [m for m in args.methods if m in TUNED_METHODS],
                     args.hyperparameters)
     tuned = json.loads(args.hyperparameters.read_text())
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    per_seed = []
-    with tempfile.TemporaryDirectory() as workdir:
-        for seed in seeds:
-            setup, _, evaluate = benchmark.experiment(sizes, seed, Path(workdir))
-            per_seed.append(run_methods(setup, args.methods, tuned, evaluate))
+    if args.merge:
+        merged = {seed: result for path in args.merge for seed, result in json.loads(path.read_text()).items()}
+        seeds, per_seed = [int(seed) for seed in merged], list(merged.values())
+        args.methods = list(per_seed[0])
+    else:
+        seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+        per_seed = []
+        with tempfile.TemporaryDirectory() as workdir:
+            for seed in seeds:
+                setup, _, evaluate = benchmark.experiment(sizes, seed, Path(workdir))
+                per_seed.append(run_methods(setup, args.methods, tuned, evaluate))
     summary = summarise(per_seed, {name: hyperparameters_of(name, tuned) for name in args.methods})
     gaps = calibration_gaps(per_seed, benchmark.family_metrics)
     text = benchmark.markdown(summary, gaps)
@@ -102,6 +110,10 @@ def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None 
     if args.output:
         command = (f"python -m {benchmark.module}{' --quick' if args.quick else ''} --seeds {args.seeds}"
                    f"{f' --first-seed {args.first_seed}' if args.first_seed else ''}")
+        if args.merge:
+            command = (f"python -m {benchmark.module} --merge {' '.join(str(p) for p in args.merge)} (seeds "
+                       f"{', '.join(map(str, seeds))}, each file written by a run of `python -m {benchmark.module} "
+                       f"--seeds N --first-seed S --output ...`)")
         if args.output != benchmark.results:
             command += f" --output {args.output}"
         if args.hyperparameters != benchmark.hyperparameters:

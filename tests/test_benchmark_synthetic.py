@@ -52,3 +52,15 @@ def test_every_objective_is_tuned_with_the_same_budget():
         assert len(scores) == 8 and tuned[name] == grids[name]["grid"][scores.index(max(scores))][0]
     for family in FAMILIES.values():
         assert family.calibrated in METHODS and family.oracle in METHODS
+
+
+def test_seeds_run_apart_and_merged_equal_one_run(tmp_path):
+    """`--merge` of seeds run in separate processes gives the summary of one run over the same seeds."""
+    methods = ["--methods", BASE, "PMRL (observed only)"]
+    together = main(["--quick", "--seeds", "2", *methods, "--output", str(tmp_path / "both.md")])
+    main(["--quick", "--seeds", "1", *methods, "--output", str(tmp_path / "first.md")])
+    main(["--quick", "--seeds", "1", "--first-seed", "1", *methods, "--output", str(tmp_path / "second.md")])
+    merged = main(["--quick", "--merge", str(tmp_path / "first.seeds.json"), str(tmp_path / "second.seeds.json"),
+                   "--output", str(tmp_path / "merged.md")])
+    assert merged == together
+    assert "--merge" in (tmp_path / "merged.md").read_text().splitlines()[0]
