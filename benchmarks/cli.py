@@ -112,8 +112,8 @@ def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None 
                    f"{f' --first-seed {args.first_seed}' if args.first_seed else ''}")
         if args.merge:
             command = (f"python -m {benchmark.module} --merge {' '.join(str(p) for p in args.merge)} (seeds "
-                       f"{', '.join(map(str, seeds))}, each file written by a run of `python -m {benchmark.module} "
-                       f"--seeds N --first-seed S --output ...`)")
+                       f"{', '.join(map(str, seeds))}; each file written by a run of: python -m {benchmark.module} "
+                       f"--seeds N --first-seed S --output ...)")
         if args.output != benchmark.results:
             command += f" --output {args.output}"
         if args.hyperparameters != benchmark.hyperparameters:
