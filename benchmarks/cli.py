@@ -53,7 +53,7 @@ def tune(benchmark: Benchmark, sizes, seed: int, methods: list[str], path: Path)
     whole grid into its `.grid.json` sibling."""
     with tempfile.TemporaryDirectory() as workdir:
         setup, validate, _ = benchmark.experiment(sizes, seed, Path(workdir))
-        tuned = tune_methods(setup, methods, lambda model: validate(model), benchmark.headline)
+        tuned = tune_methods(setup, methods, validate, benchmark.headline)
     chosen = json.loads(path.read_text()) if path.exists() else {}
     chosen.update({name: entry["best"] for name, entry in tuned.items()})
     path.write_text(json.dumps(chosen, indent=1))

@@ -21,7 +21,7 @@ import torch
 
 from calmrl_hf.training import ImputerUpdater, TrainingArguments, build_accelerator, train
 
-from .protocol import imputation_metrics
+from .metrics import imputation_metrics
 from .synthetic.run import AUDIO_TEXT, FULL, PATTERNS, VISION_TEXT, Sizes, World, build_model, collate
 
 

@@ -116,8 +116,6 @@ DIAGNOSTIC_METHODS = {
     "GRAM + mean imputation": Method("GRAM", imputer="mean", tuned_as="GRAM + PPCA"),
     "GRAM + PPCA, no gradient through imputation": Method("GRAM", imputer="ppca", tuned_as="GRAM + PPCA",
                                                           overrides={"impute_with_grad": False}),
-    "GRAM + PPCA at the observed-only values": Method("GRAM", imputer="ppca", tuned_as="GRAM (observed only)"),
-    "CalMRL (PPCA) at the observed-only values": Method("PMRL", imputer="ppca", tuned_as="PMRL (observed only)"),
 }
 ALL_METHODS = {**METHODS, **DIAGNOSTIC_METHODS}
 TUNED_METHODS = [name for name, method in METHODS.items() if method.objective is not None]

@@ -12,6 +12,11 @@ from calmrl_hf import CalMRLModel
 from calmrl_hf.evaluation import anchor_shift_report, imputation_error
 
 
+# The matched pairs whose cosines the benchmarks report, and the columns that holds.
+MATCHED_PAIRS = (("vision", "text"), ("audio", "text"), ("vision", "audio"))
+COSINE_COLUMNS = [f"cos({first},{second})" for first, second in MATCHED_PAIRS]
+
+
 def direction_families(recall: dict[str, float], modalities: Sequence[str], *, suffix: str = "R@1",
                        observed_pairs: Sequence[tuple[str, str]] = (("vision", "text"), ("audio", "text")),
                        never_paired: tuple[str, str] = ("vision", "audio"),
@@ -36,17 +41,24 @@ def direction_families(recall: dict[str, float], modalities: Sequence[str], *, s
     return result
 
 
+def stage2_views(model: CalMRLModel, truth: torch.Tensor, patterns: dict[str, Sequence[bool]]):
+    """Per pattern (name -> observed flags), the observed mask [N, k] that hides modalities of the full-modality
+    `truth` [N, k, D] as stage 2 does, and the model's PPCA imputation of them (raw posterior means). Nothing
+    where the imputer has not been fitted on every modality."""
+    if not bool(model.imputer.fitted_modalities.all()):
+        return
+    for flags in patterns.values():
+        observed = torch.tensor(list(flags), device=truth.device).expand(truth.shape[:2]).clone()
+        yield observed, model.imputer.impute(truth, observed)
+
+
 @torch.no_grad()
 def imputation_metrics(model: CalMRLModel, truth: torch.Tensor, patterns: dict[str, Sequence[bool]]) -> dict:
     """Hide modalities of full-modality test embeddings as stage 2 does (`patterns`: name -> observed flags), impute
     them with the model's imputer and compare with the truth: imputation error (cosine, MSE) of PPCA and of the
     modality-mean baseline, and the anchor shift without and with calibration (mean over the patterns)."""
-    if not bool(model.imputer.fitted_modalities.all()):
-        return {}
     values: dict[str, list[float]] = {}
-    for flags in patterns.values():
-        observed = torch.tensor(list(flags), device=truth.device).expand(truth.shape[:2]).clone()
-        imputed = model.imputer.impute(truth, observed)
+    for observed, imputed in stage2_views(model, truth, patterns):
         if model.config.renormalize_imputed:
             imputed = F.normalize(imputed, dim=-1)
         error = imputation_error(truth, imputed, ~observed)
@@ -72,8 +84,6 @@ def paired_cosines(embeddings: torch.Tensor, modalities: Sequence[str], pairs: S
     return result
 
 
-
-
 @torch.no_grad()
 def volume_discrimination(model: CalMRLModel, truth: torch.Tensor, patterns: dict[str, Sequence[bool]],
                           anchor: int) -> dict:
@@ -84,13 +94,9 @@ def volume_discrimination(model: CalMRLModel, truth: torch.Tensor, patterns: dic
     observed + PPCA-imputed (the model's imputer), and every true modality. Mean over the patterns."""
     from calmrl_hf.alignment import gram_volume
 
-    if not bool(model.imputer.fitted_modalities.all()):
-        return {}
     values: dict[str, list[float]] = {}
-    for flags in patterns.values():
-        observed = torch.tensor(list(flags), device=truth.device).expand(truth.shape[:2]).clone()
-        imputed = F.normalize(model.imputer.impute(truth, observed), dim=-1)
-        calibrated = torch.where(observed.unsqueeze(-1), truth, imputed)
+    for observed, imputed in stage2_views(model, truth, patterns):
+        calibrated = torch.where(observed.unsqueeze(-1), truth, F.normalize(imputed, dim=-1))
         for name, columns, mask in (("observed", truth, observed), ("imputed", calibrated, None),
                                     ("full", truth, None)):
             volume = gram_volume(columns, mask, anchor=anchor)

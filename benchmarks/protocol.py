@@ -23,9 +23,7 @@ import torch
 from calmrl_hf import CalMRLModel
 from calmrl_hf.training import TrainingArguments, build_accelerator, train
 
-from .methods import ALL_METHODS, ARCHITECTURE_KEYS, BASE, METHODS, hyperparameters_of  # noqa: F401
-from .metrics import imputation_metrics, paired_cosines  # noqa: F401  (TEMPORARY re-exports for avdigits)
-from .report import markdown_table, summarise, write_results  # noqa: F401
+from .methods import ALL_METHODS, ARCHITECTURE_KEYS, BASE, hyperparameters_of
 
 
 @dataclass

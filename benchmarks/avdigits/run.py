@@ -41,7 +41,7 @@ from calmrl_hf.training import embed_dataset
 
 from ..cli import Benchmark
 from ..cli import main as benchmark_main
-from ..metrics import direction_families, imputation_metrics, paired_cosines
+from ..metrics import COSINE_COLUMNS, MATCHED_PAIRS, direction_families, imputation_metrics, paired_cosines
 from ..protocol import Experiment, Splits, StageSettings
 from ..report import calibration_markdown, hyperparameter_markdown, markdown_table
 from .data import NUMBERS, AVDigits, Instance, class_prompts
@@ -133,16 +133,13 @@ def build_processor(vision: str = VISION_TOWER, audio: str = AUDIO_TOWER) -> Cal
         modalities=MODALITIES, max_length=16)
 
 
-def build_model(text_lora: bool = False, *, vision: str = VISION_TOWER, audio: str = AUDIO_TOWER,
-                **architecture) -> CalMRLModel:
-    lora = {"modalities": ["text"], "r": 8, "alpha": 16, "target_modules": ["query", "value"]} if text_lora else None
+def build_model(*, vision: str = VISION_TOWER, audio: str = AUDIO_TOWER, **architecture) -> CalMRLModel:
     # convolutional towers: mean over the feature map's positions (the ViT keeps its CLS token, the AST its mean)
     pooling = {name: "mean" for name, tower in (("vision", vision), ("audio", audio)) if tower not in ("vit", "ast")}
     return CalMRLModel.from_encoders(text=minilm_folder(), vision=VISION_TOWERS[vision].config(),
                                      audio=AUDIO_TOWERS[audio].config(), modalities=MODALITIES, shared_encoders={},
                                      projection_dim=64, imputer_latent_dim=8, alignment_objective="pairwise_infonce",
-                                     triangle_modalities=["text", "vision", "audio"], pooling=pooling, lora=lora,
-                                     **architecture)
+                                     triangle_modalities=["text", "vision", "audio"], pooling=pooling, **architecture)
 
 
 class EncodedSplit(torch.utils.data.Dataset):
@@ -229,7 +226,7 @@ def evaluate(model: CalMRLModel, processor: CalMRLProcessor, test: EncodedSplit,
     for name in ("vision", "audio"):
         accuracy = zero_shot_accuracy(truth[:, MODALITIES.index(name)], prompts, test.labels, ks=(1,))
         result[f"zero_shot_{name}_top1"] = accuracy["top1"]
-    result.update(paired_cosines(truth, MODALITIES, [("vision", "text"), ("audio", "text"), ("vision", "audio")]))
+    result.update(paired_cosines(truth, MODALITIES, MATCHED_PAIRS))
     result.update(imputation_metrics(model, truth, PATTERNS))
     return result
 
@@ -283,7 +280,6 @@ FAMILY_METRICS = ["observed_pairs_class_R@1", "vision<->audio_class_R@1", "mean_
 COLUMNS = [*FAMILY_METRICS, "zero_shot_vision_top1", "zero_shot_audio_top1", "imputation_cosine",
            "mean_imputation_cosine", "imputation_mse", "anchor_shift_observed_only", "anchor_shift_calibrated"]
 DIRECTIONS = [f"{a}->{b}_class_R@1" for a in MODALITIES for b in MODALITIES if a != b]
-COSINES = ["cos(vision,text)", "cos(audio,text)", "cos(vision,audio)"]
 
 
 def markdown(summary: dict, gaps: dict) -> str:
@@ -292,7 +288,7 @@ def markdown(summary: dict, gaps: dict) -> str:
         "What PPCA calibration does, per objective (paired by seed; share closed = (calibrated - observed only) / "
         "(oracle - observed only)):", calibration_markdown(gaps, FAMILY_METRICS),
         "Class-level Recall@1 (%) in every direction:", markdown_table(summary, DIRECTIONS),
-        "Mean cosine between the two embeddings of the same test instance:", markdown_table(summary, COSINES, 3),
+        "Mean cosine between the two embeddings of the same test instance:", markdown_table(summary, COSINE_COLUMNS, 3),
         "Hyperparameters (each method tuned on the validation split, `--tune`):", hyperparameter_markdown(summary)])
 
 

@@ -3,7 +3,7 @@
     python -m benchmarks.avdigits.towers                 # the committed comparison (towers.md)
     python -m benchmarks.avdigits.towers --candidates resnet+resnet --seeds 1 --output ''   # one quick look
 
-For each candidate and seed, under the benchmark's protocol (`run.run_seed`: stage 1 on the narrow "backbone"
+For each candidate and seed, under the benchmark's protocol (`run.experiment`: stage 1 on the narrow "backbone"
 condition, stage 2 and test on the target one), this trains stage 1 (pairwise InfoNCE, full modality, text tower
 frozen) and reports the base model's mean class R@1, its class R@1 in each of the 6 directions, zero-shot
 accuracy of images and speech, and the stage-1 wall time; then ONE stage-2 oracle run per stage-2 learning rate

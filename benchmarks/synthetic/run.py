@@ -37,7 +37,8 @@ from calmrl_hf.evaluation import retrieval_metrics
 
 from ..cli import Benchmark
 from ..cli import main as benchmark_main
-from ..metrics import direction_families, imputation_metrics, paired_cosines, volume_discrimination
+from ..metrics import (COSINE_COLUMNS, MATCHED_PAIRS, direction_families, imputation_metrics, paired_cosines,
+                       volume_discrimination)
 from ..protocol import Experiment, Splits, StageSettings
 from ..report import calibration_markdown, hyperparameter_markdown, markdown_table
 
@@ -184,8 +185,7 @@ def evaluate(model: CalMRLModel, split: Dataset, *, full: bool = True) -> dict[s
     if model.fusion is not None:
         result.update(reranked_recall(model, split, truth))
     result.update(fused_query_recall(model, batch))
-    result.update(paired_cosines(truth, list(MODALITIES), [("vision", "text"), ("audio", "text"),
-                                                           ("vision", "audio")]))
+    result.update(paired_cosines(truth, list(MODALITIES), MATCHED_PAIRS))
     # hide audio+subtitle (video-text instances) and vision+subtitle (audio-text), as stage 2 does
     result.update(imputation_metrics(model, truth, PATTERNS))
     result.update(volume_discrimination(model, truth, PATTERNS, anchor=MODALITIES.index("text")))
@@ -214,7 +214,6 @@ FAMILY_METRICS = ["observed_pairs_R@1", "vision<->audio_R@1", "subtitle_R@1", "m
 COLUMNS = [*FAMILY_METRICS, "imputation_cosine", "mean_imputation_cosine", "imputation_mse",
            "anchor_shift_observed_only", "anchor_shift_calibrated"]
 QUERIES = ["query_text->vision_R@1", "query_subtitle->vision_R@1", "query_fused->vision_R@1"]
-COSINES = ["cos(vision,text)", "cos(audio,text)", "cos(vision,audio)"]
 VOLUMES = [f"gram_{kind}_{columns}" for kind in ("top1", "volume_ratio") for columns in ("observed", "imputed", "full")]
 
 
@@ -227,7 +226,7 @@ def markdown(summary: dict, gaps: dict) -> str:
              "modality alone vs the fused query (observed + imputed, leading singular vector):",
              markdown_table(summary, QUERIES),
              "Mean cosine between the two embeddings of the same test instance (negative: anti-aligned towers):",
-             markdown_table(summary, COSINES, digits=3),
+             markdown_table(summary, COSINE_COLUMNS, digits=3),
              "GRAM's volume on the test set seen as stage 2 sees it (text anchor against a vision-text or audio-text "
              "column): in-batch top-1 of the smallest volume (%) and mean negative / positive volume, with the "
              "column's observed modalities only, observed + PPCA-imputed, and all four true modalities:",
