@@ -8,9 +8,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import multiprocessing
+import os
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +83,9 @@ def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None 
                              "write them to --hyperparameters (the test split is not used)")
     parser.add_argument("--tune-seed", type=int, default=100)
     parser.add_argument("--hyperparameters", type=Path, default=benchmark.hyperparameters)
+    parser.add_argument("--processes", type=int, default=None,
+                        help="run the seeds in this many worker processes, the cores split between them (default: "
+                             "one per core, at most one per seed)")
     parser.add_argument("--output", type=Path, default=benchmark.results)
     parser.add_argument("--merge", type=Path, nargs="+", metavar="SEEDS_JSON",
                         help="instead of running, aggregate the per-seed results of earlier runs (their "
@@ -98,11 +105,7 @@ def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None 
         args.methods = list(per_seed[0])
     else:
         seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-        per_seed = []
-        with tempfile.TemporaryDirectory() as workdir:
-            for seed in seeds:
-                setup, _, evaluate = benchmark.experiment(sizes, seed, Path(workdir))
-                per_seed.append(run_methods(setup, args.methods, tuned, evaluate))
+        per_seed = run_seeds(benchmark.module, args.quick, seeds, args.methods, tuned, args.processes)
     summary = summarise(per_seed, {name: hyperparameters_of(name, tuned) for name in args.methods})
     gaps = calibration_gaps(per_seed, benchmark.family_metrics)
     text = benchmark.markdown(summary, gaps)
@@ -114,6 +117,8 @@ def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None 
             command = (f"python -m {benchmark.module} --merge {' '.join(str(p) for p in args.merge)} (seeds "
                        f"{', '.join(map(str, seeds))}; each file written by a run of: python -m {benchmark.module} "
                        f"--seeds N --first-seed S --output ...)")
+        if args.processes and not args.merge:
+            command += f" --processes {args.processes}"
         if args.output != benchmark.results:
             command += f" --output {args.output}"
         if args.hyperparameters != benchmark.hyperparameters:
@@ -126,6 +131,41 @@ def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None 
         summary_path(args.output).write_text(f"Command: `{command}` (all tables: `{args.output.name}`)\n\n"
                                              f"{benchmark.summary_markdown(summary, gaps)}\n")
     return summary
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_seed(module: str, quick: bool, seed: int, methods: list[str], tuned: dict) -> dict[str, dict[str, float]]:
+    """One seed of benchmark `module` (stage 1, then each method's stage 2, each evaluated on the test split)."""
+    benchmark = importlib.import_module(module).BENCHMARK
+    with tempfile.TemporaryDirectory() as workdir:
+        setup, _, evaluate = benchmark.experiment(benchmark.quick if quick else benchmark.sizes, seed, Path(workdir))
+        return run_methods(setup, methods, tuned, evaluate)
+
+
+def run_seeds(module: str, quick: bool, seeds: list[int], methods: list[str], tuned: dict,
+              processes: int | None = None) -> list[dict[str, dict[str, float]]]:
+    """Per-seed results in seed order. Seeds are independent, so with `processes` > 1 they run in worker processes
+    (spawned: a fresh interpreter each) that split the cores between them: small models keep one core busier than
+    two threads of one process keep two."""
+    cores = available_cores()
+    processes = min(processes or cores, len(seeds))
+    if processes <= 1:
+        return [run_seed(module, quick, seed, methods, tuned) for seed in seeds]
+    threads = max(1, cores // processes)
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch_threads, initargs=(threads,)) as pool:
+        futures = [pool.submit(run_seed, module, quick, seed, methods, tuned) for seed in seeds]
+        return [future.result() for future in futures]
+
+
+def torch_threads(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)
+    logging.basicConfig(level=logging.WARNING)
 
 
 def summary_path(output: Path) -> Path:

@@ -45,6 +45,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI size; results go under --output-dir")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--processes", type=int, default=None,
+                        help="worker processes per benchmark, seeds split between them (default: one per core)")
     parser.add_argument("--tune", action="store_true",
                         help="re-tune each benchmark's methods on its validation split first (writes its "
                              "hyperparameters.json)")
@@ -62,6 +64,7 @@ def main(argv=None) -> dict:
             BENCHMARKS[name].main(["--tune"])
             print(f"\n{name}: tuned in {time.perf_counter() - started:.0f} s\n")
         summaries[name] = BENCHMARKS[name].main([*(["--quick"] if args.quick else []), "--seeds", str(args.seeds),
+                                                 *(["--processes", str(args.processes)] if args.processes else []),
                                                  "--output", str(output)])
         print(f"\n{name}: {time.perf_counter() - started:.0f} s -> {output}\n")
         if not args.quick and output_dir is None:

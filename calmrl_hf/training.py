@@ -351,6 +351,15 @@ def freeze_modules(model: CalMRLModel, args: TrainingArguments) -> None:
         model.projections[name].requires_grad_(False)
 
 
+def train_mode(run: "_Run") -> None:
+    """`model.train()`, except the frozen towers, which stay in eval mode: a frozen tower is a fixed function, so
+    its dropout stays off and its batch-norm statistics do not drift with the training batches."""
+    run.model.train()
+    model = run.accelerator.unwrap_model(run.model)
+    for name in run.args.freeze_modalities:
+        model.encoders[model.config.encoder_owner(name)].eval()
+
+
 def build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_fn: Callable, per_device: int,
                       args: TrainingArguments) -> tuple[DataLoader, DataLoader | None, DataLoader | None]:
     """(train, eval, warm-start) loaders; eval and warm start are None where there is no dataset (or no warm
@@ -462,7 +471,7 @@ def after_optimizer_step(run: _Run, progress) -> None:
             accelerator.log({"train/loss": run.losses[-1], "train/lr": run.scheduler.get_last_lr()[0]}, step=step)
     if run.eval_loader is not None and args.eval_steps and step % args.eval_steps == 0:
         metrics = evaluate(run.model, run.eval_loader, accelerator, args.eval_pairs)
-        run.model.train()
+        train_mode(run)
         if args.log_with:
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     if args.save_steps and step % args.save_steps == 0:
@@ -490,7 +499,7 @@ def run_epoch(run: _Run, progress) -> bool:
     if skip == 0:
         run.imputer_step.start_epoch()
     loader = run.accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
-    run.model.train()
+    train_mode(run)
     for batch in loader:
         state.batches_in_epoch += 1
         if not train_step(run, batch):

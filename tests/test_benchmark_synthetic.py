@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.methods import FAMILIES, METHODS, TUNED_METHODS  # noqa: E402
@@ -55,11 +57,17 @@ def test_every_objective_is_tuned_with_the_same_budget():
 
 
 def test_seeds_run_apart_and_merged_equal_one_run(tmp_path):
-    """`--merge` of seeds run in separate processes gives the summary of one run over the same seeds."""
+    """Seeds run in two worker processes (one torch thread each), and `--merge` of seeds run one by one in this
+    process at one thread, give the same summary."""
     methods = ["--methods", BASE, "PMRL (observed only)"]
-    together = main(["--quick", "--seeds", "2", *methods, "--output", str(tmp_path / "both.md")])
-    main(["--quick", "--seeds", "1", *methods, "--output", str(tmp_path / "first.md")])
-    main(["--quick", "--seeds", "1", "--first-seed", "1", *methods, "--output", str(tmp_path / "second.md")])
+    together = main(["--quick", "--seeds", "2", "--processes", "2", *methods, "--output", str(tmp_path / "both.md")])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each of the two workers of a 2-core machine gets
+    try:
+        main(["--quick", "--seeds", "1", *methods, "--output", str(tmp_path / "first.md")])
+        main(["--quick", "--seeds", "1", "--first-seed", "1", *methods, "--output", str(tmp_path / "second.md")])
+    finally:
+        torch.set_num_threads(threads)
     merged = main(["--quick", "--merge", str(tmp_path / "first.seeds.json"), str(tmp_path / "second.seeds.json"),
                    "--output", str(tmp_path / "merged.md")])
     assert merged == together

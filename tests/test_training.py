@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny_models import tiny_ast, tiny_bert, tiny_vit
 from training_fixtures import FULL, MIXED_PATTERNS, collate, make_dataset, training_config
 
 from calmrl_hf import CalMRLModel, PPCAStatistics
@@ -102,6 +103,24 @@ def test_training_reduces_the_loss_and_saves_a_loadable_model(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     assert sorted(p.name for p in (Path(args.output_dir) / "checkpoints").iterdir()) == ["step_15", "step_30"]
+
+
+def test_frozen_towers_stay_fixed_functions(tmp_path):
+    """With dropout on (the towers' defaults), a frozen tower runs in eval mode during training: its outputs for
+    a batch are what the untrained tower gives, while the trainable towers train."""
+    torch.manual_seed(0)
+    config = training_config(encoder_configs={"vision": tiny_vit(), "audio": tiny_ast(), "text": tiny_bert()})
+    assert tiny_bert().hidden_dropout_prob > 0
+    model = CalMRLModel(config)
+    text_tower = model.encoders[model.config.encoder_owner("text")]
+    modes = {"text": [], "vision": []}
+    text_tower.register_forward_pre_hook(lambda module, _: modes["text"].append(module.training))
+    model.encoders[model.config.encoder_owner("vision")].register_forward_pre_hook(
+        lambda module, _: modes["vision"].append(module.training))
+    before = {key: value.clone() for key, value in text_tower.state_dict().items()}
+    train(model, make_dataset(32, [FULL]), small_args(tmp_path, freeze_modalities=["text"]), collate_fn=collate)
+    assert modes["text"] and not any(modes["text"]) and all(modes["vision"])
+    assert all(torch.equal(before[key], value) for key, value in text_tower.state_dict().items())
 
 
 def test_resumed_run_ends_with_the_same_weights(tmp_path):
