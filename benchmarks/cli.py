@@ -14,12 +14,13 @@ import logging
 import multiprocessing
 import os
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .methods import ALL_METHODS, METHODS, TUNED_METHODS, hyperparameters_of
+from .methods import ALL_METHODS, BASE, METHODS, TUNED_METHODS, hyperparameters_of
 from .protocol import Experiment, run_methods, tune_methods
 from .report import calibration_gaps, summarise, write_results
 
@@ -52,12 +53,17 @@ class Benchmark:
         return self.folder / f"{self.stem}.md"
 
 
-def tune(benchmark: Benchmark, sizes, seed: int, methods: list[str], path: Path) -> dict:
+def tune(benchmark: Benchmark, quick: bool, seed: int, methods: list[str], path: Path,
+         processes: int | None = None) -> dict:
     """Each method's grid on the validation split of world `seed`; merges {method: best} into `path` and the
-    whole grid into its `.grid.json` sibling."""
-    with tempfile.TemporaryDirectory() as workdir:
-        setup, validate, _ = benchmark.experiment(sizes, seed, Path(workdir))
-        tuned = tune_methods(setup, methods, validate, benchmark.headline)
+    whole grid into its `.grid.json` sibling. With `processes` > 1 the methods are split between worker processes
+    (each trains the same stage-1 model: same seed, same thread count)."""
+    processes = max(1, min(processes or available_cores(), len(methods)))
+    groups = [methods[index::processes] for index in range(processes)]
+    tuned = {}
+    for part in run_tasks([(tune_group, benchmark.module, quick, seed, group) for group in groups], processes):
+        tuned.update(part)
+    tuned = {name: tuned[name] for name in [*methods, BASE]}
     chosen = json.loads(path.read_text()) if path.exists() else {}
     chosen.update({name: entry["best"] for name, entry in tuned.items()})
     path.write_text(json.dumps(chosen, indent=1))
@@ -67,6 +73,14 @@ def tune(benchmark: Benchmark, sizes, seed: int, methods: list[str], path: Path)
                   for name, entry in tuned.items()})
     grid_path.write_text(json.dumps(grids, indent=1))
     return tuned
+
+
+def tune_group(module: str, quick: bool, seed: int, methods: list[str]) -> dict:
+    """`tune_methods` of benchmark `module` for `methods` on world `seed`'s validation split."""
+    benchmark = importlib.import_module(module).BENCHMARK
+    with tempfile.TemporaryDirectory() as workdir:
+        setup, validate, _ = benchmark.experiment(benchmark.quick if quick else benchmark.sizes, seed, Path(workdir))
+        return tune_methods(setup, methods, validate, benchmark.headline)
 
 
 def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None = None) -> dict:
@@ -92,12 +106,11 @@ def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None 
                              "`.seeds.json`, e.g. seeds run in parallel processes) and write --output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    sizes = benchmark.quick if args.quick else benchmark.sizes
     if args.tune:
         if args.quick and args.hyperparameters == benchmark.hyperparameters:
             parser.error("--tune --quick would overwrite the default-size hyperparameters: give --hyperparameters")
-        return tune(benchmark, sizes, args.tune_seed, [m for m in args.methods if m in TUNED_METHODS],
-                    args.hyperparameters)
+        return tune(benchmark, args.quick, args.tune_seed, [m for m in args.methods if m in TUNED_METHODS],
+                    args.hyperparameters, args.processes)
     tuned = json.loads(args.hyperparameters.read_text())
     if args.merge:
         merged = {seed: result for path in args.merge for seed, result in json.loads(path.read_text()).items()}
@@ -106,10 +119,7 @@ def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None 
     else:
         seeds = list(range(args.first_seed, args.first_seed + args.seeds))
         per_seed = run_seeds(benchmark.module, args.quick, seeds, args.methods, tuned, args.processes)
-    summary = summarise(per_seed, {name: hyperparameters_of(name, tuned) for name in args.methods})
-    gaps = calibration_gaps(per_seed, benchmark.family_metrics)
-    text = benchmark.markdown(summary, gaps)
-    print(text)
+    command = None
     if args.output:
         command = (f"python -m {benchmark.module}{' --quick' if args.quick else ''} --seeds {args.seeds}"
                    f"{f' --first-seed {args.first_seed}' if args.first_seed else ''}")
@@ -125,11 +135,26 @@ def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None 
             command += f" --hyperparameters {args.hyperparameters}"
         if args.methods != default_methods:
             command += " --methods " + " ".join(f"'{m}'" for m in args.methods)
-        write_results(args.output, command, text, summary, title=benchmark.title,
+    return report(benchmark, dict(zip(seeds, per_seed)), tuned, args.output, command)
+
+
+def report(benchmark: Benchmark, per_seed: dict[int, dict[str, dict[str, float]]], tuned: dict,
+           output: Path | None, command: str | None) -> dict:
+    """Summarise the seeds' results {seed: {method: {metric: value}}} (mean ± std, the paired calibration
+    analysis), print the tables, and write them to `output` (with `command`, the command that made them) and its
+    siblings: .json, .png, .calibration.json, .seeds.json, _summary.md."""
+    results = list(per_seed.values())
+    methods = list(results[0])
+    summary = summarise(results, {name: hyperparameters_of(name, tuned) for name in methods})
+    gaps = calibration_gaps(results, benchmark.family_metrics)
+    text = benchmark.markdown(summary, gaps)
+    print(text)
+    if output:
+        write_results(output, command, text, summary, title=benchmark.title,
                       recall=[(metric, metric.replace("_R@1", "")) for metric in benchmark.family_metrics],
-                      siblings={"calibration": gaps, "seeds": {str(s): r for s, r in zip(seeds, per_seed)}})
-        summary_path(args.output).write_text(f"Command: `{command}` (all tables: `{args.output.name}`)\n\n"
-                                             f"{benchmark.summary_markdown(summary, gaps)}\n")
+                      siblings={"calibration": gaps, "seeds": {str(s): r for s, r in per_seed.items()}})
+        summary_path(output).write_text(f"Command: `{command}` (all tables: `{output.name}`)\n\n"
+                                        f"{benchmark.summary_markdown(summary, gaps)}\n")
     return summary
 
 
@@ -140,25 +165,40 @@ def available_cores() -> int:
 def run_seed(module: str, quick: bool, seed: int, methods: list[str], tuned: dict) -> dict[str, dict[str, float]]:
     """One seed of benchmark `module` (stage 1, then each method's stage 2, each evaluated on the test split)."""
     benchmark = importlib.import_module(module).BENCHMARK
+    started, cpu = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as workdir:
         setup, _, evaluate = benchmark.experiment(benchmark.quick if quick else benchmark.sizes, seed, Path(workdir))
-        return run_methods(setup, methods, tuned, evaluate)
+        results = run_methods(setup, methods, tuned, evaluate)
+    print(f"{module} seed {seed}: {time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu:.0f} s CPU "
+          f"({torch_threads_in_use()} torch threads)", flush=True)
+    return results
 
 
 def run_seeds(module: str, quick: bool, seeds: list[int], methods: list[str], tuned: dict,
               processes: int | None = None) -> list[dict[str, dict[str, float]]]:
-    """Per-seed results in seed order. Seeds are independent, so with `processes` > 1 they run in worker processes
-    (spawned: a fresh interpreter each) that split the cores between them: small models keep one core busier than
-    two threads of one process keep two."""
+    """Per-seed results of benchmark `module`, in seed order (see `run_tasks`)."""
+    return run_tasks([(run_seed, module, quick, seed, methods, tuned) for seed in seeds], processes)
+
+
+def run_tasks(tasks: list[tuple], processes: int | None = None) -> list:
+    """`function(*arguments)` for each task `(function, *arguments)`, results in task order. Seeds (and tuning
+    groups) are independent, so with `processes` > 1 they run in worker processes (spawned: a fresh interpreter
+    each) that split the cores between them: small models keep one core busier than two threads of one process
+    keep two. Tasks start in the order given (put the longest first, so the last ones to finish are short)."""
     cores = available_cores()
-    processes = min(processes or cores, len(seeds))
+    processes = min(processes or cores, len(tasks))
     if processes <= 1:
-        return [run_seed(module, quick, seed, methods, tuned) for seed in seeds]
-    threads = max(1, cores // processes)
+        return [function(*arguments) for function, *arguments in tasks]
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch_threads, initargs=(threads,)) as pool:
-        futures = [pool.submit(run_seed, module, quick, seed, methods, tuned) for seed in seeds]
+                             initializer=torch_threads, initargs=(max(1, cores // processes),)) as pool:
+        futures = [pool.submit(*task) for task in tasks]
         return [future.result() for future in futures]
+
+
+def torch_threads_in_use() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def torch_threads(count: int) -> None:

@@ -12,12 +12,14 @@ copied into README.md and model_card.md between their `<!-- benchmarks:... -->` 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import time
 from pathlib import Path
 
 from .avdigits import run as avdigits
-from .cli import summary_path
+from .cli import report, run_seed, run_tasks, summary_path
+from .methods import METHODS
 from .synthetic import run as synthetic
 from .synthetic import run_av as synthetic_av
 
@@ -55,18 +57,31 @@ def main(argv=None) -> dict:
                         help="where results go (default: next to each benchmark; outputs/benchmarks_quick with --quick)")
     args = parser.parse_args(argv)
     output_dir = args.output_dir or (ROOT / "outputs" / "benchmarks_quick" if args.quick else None)
+    started = time.perf_counter()
+    if args.tune and not args.quick:
+        for name in args.only:
+            BENCHMARKS[name].main(["--tune", *(["--processes", str(args.processes)] if args.processes else [])])
+            print(f"\n{name}: tuned ({time.perf_counter() - started:.0f} s since the start)\n")
+    benchmarks = {name: BENCHMARKS[name].BENCHMARK for name in args.only}
+    seeds = list(range(args.seeds))
+    tuned = {name: json.loads(benchmark.hyperparameters.read_text()) for name, benchmark in benchmarks.items()}
+    # one pool for every benchmark's seeds, the longest (avdigits) first, so no core idles while one benchmark's
+    # last seed runs
+    order = sorted(benchmarks, key=lambda name: name != "avdigits")
+    tasks = [(name, seed) for name in order for seed in seeds]
+    results = run_tasks([(run_seed, benchmarks[name].module, args.quick, seed, list(METHODS), tuned[name])
+                         for name, seed in tasks], args.processes)
+    print(f"\nall seeds of {', '.join(order)}: {time.perf_counter() - started:.0f} s wall\n")
+    command = "python -m benchmarks.run" + " --quick" * args.quick + "".join(
+        f" --{flag} {value}" for flag, value in (("seeds", args.seeds if args.seeds != 5 else None),
+                                                 ("processes", args.processes),
+                                                 ("only", " ".join(args.only) if args.only != list(BENCHMARKS)
+                                                  else None)) if value is not None)
     summaries = {}
-    for name in args.only:
-        benchmark = BENCHMARKS[name].BENCHMARK
+    for name, benchmark in benchmarks.items():
         output = output_dir / name / benchmark.results.name if output_dir else benchmark.results
-        started = time.perf_counter()
-        if args.tune and not args.quick:
-            BENCHMARKS[name].main(["--tune"])
-            print(f"\n{name}: tuned in {time.perf_counter() - started:.0f} s\n")
-        summaries[name] = BENCHMARKS[name].main([*(["--quick"] if args.quick else []), "--seeds", str(args.seeds),
-                                                 *(["--processes", str(args.processes)] if args.processes else []),
-                                                 "--output", str(output)])
-        print(f"\n{name}: {time.perf_counter() - started:.0f} s -> {output}\n")
+        per_seed = {seed: result for (task_name, seed), result in zip(tasks, results) if task_name == name}
+        summaries[name] = report(benchmark, per_seed, tuned[name], output, command)
         if not args.quick and output_dir is None:
             for document in DOCUMENTS:
                 if update_document(ROOT / document, name, output):

