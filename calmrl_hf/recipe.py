@@ -145,12 +145,13 @@ def stage_arguments(recipe: dict, stage: str, args: argparse.Namespace) -> tuple
     # a stage may train with its own objective (e.g. InfoNCE pre-training of towers learned from scratch)
     objective = settings.pop("alignment_objective",
                              recipe["model"].get("config", {}).get("alignment_objective", "pmrl"))
-    settings.update(output_dir=str(Path(recipe["output_dir"]) / stage), seed=recipe.get("seed", 0),
-                    cpu=args.cpu or settings.get("cpu", False))
+    if args.cpu:
+        settings["use_cpu"] = True
+    settings.update(output_dir=str(Path(recipe["output_dir"]) / stage), seed=recipe.get("seed", 0))
     if args.resume:
         settings["resume_from_checkpoint"] = "latest"
     if stage == "stage2" and args.push_to_hub:
-        settings["push_to_hub"] = args.push_to_hub
+        settings.update(push_to_hub=True, hub_model_id=args.push_to_hub)
     return TrainingArguments.from_dict(settings), objective
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parents[1]))  # the checkout's calmrl_hf, installed or not
 
 from training_fixtures import MIXED_PATTERNS, collate, make_dataset, training_config  # noqa: E402
 
@@ -27,7 +28,7 @@ def main(out_path: str, per_device_batch: int) -> None:
     model = CalMRLModel(training_config()).double()
     args = TrainingArguments(
         output_dir=str(Path(out_path).parent / "run"), max_steps=4, per_device_train_batch_size=per_device_batch,
-        learning_rate=1e-3, warmup_steps=1, cpu=True, logging_steps=1, imputer_min_rows=8, seed=7,
+        learning_rate=1e-3, warmup_steps=1, use_cpu=True, logging_steps=1, imputer_min_rows=8, seed=7,
     )
     accelerator = build_accelerator(args)
     result = train(model, make_dataset(64, MIXED_PATTERNS), args, collate_fn=collate64, accelerator=accelerator)

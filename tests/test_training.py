@@ -105,11 +105,12 @@ def test_training_reduces_the_loss_and_saves_a_loadable_model(tmp_path):
 
 
 def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    """With dropout on: the RNG states come back exactly, and nothing draws from them between restore and step."""
     data = make_dataset(96, MIXED_PATTERNS)
 
     def run(output_dir, stop_after=None, resume=None):
         torch.manual_seed(0)
-        model = CalMRLModel(training_config())
+        model = CalMRLModel(training_config(dropout=True))
         args = small_args(tmp_path, output_dir=str(output_dir), max_steps=8, save_steps=3,
                           resume_from_checkpoint=resume, save_total_limit=None)
 
@@ -170,8 +171,8 @@ def test_bad_setups_fail_before_training(tmp_path):
                                                                gradient_accumulation_steps=4), num_processes=1)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         validate_setup(full_model, {"train": make_dataset(4, [FULL])}, small_args(tmp_path), num_processes=1)
-    with pytest.raises(ValueError, match="Unknown training arguments"):
-        TrainingArguments.from_dict({"learning_rate": 1e-3, "lr": 2})
+    with pytest.raises(ValueError, match="Unknown training arguments 'learning_rat' \\(did you mean 'learning_rate'"):
+        TrainingArguments.from_dict({"learning_rat": 2})
     with pytest.raises(ValueError, match="freeze_modalities"):
         validate_setup(full_model, {"train": data}, small_args(tmp_path, freeze_modalities=["smell"]), 1)
     # train() itself refuses before touching the model
@@ -181,6 +182,29 @@ def test_bad_setups_fail_before_training(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_training_arguments_take_trainer_names_and_accept_the_old_ones():
+    """Fields that mean what a transformers Trainer field means have its name; the old names still work, warned."""
+    import transformers
+
+    from calmrl_hf.training import CalMRLTrainingArguments
+
+    assert TrainingArguments is CalMRLTrainingArguments
+    ours = {f for f in CalMRLTrainingArguments.__dataclass_fields__}
+    shared = {"use_cpu", "report_to", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo"}
+    assert shared <= ours & set(transformers.TrainingArguments.__dataclass_fields__)
+    with pytest.warns(FutureWarning, match="'log_with' is deprecated: use 'report_to'"):
+        old = CalMRLTrainingArguments(log_with="tensorboard", cpu=True, hub_private=True)
+    assert (old.report_to, old.use_cpu, old.hub_private_repo) == ("tensorboard", True, True)
+    with pytest.warns(FutureWarning, match="push_to_hub=REPO_ID is deprecated"):
+        old = CalMRLTrainingArguments.from_dict({"push_to_hub": "team/run"})
+    assert (old.push_to_hub, old.hub_model_id) == (True, "team/run")
+    with pytest.raises(ValueError, match="needs hub_model_id"):
+        CalMRLTrainingArguments(push_to_hub=True)
+    from dataclasses import asdict
+
+    assert not {"log_with", "cpu", "hub_private"} & set(asdict(old))  # training_args.json records the new names
+
+
 def test_training_pushes_the_final_model_to_the_hub(tmp_path):
     os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
     from fake_hub import FakeHub
@@ -188,8 +212,8 @@ def test_training_pushes_the_final_model_to_the_hub(tmp_path):
     torch.manual_seed(0)
     model = CalMRLModel(training_config())
     with FakeHub() as hub:
-        args = small_args(tmp_path, max_steps=2, save_steps=1, push_to_hub="team/calmrl-run", hub_token="hf_fake",
-                          hub_endpoint=hub.endpoint)
+        args = small_args(tmp_path, max_steps=2, save_steps=1, push_to_hub=True, hub_model_id="team/calmrl-run",
+                          hub_token="hf_fake", hub_endpoint=hub.endpoint)
         train(model, make_dataset(32, MIXED_PATTERNS), args, collate_fn=collate)
     assert len(hub.commits) == 1
     files = hub.commits[0]["files"]
@@ -203,7 +227,7 @@ def test_accumulation_bf16_epoch_statistics_and_tensorboard(tmp_path):
     torch.manual_seed(0)
     model = CalMRLModel(training_config())
     args = small_args(tmp_path, max_steps=3, gradient_accumulation_steps=2, mixed_precision="bf16",
-                      imputer_statistics="epoch", log_with="tensorboard", logging_steps=1)
+                      imputer_statistics="epoch", report_to="tensorboard", logging_steps=1)
     result = train(model, make_dataset(64, MIXED_PATTERNS), args, collate_fn=collate)
     assert result.global_step == 3 and len(result.losses) == 3
     assert all(torch.isfinite(torch.tensor(result.losses)))
@@ -232,7 +256,7 @@ def test_streaming_dataset_trains_and_resumes_exactly(tmp_path):
 
     def run(output_dir, stop_after=None, resume=None):
         torch.manual_seed(0)
-        model = CalMRLModel(training_config())
+        model = CalMRLModel(training_config(dropout=True))
         args = small_args(tmp_path, output_dir=str(output_dir), max_steps=7, save_steps=3, save_total_limit=None,
                           resume_from_checkpoint=resume)  # 40 rows / 8 = 5 batches an epoch: 7 steps cross one
 
