@@ -27,6 +27,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +112,12 @@ class PPCAStatistics:
             setattr(self, name, value.to(device=current.device, dtype=torch.float64).clone())
 
 
+def modality_name_codes(names: Sequence[str]) -> torch.Tensor:
+    """A 24-bit code per modality name (its CRC-32's low bits: exact in float32), in order: what the imputer's
+    rows were fitted for, saved with its parameters."""
+    return torch.tensor([zlib.crc32(str(name).encode()) & 0xFFFFFF for name in names], dtype=torch.float32)
+
+
 @dataclass
 class _EStep:
     """Posterior of the shared latent, grouped by missingness pattern."""
@@ -134,13 +142,15 @@ class PPCAImputer(nn.Module):
         ridge: relative ridge added to A_m before solving the M-step (A_m is ill-conditioned with few rows).
         init_noise_var: noise variance before any fit.
         seed: seed of the deterministic initial W.
+        modality_names: the modality of each row, in order (default "0", "1", ...); recorded in `modality_codes`.
 
-    Buffers (persistent, float32): `weight` [k, d, q], `mean` [k, d], `noise_var` [k] and `fitted` [k] (1.0 once a
-    modality has had an M-step with rows).
+    Buffers (persistent, float32): `weight` [k, d, q], `mean` [k, d], `noise_var` [k], `fitted` [k] (1.0 once a
+    modality has had an M-step with rows) and `modality_codes` [k] (`modality_name_codes(modality_names)`).
     """
 
     def __init__(self, num_modalities: int, dim: int, latent_dim: int, *, noise_var_floor: float = 1e-6,
-                 ridge: float = 1e-6, init_noise_var: float = 1.0, seed: int = 0):
+                 ridge: float = 1e-6, init_noise_var: float = 1.0, seed: int = 0,
+                 modality_names: Sequence[str] | None = None):
         super().__init__()
         if min(num_modalities, dim, latent_dim) < 1:
             raise ValueError(f"num_modalities, dim and latent_dim must be positive, got {num_modalities}, {dim}, "
@@ -149,11 +159,17 @@ class PPCAImputer(nn.Module):
             raise ValueError(f"noise_var_floor must be positive, got {noise_var_floor}.")
         self.num_modalities, self.dim, self.latent_dim = num_modalities, dim, latent_dim
         self.noise_var_floor, self.ridge, self.init_noise_var, self.seed = noise_var_floor, ridge, init_noise_var, seed
+        names = [str(m) for m in range(num_modalities)] if modality_names is None else list(modality_names)
+        if len(names) != num_modalities:
+            raise ValueError(f"modality_names has {len(names)} names for {num_modalities} modalities: {names}.")
+        self.modality_names = names
         self.register_buffer("weight", torch.empty(num_modalities, dim, latent_dim))
         self.register_buffer("mean", torch.empty(num_modalities, dim))
         self.register_buffer("noise_var", torch.empty(num_modalities))
         # bookkeeping kept float on purpose: transformers' strict fp32 loading casts integer buffers
         self.register_buffer("fitted", torch.empty(num_modalities))
+        # which modality each row models: a reordered config must not hand the rows to other modalities
+        self.register_buffer("modality_codes", modality_name_codes(names))
         self.reset_parameters()
 
     def extra_repr(self) -> str:
@@ -168,6 +184,17 @@ class PPCAImputer(nn.Module):
         self.mean.zero_()
         self.noise_var.fill_(self.init_noise_var)
         self.fitted.zero_()
+
+    def check_modality_order(self) -> None:
+        """Refuse rows saved for another modality order than `modality_names` (a config edited after fitting)."""
+        expected = modality_name_codes(self.modality_names).to(self.modality_codes)
+        if torch.equal(expected, self.modality_codes):
+            return
+        by_code = {code: name for code, name in zip(expected.tolist(), self.modality_names)}
+        saved = [by_code.get(code, "<unknown>") for code in self.modality_codes.tolist()]
+        raise ValueError(f"The imputer was fitted for the modalities in the order {saved}, but the config lists "
+                         f"{self.modality_names}: its rows would model other modalities. Restore the saved order "
+                         f"in config.json's 'modalities'.")
 
     @property
     def fitted_modalities(self) -> torch.Tensor:
@@ -416,4 +443,4 @@ class PPCAImputer(nn.Module):
         return history
 
 
-__all__ = ["PPCAImputer", "PPCAStatistics"]
+__all__ = ["PPCAImputer", "PPCAStatistics", "modality_name_codes"]

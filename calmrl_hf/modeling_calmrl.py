@@ -37,6 +37,8 @@ from .towers import run_tower
 
 
 AutoModel.register(FeatureEncoderConfig, FeatureEncoderModel, exist_ok=True)
+# Saved before the imputer recorded its modality order: such checkpoints still load (the order is not checked).
+LEGACY_OPTIONAL_KEYS = ("imputer.modality_codes",)
 
 
 @dataclass
@@ -121,7 +123,8 @@ class CalMRLPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, PPCAImputer):
             fresh = PPCAImputer(
-                module.num_modalities, module.dim, module.latent_dim, noise_var_floor=self.config.imputer_noise_var_floor
+                module.num_modalities, module.dim, module.latent_dim,
+                noise_var_floor=self.config.imputer_noise_var_floor, modality_names=module.modality_names,
             ).to(module.weight.device)
             for name, buffer in fresh.named_buffers():
                 init.copy_(getattr(module, name), buffer)
@@ -135,8 +138,11 @@ class CalMRLPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
         """`PreTrainedModel.from_pretrained`, but strict: safetensors only, and a checkpoint that does not match
-        the config is an error (`loading.load_strictly`), imputer buffers included."""
-        model, info = load_strictly(super().from_pretrained, *args, **kwargs)
+        the config is an error (`loading.load_strictly`), imputer buffers included, and so is a config whose
+        modality order differs from the one the imputer was saved with."""
+        model, info = load_strictly(super().from_pretrained, *args, optional_keys=LEGACY_OPTIONAL_KEYS, **kwargs)
+        if "imputer.modality_codes" not in info.get("missing_keys", ()):
+            model.imputer.check_modality_order()
         freeze_lora_towers(model.encoders, model.config.lora)  # loading re-creates the parameters
         return (model, info) if output_loading_info else model
 
@@ -160,6 +166,7 @@ class CalMRLModel(CalMRLPreTrainedModel):
             config.projection_dim,
             config.imputer_latent_dim,
             noise_var_floor=config.imputer_noise_var_floor,
+            modality_names=config.modalities,
         )
         self.temperature = nn.Parameter(
             torch.tensor(float(config.temperature)), requires_grad=config.learnable_temperature

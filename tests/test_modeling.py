@@ -353,6 +353,38 @@ def test_checkpoints_with_the_former_num_observed_buffer_still_load(tmp_path):
         assert torch.equal(dict(loaded.imputer.named_buffers())[name], buffer), name
 
 
+def test_unknown_config_keys_are_refused_and_warned_when_loaded(tmp_path, caplog):
+    with pytest.raises(ValueError, match=r"Unknown CalMRLConfig keys 'imputer_methd' \(did you mean 'imputer_method'"):
+        tiny_config(imputer_methd="none")
+    fitted_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "imputer_methd": "none"}))
+    with caplog.at_level("WARNING", logger="calmrl_hf"):
+        loaded = CalMRLModel.from_pretrained(tmp_path)
+    assert "'imputer_methd' (did you mean 'imputer_method'?)" in caplog.text
+    assert loaded.config.imputer_method == "ppca"
+
+
+def test_a_reordered_config_is_refused(tmp_path):
+    """The imputer's rows are positional: config.json listing the modalities in another order must not load."""
+    from safetensors.torch import load_file, save_file
+
+    model = fitted_model()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    saved_order = config["modalities"]
+    (tmp_path / "config.json").write_text(json.dumps({**config, "modalities": saved_order[::-1]}))
+    with pytest.raises(ValueError, match=rf"fitted for the modalities in the order {saved_order}".replace("[", r"\[")):
+        CalMRLModel.from_pretrained(tmp_path)
+    # checkpoints saved before the order was recorded still load (unchecked), with a warning
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if k != "imputer.modality_codes"}, weights,
+              metadata={"format": "pt"})
+    loaded = CalMRLModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded.imputer.weight, model.imputer.weight)
+
+
 def test_feature_towers_over_precomputed_embeddings(tmp_path):
     from calmrl_hf import FeatureEncoderConfig
 
@@ -391,8 +423,8 @@ def test_loading_refuses_pickles_and_tampered_files(tmp_path):
     with pytest.raises(ValueError, match="safetensors only"):
         CalMRLModel.from_pretrained(tmp_path / "good", use_safetensors=False)
     weights = tmp_path / "good" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])  # truncated: tampered
-    with pytest.raises(ValueError, match="corrupt or tampered"):
+    weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])  # truncated
+    with pytest.raises(ValueError, match="corrupt or truncated"):
         CalMRLModel.from_pretrained(tmp_path / "good")
 
 
