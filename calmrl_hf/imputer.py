@@ -205,13 +205,33 @@ class PPCAImputer(nn.Module):
     def _validate(self, z: torch.Tensor, mask: torch.Tensor) -> None:
         check_embeddings(z, mask, name="z", mask_name="mask", rows="N", num_modalities=self.num_modalities,
                          dim=self.dim, min_rows=0, mask_optional=False)
-        # a row sum is finite iff every entry is (NaN or inf propagates): one read pass, no [N, k, d] temporary
-        finite = torch.isfinite(z.sum(dim=-1))  # [N, k]
-        bad = (mask & ~finite).nonzero()
+        limit = self.max_abs_value(z.dtype)
+        if z.numel():
+            low, high = torch.aminmax(z.detach())  # one pass; NaN anywhere fails the test: the slow path
+            if max(-float(low), float(high)) <= limit:
+                return
+        # where exactly (missing slots may hold anything): the largest |entry| of each row and modality, NaN or inf
+        # where an entry is, without an [N, k, d] temporary
+        peak = torch.maximum(z.amax(dim=-1), -z.amin(dim=-1)) if z.numel() else z.sum(dim=-1)  # [N, k]
+        bad = (mask & ~torch.isfinite(peak)).nonzero()
         if bad.numel():
             row, modality = bad[0].tolist()
             raise ValueError(f"z has NaN or inf in an observed entry (row {row}, modality {modality}; "
                              f"{bad.shape[0]} such entries).")
+        large = (mask & (peak > limit)).nonzero()
+        if large.numel():
+            row, modality = large[0].tolist()
+            raise ValueError(
+                f"z has entries up to {float(peak[mask].max()):.3g} in observed slots (row {row}, modality "
+                f"{modality}); the imputer's {self._compute_dtype(z)} statistics (sums of squares over {self.dim} "
+                f"coordinates and up to {_CHUNK_ROWS} rows) overflow beyond {limit:.3g}. Rescale the embeddings "
+                f"(CalMRL's are unit-norm) or pass float64.")
+
+    def max_abs_value(self, dtype: torch.dtype) -> float:
+        """The largest |entry| of z whose statistics cannot overflow: each chunk of up to `_CHUNK_ROWS` rows sums
+        squares of `dim` coordinates in the compute dtype (float32, or float64 for float64 input)."""
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        return math.sqrt(torch.finfo(compute).max / (self.dim * _CHUNK_ROWS))
 
     def _parameters_as(self, dtype: torch.dtype, device: torch.device):
         return (self.weight.to(device=device, dtype=dtype), self.mean.to(device=device, dtype=dtype),
@@ -355,6 +375,11 @@ class PPCAImputer(nn.Module):
             if got != shape:
                 raise ValueError(f"stats.{name} has shape {list(got)}; this imputer (k={k}, d={d}, q={q}) expects "
                                  f"{list(shape)}.")
+            finite = torch.isfinite(getattr(stats, name).reshape(k, -1)).all(dim=1)
+            if not bool(finite.all()):
+                raise ValueError(f"stats.{name} has NaN or inf (modalities {(~finite).nonzero().flatten().tolist()}); "
+                                 f"the M-step would write non-finite parameters. The embeddings they were summed from "
+                                 f"were not finite, or too large.")
         device = self.weight.device
         A = stats.latent_second_moment.to(device=device, dtype=torch.float64)
         B = stats.cross_moment.to(device=device, dtype=torch.float64)
@@ -378,9 +403,7 @@ class PPCAImputer(nn.Module):
         quadratic = torch.einsum("adq,adr,aqr->a", loading, loading, A)
         noise_var = ((c - 2.0 * cross + quadratic) / (count * d)).clamp_min(self.noise_var_floor)
         index = active.nonzero().flatten()
-        self.weight[index] = loading[:, :, :q].to(self.weight.dtype)
-        self.mean[index] = loading[:, :, q].to(self.mean.dtype)
-        self.noise_var[index] = noise_var.to(self.noise_var.dtype)
+        self._write_parameters(index, loading[:, :, :q], loading[:, :, q], noise_var)
         self.fitted[index] = 1.0
 
     # ------------------------------------------------------------------ full-batch EM
@@ -416,12 +439,19 @@ class PPCAImputer(nn.Module):
         explained = (weight**2).sum(dim=(1, 2))
         # residual variance per coordinate, at least 10% of the total (the PCA may over-explain a modality)
         noise_var = torch.maximum(total_var - explained, 0.1 * total_var) / d
-        for m in modalities:
-            if counts[m] == 0:
-                continue
-            self.weight[m] = (weight[m] * 0.9).to(self.weight.dtype)  # shrink: leave room for the noise
-            self.mean[m] = mean[m].to(self.mean.dtype)
-            self.noise_var[m] = noise_var[m].clamp_min(self.noise_var_floor).to(self.noise_var.dtype)
+        index = torch.tensor([m for m in modalities if counts[m] > 0], dtype=torch.long, device=z.device)
+        # shrink W: leave room for the noise
+        self._write_parameters(index, weight[index] * 0.9, mean[index], noise_var[index].clamp_min(self.noise_var_floor))
+
+    def _write_parameters(self, index: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                          noise_var: torch.Tensor) -> None:
+        """Store the parameters of modalities `index` (float64 in), refusing values the buffers cannot hold."""
+        cast = (weight.to(self.weight.dtype), mean.to(self.mean.dtype), noise_var.to(self.noise_var.dtype))
+        if not all(bool(torch.isfinite(value).all()) for value in cast):
+            raise ValueError(f"The fitted parameters overflow the imputer's {self.weight.dtype} buffers (noise "
+                             f"variance up to {float(noise_var.max()):.3g}): the embeddings are too large; rescale "
+                             f"them (CalMRL's are unit-norm).")
+        self.weight[index], self.mean[index], self.noise_var[index] = cast
 
     @torch.no_grad()
     def fit(self, z: torch.Tensor, mask: torch.Tensor, max_iter: int = 100, tol: float = 1e-6, *,

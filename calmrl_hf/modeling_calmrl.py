@@ -32,7 +32,7 @@ from .fusion import FusionEncoder
 from .imputer import PPCAImputer
 from .loading import load_strictly, load_tower
 from .lora import add_lora, freeze_lora_towers, is_lora_layer
-from .modality_inputs import check_feature_inputs, group_inputs, resolve_modality_mask
+from .modality_inputs import check_feature_inputs, check_finite_embeddings, group_inputs, resolve_modality_mask
 from .towers import run_tower
 
 
@@ -250,7 +250,9 @@ class CalMRLModel(CalMRLPreTrainedModel):
         check_feature_inputs(name, inputs)
         tower = self.encoders[self.config.encoder_owner(name)]
         pooled, tokens, token_mask = run_tower(tower, self.config.pooling[name], name, inputs)
-        return F.normalize(self.projections[name](pooled), dim=-1), tokens, token_mask
+        projected = self.projections[name](pooled)  # [n, D]
+        check_finite_embeddings(name, projected)
+        return F.normalize(projected, dim=-1), tokens, token_mask
 
     # ------------------------------------------------------------------ step 1: embed
     def embed_modalities(

@@ -332,6 +332,23 @@ def test_bad_inputs_raise_clear_errors():
         model.get_modality_features("smell", input_ids=batch["text_input_ids"])
 
 
+def test_non_finite_tower_outputs_are_an_error_in_every_entry_point():
+    """Huge finite inputs overflow inside a tower: a clear error naming the modality, not NaN embeddings."""
+    model = fitted_model().eval()
+    batch = tiny_batch(MIXED_MASK)
+    batch["audio_input_values"] = torch.full_like(batch["audio_input_values"], 3e38)
+    entry_points = {
+        "forward": lambda: model(**batch),
+        "embed_modalities": lambda: model.embed_modalities(**batch),
+        "encode": lambda: model.encode(**batch),
+        "get_modality_features": lambda: model.get_modality_features("audio",
+                                                                     input_values=batch["audio_input_values"]),
+    }
+    for name, call in entry_points.items():
+        with pytest.raises(ValueError, match=r"The audio tower gave non-finite embeddings .* for 3 of its 3 rows"):
+            call()
+
+
 def test_mismatched_checkpoint_is_refused(tmp_path):
     fitted_model().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="does not match"):
