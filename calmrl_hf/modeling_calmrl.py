@@ -34,6 +34,7 @@ from .loading import load_strictly, load_tower
 from .lora import add_lora, freeze_lora_towers, is_lora_layer
 from .modality_inputs import check_feature_inputs, check_finite_embeddings, group_inputs, resolve_modality_mask
 from .towers import run_tower
+from .validation import check_embeddings
 
 
 AutoModel.register(FeatureEncoderConfig, FeatureEncoderModel, exist_ok=True)
@@ -338,6 +339,15 @@ class CalMRLModel(CalMRLPreTrainedModel):
         ```
         """
         embeddings, modality_mask = self.embed_modalities(modality_mask, **modality_inputs)
+        return self.encode_embeddings(embeddings, modality_mask)
+
+    @torch.no_grad()
+    def encode_embeddings(self, embeddings: torch.Tensor, modality_mask: torch.Tensor) -> CalMRLEncoding:
+        """What `encode` gives, from embeddings [B, k, D] computed before (`embed_modalities`, `calmrl embed`):
+        the missing ones imputed as the config says (fitted modalities only, renormalised), their posterior
+        variance, and the fused embedding. `calmrl impute` runs this."""
+        check_embeddings(embeddings, modality_mask, num_modalities=self.config.num_modalities,
+                         dim=self.config.projection_dim, mask_optional=False)
         imputed, aligned_mask = self.impute_missing(embeddings, modality_mask)
         imputed_mask = aligned_mask & ~modality_mask
         variance = torch.zeros(modality_mask.shape, dtype=embeddings.dtype, device=embeddings.device)
