@@ -138,11 +138,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(nproc: int, out: Path, batch: int):
+def _torchrun(nproc: int, out: Path, batch: int, mode: str = "full"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PYTHONPATH", None)
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", str(HERE / "dist_train_worker.py"), str(out), str(batch)]
+               f"--master_port={_free_port()}", str(HERE / "dist_train_worker.py"), str(out), str(batch), mode]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out)
@@ -156,6 +156,18 @@ def test_two_processes_match_one_process(tmp_path):
     for name, buffer in single["buffers"].items():
         torch.testing.assert_close(double["buffers"][name], buffer, rtol=1e-9, atol=1e-9, msg=name)
     torch.testing.assert_close(torch.tensor(double["losses"]), torch.tensor(single["losses"]), rtol=1e-6, atol=1e-6)
+
+
+def test_two_processes_resume_exactly(tmp_path):
+    """With dropout: two processes resumed from their first checkpoint end as two uninterrupted ones (each
+    process's RNG states saved and restored, every collective entered by both)."""
+    double = _torchrun(2, tmp_path / "two.pt", 8, mode="dropout")  # also leaves its step-2 checkpoint in run_resumed
+    checkpoint = tmp_path / "run_resumed" / "checkpoints" / "step_2"
+    assert {"rng_state_0.safetensors", "rng_state_1.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    resumed = _torchrun(2, tmp_path / "resumed.pt", 8, mode="resume")
+    for name, buffer in double["buffers"].items():
+        assert torch.equal(resumed["buffers"][name], buffer), name
+    assert resumed["losses"] == double["losses"][2:]
 
 
 def test_bad_setups_fail_before_training(tmp_path):
@@ -192,8 +204,10 @@ def test_training_arguments_take_trainer_names_and_accept_the_old_ones():
     ours = {f for f in CalMRLTrainingArguments.__dataclass_fields__}
     shared = {"use_cpu", "report_to", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo"}
     assert shared <= ours & set(transformers.TrainingArguments.__dataclass_fields__)
-    with pytest.warns(FutureWarning, match="'log_with' is deprecated: use 'report_to'"):
+    with pytest.warns(FutureWarning) as warned:
         old = CalMRLTrainingArguments(log_with="tensorboard", cpu=True, hub_private=True)
+    assert [str(w.message).split(":")[0] for w in warned] == [
+        f"Training argument '{name}' is deprecated" for name in ("log_with", "cpu", "hub_private")]
     assert (old.report_to, old.use_cpu, old.hub_private_repo) == ("tensorboard", True, True)
     with pytest.warns(FutureWarning, match="push_to_hub=REPO_ID is deprecated"):
         old = CalMRLTrainingArguments.from_dict({"push_to_hub": "team/run"})
