@@ -18,6 +18,17 @@ class CommandError(Exception):
     """A problem with the user's input, reported as a message without a traceback."""
 
 
+def check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
+    """Before any work: `path` ends in one of `suffixes`, is not a folder, and its folder takes writes."""
+    from .checkpointing import ensure_writable_directory
+
+    if path.suffix not in suffixes:
+        raise CommandError(f"--output must end in {' or '.join(suffixes)}, got {path.name!r}.")
+    if path.is_dir():
+        raise CommandError(f"--output {path} is a folder; give a file name.")
+    ensure_writable_directory(path.parent, "--output's folder")
+
+
 def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--annotations", type=Path, required=True,
                         help="annotation file in the VAST-150K format (clip_id, vast_cap, subtitle), or --format")
@@ -91,6 +102,7 @@ def command_evaluate(args) -> None:
 
 
 def command_embed(args) -> None:
+    check_output_file(args.output, (".safetensors", ".parquet"))
     model, processor = _load_model(args.model)
     ids, labels, embeddings, mask = _embed(model, processor, _load_dataset(args, processor), args.batch_size)
     suffix = args.output.suffix
@@ -99,7 +111,7 @@ def command_embed(args) -> None:
 
         save_file({"embeddings": embeddings.contiguous(), "modality_mask": mask.contiguous()}, str(args.output),
                   metadata={"ids": json.dumps(ids), "modalities": json.dumps(model.config.modalities)})
-    elif suffix == ".parquet":
+    else:  # .parquet
         from datasets import Dataset
 
         columns = {"id": ids, "modality_mask": mask.tolist()}
@@ -107,31 +119,42 @@ def command_embed(args) -> None:
             columns[name] = [row.tolist() if observed else None for row, observed in
                              zip(embeddings[:, index], mask[:, index].tolist())]
         Dataset.from_dict(columns).to_parquet(str(args.output))
-    else:
-        raise CommandError(f"--output must end in .safetensors or .parquet, got {args.output.name!r}.")
     print(f"Wrote {len(ids)} embeddings of {model.config.modalities} to {args.output}")
 
 
+def _read_embeddings(path: Path, modalities: list[str]):
+    """(embeddings, modality_mask, metadata) of a `calmrl embed` safetensors file, for a model of `modalities`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if "embeddings" not in handle.keys() or "modality_mask" not in handle.keys():
+                raise CommandError(f"{path} must hold 'embeddings' and 'modality_mask' (as `calmrl embed` writes "
+                                   f"them).")
+            embeddings, mask = handle.get_tensor("embeddings"), handle.get_tensor("modality_mask")
+    except SafetensorError as error:
+        raise CommandError(f"{path} is not a readable safetensors file ({error}).") from error
+    if "modalities" in metadata and json.loads(metadata["modalities"]) != modalities:
+        raise CommandError(f"{path} holds embeddings of the modalities {json.loads(metadata['modalities'])}, in that "
+                           f"order; the model's are {modalities}.")
+    return embeddings, mask, metadata
+
+
 def command_impute(args) -> None:
-    import torch
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    model, _ = _load_model(args.model)
+    check_output_file(args.output, (".safetensors",))
     if not args.embeddings.is_file():
         raise CommandError(f"Embeddings file not found: {args.embeddings}")
-    with safe_open(str(args.embeddings), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if "embeddings" not in handle.keys() or "modality_mask" not in handle.keys():
-            raise CommandError(f"{args.embeddings} must hold 'embeddings' and 'modality_mask' (as `calmrl embed` "
-                               f"writes them).")
-        embeddings, mask = handle.get_tensor("embeddings"), handle.get_tensor("modality_mask")
-    with torch.no_grad():
-        imputed = model.imputer.impute(embeddings, mask)
-        variance = model.imputer.imputation_variance(embeddings, mask)
-    save_file({"imputed_embeddings": imputed.contiguous(), "imputation_variance": variance.contiguous(),
-               "modality_mask": mask.contiguous()}, str(args.output), metadata=metadata)
-    print(f"Imputed {int((~mask).sum())} missing embeddings of {mask.shape[0]} instances into {args.output}")
+    model, _ = _load_model(args.model)
+    embeddings, mask, metadata = _read_embeddings(args.embeddings, model.config.modalities)
+    encoding = model.encode_embeddings(embeddings, mask)  # exactly what model.encode gives for these embeddings
+    save_file({name: getattr(encoding, name).contiguous() for name in
+               ("imputed_embeddings", "imputed_mask", "imputation_variance", "fused_embeddings", "modality_mask")},
+              str(args.output), metadata=metadata)
+    print(f"Imputed {int(encoding.imputed_mask.sum())} missing embeddings of {mask.shape[0]} instances into "
+          f"{args.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,12 +182,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_message(error: Exception, command: str) -> str:
+    """One line saying what went wrong (and, for unreadable media, the option that skips it)."""
+    from .data.media import MediaDecodingError
+
+    known = (CommandError, FileNotFoundError, PermissionError, ValueError, TypeError, MediaDecodingError)
+    text = str(error) if isinstance(error, known) else f"{type(error).__name__}: {error}"
+    if isinstance(error, MediaDecodingError) and command in ("evaluate", "embed"):
+        text += " (pass --skip_bad_media to mark unreadable media as missing, and count them, instead)"
+    return " ".join(text.split())
+
+
 def main(argv=None) -> int:
+    """Run a command; any error is one `calmrl COMMAND: error: ...` line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except (CommandError, FileNotFoundError, ValueError, OSError) as error:
-        print(f"calmrl {args.command}: error: {error}", file=sys.stderr)
+    except Exception as error:  # the command line reports, it does not crash
+        print(f"calmrl {args.command}: error: {error_message(error, args.command)}", file=sys.stderr)
         return 2
     return 0
 

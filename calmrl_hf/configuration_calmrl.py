@@ -9,12 +9,15 @@ reuses the text tower with its own projection head).
 from __future__ import annotations
 
 import copy
+import dataclasses
+from contextvars import ContextVar
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.utils import logging
 
 from .feature_encoder import FeatureEncoderConfig
+from .validation import unknown_name_message
 
 
 logger = logging.get_logger(__name__)
@@ -40,6 +43,16 @@ DEFAULT_SHARED_ENCODERS = {"subtitle": "text"}
 DEFAULT_POOLING = {"vision": "cls", "audio": "mean", "text": "mean", "subtitle": "mean"}
 
 POOLING_MODES = ("cls", "mean", "pooler")
+# Keys a config dict may carry besides the dataclass fields: what transformers itself writes into config.json or
+# consumes in `PreTrainedConfig.__post_init__`.
+TRANSFORMERS_CONFIG_KEYS = frozenset({
+    "model_type", "auto_map", "transformers_version", "architectures", "_name_or_path", "name_or_path",
+    "_commit_hash", "torch_dtype", "num_labels", "output_attentions", "attn_implementation",
+    "experts_implementation", "per_layer_config", "_attn_implementation_internal",
+    "_experts_implementation_internal",
+})
+# True while `from_dict` builds a config from a file: unknown keys are then a warning, not an error.
+_LOADING_FROM_DICT: ContextVar[bool] = ContextVar("calmrl_loading_from_dict", default=False)
 IMPUTER_METHODS = ("ppca", "mean", "zero", "none")
 ALIGNMENT_OBJECTIVES = ("pmrl", "gram", "triangle", "anchor_infonce", "pairwise_infonce")
 
@@ -173,6 +186,7 @@ class CalMRLConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        self._refuse_unknown_keys(kwargs)
         self.modalities = list(self.modalities) if self.modalities is not None else list(DEFAULT_MODALITIES)
         if self.shared_encoders is None:
             self.shared_encoders = {m: s for m, s in DEFAULT_SHARED_ENCODERS.items() if m in self.modalities}
@@ -192,6 +206,29 @@ class CalMRLConfig(PreTrainedConfig):
         self.pooling = pooling
         super().__post_init__(**kwargs)
         self._validate_calmrl()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """`PreTrainedConfig.from_dict` (what `from_pretrained` reads config.json with): unknown keys there are
+        reported in a warning instead of refused, so that a config written by a newer version still loads."""
+        token = _LOADING_FROM_DICT.set(True)
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        finally:
+            _LOADING_FROM_DICT.reset(token)
+
+    def _refuse_unknown_keys(self, extra: dict[str, Any]) -> None:
+        """A misspelt argument (`imputer_methd="none"`) would otherwise be stored and ignored, silently changing the
+        experiment: refuse it with a suggestion (warn when loading a saved config)."""
+        unknown = sorted(key for key in extra if key not in TRANSFORMERS_CONFIG_KEYS)
+        if not unknown:
+            return
+        known = [field.name for field in dataclasses.fields(self)]
+        message = unknown_name_message("CalMRLConfig keys", unknown, known)
+        if _LOADING_FROM_DICT.get():
+            logger.warning(f"{message} They are kept as attributes and ignored by CalMRL.")
+        else:
+            raise ValueError(message)
 
     def _validate_calmrl(self) -> None:
         modalities = self.modalities

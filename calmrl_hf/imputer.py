@@ -27,6 +27,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +112,12 @@ class PPCAStatistics:
             setattr(self, name, value.to(device=current.device, dtype=torch.float64).clone())
 
 
+def modality_name_codes(names: Sequence[str]) -> torch.Tensor:
+    """A 24-bit code per modality name (its CRC-32's low bits: exact in float32), in order: what the imputer's
+    rows were fitted for, saved with its parameters."""
+    return torch.tensor([zlib.crc32(str(name).encode()) & 0xFFFFFF for name in names], dtype=torch.float32)
+
+
 @dataclass
 class _EStep:
     """Posterior of the shared latent, grouped by missingness pattern."""
@@ -134,13 +142,15 @@ class PPCAImputer(nn.Module):
         ridge: relative ridge added to A_m before solving the M-step (A_m is ill-conditioned with few rows).
         init_noise_var: noise variance before any fit.
         seed: seed of the deterministic initial W.
+        modality_names: the modality of each row, in order (default "0", "1", ...); recorded in `modality_codes`.
 
-    Buffers (persistent, float32): `weight` [k, d, q], `mean` [k, d], `noise_var` [k] and `fitted` [k] (1.0 once a
-    modality has had an M-step with rows).
+    Buffers (persistent, float32): `weight` [k, d, q], `mean` [k, d], `noise_var` [k], `fitted` [k] (1.0 once a
+    modality has had an M-step with rows) and `modality_codes` [k] (`modality_name_codes(modality_names)`).
     """
 
     def __init__(self, num_modalities: int, dim: int, latent_dim: int, *, noise_var_floor: float = 1e-6,
-                 ridge: float = 1e-6, init_noise_var: float = 1.0, seed: int = 0):
+                 ridge: float = 1e-6, init_noise_var: float = 1.0, seed: int = 0,
+                 modality_names: Sequence[str] | None = None):
         super().__init__()
         if min(num_modalities, dim, latent_dim) < 1:
             raise ValueError(f"num_modalities, dim and latent_dim must be positive, got {num_modalities}, {dim}, "
@@ -149,11 +159,17 @@ class PPCAImputer(nn.Module):
             raise ValueError(f"noise_var_floor must be positive, got {noise_var_floor}.")
         self.num_modalities, self.dim, self.latent_dim = num_modalities, dim, latent_dim
         self.noise_var_floor, self.ridge, self.init_noise_var, self.seed = noise_var_floor, ridge, init_noise_var, seed
+        names = [str(m) for m in range(num_modalities)] if modality_names is None else list(modality_names)
+        if len(names) != num_modalities:
+            raise ValueError(f"modality_names has {len(names)} names for {num_modalities} modalities: {names}.")
+        self.modality_names = names
         self.register_buffer("weight", torch.empty(num_modalities, dim, latent_dim))
         self.register_buffer("mean", torch.empty(num_modalities, dim))
         self.register_buffer("noise_var", torch.empty(num_modalities))
         # bookkeeping kept float on purpose: transformers' strict fp32 loading casts integer buffers
         self.register_buffer("fitted", torch.empty(num_modalities))
+        # which modality each row models: a reordered config must not hand the rows to other modalities
+        self.register_buffer("modality_codes", modality_name_codes(names))
         self.reset_parameters()
 
     def extra_repr(self) -> str:
@@ -169,6 +185,17 @@ class PPCAImputer(nn.Module):
         self.noise_var.fill_(self.init_noise_var)
         self.fitted.zero_()
 
+    def check_modality_order(self) -> None:
+        """Refuse rows saved for another modality order than `modality_names` (a config edited after fitting)."""
+        expected = modality_name_codes(self.modality_names).to(self.modality_codes)
+        if torch.equal(expected, self.modality_codes):
+            return
+        by_code = {code: name for code, name in zip(expected.tolist(), self.modality_names)}
+        saved = [by_code.get(code, "<unknown>") for code in self.modality_codes.tolist()]
+        raise ValueError(f"The imputer was fitted for the modalities in the order {saved}, but the config lists "
+                         f"{self.modality_names}: its rows would model other modalities. Restore the saved order "
+                         f"in config.json's 'modalities'.")
+
     @property
     def fitted_modalities(self) -> torch.Tensor:
         """Bool [k]: modalities that have been fitted (the others keep their prior and are not imputed)."""
@@ -178,13 +205,33 @@ class PPCAImputer(nn.Module):
     def _validate(self, z: torch.Tensor, mask: torch.Tensor) -> None:
         check_embeddings(z, mask, name="z", mask_name="mask", rows="N", num_modalities=self.num_modalities,
                          dim=self.dim, min_rows=0, mask_optional=False)
-        # a row sum is finite iff every entry is (NaN or inf propagates): one read pass, no [N, k, d] temporary
-        finite = torch.isfinite(z.sum(dim=-1))  # [N, k]
-        bad = (mask & ~finite).nonzero()
+        limit = self.max_abs_value(z.dtype)
+        if z.numel():
+            low, high = torch.aminmax(z.detach())  # one pass; NaN anywhere fails the test: the slow path
+            if max(-float(low), float(high)) <= limit:
+                return
+        # where exactly (missing slots may hold anything): the largest |entry| of each row and modality, NaN or inf
+        # where an entry is, without an [N, k, d] temporary
+        peak = torch.maximum(z.amax(dim=-1), -z.amin(dim=-1)) if z.numel() else z.sum(dim=-1)  # [N, k]
+        bad = (mask & ~torch.isfinite(peak)).nonzero()
         if bad.numel():
             row, modality = bad[0].tolist()
             raise ValueError(f"z has NaN or inf in an observed entry (row {row}, modality {modality}; "
                              f"{bad.shape[0]} such entries).")
+        large = (mask & (peak > limit)).nonzero()
+        if large.numel():
+            row, modality = large[0].tolist()
+            raise ValueError(
+                f"z has entries up to {float(peak[mask].max()):.3g} in observed slots (row {row}, modality "
+                f"{modality}); the imputer's {self._compute_dtype(z)} statistics (sums of squares over {self.dim} "
+                f"coordinates and up to {_CHUNK_ROWS} rows) overflow beyond {limit:.3g}. Rescale the embeddings "
+                f"(CalMRL's are unit-norm) or pass float64.")
+
+    def max_abs_value(self, dtype: torch.dtype) -> float:
+        """The largest |entry| of z whose statistics cannot overflow: each chunk of up to `_CHUNK_ROWS` rows sums
+        squares of `dim` coordinates in the compute dtype (float32, or float64 for float64 input)."""
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        return math.sqrt(torch.finfo(compute).max / (self.dim * _CHUNK_ROWS))
 
     def _parameters_as(self, dtype: torch.dtype, device: torch.device):
         return (self.weight.to(device=device, dtype=dtype), self.mean.to(device=device, dtype=dtype),
@@ -328,6 +375,11 @@ class PPCAImputer(nn.Module):
             if got != shape:
                 raise ValueError(f"stats.{name} has shape {list(got)}; this imputer (k={k}, d={d}, q={q}) expects "
                                  f"{list(shape)}.")
+            finite = torch.isfinite(getattr(stats, name).reshape(k, -1)).all(dim=1)
+            if not bool(finite.all()):
+                raise ValueError(f"stats.{name} has NaN or inf (modalities {(~finite).nonzero().flatten().tolist()}); "
+                                 f"the M-step would write non-finite parameters. The embeddings they were summed from "
+                                 f"were not finite, or too large.")
         device = self.weight.device
         A = stats.latent_second_moment.to(device=device, dtype=torch.float64)
         B = stats.cross_moment.to(device=device, dtype=torch.float64)
@@ -351,9 +403,7 @@ class PPCAImputer(nn.Module):
         quadratic = torch.einsum("adq,adr,aqr->a", loading, loading, A)
         noise_var = ((c - 2.0 * cross + quadratic) / (count * d)).clamp_min(self.noise_var_floor)
         index = active.nonzero().flatten()
-        self.weight[index] = loading[:, :, :q].to(self.weight.dtype)
-        self.mean[index] = loading[:, :, q].to(self.mean.dtype)
-        self.noise_var[index] = noise_var.to(self.noise_var.dtype)
+        self._write_parameters(index, loading[:, :, :q], loading[:, :, q], noise_var)
         self.fitted[index] = 1.0
 
     # ------------------------------------------------------------------ full-batch EM
@@ -389,12 +439,19 @@ class PPCAImputer(nn.Module):
         explained = (weight**2).sum(dim=(1, 2))
         # residual variance per coordinate, at least 10% of the total (the PCA may over-explain a modality)
         noise_var = torch.maximum(total_var - explained, 0.1 * total_var) / d
-        for m in modalities:
-            if counts[m] == 0:
-                continue
-            self.weight[m] = (weight[m] * 0.9).to(self.weight.dtype)  # shrink: leave room for the noise
-            self.mean[m] = mean[m].to(self.mean.dtype)
-            self.noise_var[m] = noise_var[m].clamp_min(self.noise_var_floor).to(self.noise_var.dtype)
+        index = torch.tensor([m for m in modalities if counts[m] > 0], dtype=torch.long, device=z.device)
+        # shrink W: leave room for the noise
+        self._write_parameters(index, weight[index] * 0.9, mean[index], noise_var[index].clamp_min(self.noise_var_floor))
+
+    def _write_parameters(self, index: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                          noise_var: torch.Tensor) -> None:
+        """Store the parameters of modalities `index` (float64 in), refusing values the buffers cannot hold."""
+        cast = (weight.to(self.weight.dtype), mean.to(self.mean.dtype), noise_var.to(self.noise_var.dtype))
+        if not all(bool(torch.isfinite(value).all()) for value in cast):
+            raise ValueError(f"The fitted parameters overflow the imputer's {self.weight.dtype} buffers (noise "
+                             f"variance up to {float(noise_var.max()):.3g}): the embeddings are too large; rescale "
+                             f"them (CalMRL's are unit-norm).")
+        self.weight[index], self.mean[index], self.noise_var[index] = cast
 
     @torch.no_grad()
     def fit(self, z: torch.Tensor, mask: torch.Tensor, max_iter: int = 100, tol: float = 1e-6, *,
@@ -416,4 +473,4 @@ class PPCAImputer(nn.Module):
         return history
 
 
-__all__ = ["PPCAImputer", "PPCAStatistics"]
+__all__ = ["PPCAImputer", "PPCAStatistics", "modality_name_codes"]

@@ -8,12 +8,15 @@ checkpoints as remote code.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from safetensors import SafetensorError
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 
+
+logger = logging.getLogger(__name__)
 
 # Files that hold pickled weights: refused when loading a model (`load_strictly`) and when sharing one (`hub`).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -28,12 +31,15 @@ def _refuse_pickles(location) -> None:
                          f"CalMRL refuses to unpickle checkpoints. Convert them to safetensors first.")
 
 
-def load_strictly(from_pretrained: Callable, *args, **kwargs):
-    """`(model, loading_info)` from transformers' `from_pretrained(*args, **kwargs)`, refusing pickles, corrupt
-    safetensors and any checkpoint that does not match the config (missing, unexpected or reshaped tensors).
+def load_strictly(from_pretrained: Callable, *args, optional_keys: tuple[str, ...] = (), **kwargs):
+    """`(model, loading_info)` from transformers' `from_pretrained(*args, **kwargs)`, refusing pickles, safetensors
+    files that do not parse (a truncated file, a damaged header) and any checkpoint that does not match the config
+    (missing, unexpected or reshaped tensors). Tensor values are not checksummed: a changed value inside a
+    well-formed file loads (training checkpoints are verified, `checkpointing.read_manifest`).
 
     Tensors of another shape are reported by transformers in `mismatched_keys` (`ignore_mismatched_sizes=True`)
-    and refused here with the others, instead of surfacing as transformers' own RuntimeError.
+    and refused here with the others, instead of surfacing as transformers' own RuntimeError. `optional_keys` may
+    be missing (checkpoints saved before they existed): a warning, and the model's initial values.
     """
     if kwargs.get("use_safetensors") is False:
         raise ValueError("CalMRL checkpoints load from safetensors only (pickle files are never unpickled).")
@@ -44,8 +50,12 @@ def load_strictly(from_pretrained: Callable, *args, **kwargs):
         model, info = from_pretrained(*args, **kwargs)
     except SafetensorError as error:
         raise ValueError(f"The safetensors weights of {args[0] if args else 'the checkpoint'} are corrupt or "
-                         f"tampered with: {error}") from error
+                         f"truncated: {error}") from error
+    absent_optional = sorted(set(map(str, info.get("missing_keys") or [])) & set(optional_keys))
+    if absent_optional:
+        logger.warning("The checkpoint predates %s; loading it with their initial values.", absent_optional)
     problems = {key: sorted(map(str, info.get(key) or [])) for key in _LOADING_PROBLEMS}
+    problems["missing_keys"] = [key for key in problems["missing_keys"] if key not in absent_optional]
     problems = {key: value for key, value in problems.items() if value}
     if problems:
         details = "; ".join(f"{key}: {value[:8]}{' ...' if len(value) > 8 else ''}" for key, value in problems.items())

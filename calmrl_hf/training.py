@@ -6,17 +6,17 @@
 (ii) encoder step: the alignment loss on observed + imputed embeddings (or observed only, or mean / zero
      imputation: the baselines run through the same loop, only `config.imputer_method` differs).
 
-One `Accelerator` owns devices, processes, mixed precision, gradient accumulation, checkpoints and
-trackers; the loop reads top to bottom like accelerate's `complete_nlp_example.py`.
+One `Accelerator` owns devices, processes, mixed precision, gradient accumulation and trackers; the loop reads
+top to bottom like accelerate's `complete_nlp_example.py`. Checkpoints are the package's own (`checkpointing`:
+safetensors and JSON, atomic, verified, with the run's manifest), not accelerate's `save_state`, whose pickled
+custom states `load_state` would unpickle.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import shutil
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,90 +24,35 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
+from safetensors.torch import load_file, save
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
+
+from .checkpointing import (
+    INCOMPLETE_SUFFIX, MANIFEST_FORMAT, CheckpointError, capture_rng_state, commit_checkpoint,
+    ensure_writable_directory, find_checkpoints, load_state_file, manifest_differences, prune_checkpoints,
+    read_manifest, restore_rng_state, start_checkpoint, state_file_bytes, write_checkpoint_files,
+)
+from .configuration_calmrl import CalMRLConfig
 
 from .data.collator import model_inputs
 from .data.loaders import dataset_modalities
 from .evaluation import RetrievalRecall
 from .imputer import PPCAStatistics
 from .modeling_calmrl import CalMRLModel
+from .training_args import CalMRLTrainingArguments, TrainingArguments
 
 
 logger = get_logger(__name__)
 
-_CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
-
-
-@dataclass
-class TrainingArguments:
-    """Everything the loop needs besides the model and the data. Field names follow transformers' Trainer."""
-
-    output_dir: str = "outputs/calmrl"
-    seed: int = 42
-    max_steps: int = 100  # optimizer steps
-    per_device_train_batch_size: int = 32
-    train_batch_size: int | None = None  # global; if set, must equal per_device * processes * accumulation
-    per_device_eval_batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
-    lr_scheduler_type: str = "cosine"
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
-    cpu: bool = False  # force CPU processes (torchrun on CPU: gloo all-reduce)
-    logging_steps: int = 10
-    eval_steps: int | None = None
-    save_steps: int | None = None
-    save_total_limit: int | None = 2
-    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir/checkpoints
-    imputer_statistics: str = "ema"  # "ema" | "epoch" | "frozen" (no M-step in training: warm start or loaded only)
-    imputer_ema_decay: float = 0.95
-    imputer_min_rows: int | None = None  # rows a modality needs before its first M-step; default 2 (q + 1)
-    imputer_warm_start: bool = False  # full EM on the embeddings of `warm_start_dataset` before training
-    imputer_warm_start_max_iter: int = 50
-    freeze_modalities: Sequence[str] = ()  # towers to keep frozen (e.g. a pretrained text tower)
-    freeze_projections: Sequence[str] = ()  # projection heads to keep frozen
-    log_with: str | None = None  # e.g. "tensorboard"
-    dataloader_num_workers: int = 0
-    push_to_hub: str | None = None  # repo id
-    hub_endpoint: str | None = None
-    hub_token: str | None = None
-    hub_private: bool = False
-    eval_pairs: Sequence[Sequence[str]] | None = None  # e.g. [["text", "vision"], ["vision", "text"]]
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainingArguments":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown training arguments {unknown}; known ones are {sorted(known)}.")
-        coerced = {}
-        for f in fields(cls):
-            if f.name not in values:
-                continue
-            value = values[f.name]
-            # YAML reads "1e-3" as a string: convert strings for numeric fields, with a clear error
-            if isinstance(value, str) and isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
-                try:
-                    value = type(f.default)(float(value)) if isinstance(f.default, int) else float(value)
-                except ValueError:
-                    raise ValueError(f"Training argument {f.name} must be a number, got {value!r}.") from None
-            coerced[f.name] = value
-        return cls(**coerced)
-
-    def __post_init__(self):
-        if self.imputer_statistics not in ("ema", "epoch", "frozen"):
-            raise ValueError(f"imputer_statistics = {self.imputer_statistics!r}; expected 'ema', 'epoch' or 'frozen'.")
-        if not 0.0 <= self.imputer_ema_decay < 1.0:
-            raise ValueError(f"imputer_ema_decay must be in [0, 1), got {self.imputer_ema_decay}.")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision = {self.mixed_precision!r}; expected 'no', 'bf16' or 'fp16'.")
-        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+# Arguments that do not change what a resumed run computes: they may differ from the checkpoint's run.
+ARGUMENTS_OUTSIDE_THE_TRAJECTORY = frozenset({
+    "output_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume_from_checkpoint",
+    "allow_resume_changes", "report_to", "dataloader_num_workers", "use_cpu", "per_device_eval_batch_size",
+    "eval_pairs", "push_to_hub", "hub_model_id", "hub_endpoint", "hub_token", "hub_private_repo",
+})
 
 
 @dataclass
@@ -126,7 +71,7 @@ class ImputerUpdater:
     closed-form M-step.
     """
 
-    def __init__(self, model: CalMRLModel, accelerator: Accelerator, args: TrainingArguments):
+    def __init__(self, model: CalMRLModel, accelerator: Accelerator, args: CalMRLTrainingArguments):
         self.imputer = model.imputer
         self.accelerator = accelerator
         self.mode = args.imputer_statistics
@@ -179,9 +124,9 @@ class ImputerUpdater:
 
 
 class _TrainState:
-    """Position saved with every checkpoint (accelerate's `register_for_checkpointing`): the optimizer step, and
-    the epoch and micro-batch within it, so a resumed run skips exactly the batches already seen (also for
-    streaming datasets, whose length is unknown)."""
+    """Position saved in every checkpoint's manifest: the optimizer step, and the epoch and micro-batch within it,
+    so a resumed run skips exactly the batches already seen (also for streaming datasets, whose length is
+    unknown)."""
 
     def __init__(self):
         self.global_step = 0
@@ -197,7 +142,8 @@ class _TrainState:
         self.batches_in_epoch = int(state.get("batches_in_epoch", 0))
 
 
-def validate_setup(model: CalMRLModel, datasets: dict[str, Any], args: TrainingArguments, num_processes: int) -> int:
+def validate_setup(model: CalMRLModel, datasets: dict[str, Any], args: CalMRLTrainingArguments,
+                   num_processes: int) -> int:
     """Fail before training starts, with a message that says what to change. Returns the per-device batch size."""
     modalities = model.config.modalities
     for role, dataset in datasets.items():
@@ -235,12 +181,12 @@ def validate_setup(model: CalMRLModel, datasets: dict[str, Any], args: TrainingA
     return per_device
 
 
-def build_accelerator(args: TrainingArguments) -> Accelerator:
+def build_accelerator(args: CalMRLTrainingArguments) -> Accelerator:
     return Accelerator(
-        cpu=args.cpu,
+        cpu=args.use_cpu,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=args.log_with,
+        log_with=args.report_to,
         project_dir=args.output_dir,
         # towers of modalities absent from a batch get no gradient: DDP must not wait for them
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -306,27 +252,12 @@ def warm_start_imputer(
     return history, imputer.sufficient_statistics(embeddings, mask)
 
 
-def _latest_checkpoint(output_dir: str) -> str | None:
-    root = Path(output_dir) / "checkpoints"
-    steps = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := _CHECKPOINT_PATTERN.match(p.name))]
-    return str(max(steps)[1]) if steps else None
-
-
-def _prune_checkpoints(output_dir: str, keep: int | None) -> None:
-    if not keep:
-        return
-    root = Path(output_dir) / "checkpoints"
-    steps = sorted((int(m.group(1)), p) for p in root.glob("step_*") if (m := _CHECKPOINT_PATTERN.match(p.name)))
-    for _, path in steps[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @dataclass
 class _Run:
     """What the steps of `train` share: the prepared objects and the loop's running state."""
 
     accelerator: Accelerator
-    args: TrainingArguments
+    args: CalMRLTrainingArguments
     model: Any
     optimizer: Any
     scheduler: Any
@@ -338,12 +269,13 @@ class _Run:
     imputer_step: ImputerUpdater
     state: _TrainState
     on_checkpoint: Callable[[int], None] | None
+    manifest: dict[str, Any]  # what the run is (`run_manifest`): recorded in checkpoints, compared on resume
     losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step (all processes)
     running_loss: torch.Tensor | None = None  # sum over the micro-batches of the current optimizer step
     running_count: int = 0
 
 
-def freeze_modules(model: CalMRLModel, args: TrainingArguments) -> None:
+def freeze_modules(model: CalMRLModel, args: CalMRLTrainingArguments) -> None:
     """Keep the towers of `freeze_modalities` and the heads of `freeze_projections` fixed."""
     for name in args.freeze_modalities:
         model.encoders[model.config.encoder_owner(name)].requires_grad_(False)
@@ -361,13 +293,16 @@ def train_mode(run: "_Run") -> None:
 
 
 def build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_fn: Callable, per_device: int,
-                      args: TrainingArguments) -> tuple[DataLoader, DataLoader | None, DataLoader | None]:
+                      args: CalMRLTrainingArguments) -> tuple[DataLoader, DataLoader | None, DataLoader | None]:
     """(train, eval, warm-start) loaders; eval and warm start are None where there is no dataset (or no warm
     start asked for). Train batches are whole (`drop_last`); a map-style train set is shuffled by the loader,
     a streaming one shuffles itself (e.g. `dataset.shuffle(seed, buffer_size)`), reshuffled every epoch."""
     streaming = isinstance(train_dataset, torch.utils.data.IterableDataset)
+    # the loader's own generator (reseeded every epoch, `run_epoch`): its draws never touch the global RNG, whose
+    # state at a checkpoint is then exactly what dropout continues from after a resume
     train_loader = DataLoader(train_dataset, batch_size=per_device, shuffle=not streaming, drop_last=True,
-                              collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
+                              collate_fn=collate_fn, num_workers=args.dataloader_num_workers,
+                              generator=torch.Generator().manual_seed(args.seed))
     eval_loader = warm_loader = None
     if eval_dataset is not None:
         eval_loader = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn)
@@ -376,7 +311,7 @@ def build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_f
     return train_loader, eval_loader, warm_loader
 
 
-def build_optimizer(model: CalMRLModel, args: TrainingArguments, num_processes: int):
+def build_optimizer(model: CalMRLModel, args: CalMRLTrainingArguments, num_processes: int):
     """AdamW over the trainable parameters and the learning-rate schedule: `(optimizer, scheduler)`."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -389,10 +324,11 @@ def build_optimizer(model: CalMRLModel, args: TrainingArguments, num_processes: 
     return optimizer, scheduler
 
 
-def prepare_run(accelerator: Accelerator, args: TrainingArguments, model, optimizer, scheduler, loaders,
+def prepare_run(accelerator: Accelerator, args: CalMRLTrainingArguments, model, optimizer, scheduler, loaders,
                 on_checkpoint) -> _Run:
-    """`accelerator.prepare` everything; the imputer step and the loop position join the checkpoints."""
+    """`accelerator.prepare` everything, with the imputer step, the loop position and the run's manifest."""
     train_loader, eval_loader, warm_loader = loaders
+    manifest = run_manifest(model, args, train_loader.dataset, accelerator.num_processes)
     streaming = isinstance(train_loader.dataset, torch.utils.data.IterableDataset)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
@@ -402,26 +338,26 @@ def prepare_run(accelerator: Accelerator, args: TrainingArguments, model, optimi
         warm_loader = accelerator.prepare(warm_loader)
     imputer_step = ImputerUpdater(accelerator.unwrap_model(model), accelerator, args)
     state = _TrainState()
-    accelerator.register_for_checkpointing(imputer_step, state)
-    if args.log_with:
+    if args.report_to:
         accelerator.init_trackers("calmrl", config={k: v for k, v in asdict(args).items()
                                                     if isinstance(v, (int, float, str, bool))})
     return _Run(accelerator, args, model, optimizer, scheduler, trainable, train_loader, eval_loader, warm_loader,
-                streaming, imputer_step, state, on_checkpoint,
+                streaming, imputer_step, state, on_checkpoint, manifest,
                 running_loss=torch.zeros((), device=accelerator.device))
 
 
 def resume_or_warm_start(run: _Run, per_device: int) -> None:
-    """Resume from `args.resume_from_checkpoint` ("latest": the newest in output_dir/checkpoints), or else fit the
-    imputer on the warm-start data by full EM and keep its statistics as a prior (`ImputerUpdater.seed`)."""
+    """Resume from `args.resume_from_checkpoint` ("latest": the newest complete one in output_dir/checkpoints), or
+    else fit the imputer on the warm-start data by full EM and keep its statistics as a prior
+    (`ImputerUpdater.seed`)."""
     args, accelerator = run.args, run.accelerator
     resume = args.resume_from_checkpoint
     if resume == "latest":
-        resume = _latest_checkpoint(args.output_dir)
+        resume = latest_checkpoint(args.output_dir)
         if resume is None:
-            logger.info("No checkpoint in %s/checkpoints: starting from scratch.", args.output_dir)
+            logger.info("No complete checkpoint in %s/checkpoints: starting from scratch.", args.output_dir)
     if resume:
-        accelerator.load_state(resume)
+        load_checkpoint(run, resume)
         logger.info("Resumed from %s at step %d.", resume, run.state.global_step)
         return
     if run.warm_loader is None:
@@ -436,6 +372,128 @@ def resume_or_warm_start(run: _Run, per_device: int) -> None:
     run.imputer_step.seed(warm_statistics, window_rows)
     logger.info("Imputer warm start: %d EM iterations, log-likelihood %.1f -> %.1f.",
                 len(history), history[0], history[-1])
+
+
+def run_manifest(model: CalMRLModel, args: CalMRLTrainingArguments, dataset, world_size: int) -> dict[str, Any]:
+    """What a run is, as far as resuming goes: the model config, the training arguments that shape the trajectory,
+    the train dataset (datasets' fingerprint where it has one, its length where known) and the process count."""
+    config = model.config
+    model_fields = {name: getattr(config, name) for name in vars(CalMRLConfig).get("__annotations__", {})}
+    training = {name: value for name, value in asdict(args).items() if name not in ARGUMENTS_OUTSIDE_THE_TRAJECTORY}
+    try:
+        length = len(dataset)
+    except TypeError:
+        length = None
+    return {"model": model_fields, "training": training,
+            "dataset": {"fingerprint": getattr(dataset, "_fingerprint", None), "length": length},
+            "world_size": world_size}
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint in output_dir/checkpoints; interrupted or partial ones are skipped, with a
+    warning naming them."""
+    complete, incomplete = find_checkpoints(output_dir)
+    newest = complete[-1][0] if complete else -1
+    skipped = [path.name for path in incomplete if int(path.name.split("_")[1].split(".")[0]) > newest]
+    if skipped:
+        logger.warning("Skipped incomplete checkpoints %s in %s/checkpoints (a save was interrupted, or a folder was "
+                       "copied in part); resuming from %s.", skipped, output_dir,
+                       complete[-1][1].name if complete else "scratch", main_process_only=False)
+    return str(complete[-1][1]) if complete else None
+
+
+def save_checkpoint(run: _Run) -> None:
+    """Checkpoint to output_dir/checkpoints/step_N (`checkpointing`: safetensors and JSON, no pickle; written as
+    step_N.incomplete and renamed when complete): model, optimizer, schedule, imputer statistics, every process's
+    RNG states, and the manifest (loop position, run, checksums). Keeps the newest `save_total_limit`."""
+    accelerator, args, step = run.accelerator, run.args, run.state.global_step
+    folder = Path(args.output_dir) / "checkpoints" / f"step_{step}"
+    staging = folder.with_name(folder.name + INCOMPLETE_SUFFIX)
+    if accelerator.is_main_process:
+        start_checkpoint(folder)
+    accelerator.wait_for_everyone()
+    model_state = accelerator.get_state_dict(run.model)  # every process: a collective under sharded training
+    files = {f"rng_state_{accelerator.process_index}.safetensors": lambda: state_file_bytes(capture_rng_state())}
+    if accelerator.is_main_process:
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        files.update({
+            "model.safetensors": lambda: save(model_state, metadata={"format": "pt"}),
+            "optimizer.safetensors": lambda: state_file_bytes({"optimizer": run.optimizer.state_dict(),
+                                                               "scaler": scaler}),
+            "scheduler.safetensors": lambda: state_file_bytes(run.scheduler.state_dict()),
+            "imputer_statistics.safetensors": lambda: state_file_bytes(run.imputer_step.state_dict()),
+        })
+    write_checkpoint_files(staging, files)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        commit_checkpoint(staging, {"format": MANIFEST_FORMAT, "position": run.state.state_dict(), "run": run.manifest})
+        prune_checkpoints(args.output_dir, args.save_total_limit)
+    accelerator.wait_for_everyone()
+    if run.on_checkpoint is not None:
+        run.on_checkpoint(step)
+
+
+def check_resumed_run(run: _Run, manifest: dict[str, Any], folder: str) -> None:
+    """Refuse to continue a different run: the differing manifest fields are named, unless
+    `allow_resume_changes` lists them; a finished run (nothing left to train) only warns."""
+    differences = manifest_differences(manifest["run"], run.manifest, run.args.allow_resume_changes)
+    if not differences:
+        return
+    listed = "; ".join(differences)
+    if manifest["position"]["global_step"] >= run.args.max_steps:
+        logger.warning("Resuming the finished run of %s (nothing left to train) with other settings: %s.", folder,
+                       listed)
+        return
+    names = sorted({difference.split(":")[0] for difference in differences})
+    raise CheckpointError(f"{folder} was saved by a different run: {listed}. Resume with the same settings, or pass "
+                          f"allow_resume_changes={names} to continue with the new ones.")
+
+
+def load_checkpoint(run: _Run, folder: str) -> None:
+    """Restore a checkpoint written by `save_checkpoint` (checksums verified, run compared) into the prepared run."""
+    accelerator = run.accelerator
+    manifest = read_manifest(folder)
+    check_resumed_run(run, manifest, folder)
+    root = Path(folder)
+    accelerator.unwrap_model(run.model).load_state_dict(load_file(str(root / "model.safetensors")))
+    optimizer_state = load_state_file(root / "optimizer.safetensors")
+    run.optimizer.load_state_dict(optimizer_state["optimizer"])
+    if accelerator.scaler is not None and optimizer_state["scaler"] is not None:
+        accelerator.scaler.load_state_dict(optimizer_state["scaler"])
+    run.scheduler.load_state_dict(load_state_file(root / "scheduler.safetensors"))
+    run.imputer_step.load_state_dict(load_state_file(root / "imputer_statistics.safetensors"))
+    run.state.load_state_dict(manifest["position"])
+    apply_changed_hyperparameters(run, manifest["run"]["training"])
+    rng_file = root / f"rng_state_{accelerator.process_index}.safetensors"
+    if rng_file.is_file():
+        restore_rng_state(load_state_file(rng_file), str(rng_file))
+    else:  # only reachable when the number of processes changed and that was allowed
+        logger.warning("%s has no random states for process %d: its dropout continues from the seed.", folder,
+                       accelerator.process_index, main_process_only=False)
+
+
+def apply_changed_hyperparameters(run: _Run, saved: dict[str, Any]) -> None:
+    """A learning rate or weight decay that differs from the checkpoint's (allowed by `allow_resume_changes`)
+    takes effect from the resumed step on: the loaded optimizer and schedule would otherwise keep the old ones."""
+    args, optimizer = run.args, run.optimizer
+    if saved.get("weight_decay") != args.weight_decay:
+        for group in optimizer.param_groups:
+            group["weight_decay"] = args.weight_decay
+    if saved.get("learning_rate") == args.learning_rate:
+        return
+    schedule = getattr(run.scheduler, "scheduler", run.scheduler)  # accelerate's wrapper
+    if not isinstance(schedule, LambdaLR):
+        raise CheckpointError(f"Cannot apply the new learning rate {args.learning_rate} to a resumed "
+                              f"{type(schedule).__name__} schedule; resume with "
+                              f"learning_rate={saved['learning_rate']}.")
+    # lr_t = base_lr * factor(t): the same schedule position, the new base
+    schedule.base_lrs = [args.learning_rate for _ in schedule.base_lrs]
+    rates = [base * factor(schedule.last_epoch) for factor, base in zip(schedule.lr_lambdas, schedule.base_lrs)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"], group["initial_lr"] = rate, args.learning_rate
+    schedule._last_lr = rates
+    logger.info("Learning rate changed on resume: %s -> %s (now %s at step %d).", saved.get("learning_rate"),
+                args.learning_rate, rates[0], run.state.global_step)
 
 
 def train_step(run: _Run, batch) -> bool:
@@ -467,27 +525,15 @@ def after_optimizer_step(run: _Run, progress) -> None:
     accelerator, args, step = run.accelerator, run.args, run.state.global_step
     if step % args.logging_steps == 0 or step == args.max_steps:
         progress.set_postfix(loss=f"{run.losses[-1]:.4f}")
-        if args.log_with:
+        if args.report_to:
             accelerator.log({"train/loss": run.losses[-1], "train/lr": run.scheduler.get_last_lr()[0]}, step=step)
     if run.eval_loader is not None and args.eval_steps and step % args.eval_steps == 0:
         metrics = evaluate(run.model, run.eval_loader, accelerator, args.eval_pairs)
         train_mode(run)
-        if args.log_with:
+        if args.report_to:
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     if args.save_steps and step % args.save_steps == 0:
         save_checkpoint(run)
-
-
-def save_checkpoint(run: _Run) -> None:
-    """`accelerator.save_state` to output_dir/checkpoints/step_N (model, optimizer, schedule, RNG, imputer
-    statistics, loop position), keeping the newest `save_total_limit`."""
-    accelerator, args, step = run.accelerator, run.args, run.state.global_step
-    accelerator.save_state(str(Path(args.output_dir) / "checkpoints" / f"step_{step}"))
-    if accelerator.is_main_process:
-        _prune_checkpoints(args.output_dir, args.save_total_limit)
-    accelerator.wait_for_everyone()
-    if run.on_checkpoint is not None:
-        run.on_checkpoint(step)
 
 
 def run_epoch(run: _Run, progress) -> bool:
@@ -495,6 +541,8 @@ def run_epoch(run: _Run, progress) -> bool:
     ran out, False when `max_steps` ended it."""
     state = run.state
     run.train_loader.set_epoch(state.epoch)
+    if run.train_loader.generator is not None:  # the same draws in an epoch, resumed or not
+        run.train_loader.generator.manual_seed(run.args.seed + state.epoch)
     skip = state.batches_in_epoch
     if skip == 0:
         run.imputer_step.start_epoch()
@@ -533,7 +581,7 @@ def finish(run: _Run, processor=None) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if run.eval_loader is not None:
         metrics = evaluate(run.model, run.eval_loader, accelerator, args.eval_pairs)
-        if args.log_with:
+        if args.report_to:
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     accelerator.wait_for_everyone()
     accelerator.unwrap_model(run.model).save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
@@ -547,14 +595,14 @@ def finish(run: _Run, processor=None) -> dict[str, float]:
         Path(args.output_dir, "training_args.json").write_text(json.dumps(recorded_args, indent=2, default=str))
         from .hub import write_model_card
 
-        write_model_card(args.output_dir, repo_id=args.push_to_hub, metrics=metrics, training_args=recorded_args)
+        write_model_card(args.output_dir, repo_id=args.hub_model_id, metrics=metrics, training_args=recorded_args)
     accelerator.wait_for_everyone()
     if args.push_to_hub and accelerator.is_main_process:
         from .hub import push_to_hub  # only needed when pushing
 
-        push_to_hub(args.output_dir, args.push_to_hub, token=args.hub_token, endpoint=args.hub_endpoint,
-                    private=args.hub_private)
-    if args.log_with:
+        push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, endpoint=args.hub_endpoint,
+                    private=args.hub_private_repo)
+    if args.report_to:
         accelerator.end_training()
     return metrics
 
@@ -562,7 +610,7 @@ def finish(run: _Run, processor=None) -> dict[str, float]:
 def train(
     model: CalMRLModel,
     train_dataset,
-    args: TrainingArguments,
+    args: CalMRLTrainingArguments,
     *,
     collate_fn: Callable,
     eval_dataset=None,
@@ -581,6 +629,7 @@ def train(
         model, {"train": train_dataset, "eval": eval_dataset, "warm start": warm_start_dataset}, args,
         accelerator.num_processes,
     )
+    ensure_writable_directory(args.output_dir)  # every process writes there (its RNG states): fail now, not at the end
     set_seed(args.seed)
     freeze_modules(model, args)
     loaders = build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_fn, per_device, args)
@@ -593,7 +642,8 @@ def train(
                        losses=run.losses)
 
 
-__all__ = ["ImputerUpdater", "TrainOutput", "TrainingArguments", "build_accelerator", "build_dataloaders",
-           "build_optimizer", "dataset_modalities", "embed_dataset", "evaluate", "finish", "freeze_modules",
-           "prepare_run", "resume_or_warm_start", "run_epoch", "run_epochs", "save_checkpoint", "train",
-           "train_step", "validate_setup", "warm_start_imputer"]
+__all__ = ["CalMRLTrainingArguments", "ImputerUpdater", "TrainOutput", "TrainingArguments", "build_accelerator",
+           "build_dataloaders", "build_optimizer", "dataset_modalities", "embed_dataset", "evaluate", "finish",
+           "freeze_modules", "latest_checkpoint", "load_checkpoint", "prepare_run", "resume_or_warm_start",
+           "run_epoch", "run_epochs", "run_manifest", "save_checkpoint", "train", "train_step", "validate_setup",
+           "warm_start_imputer"]

@@ -1,10 +1,14 @@
-"""Checks at the door of every public function that takes embeddings [B, k, d] and a modality mask [B, k].
+"""Checks at the door of every public function that takes embeddings [B, k, d] and a modality mask [B, k], and the
+message for unknown names (config keys, training arguments, recipe keys).
 
 One home for the rules the objectives, the imputer, the model and the evaluation share, so that they fail with
-the same words. Imports torch only: this file is copied into checkpoints as remote code.
+the same words. Imports torch and the standard library only: this file is copied into checkpoints as remote code.
 """
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 import torch
 
@@ -63,4 +67,14 @@ def check_embeddings(embeddings, modality_mask, *, name: str = "embeddings", mas
     return modality_mask
 
 
-__all__ = ["check_embeddings", "check_modality_mask"]
+def unknown_name_message(kind: str, unknown: Iterable[str], known: Iterable[str]) -> str:
+    """"Unknown {kind} 'lr' (did you mean 'learning_rate'?); known ones are [...]."."""
+    known = sorted(known)
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    return f"Unknown {kind} {', '.join(hints)}; known ones are {known}."
+
+
+__all__ = ["check_embeddings", "check_modality_mask", "unknown_name_message"]

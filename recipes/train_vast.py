@@ -4,11 +4,14 @@
     accelerate launch recipes/train_vast.py --config recipes/configs/vast.yaml
     python recipes/train_vast.py --set stage2.max_steps=500 --set model.config.imputer_method=none
 
-The recipe itself lives in `calmrl_hf.recipe` (also `calmrl train`); its configs in `recipes/configs/`.
+The recipe itself lives in `calmrl_hf.recipe`; this script is `calmrl train` (errors are one line, exit status 2).
+Its configs are in `recipes/configs/`.
 """
 
-from calmrl_hf.recipe import main
+import sys
+
+from calmrl_hf.cli import main
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -65,6 +65,27 @@ def test_embed_to_parquet_and_safetensors_then_impute(trained, tmp_path):
     imputed = load_file(str(tmp_path / "imputed.safetensors"))
     assert torch.equal(imputed["imputed_embeddings"][:, 2:], stored["embeddings"][:, 2:])
     assert torch.all(imputed["imputation_variance"][:, :2] > 0) and torch.all(imputed["imputation_variance"][:, 2:] == 0)
+    # exactly what model.encode gives on the same instances' text and subtitle (unit-norm imputations included)
+    from calmrl_hf import CalMRLModel, CalMRLProcessor
+    from calmrl_hf.data import load_vast
+
+    model = CalMRLModel.from_pretrained(trained["model"]).eval()
+    processor = CalMRLProcessor.from_pretrained(trained["model"])
+    rows = load_vast(trained["annotations"])
+    encoded = model.encode(**processor(text=list(rows["text"]), subtitle=list(rows["subtitle"])))
+    for name in ("imputed_embeddings", "imputed_mask", "imputation_variance", "fused_embeddings"):
+        torch.testing.assert_close(imputed[name], getattr(encoded, name), rtol=1e-5, atol=1e-5, msg=name)
+    assert torch.allclose(imputed["imputed_embeddings"][:, :2].norm(dim=-1), torch.ones(12, 2))
+
+
+def one_error_line(capsys, command: str) -> str:
+    """The error report: one `calmrl COMMAND: error: ...` line, last on stderr (progress bars may precede it)."""
+    err = capsys.readouterr().err
+    prefix = f"calmrl {command}: error: "
+    assert err.count(prefix) == 1 and "Traceback" not in err, err
+    line = err[err.index(prefix):]
+    assert line.endswith("\n") and "\n" not in line[:-1], line
+    return line
 
 
 def test_errors_are_messages_not_tracebacks(trained, tmp_path, capsys):
@@ -84,3 +105,45 @@ def test_console_script_help():
         pytest.skip("the package is not installed with its console script")
     result = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "evaluate" in result.stdout and "impute" in result.stdout
+
+
+def test_every_error_is_one_line_found_before_any_work(trained, tmp_path, capsys, monkeypatch):
+    import calmrl_hf.cli as cli
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the output path should have been refused before loading anything")
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    monkeypatch.setattr(cli, "_load_model", no_work)
+    for command, output in (("embed", a_file / "e.parquet"), ("impute", a_file / "o.safetensors"),
+                            ("impute", tmp_path / "o.parquet")):
+        extra = dataset_args(trained) if command == "embed" else ["--embeddings", str(a_file)]
+        assert main([command, str(trained["model"]), *extra, "--output", str(output)]) == 2
+        assert "not writable" in one_error_line(capsys, command) or output.suffix == ".parquet"
+    monkeypatch.undo()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("stage1: {max_steps: 2\n")
+    assert main(["train", "--config", str(broken)]) == 2
+    assert "broken.yaml is not valid YAML" in one_error_line(capsys, "train")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    assert main(["impute", str(trained["model"]), "--embeddings", str(corrupt), "--output",
+                 str(tmp_path / "o.safetensors")]) == 2
+    assert "corrupt.safetensors is not a readable safetensors file" in one_error_line(capsys, "impute")
+    from safetensors.torch import save_file
+
+    uint8_mask = tmp_path / "uint8.safetensors"
+    save_file({"embeddings": torch.zeros(2, 4, 64), "modality_mask": torch.ones(2, 4, dtype=torch.uint8)},
+              str(uint8_mask))
+    assert main(["impute", str(trained["model"]), "--embeddings", str(uint8_mask), "--output",
+                 str(tmp_path / "o.safetensors")]) == 2
+    assert "modality_mask must be a bool tensor" in one_error_line(capsys, "impute")
+    assert main(["evaluate", str(trained["model"]), "--format", "audiocaps"] + dataset_args(trained)) == 2
+    assert "load it with load_vast (calmrl: --format vast)" in one_error_line(capsys, "evaluate")
+    videos = tmp_path / "videos"
+    shutil.copytree(trained["videos"], videos)
+    next(videos.iterdir()).write_bytes(b"not a video")
+    assert main(["evaluate", str(trained["model"]), "--annotations", str(trained["annotations"]), "--video_dir",
+                 str(videos), "--audio_dir", str(trained["audios"])]) == 2
+    assert "pass --skip_bad_media" in one_error_line(capsys, "evaluate")

@@ -202,8 +202,10 @@ def test_generic_loader_validates(corpus, tmp_path):
 def test_every_loader_writes_the_same_schema(corpus):
     csv_path = corpus["root"] / "ac.csv"
     csv_path.write_text("audiocap_id,youtube_id,start_time,caption\n1,clip1,0,t\n")
+    msrvtt = corpus["root"] / "msrvtt.json"  # (a VAST file given to load_msrvtt is refused: wrong format)
+    msrvtt.write_text(json.dumps([{"video_id": f"clip{i}", "caption": f"caption {i}"} for i in range(4)]))
     loaded = [load_vast(corpus["vast"], corpus["videos"], corpus["audios"]),
-              load_msrvtt(corpus["vast"], corpus["videos"]),
+              load_msrvtt(msrvtt, corpus["videos"]),
               load_audiocaps(csv_path, corpus["audios"]),
               load_annotations(corpus["vast"], column_map={"text": "vast_cap", "vision": "clip_id"})]
     assert all(ds.features == features_for(MODALITIES) for ds in loaded)
@@ -297,6 +299,37 @@ def test_skip_marks_the_modality_missing_and_counts(corpus, processor):
     assert collator.dropped_examples == 1 and batch["ids"] == ["clip0", "clip1", "clip3"]
     assert batch["modality_mask"].tolist() == [[True, True], [False, True], [True, True]]
     assert batch["vision_pixel_values"].shape == (2, 2, 3, 16, 16) and batch["audio_input_values"].shape[0] == 3
+
+
+def test_nan_samples_in_a_decodable_wav_count_as_corrupt_media(corpus):
+    import soundfile
+
+    wave = np.zeros(RATE // 10, dtype=np.float32)
+    wave[100:110] = np.nan
+    soundfile.write(corpus["audios"] / "clip1.wav", wave, RATE, subtype="FLOAT")
+    ds = load_vast(corpus["vast"], corpus["videos"], corpus["audios"], modalities=["vision", "audio"])
+    with pytest.raises(MediaDecodingError, match=r"clip1\.wav has 10 non-finite samples.*modality 'audio'"):
+        with_media_decoding(ds, num_frames=2)[1]
+    skipped = with_media_decoding(ds, num_frames=2, on_error="skip")
+    row = skipped[1]
+    assert row["audio"] is None and row["modality_mask"] == [True, False]
+    assert skipped.media_decoder.failures.counts == {"vision": 0, "audio": 1}
+
+
+def test_annotation_errors_name_the_file_and_the_wrong_format(corpus, tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n  {"clip_id": "a",\n   "vast_cap": "x"\n  ,]')
+    with pytest.raises(ValueError, match=r"broken\.json, line 4, column 4: invalid JSON"):
+        load_vast(broken, corpus["videos"])
+    # a VAST file given to the AudioCaps or MSR-VTT loader (calmrl evaluate --format audiocaps on a VAST file)
+    for loader, args in ((load_audiocaps, (corpus["audios"],)), (load_msrvtt, (corpus["videos"],))):
+        with pytest.raises(ValueError, match=rf"vast\.json: no row has a caption {loader.__name__} reads.*load it "
+                                             r"with load_vast \(calmrl: --format vast\)"):
+            loader(corpus["vast"], *args)
+    audiocaps = tmp_path / "audiocaps.csv"
+    audiocaps.write_text("audiocap_id,youtube_id,start_time,caption\n1,clip0,0,a tone\n")
+    with pytest.raises(ValueError, match="load it with load_audiocaps"):
+        load_vast(audiocaps, corpus["videos"], corpus["audios"])
 
 
 def test_counts_survive_dataloader_workers(corpus, processor):

@@ -267,6 +267,29 @@ def test_bad_inputs_raise_clear_errors():
         PPCAImputer(0, D, Q)
 
 
+def test_inputs_too_large_for_the_statistics_are_refused_and_nothing_non_finite_is_written():
+    """Values around 1e20 used to give NaN log-likelihoods and an infinite noise variance without a word."""
+    imputer = planted()
+    z, mask = sample(imputer, 40)
+    before = {name: buffer.clone() for name, buffer in imputer.named_buffers()}
+    huge = (z * 1e20).float()
+    assert imputer.max_abs_value(torch.float32) < 1e20 < imputer.max_abs_value(torch.float64)
+    for method in (imputer.fit, imputer.log_likelihood, imputer.sufficient_statistics, imputer.impute):
+        with pytest.raises(ValueError, match=r"torch\.float32 statistics .* overflow beyond .*pass float64"):
+            method(huge, mask)
+    # float64 statistics hold them, the float32 parameters cannot: refused before anything is written
+    with pytest.raises(ValueError, match=r"overflow the imputer's torch\.float32 buffers \(noise variance up to"):
+        imputer.fit(z * 1e20, mask)
+    nan_stats = imputer.sufficient_statistics(z, mask)
+    nan_stats.cross_moment[2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"stats\.cross_moment has NaN or inf \(modalities \[2\]\)"):
+        imputer.m_step(nan_stats)
+    for name, buffer in imputer.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+    nan_in_missing = with_nan_in_missing(z, mask)  # the fast check's slow path: NaN where nothing is observed
+    torch.testing.assert_close(imputer.log_likelihood(nan_in_missing, mask), imputer.log_likelihood(z, mask))
+
+
 def test_log_likelihood_is_normalised_in_one_dimension():
     """Sanity of the constant: a 1-d, 1-modality model's density integrates to one."""
     imputer = PPCAImputer(1, 1, 1)

@@ -332,6 +332,23 @@ def test_bad_inputs_raise_clear_errors():
         model.get_modality_features("smell", input_ids=batch["text_input_ids"])
 
 
+def test_non_finite_tower_outputs_are_an_error_in_every_entry_point():
+    """Huge finite inputs overflow inside a tower: a clear error naming the modality, not NaN embeddings."""
+    model = fitted_model().eval()
+    batch = tiny_batch(MIXED_MASK)
+    batch["audio_input_values"] = torch.full_like(batch["audio_input_values"], 3e38)
+    entry_points = {
+        "forward": lambda: model(**batch),
+        "embed_modalities": lambda: model.embed_modalities(**batch),
+        "encode": lambda: model.encode(**batch),
+        "get_modality_features": lambda: model.get_modality_features("audio",
+                                                                     input_values=batch["audio_input_values"]),
+    }
+    for name, call in entry_points.items():
+        with pytest.raises(ValueError, match=r"The audio tower gave non-finite embeddings .* for 3 of its 3 rows"):
+            call()
+
+
 def test_mismatched_checkpoint_is_refused(tmp_path):
     fitted_model().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="does not match"):
@@ -351,6 +368,38 @@ def test_checkpoints_with_the_former_num_observed_buffer_still_load(tmp_path):
     loaded = CalMRLModel.from_pretrained(tmp_path)
     for name, buffer in model.imputer.named_buffers():
         assert torch.equal(dict(loaded.imputer.named_buffers())[name], buffer), name
+
+
+def test_unknown_config_keys_are_refused_and_warned_when_loaded(tmp_path, caplog):
+    with pytest.raises(ValueError, match=r"Unknown CalMRLConfig keys 'imputer_methd' \(did you mean 'imputer_method'"):
+        tiny_config(imputer_methd="none")
+    fitted_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "imputer_methd": "none"}))
+    with caplog.at_level("WARNING", logger="calmrl_hf"):
+        loaded = CalMRLModel.from_pretrained(tmp_path)
+    assert "'imputer_methd' (did you mean 'imputer_method'?)" in caplog.text
+    assert loaded.config.imputer_method == "ppca"
+
+
+def test_a_reordered_config_is_refused(tmp_path):
+    """The imputer's rows are positional: config.json listing the modalities in another order must not load."""
+    from safetensors.torch import load_file, save_file
+
+    model = fitted_model()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    saved_order = config["modalities"]
+    (tmp_path / "config.json").write_text(json.dumps({**config, "modalities": saved_order[::-1]}))
+    with pytest.raises(ValueError, match=rf"fitted for the modalities in the order {saved_order}".replace("[", r"\[")):
+        CalMRLModel.from_pretrained(tmp_path)
+    # checkpoints saved before the order was recorded still load (unchecked), with a warning
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if k != "imputer.modality_codes"}, weights,
+              metadata={"format": "pt"})
+    loaded = CalMRLModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded.imputer.weight, model.imputer.weight)
 
 
 def test_feature_towers_over_precomputed_embeddings(tmp_path):
@@ -391,8 +440,8 @@ def test_loading_refuses_pickles_and_tampered_files(tmp_path):
     with pytest.raises(ValueError, match="safetensors only"):
         CalMRLModel.from_pretrained(tmp_path / "good", use_safetensors=False)
     weights = tmp_path / "good" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])  # truncated: tampered
-    with pytest.raises(ValueError, match="corrupt or tampered"):
+    weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])  # truncated
+    with pytest.raises(ValueError, match="corrupt or truncated"):
         CalMRLModel.from_pretrained(tmp_path / "good")
 
 

@@ -41,3 +41,29 @@ def test_train_vast_default_recipe_runs_end_to_end(tmp_path, capsys):
     # a second invocation with --resume picks the checkpoints up instead of starting over
     resumed = train_vast.main(argv + ["--resume"])
     assert resumed["stage2"].keys() == results["stage2"].keys()
+
+
+def test_recipe_keys_are_checked_before_anything_runs(tmp_path):
+    """A misspelt key in any section is an error with a suggestion, raised before data or towers are built."""
+    root = tmp_path / "never_written"
+    base = ["--output_dir", str(tmp_path / "run"), "--set", f"data.generate_mini_vast.root={root}"]
+    for override, message in (
+        ("model.config.imputer_methd=none", r"model\.config section: Unknown keys 'imputer_methd' \(did you mean "
+                                            r"'imputer_method'\?\)"),
+        ("stage2.learning_rat=1e-3", r"stage2 section: Unknown keys 'learning_rat' \(did you mean 'learning_rate'"),
+        ("processor.num_frame=2", r"processor section: Unknown keys 'num_frame' \(did you mean 'num_frames'"),
+        ("data.generate_mini_vast.stage_1=8", r"data\.generate_mini_vast section: Unknown keys 'stage_1'"),
+        ("seeed=1", r"top level: Unknown keys 'seeed' \(did you mean 'seed'"),
+        ("stage1.max_steps=[1", r"--set 'stage1\.max_steps=\[1': the value is not valid YAML"),
+    ):
+        with pytest.raises(train_vast.RecipeError, match=message):
+            train_vast.main(base + ["--set", override])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("stage1: {max_steps: 2\n")
+    with pytest.raises(train_vast.RecipeError, match="broken.yaml is not valid YAML"):
+        train_vast.main(["--config", str(broken)])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(PermissionError, match="output_dir '.*a_file/run' is not writable"):
+        train_vast.main(["--output_dir", str(tmp_path / "a_file" / "run"), "--set",
+                         f"data.generate_mini_vast.root={root}"])
+    assert not root.exists()

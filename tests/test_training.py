@@ -124,11 +124,12 @@ def test_frozen_towers_stay_fixed_functions(tmp_path):
 
 
 def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    """With dropout on: the RNG states come back exactly, and nothing draws from them between restore and step."""
     data = make_dataset(96, MIXED_PATTERNS)
 
     def run(output_dir, stop_after=None, resume=None):
         torch.manual_seed(0)
-        model = CalMRLModel(training_config())
+        model = CalMRLModel(training_config(dropout=True))
         args = small_args(tmp_path, output_dir=str(output_dir), max_steps=8, save_steps=3,
                           resume_from_checkpoint=resume, save_total_limit=None)
 
@@ -156,11 +157,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(nproc: int, out: Path, batch: int):
+def _torchrun(nproc: int, out: Path, batch: int, mode: str = "full"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PYTHONPATH", None)
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", str(HERE / "dist_train_worker.py"), str(out), str(batch)]
+               f"--master_port={_free_port()}", str(HERE / "dist_train_worker.py"), str(out), str(batch), mode]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out)
@@ -176,6 +177,18 @@ def test_two_processes_match_one_process(tmp_path):
     torch.testing.assert_close(torch.tensor(double["losses"]), torch.tensor(single["losses"]), rtol=1e-6, atol=1e-6)
 
 
+def test_two_processes_resume_exactly(tmp_path):
+    """With dropout: two processes resumed from their first checkpoint end as two uninterrupted ones (each
+    process's RNG states saved and restored, every collective entered by both)."""
+    double = _torchrun(2, tmp_path / "two.pt", 8, mode="dropout")  # also leaves its step-2 checkpoint in run_resumed
+    checkpoint = tmp_path / "run_resumed" / "checkpoints" / "step_2"
+    assert {"rng_state_0.safetensors", "rng_state_1.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    resumed = _torchrun(2, tmp_path / "resumed.pt", 8, mode="resume")
+    for name, buffer in double["buffers"].items():
+        assert torch.equal(resumed["buffers"][name], buffer), name
+    assert resumed["losses"] == double["losses"][2:]
+
+
 def test_bad_setups_fail_before_training(tmp_path):
     model = CalMRLModel(training_config(modalities=["vision", "text"], shared_encoders={},
                                         encoder_configs={"vision": training_config().get_encoder_config("vision"),
@@ -189,8 +202,8 @@ def test_bad_setups_fail_before_training(tmp_path):
                                                                gradient_accumulation_steps=4), num_processes=1)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         validate_setup(full_model, {"train": make_dataset(4, [FULL])}, small_args(tmp_path), num_processes=1)
-    with pytest.raises(ValueError, match="Unknown training arguments"):
-        TrainingArguments.from_dict({"learning_rate": 1e-3, "lr": 2})
+    with pytest.raises(ValueError, match="Unknown training arguments 'learning_rat' \\(did you mean 'learning_rate'"):
+        TrainingArguments.from_dict({"learning_rat": 2})
     with pytest.raises(ValueError, match="freeze_modalities"):
         validate_setup(full_model, {"train": data}, small_args(tmp_path, freeze_modalities=["smell"]), 1)
     # train() itself refuses before touching the model
@@ -200,6 +213,31 @@ def test_bad_setups_fail_before_training(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_training_arguments_take_trainer_names_and_accept_the_old_ones():
+    """Fields that mean what a transformers Trainer field means have its name; the old names still work, warned."""
+    import transformers
+
+    from calmrl_hf.training import CalMRLTrainingArguments
+
+    assert TrainingArguments is CalMRLTrainingArguments
+    ours = {f for f in CalMRLTrainingArguments.__dataclass_fields__}
+    shared = {"use_cpu", "report_to", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo"}
+    assert shared <= ours & set(transformers.TrainingArguments.__dataclass_fields__)
+    with pytest.warns(FutureWarning) as warned:
+        old = CalMRLTrainingArguments(log_with="tensorboard", cpu=True, hub_private=True)
+    assert [str(w.message).split(":")[0] for w in warned] == [
+        f"Training argument '{name}' is deprecated" for name in ("log_with", "cpu", "hub_private")]
+    assert (old.report_to, old.use_cpu, old.hub_private_repo) == ("tensorboard", True, True)
+    with pytest.warns(FutureWarning, match="push_to_hub=REPO_ID is deprecated"):
+        old = CalMRLTrainingArguments.from_dict({"push_to_hub": "team/run"})
+    assert (old.push_to_hub, old.hub_model_id) == (True, "team/run")
+    with pytest.raises(ValueError, match="needs hub_model_id"):
+        CalMRLTrainingArguments(push_to_hub=True)
+    from dataclasses import asdict
+
+    assert not {"log_with", "cpu", "hub_private"} & set(asdict(old))  # training_args.json records the new names
+
+
 def test_training_pushes_the_final_model_to_the_hub(tmp_path):
     os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
     from fake_hub import FakeHub
@@ -207,8 +245,8 @@ def test_training_pushes_the_final_model_to_the_hub(tmp_path):
     torch.manual_seed(0)
     model = CalMRLModel(training_config())
     with FakeHub() as hub:
-        args = small_args(tmp_path, max_steps=2, save_steps=1, push_to_hub="team/calmrl-run", hub_token="hf_fake",
-                          hub_endpoint=hub.endpoint)
+        args = small_args(tmp_path, max_steps=2, save_steps=1, push_to_hub=True, hub_model_id="team/calmrl-run",
+                          hub_token="hf_fake", hub_endpoint=hub.endpoint)
         train(model, make_dataset(32, MIXED_PATTERNS), args, collate_fn=collate)
     assert len(hub.commits) == 1
     files = hub.commits[0]["files"]
@@ -222,7 +260,7 @@ def test_accumulation_bf16_epoch_statistics_and_tensorboard(tmp_path):
     torch.manual_seed(0)
     model = CalMRLModel(training_config())
     args = small_args(tmp_path, max_steps=3, gradient_accumulation_steps=2, mixed_precision="bf16",
-                      imputer_statistics="epoch", log_with="tensorboard", logging_steps=1)
+                      imputer_statistics="epoch", report_to="tensorboard", logging_steps=1)
     result = train(model, make_dataset(64, MIXED_PATTERNS), args, collate_fn=collate)
     assert result.global_step == 3 and len(result.losses) == 3
     assert all(torch.isfinite(torch.tensor(result.losses)))
@@ -251,7 +289,7 @@ def test_streaming_dataset_trains_and_resumes_exactly(tmp_path):
 
     def run(output_dir, stop_after=None, resume=None):
         torch.manual_seed(0)
-        model = CalMRLModel(training_config())
+        model = CalMRLModel(training_config(dropout=True))
         args = small_args(tmp_path, output_dir=str(output_dir), max_steps=7, save_steps=3, save_total_limit=None,
                           resume_from_checkpoint=resume)  # 40 rows / 8 = 5 batches an epoch: 7 steps cross one
 

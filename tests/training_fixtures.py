@@ -16,17 +16,17 @@ from calmrl_hf import CalMRLConfig
 MODALITIES = ("vision", "audio", "text", "subtitle")
 
 
-def no_dropout(config):
+def set_dropout(config, probability: float):
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-        if hasattr(config, name):
-            setattr(config, name, 0.0)
+        setattr(config, name, probability)
     return config
 
 
-def training_config(**overrides) -> CalMRLConfig:
+def training_config(dropout: bool = False, **overrides) -> CalMRLConfig:
+    """The tiny tri-tower config of the training tests; dropout-free unless `dropout` (then 0.2 in every tower)."""
+    towers = {"vision": tiny_vit(), "audio": tiny_ast(), "text": tiny_bert()}
     kwargs = dict(
-        encoder_configs={"vision": no_dropout(tiny_vit()), "audio": no_dropout(tiny_ast()),
-                         "text": no_dropout(tiny_bert())},
+        encoder_configs={name: set_dropout(tower, 0.2 if dropout else 0.0) for name, tower in towers.items()},
         projection_dim=16,
         imputer_latent_dim=4,
     )
@@ -84,3 +84,31 @@ FULL = (True, True, True, True)
 VISION_TEXT = (True, False, True, False)
 AUDIO_TEXT = (False, True, True, False)
 MIXED_PATTERNS = [FULL, VISION_TEXT, AUDIO_TEXT, (True, True, False, True)]
+
+
+def resumable_run(output_dir, resume=None, stop_after=None, model_overrides=None, dataset_seed=0, **overrides):
+    """A short run with dropout on and checkpoints every 2 steps (6 steps over two epochs), as the resume and
+    fault-injection tests use it; `overrides` change training arguments. Returns the trained model, or None when
+    `stop_after` ended it after a checkpoint (as a kill right after that save would)."""
+    import torch
+
+    from calmrl_hf import CalMRLModel
+    from calmrl_hf.training import CalMRLTrainingArguments, train
+
+    torch.manual_seed(0)
+    model = CalMRLModel(training_config(dropout=True, **(model_overrides or {})))
+    values = dict(output_dir=str(output_dir), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-3,
+                  logging_steps=1, imputer_min_rows=8, seed=3, save_steps=2, save_total_limit=2,
+                  resume_from_checkpoint=resume)
+    values.update(overrides)
+
+    def stop(step):
+        if stop_after is not None and step >= stop_after:
+            raise KeyboardInterrupt
+
+    try:
+        train(model, make_dataset(32, MIXED_PATTERNS, seed=dataset_seed), CalMRLTrainingArguments(**values),
+              collate_fn=collate, on_checkpoint=stop)
+    except KeyboardInterrupt:
+        return None
+    return model

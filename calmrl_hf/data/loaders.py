@@ -52,7 +52,13 @@ def read_annotations(path: str | os.PathLike) -> Iterator[dict]:
         raise FileNotFoundError(f"Annotation file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {error.lineno}, column {error.colno}: invalid JSON ({error.msg}).") \
+                from error
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text ({error}).") from error
         if isinstance(data, dict):
             keys = [key for key in ("annotations", "sentences", "data") if isinstance(data.get(key), list)]
             listed = data[keys[0]] if keys else None
@@ -74,7 +80,10 @@ def read_annotations(path: str | os.PathLike) -> Iterator[dict]:
                         raise ValueError(f"{path}, line {number}: invalid JSON ({error}).") from error
     elif suffix in (".csv", ".tsv"):
         with path.open(newline="", encoding="utf-8") as handle:
-            yield from csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+            try:
+                yield from csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+            except (UnicodeDecodeError, csv.Error) as error:
+                raise ValueError(f"{path}: unreadable {suffix[1:].upper()} ({error}).") from error
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -113,6 +122,24 @@ def _label(value, where: str):
     if not number.is_integer():
         raise ValueError(f"{where}: label {value!r} is not an integer class index.")
     return int(number)
+
+
+# Columns only one corpus's annotation files have: how a file given to the wrong loader is recognised.
+FORMAT_SIGNATURES = {"vast": ("vast_cap",), "msrvtt": ("sentence", "sen_id"),
+                     "audiocaps": ("youtube_id", "audiocap_id")}
+
+
+def check_format(path, columns: set[str], loader: str, has_captions: bool) -> None:
+    """Refuse an annotation file of another corpus: no row had a caption this loader reads, and the file has
+    columns that only another corpus's files have."""
+    if has_captions:
+        return
+    this = loader.removeprefix("load_")
+    others = [name for name, keys in FORMAT_SIGNATURES.items() if name != this and columns & set(keys)]
+    if others:
+        raise ValueError(f"{path}: no row has a caption {loader} reads, and its columns {sorted(columns)} are those "
+                         f"of a {others[0]} annotation file: load it with load_{others[0]} (calmrl: --format "
+                         f"{others[0]}).")
 
 
 def _first_key(row: dict, keys: Iterable[str]):
@@ -276,14 +303,18 @@ def load_vast(annotation_file, video_dir=None, audio_dir=None, modalities=None, 
     names = _output_modalities(modalities, "load_vast")
     videos = _MediaIndex(video_dir, VIDEO_EXTENSIONS + IMAGE_EXTENSIONS, "video_dir")
     audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir")
-    records = []
+    records, columns = [], set()
     for number, row in enumerate(read_annotations(annotation_file)):
+        columns.update(row)
         clip = _clean(_first_key(row, ("clip_id", "video_id", "id")))
         if clip is None:
+            check_format(annotation_file, columns, "load_vast", has_captions=False)
             raise ValueError(f"{annotation_file}, row {number}: no clip_id / video_id / id.")
         values = {"vision": videos.find(clip), "audio": audios.find(clip),
                   "text": _first_key(row, ("vast_cap", "desc", "caption")), "subtitle": row.get("subtitle")}
         records.append(_record(clip, values, names, _label(row.get("label"), f"{annotation_file}, row {number}")))
+    check_format(annotation_file, columns, "load_vast",
+                 "text" not in names or any(r["text"] is not None for r in records))
     return _build(records, names, streaming, annotation_file)
 
 
@@ -306,14 +337,16 @@ def load_msrvtt(annotation_file, video_dir, audio_dir=None, modalities=None, req
     names = _output_modalities(modalities, "load_msrvtt")
     videos = _MediaIndex(video_dir, VIDEO_EXTENSIONS, "video_dir")
     audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir")
-    entries = []  # (video_id, caption, subtitle, label)
+    entries, columns = [], set()  # (video_id, caption, subtitle, label)
     for number, row in enumerate(read_annotations(annotation_file)):
+        columns.update(row)
         video = _clean(_first_key(row, ("video_id", "clip_id", "id")))
         if video is None:
             raise ValueError(f"{annotation_file}, row {number}: no video_id.")
         label = _label(row.get("label"), f"{annotation_file}, row {number}")
         captions = _captions(_first_key(row, ("caption", "desc", "sentence"))) or [None]
         entries += [(video, caption, row.get("subtitle"), label) for caption in captions]
+    check_format(annotation_file, columns, "load_msrvtt", any(caption is not None for _, caption, *_ in entries))
     per_video = Counter(video for video, *_ in entries)
     seen: Counter = Counter()
     records, dropped = [], 0
@@ -349,8 +382,9 @@ def load_audiocaps(csv_file, audio_dir, modalities=None, require_audio: bool = T
     """
     names = _output_modalities(modalities, "load_audiocaps")
     audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir")
-    entries = []  # (id, audio path, caption, label)
+    entries, columns = [], set()  # (id, audio path, caption, label)
     for number, row in enumerate(read_annotations(csv_file)):
+        columns.update(row)
         label = _label(row.get("label"), f"{csv_file}, row {number}")
         youtube_id = _clean(row.get("youtube_id"))
         if youtube_id is not None:
@@ -375,6 +409,7 @@ def load_audiocaps(csv_file, audio_dir, modalities=None, require_audio: bool = T
             captions = _captions(_first_key(row, ("caption", "desc"))) or [None]
             entries += [(f"{clip}#{n}" if len(captions) > 1 else clip, path, caption, label)
                         for n, caption in enumerate(captions)]
+    check_format(csv_file, columns, "load_audiocaps", any(caption is not None for _, _, caption, _ in entries))
     records, dropped = [], 0
     for example_id, path, caption, label in entries:
         if path is None and require_audio:

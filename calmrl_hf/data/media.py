@@ -156,6 +156,9 @@ def decode_audio(path: str | os.PathLike, sampling_rate: int) -> np.ndarray:
                                      path) from error
     if wave.size == 0:
         raise MediaDecodingError(f"Audio file {path} has no samples.", path)
+    if not np.isfinite(wave).all():  # a float WAV can store NaN / inf: it would stop training later
+        bad = int(np.count_nonzero(~np.isfinite(wave)))
+        raise MediaDecodingError(f"Audio file {path} has {bad} non-finite samples (NaN or inf) of {wave.size}.", path)
     return wave
 
 

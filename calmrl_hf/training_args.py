@@ -1,0 +1,137 @@
+"""`CalMRLTrainingArguments`: everything the training loop needs besides the model and the data."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import InitVar, dataclass, fields
+from typing import Any
+
+from .validation import unknown_name_message
+
+
+# Old name -> Trainer's name: still accepted, with a FutureWarning.
+RENAMED_ARGUMENTS = {"log_with": "report_to", "cpu": "use_cpu", "hub_private": "hub_private_repo"}
+
+
+@dataclass
+class CalMRLTrainingArguments:
+    """Arguments of `calmrl_hf.training.train`.
+
+    Where a field means what a field of transformers' `TrainingArguments` means, it has the same name (`output_dir`,
+    `seed`, `max_steps`, `per_device_train_batch_size`, `per_device_eval_batch_size`, `gradient_accumulation_steps`,
+    `learning_rate`, `weight_decay`, `lr_scheduler_type`, `warmup_steps`, `max_grad_norm`, `logging_steps`,
+    `save_total_limit`, `dataloader_num_workers`, `use_cpu`, `report_to`, `push_to_hub`, `hub_model_id`,
+    `hub_token`, `hub_private_repo`). These differ from Trainer's:
+
+    - `train_batch_size`: the global batch (per device x processes x accumulation) to check, when given; Trainer's
+      is a read-only property without accumulation.
+    - `mixed_precision`: accelerate's `"no"` / `"bf16"` / `"fp16"` instead of Trainer's `bf16` / `fp16` flags.
+    - `eval_steps`, `save_steps`: evaluate / checkpoint every N optimizer steps when set, never when None (no
+      `eval_strategy` / `save_strategy`).
+    - `resume_from_checkpoint`: also takes `"latest"` (the newest complete checkpoint in `output_dir/checkpoints`).
+    - `allow_resume_changes`: ours. A resumed run refuses to continue when the run it resumes differed (model
+      config, these arguments, dataset, number of processes); listed names (`"learning_rate"`,
+      `"model.imputer_method"`, `"dataset"`, `"world_size"`, or `"*"`) may differ, and changed learning rate and
+      weight decay are applied from the resumed step on.
+    - `imputer_*`, `freeze_modalities`, `freeze_projections`, `eval_pairs`, `hub_endpoint`: ours (CalMRL's bi-step,
+      frozen towers, evaluation directions, a Hub API endpoint other than huggingface.co).
+
+    The old names `log_with`, `cpu`, `hub_private` and a repo id given as `push_to_hub` are still accepted, with a
+    `FutureWarning`.
+    """
+
+    output_dir: str = "outputs/calmrl"
+    seed: int = 42
+    max_steps: int = 100  # optimizer steps
+    per_device_train_batch_size: int = 32
+    train_batch_size: int | None = None  # global; if set, must equal per_device * processes * accumulation
+    per_device_eval_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    use_cpu: bool = False  # force CPU processes (torchrun on CPU: gloo all-reduce)
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    save_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir/checkpoints
+    allow_resume_changes: Sequence[str] = ()  # manifest fields a resumed run may change, e.g. ["learning_rate"]
+    imputer_statistics: str = "ema"  # "ema" | "epoch" | "frozen" (no M-step in training: warm start or loaded only)
+    imputer_ema_decay: float = 0.95
+    imputer_min_rows: int | None = None  # rows a modality needs before its first M-step; default 2 (q + 1)
+    imputer_warm_start: bool = False  # full EM on the embeddings of `warm_start_dataset` before training
+    imputer_warm_start_max_iter: int = 50
+    freeze_modalities: Sequence[str] = ()  # towers to keep frozen (e.g. a pretrained text tower)
+    freeze_projections: Sequence[str] = ()  # projection heads to keep frozen
+    report_to: str | list[str] | None = None  # trackers, e.g. "tensorboard" ("none" or None: no tracker)
+    dataloader_num_workers: int = 0
+    push_to_hub: bool = False  # upload the final model to `hub_model_id`
+    hub_model_id: str | None = None  # repo id
+    hub_endpoint: str | None = None
+    hub_token: str | None = None
+    hub_private_repo: bool = False
+    eval_pairs: Sequence[Sequence[str]] | None = None  # e.g. [["text", "vision"], ["vision", "text"]]
+    # deprecated names (FutureWarning), mapped onto the fields above
+    log_with: InitVar[str | None] = None
+    cpu: InitVar[bool | None] = None
+    hub_private: InitVar[bool | None] = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "CalMRLTrainingArguments":
+        """From a recipe section: unknown names are an error (with a suggestion), numbers given as strings (YAML
+        reads "1e-3" as one) are converted."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known - set(RENAMED_ARGUMENTS))
+        if unknown:
+            raise ValueError(unknown_name_message("training arguments", unknown, known))
+        coerced = dict(values)
+        for f in fields(cls):
+            value = values.get(f.name)
+            if isinstance(value, str) and isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+                try:
+                    coerced[f.name] = type(f.default)(float(value)) if isinstance(f.default, int) else float(value)
+                except ValueError:
+                    raise ValueError(f"Training argument {f.name} must be a number, got {value!r}.") from None
+        return cls(**coerced)
+
+    def __post_init__(self, log_with, cpu, hub_private):
+        for old, value in (("log_with", log_with), ("cpu", cpu), ("hub_private", hub_private)):
+            if value is not None:
+                new = RENAMED_ARGUMENTS[old]
+                warnings.warn(f"Training argument {old!r} is deprecated: use {new!r} (transformers Trainer's name).",
+                              FutureWarning, stacklevel=3)
+                setattr(self, new, value)
+        if isinstance(self.push_to_hub, str):
+            warnings.warn("push_to_hub=REPO_ID is deprecated: use push_to_hub=True, hub_model_id=REPO_ID "
+                          "(transformers Trainer's names).", FutureWarning, stacklevel=3)
+            self.push_to_hub, self.hub_model_id = True, self.push_to_hub
+        if self.report_to == "none" or self.report_to == ["none"]:
+            self.report_to = None
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.imputer_statistics not in ("ema", "epoch", "frozen"):
+            raise ValueError(f"imputer_statistics = {self.imputer_statistics!r}; expected 'ema', 'epoch' or 'frozen'.")
+        if not 0.0 <= self.imputer_ema_decay < 1.0:
+            raise ValueError(f"imputer_ema_decay must be in [0, 1), got {self.imputer_ema_decay}.")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision = {self.mixed_precision!r}; expected 'no', 'bf16' or 'fp16'.")
+        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("push_to_hub=True needs hub_model_id (the repo id to upload to).")
+        if isinstance(self.allow_resume_changes, str):
+            self.allow_resume_changes = [self.allow_resume_changes]
+
+
+# The class used to share transformers' name; kept as an alias.
+TrainingArguments = CalMRLTrainingArguments
+
+
+__all__ = ["CalMRLTrainingArguments", "RENAMED_ARGUMENTS", "TrainingArguments"]
