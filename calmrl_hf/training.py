@@ -434,7 +434,7 @@ def train_step(run: _Run, batch) -> bool:
     step. True when it completes an optimizer step (the last micro-batch of a gradient accumulation)."""
     accelerator, args = run.accelerator, run.args
     with accelerator.accumulate(run.model):
-        outputs = run.model(**model_inputs(batch), imputer_update_fn=run.imputer_step)
+        outputs = run.model(**model_inputs(batch), return_loss=True, imputer_update_fn=run.imputer_step)
         accelerator.backward(outputs.loss)
         if accelerator.sync_gradients and args.max_grad_norm:
             accelerator.clip_grad_norm_(run.trainable, args.max_grad_norm)

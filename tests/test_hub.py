@@ -43,7 +43,8 @@ def test_push_uploads_the_model_in_one_commit(tmp_path):
         (download / path).write_bytes(content)
     loaded = CalMRLModel.from_pretrained(download).eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**tiny_batch(MIXED_MASK)).loss, model.eval()(**tiny_batch(MIXED_MASK)).loss)
+        torch.testing.assert_close(loaded(**tiny_batch(MIXED_MASK), return_loss=True).loss,
+                                   model.eval()(**tiny_batch(MIXED_MASK), return_loss=True).loss)
 
 
 def test_push_refuses_pickles_and_folders_without_config(tmp_path):
