@@ -4,9 +4,12 @@ package or any of its other dependencies loads model and processor and embeds te
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +25,8 @@ from tiny_models import IMAGE_SIZE, tiny_config
 BLOCKED = ["calmrl_hf", "peft", "accelerate", "datasets", "evaluate", "scipy", "av", "soundfile"]
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "barks", "cat", "42"]
 TEXTS = ["a dog barks", "a cat", "42"]
+ROOT = Path(__file__).resolve().parents[1]
+CARD = ROOT / "model_card.md"
 
 
 def _saved_checkpoint(folder):
@@ -99,10 +104,17 @@ for name in BLOCKED:
     else:
         raise SystemExit(f"the import hook failed to block {{name}}")
 
+import glob
+
 import numpy as np
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
+from transformers.dynamic_module_utils import check_imports
+
+# From the Hub, transformers checks the imports of every file the model needs (from a folder, of the first only)
+for path in glob.glob({folder!r} + "/*.py"):
+    check_imports(path)
 
 model = AutoModel.from_pretrained({folder!r}, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained({folder!r}, trust_remote_code=True)
@@ -111,17 +123,35 @@ assert type(processor).__module__.startswith("transformers_modules"), type(proce
 videos = list(np.load({videos!r}))
 batch = processor(text={texts!r}, vision=videos)
 with torch.no_grad():
-    text = model.get_text_features(**batch).pooler_output
-    video = model.get_image_features(**batch).pooler_output
+    text_features = model.get_text_features(**batch).pooler_output
+    video_features = model.get_image_features(**batch).pooler_output
     encoding = model.encode(**batch)
 reference = load_file({reference!r})
-torch.testing.assert_close(text, reference["text"], rtol=0, atol=0)
-torch.testing.assert_close(video, reference["video"], rtol=0, atol=0)
+torch.testing.assert_close(text_features, reference["text"], rtol=0, atol=0)
+torch.testing.assert_close(video_features, reference["video"], rtol=0, atol=0)
 torch.testing.assert_close(encoding.imputed_embeddings, reference["imputed"], rtol=0, atol=0)
+
+video = videos[0]
+exec({card_usage!r})  # the model card's usage example, as written
+assert out.logits_per_text_vision.shape == (1, 1) and enc.imputed_embeddings.shape == (2, 4, 16)
 loaded = sorted(name for name in BLOCKED if name in sys.modules)
 assert not loaded, loaded
-print("embedded", tuple(text.shape), tuple(video.shape))
+print("embedded", tuple(text_features.shape), tuple(video_features.shape))
 """
+
+
+def card_usage(folder) -> str:
+    """The model card's usage example for a checkpoint in `folder`."""
+    card = CARD.read_text()
+    return re.search(r"## Use\n.*?```python\n(.*?)```", card, re.S).group(1).replace("{{ repo_id }}", str(folder))
+
+
+def test_the_card_names_what_loading_needs_and_the_package_depends_on_it():
+    card = CARD.read_text()
+    requirements = re.search(r"Requirements: (.*?)\n\n", card, re.S).group(1)
+    assert all(f"`{name}`" in requirements for name in ("torch", "transformers", "safetensors", "pillow"))
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.lower().startswith("pillow") for d in dependencies)
 
 
 def test_remote_code_loads_and_embeds_without_the_package_or_its_extras(tmp_path):
@@ -139,7 +169,7 @@ def test_remote_code_loads_and_embeds_without_the_package_or_its_extras(tmp_path
     save_file({k: v.contiguous() for k, v in reference.items()}, str(tmp_path / "reference.safetensors"))
     script = textwrap.dedent(BLOCKING_SCRIPT).format(
         blocked=BLOCKED, folder=str(folder), videos=str(tmp_path / "videos.npy"), texts=TEXTS,
-        reference=str(tmp_path / "reference.safetensors"))
+        reference=str(tmp_path / "reference.safetensors"), card_usage=card_usage(folder))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
