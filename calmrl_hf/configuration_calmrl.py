@@ -60,9 +60,12 @@ def _as_config(config: PreTrainedConfig | dict) -> PreTrainedConfig:
 
 
 def _config_to_dict(config: PreTrainedConfig) -> dict:
-    """Canonical JSON-safe form of an encoder sub-config: its diff against the defaults, with `model_type`."""
+    """Canonical JSON-safe form of an encoder sub-config: its diff against the defaults, with `model_type`, without
+    `dtype` (the model's one dtype, the top-level config's, is the towers': transformers sets it on every
+    sub-config when loading)."""
     as_dict = config.to_diff_dict()
     as_dict.pop("transformers_version", None)
+    as_dict.pop("dtype", None)
     as_dict["model_type"] = config.model_type
     return as_dict
 

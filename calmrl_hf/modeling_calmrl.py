@@ -277,6 +277,18 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
             add_lora(model.encoders, lora)  # peft starts each adapter at B = 0: the tower is unchanged until trained
         return model
 
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload the model as `calmrl_hf.hub.push_to_hub` uploads a saved run: weights, code, the processor (the
+        `processor=` given, or the one saved next to the checkpoint it was loaded from), the model card filled for
+        `repo_id`, training args; one commit. Keyword arguments: those of `calmrl_hf.hub.push_model` (`processor`,
+        `metrics`, `training_args`, `token`, `endpoint`, `private`, `commit_message`, `revision`).
+        """
+        try:  # the card template ships with the package; remote code without it pushes as transformers does
+            from calmrl_hf.hub import push_model
+        except ImportError:
+            return super().push_to_hub(repo_id, **kwargs)
+        return push_model(self, repo_id, **kwargs)
+
     @property
     def logit_scale(self) -> torch.Tensor:
         """log(1 / temperature), the temperature clamped as the objectives clamp it: CLIP's `logit_scale`."""

@@ -290,6 +290,20 @@ class CalMRLProcessor(ProcessorMixin):
         finally:
             del self.get_attributes
 
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, token: str | None = None,
+                    revision: str | None = None, create_pr: bool = False, private: bool | None = None, **kwargs) -> str:
+        """Upload the processor's files to `repo_id`, the same files the model's push holds. Unlike transformers'
+        default, no README: a generic card would replace the model's filled one."""
+        import tempfile
+
+        from transformers.utils.hub import hf_api
+
+        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return self._upload_modified_files(folder, repo_id, files_timestamps={}, commit_message=commit_message,
+                                               token=token, create_pr=create_pr, revision=revision)
+
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         processor_dict = processor_dict or {}

@@ -31,6 +31,7 @@ from transformers import get_scheduler
 from .data.collator import model_inputs
 from .data.loaders import dataset_modalities
 from .evaluation import RetrievalRecall
+from .hub import HUB_STRATEGIES, TRACKER_PROJECT, CheckpointPusher
 from .imputer import PPCAStatistics
 from .modeling_calmrl import CalMRLModel
 
@@ -73,6 +74,7 @@ class TrainingArguments:
     log_with: str | None = None  # e.g. "tensorboard"
     dataloader_num_workers: int = 0
     push_to_hub: str | None = None  # repo id
+    hub_strategy: str = "end"  # "end" | "every_save" (the model at each checkpoint) | "checkpoint" (+ last-checkpoint/)
     hub_endpoint: str | None = None
     hub_token: str | None = None
     hub_private: bool = False
@@ -103,6 +105,8 @@ class TrainingArguments:
             raise ValueError(f"imputer_statistics = {self.imputer_statistics!r}; expected 'ema', 'epoch' or 'frozen'.")
         if not 0.0 <= self.imputer_ema_decay < 1.0:
             raise ValueError(f"imputer_ema_decay must be in [0, 1), got {self.imputer_ema_decay}.")
+        if self.hub_strategy not in HUB_STRATEGIES:
+            raise ValueError(f"hub_strategy = {self.hub_strategy!r}; expected one of {HUB_STRATEGIES}.")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision = {self.mixed_precision!r}; expected 'no', 'bf16' or 'fp16'.")
         for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
@@ -338,6 +342,7 @@ class _Run:
     imputer_step: ImputerUpdater
     state: _TrainState
     on_checkpoint: Callable[[int], None] | None
+    hub_pusher: CheckpointPusher | None = None  # pushes at each checkpoint (hub_strategy every_save / checkpoint)
     losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step (all processes)
     running_loss: torch.Tensor | None = None  # sum over the micro-batches of the current optimizer step
     running_count: int = 0
@@ -395,7 +400,7 @@ def prepare_run(accelerator: Accelerator, args: TrainingArguments, model, optimi
     state = _TrainState()
     accelerator.register_for_checkpointing(imputer_step, state)
     if args.log_with:
-        accelerator.init_trackers("calmrl", config={k: v for k, v in asdict(args).items()
+        accelerator.init_trackers(TRACKER_PROJECT, config={k: v for k, v in asdict(args).items()
                                                     if isinstance(v, (int, float, str, bool))})
     return _Run(accelerator, args, model, optimizer, scheduler, trainable, train_loader, eval_loader, warm_loader,
                 streaming, imputer_step, state, on_checkpoint,
@@ -473,9 +478,12 @@ def save_checkpoint(run: _Run) -> None:
     """`accelerator.save_state` to output_dir/checkpoints/step_N (model, optimizer, schedule, RNG, imputer
     statistics, loop position), keeping the newest `save_total_limit`."""
     accelerator, args, step = run.accelerator, run.args, run.state.global_step
-    accelerator.save_state(str(Path(args.output_dir) / "checkpoints" / f"step_{step}"))
+    checkpoint_dir = Path(args.output_dir) / "checkpoints" / f"step_{step}"
+    accelerator.save_state(str(checkpoint_dir))
     if accelerator.is_main_process:
         _prune_checkpoints(args.output_dir, args.save_total_limit)
+        if run.hub_pusher is not None:  # staged now, uploaded in the background
+            run.hub_pusher.push(accelerator.unwrap_model(run.model), checkpoint_dir, step, recorded_arguments(args))
     accelerator.wait_for_everyone()
     if run.on_checkpoint is not None:
         run.on_checkpoint(step)
@@ -534,12 +542,14 @@ def finish(run: _Run, processor=None) -> dict[str, float]:
             processor.save_pretrained(args.output_dir)
         results = {"global_step": step, "final_loss": run.losses[-1] if run.losses else None, **metrics}
         Path(args.output_dir, "train_results.json").write_text(json.dumps(results, indent=2))
-        recorded_args = {k: v for k, v in asdict(args).items() if k != "hub_token"}  # never write the token
+        recorded_args = recorded_arguments(args)
         Path(args.output_dir, "training_args.json").write_text(json.dumps(recorded_args, indent=2, default=str))
         from .hub import write_model_card
 
         write_model_card(args.output_dir, repo_id=args.push_to_hub, metrics=metrics, training_args=recorded_args)
     accelerator.wait_for_everyone()
+    if run.hub_pusher is not None:
+        run.hub_pusher.wait()  # the last checkpoint's upload lands before the final model's
     if args.push_to_hub and accelerator.is_main_process:
         from .hub import push_to_hub  # only needed when pushing
 
@@ -548,6 +558,19 @@ def finish(run: _Run, processor=None) -> dict[str, float]:
     if args.log_with:
         accelerator.end_training()
     return metrics
+
+
+def recorded_arguments(args: TrainingArguments) -> dict[str, Any]:
+    """The training arguments as written to `training_args.json` and the model card (never the Hub token)."""
+    return {k: v for k, v in asdict(args).items() if k != "hub_token"}
+
+
+def build_hub_pusher(args: TrainingArguments, accelerator: Accelerator, processor=None) -> CheckpointPusher | None:
+    """The main process's `CheckpointPusher` for `hub_strategy` "every_save" / "checkpoint" (None otherwise)."""
+    if not args.push_to_hub or args.hub_strategy == "end" or not accelerator.is_main_process:
+        return None
+    return CheckpointPusher(args.push_to_hub, args.hub_strategy, processor=processor, token=args.hub_token,
+                            endpoint=args.hub_endpoint, private=args.hub_private)
 
 
 def train(
@@ -577,14 +600,19 @@ def train(
     loaders = build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_fn, per_device, args)
     optimizer, scheduler = build_optimizer(model, args, accelerator.num_processes)
     run = prepare_run(accelerator, args, model, optimizer, scheduler, loaders, on_checkpoint)
-    resume_or_warm_start(run, per_device)
-    run_epochs(run)
-    metrics = finish(run, processor)
+    run.hub_pusher = build_hub_pusher(args, accelerator, processor)
+    try:
+        resume_or_warm_start(run, per_device)
+        run_epochs(run)
+        metrics = finish(run, processor)
+    finally:
+        if run.hub_pusher is not None:  # an upload in flight lands even when the run stops with an error
+            run.hub_pusher.wait()
     return TrainOutput(output_dir=args.output_dir, global_step=run.state.global_step, metrics=metrics,
                        losses=run.losses)
 
 
 __all__ = ["ImputerUpdater", "TrainOutput", "TrainingArguments", "build_accelerator", "build_dataloaders",
-           "build_optimizer", "dataset_modalities", "embed_dataset", "evaluate", "finish", "freeze_modules",
-           "prepare_run", "resume_or_warm_start", "run_epoch", "run_epochs", "save_checkpoint", "train",
+           "build_hub_pusher", "build_optimizer", "dataset_modalities", "embed_dataset", "evaluate", "finish", "freeze_modules",
+           "prepare_run", "recorded_arguments", "resume_or_warm_start", "run_epoch", "run_epochs", "save_checkpoint", "train",
            "train_step", "validate_setup", "warm_start_imputer"]

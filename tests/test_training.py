@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training_fixtures import FULL, MIXED_PATTERNS, collate, make_dataset, training_config
+from training_fixtures import FULL, MIXED_PATTERNS, collate, make_dataset, run_until, training_config
 
 from calmrl_hf import CalMRLModel, PPCAStatistics
 from calmrl_hf.training import ImputerUpdater, TrainingArguments, build_accelerator, train, validate_setup
@@ -108,20 +108,9 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
     data = make_dataset(96, MIXED_PATTERNS)
 
     def run(output_dir, stop_after=None, resume=None):
-        torch.manual_seed(0)
-        model = CalMRLModel(training_config())
         args = small_args(tmp_path, output_dir=str(output_dir), max_steps=8, save_steps=3,
                           resume_from_checkpoint=resume, save_total_limit=None)
-
-        def stop(step):
-            if stop_after is not None and step >= stop_after:
-                raise KeyboardInterrupt  # the process is killed right after this checkpoint
-
-        try:
-            train(model, data, args, collate_fn=collate, on_checkpoint=stop)
-        except KeyboardInterrupt:
-            return None
-        return model
+        return run_until(data, args, stop_after)
 
     uninterrupted = run(tmp_path / "a")
     assert run(tmp_path / "b", stop_after=3) is None

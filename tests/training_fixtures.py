@@ -84,3 +84,23 @@ FULL = (True, True, True, True)
 VISION_TEXT = (True, False, True, False)
 AUDIO_TEXT = (False, True, True, False)
 MIXED_PATTERNS = [FULL, VISION_TEXT, AUDIO_TEXT, (True, True, False, True)]
+
+
+def run_until(data, arguments, stop_after: int | None = None):
+    """Train a fresh seeded model with `arguments` (a `TrainingArguments`); with `stop_after`, the run is killed
+    right after its first checkpoint at or past that step (returns None), else returns the trained model."""
+    from calmrl_hf import CalMRLModel
+    from calmrl_hf.training import train
+
+    torch.manual_seed(0)
+    model = CalMRLModel(training_config())
+
+    def stop(step):
+        if stop_after is not None and step >= stop_after:
+            raise KeyboardInterrupt
+
+    try:
+        train(model, data, arguments, collate_fn=collate, on_checkpoint=stop)
+    except KeyboardInterrupt:
+        return None
+    return model
