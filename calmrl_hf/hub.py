@@ -190,7 +190,8 @@ class CheckpointPusher:
         from huggingface_hub import HfApi
 
         if strategy not in HUB_STRATEGIES[1:]:
-            raise ValueError(f"CheckpointPusher pushes for hub_strategy 'every_save' or 'checkpoint', got {strategy!r}.")
+            raise ValueError(f"CheckpointPusher pushes for hub_strategy 'every_save' or 'checkpoint', got "
+                             f"{strategy!r}.")
         self.repo_id, self.strategy, self.processor = repo_id, strategy, processor
         self.api = HfApi(endpoint=endpoint, token=token)
         self.api.create_repo(repo_id, private=private, exist_ok=True)

@@ -1,7 +1,7 @@
 """CLIP-style entry points of a CalMRL model: one modality's embeddings and its tower's outputs.
 
     text = model.get_text_features(**tokenizer(["a dog barks"], return_tensors="pt"))   # or **processor(text=...)
-    video = model.get_image_features(pixel_values=frames)                                # [n, C, H, W] or [n, T, C, H, W]
+    video = model.get_image_features(pixel_values=frames)                 # [n, C, H, W] or [n, T, C, H, W]
     audio = model.get_audio_features(**processor(audio=[waveform]))
     subtitle = model.get_text_features(**processor(subtitle=["..."]), modality="subtitle")
 
@@ -116,7 +116,8 @@ class CalMRLFeaturesMixin:
         pooled, tokens, token_mask, outputs = run_tower(tower, self.config.pooling[name], name, inputs,
                                                         **tower_kwargs)
         projection = self.projections[name]
-        return CalMRLModalityOutput(last_hidden_state=tokens, pooler_output=projection(pooled.to(projection.weight.dtype)),
+        embeds = projection(pooled.to(projection.weight.dtype))  # [n, D]
+        return CalMRLModalityOutput(last_hidden_state=tokens, pooler_output=embeds,
                                     hidden_states=getattr(outputs, "hidden_states", None),
                                     attentions=getattr(outputs, "attentions", None), token_mask=token_mask)
 

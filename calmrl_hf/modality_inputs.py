@@ -112,7 +112,8 @@ def feature_inputs(name: str, modalities: Sequence[str], given: dict, accepted: 
             raise ValueError(f"Unknown input {key!r} for modality {name!r}: its tower takes {sorted(accepted)} (also "
                              f"as '{name}_<field>').")
         if field in inputs:
-            raise ValueError(f"Input {field!r} of modality {name!r} is given twice (as {field!r} and '{name}_{field}').")
+            raise ValueError(f"Input {field!r} of modality {name!r} is given twice (as {field!r} and "
+                             f"'{name}_{field}').")
         inputs[field] = value
     if not inputs:
         raise ValueError(f"No inputs given for modality {name!r}: pass its tower's inputs ({sorted(accepted)}) or the "

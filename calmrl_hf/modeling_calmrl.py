@@ -309,7 +309,8 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
         embeddings, modality_mask, outputs = self._embed_batch(modality_mask, modality_inputs)
         if not return_tokens:
             return embeddings, modality_mask
-        return embeddings, modality_mask, {name: (out.last_hidden_state, out.token_mask) for name, out in outputs.items()}
+        tokens = {name: (out.last_hidden_state, out.token_mask) for name, out in outputs.items()}
+        return embeddings, modality_mask, tokens
 
     def _embed_batch(self, modality_mask: torch.Tensor | None, modality_inputs: dict):
         """(unit-norm embeddings [B, k, D], modality_mask [B, k], {modality: CalMRLModalityOutput}) of a batch."""
@@ -465,8 +466,8 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
                 if matching is not None:
                     loss = alignment + self.config.matching_weight * matching
         logit_scale = self.logit_scale
-        observed = {name: embeddings[modality_mask[:, self.config.modality_index(name)], self.config.modality_index(name)]
-                    for name in tower_outputs}  # [n_m, D] each
+        columns = {name: self.config.modality_index(name) for name in tower_outputs}
+        observed = {name: embeddings[modality_mask[:, i], i] for name, i in columns.items()}  # [n_m, D] each
         # CLIP's logits_per_text: exp(logit_scale) <text, image>, here for every ordered pair of observed modalities
         logits = {f"logits_per_{a}_{b}": logit_scale.exp() * observed[a] @ observed[b].T  # [n_a, n_b]
                   for a in observed for b in observed if a != b}

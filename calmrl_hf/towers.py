@@ -21,7 +21,8 @@ def build_towers(config, given: dict[str, PreTrainedModel]) -> nn.ModuleDict:
     `attn_implementation` and `set_attn_implementation` reach the tower through the CalMRL config."""
     unknown = sorted(set(given) - set(config.encoder_configs))
     if unknown:
-        raise ValueError(f"Towers given for {unknown}, which have no encoder config (towers: {sorted(config.encoder_configs)}).")
+        raise ValueError(f"Towers given for {unknown}, which have no encoder config (towers: "
+                         f"{sorted(config.encoder_configs)}).")
     towers = {}
     for name, tower_config in config.encoder_configs.items():
         tower = given.get(name)

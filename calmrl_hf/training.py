@@ -613,6 +613,6 @@ def train(
 
 
 __all__ = ["ImputerUpdater", "TrainOutput", "TrainingArguments", "build_accelerator", "build_dataloaders",
-           "build_hub_pusher", "build_optimizer", "dataset_modalities", "embed_dataset", "evaluate", "finish", "freeze_modules",
-           "prepare_run", "recorded_arguments", "resume_or_warm_start", "run_epoch", "run_epochs", "save_checkpoint", "train",
-           "train_step", "validate_setup", "warm_start_imputer"]
+           "build_hub_pusher", "build_optimizer", "dataset_modalities", "embed_dataset", "evaluate", "finish",
+           "freeze_modules", "prepare_run", "recorded_arguments", "resume_or_warm_start", "run_epoch", "run_epochs",
+           "save_checkpoint", "train", "train_step", "validate_setup", "warm_start_imputer"]
