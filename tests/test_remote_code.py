@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from transformers import BertTokenizer, ViTImageProcessor, Wav2Vec2FeatureExtractor
 
 from calmrl_hf import CalMRLModel, CalMRLProcessor
+from calmrl_hf.pipeline_calmrl import save_pipelines
 
 from tiny_models import IMAGE_SIZE, tiny_config
 
@@ -40,8 +41,7 @@ def _saved_checkpoint(folder):
     with torch.no_grad():
         embeddings = torch.nn.functional.normalize(torch.randn(24, 4, 16), dim=-1)
     model.imputer.fit(embeddings, full, max_iter=5)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    save_pipelines(model, processor, folder)  # model, processor and the pipeline's code
     return model, processor
 
 
@@ -56,7 +56,7 @@ def test_every_copied_file_imports_only_torch_transformers_and_safetensors(tmp_p
     _saved_checkpoint(tmp_path)
     copied = sorted(tmp_path.glob("*.py"))
     assert {"modeling_calmrl.py", "configuration_calmrl.py", "imputer.py", "lora.py",
-            "processing_calmrl.py"} <= {p.name for p in copied}
+            "processing_calmrl.py", "pipeline_calmrl.py"} <= {p.name for p in copied}
     for path in copied:
         third_party = set(get_imports(path)) - set(sys.stdlib_module_names)
         assert third_party <= {"torch", "transformers", "safetensors"}, (path.name, third_party)
@@ -134,6 +134,11 @@ torch.testing.assert_close(encoding.imputed_embeddings, reference["imputed"], rt
 video = videos[0]
 exec({card_usage!r})  # the model card's usage example, as written
 assert out.logits_per_text_vision.shape == (1, 1) and enc.imputed_embeddings.shape == (2, 4, 16)
+from transformers import pipeline
+
+classifier = pipeline("zero-shot-multimodal-classification", model={folder!r}, trust_remote_code=True)
+ranked = classifier(videos[0], candidate_labels=["a dog", "a cat"])
+assert sorted(r["label"] for r in ranked) == ["a cat", "a dog"] and abs(sum(r["score"] for r in ranked) - 1) < 1e-6
 loaded = sorted(name for name in BLOCKED if name in sys.modules)
 assert not loaded, loaded
 print("embedded", tuple(text_features.shape), tuple(video_features.shape))
