@@ -53,11 +53,12 @@ class CalMRLPipeline(Pipeline):
             return {"batch": batch}
         if not candidate_labels:
             raise ValueError(f"{ZERO_SHOT_TASK} needs candidate_labels (a list of text labels).")
-        kinds = self.processor.modality_kinds
-        if modality is None:  # a 1-D array is a waveform; anything else an image or a video
-            kind = "audio" if getattr(torch.as_tensor(inputs) if isinstance(inputs, list) else inputs, "ndim", 0) == 1 \
-                else "vision"
-            modality = next(name for name, k in kinds.items() if k == kind)
+        if modality is None:
+            kind = _kind_of(inputs)
+            modality = next((name for name, k in self.processor.modality_kinds.items() if k == kind), None)
+            if modality is None:
+                raise ValueError(f"The input looks like {kind} but the processor has no {kind}-kind modality "
+                                 f"({self.processor.modality_kinds}); pass modality=.")
         prompts = [hypothesis_template.format(label) for label in candidate_labels]
         return {"item": self.processor(**{modality: [inputs]}, sampling_rate=sampling_rate), "modality": modality,
                 "labels": self.processor(**{label_modality: prompts}), "label_modality": label_modality,
@@ -89,6 +90,14 @@ class CalMRLPipeline(Pipeline):
         scores = model_outputs["logits"][0].float().softmax(dim=-1).tolist()
         ranked = sorted(zip(scores, model_outputs["candidate_labels"]), key=lambda pair: -pair[0])
         return [{"score": score, "label": label} for score, label in ranked]
+
+
+def _kind_of(item) -> str:
+    """A 1-D array (or list of numbers) is a waveform; anything else (PIL image, [H, W, C], [T, H, W, C], a list
+    of frames) an image or a video."""
+    if isinstance(item, (list, tuple)):
+        return "audio" if all(isinstance(value, (int, float)) for value in item) else "vision"
+    return "audio" if getattr(item, "ndim", 0) == 1 else "vision"
 
 
 def register_pipelines() -> None:
