@@ -94,7 +94,7 @@ def time_batch_share(batch_size: int = 256, repeats: int = 5) -> dict:
 
     def train_step():
         model.zero_grad()
-        model(**batch).loss.backward()
+        model(**batch, return_loss=True).loss.backward()
 
     def imputer_step():
         model.imputer.impute(embeddings, mask)

@@ -111,14 +111,10 @@ def command_embed(args) -> None:
 
         save_file({"embeddings": embeddings.contiguous(), "modality_mask": mask.contiguous()}, str(args.output),
                   metadata={"ids": json.dumps(ids), "modalities": json.dumps(model.config.modalities)})
-    else:  # .parquet
-        from datasets import Dataset
+    else:  # .parquet (checked before any work): an embedding dataset, `calmrl_hf.faiss_index.FaissIndex` indexes it
+        from .faiss_index import embedding_dataset
 
-        columns = {"id": ids, "modality_mask": mask.tolist()}
-        for index, name in enumerate(model.config.modalities):
-            columns[name] = [row.tolist() if observed else None for row, observed in
-                             zip(embeddings[:, index], mask[:, index].tolist())]
-        Dataset.from_dict(columns).to_parquet(str(args.output))
+        embedding_dataset(ids, embeddings, mask, model.config.modalities).to_parquet(str(args.output))
     print(f"Wrote {len(ids)} embeddings of {model.config.modalities} to {args.output}")
 
 

@@ -49,7 +49,7 @@ TRANSFORMERS_CONFIG_KEYS = frozenset({
     "model_type", "auto_map", "transformers_version", "architectures", "_name_or_path", "name_or_path",
     "_commit_hash", "torch_dtype", "num_labels", "output_attentions", "attn_implementation",
     "experts_implementation", "per_layer_config", "_attn_implementation_internal",
-    "_experts_implementation_internal",
+    "_experts_implementation_internal", "custom_pipelines",
 })
 # True while `from_dict` builds a config from a file: unknown keys are then a warning, not an error.
 _LOADING_FROM_DICT: ContextVar[bool] = ContextVar("calmrl_loading_from_dict", default=False)
@@ -57,8 +57,8 @@ IMPUTER_METHODS = ("ppca", "mean", "zero", "none")
 ALIGNMENT_OBJECTIVES = ("pmrl", "gram", "triangle", "anchor_infonce", "pairwise_infonce")
 
 
-def _config_to_dict(config: PreTrainedConfig | dict) -> dict:
-    """Canonical JSON-safe form of an encoder sub-config: its diff against the defaults, with `model_type`."""
+def _as_config(config: PreTrainedConfig | dict) -> PreTrainedConfig:
+    """An encoder sub-config as a config object (a dict needs its `model_type`)."""
     if isinstance(config, dict):
         if "model_type" not in config:
             raise ValueError(
@@ -66,13 +66,31 @@ def _config_to_dict(config: PreTrainedConfig | dict) -> dict:
                 f"{sorted(config)}."
             )
         config_dict = copy.deepcopy(config)
-        config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+        return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     if not isinstance(config, PreTrainedConfig):
         raise TypeError(f"An encoder config must be a transformers config or a dict, got {type(config).__name__}.")
+    return config
+
+
+def _config_to_dict(config: PreTrainedConfig) -> dict:
+    """Canonical JSON-safe form of an encoder sub-config: its diff against the defaults, with `model_type`, without
+    `dtype` (the model's one dtype, the top-level config's, is the towers': transformers sets it on every
+    sub-config when loading)."""
     as_dict = config.to_diff_dict()
     as_dict.pop("transformers_version", None)
+    as_dict.pop("dtype", None)
     as_dict["model_type"] = config.model_type
     return as_dict
+
+
+class _TowerSubConfigs:
+    """`CalMRLConfig.sub_configs`: one `{modality}_config` per tower (`text_config`, `vision_config`, ...), so that
+    transformers hands `dtype` and `attn_implementation` on to the towers' configs as it does for CLIP's. The
+    class has no fixed sub-configs (the towers are the instance's)."""
+
+    def __get__(self, config, owner=None) -> dict:
+        towers = {} if config is None else (config.__dict__.get("encoder_configs") or {})
+        return {f"{name}_config": type(tower) for name, tower in towers.items() if isinstance(tower, PreTrainedConfig)}
 
 
 class CalMRLConfig(PreTrainedConfig):
@@ -157,6 +175,7 @@ class CalMRLConfig(PreTrainedConfig):
     """
 
     model_type = "calmrl"
+    sub_configs = _TowerSubConfigs()
 
     modalities: list[str] | None = None
     encoder_configs: dict[str, Any] | None = None
@@ -196,7 +215,11 @@ class CalMRLConfig(PreTrainedConfig):
                 for m in self.modalities
                 if m in DEFAULT_ENCODER_MODEL_TYPES and m not in self.shared_encoders
             }
-        self.encoder_configs = {m: _config_to_dict(c) for m, c in self.encoder_configs.items()}
+        self.encoder_configs = {m: _as_config(c) for m, c in self.encoder_configs.items()}
+        # transformers sets the top-level attn_implementation (None unless asked) on every sub-config: keep the
+        # towers' own choice (e.g. a loaded tower's) unless one was asked for
+        tower_attention = {m: c._attn_implementation_internal for m, c in self.encoder_configs.items()}
+        attention_asked = kwargs.get("attn_implementation") is not None
         if self.anchor_modality is None:
             self.anchor_modality = "text" if "text" in self.modalities else self.modalities[0]
         if self.matching_modality is None:
@@ -205,6 +228,9 @@ class CalMRLConfig(PreTrainedConfig):
         pooling.update(self.pooling or {})
         self.pooling = pooling
         super().__post_init__(**kwargs)
+        if not attention_asked:
+            for name, implementation in tower_attention.items():
+                self.encoder_configs[name]._attn_implementation_internal = implementation
         self._validate_calmrl()
 
     @classmethod
@@ -229,6 +255,19 @@ class CalMRLConfig(PreTrainedConfig):
             logger.warning(f"{message} They are kept as attributes and ignored by CalMRL.")
         else:
             raise ValueError(message)
+
+    def __getattr__(self, key: str):
+        # `text_config`, `vision_config`, ...: the towers' configs (the `sub_configs`), named as in CLIP / CLAP
+        towers = self.__dict__.get("encoder_configs")
+        name = key[: -len("_config")] if key.endswith("_config") else None
+        if isinstance(towers, dict) and name in towers:
+            return towers[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {key!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["encoder_configs"] = {m: _config_to_dict(c) for m, c in self.encoder_configs.items()}
+        return output
 
     def _validate_calmrl(self) -> None:
         modalities = self.modalities
@@ -319,9 +358,8 @@ class CalMRLConfig(PreTrainedConfig):
         return self.shared_encoders.get(name, name)
 
     def get_encoder_config(self, name: str) -> PreTrainedConfig:
-        """The transformers config of the tower that encodes modality `name`."""
-        config_dict = dict(self.encoder_configs[self.encoder_owner(name)])
-        return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+        """The transformers config of the tower that encodes modality `name` (the tower's own config object)."""
+        return self.encoder_configs[self.encoder_owner(name)]
 
     def get_encoder_width(self, name: str) -> int:
         """Width of the features the tower of modality `name` outputs: `hidden_size`, or the last stage's channels

@@ -1,9 +1,19 @@
-"""Sharing trained models on the Hugging Face Hub (or any endpoint speaking its API)."""
+"""Sharing trained models on the Hugging Face Hub (or any endpoint speaking its API).
+
+One repository layout, whichever way a model is pushed: `push_to_hub(folder, repo_id)` (a saved run's output
+folder), `CalMRLModel.push_to_hub(repo_id)` (`push_model`), and the pushes during training that
+`TrainingArguments.hub_strategy` asks for (`CheckpointPusher`): weights, code, processor, the filled model card,
+training args and results; never training state (except a resumable `last-checkpoint/`) or tracker logs.
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
+import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .loading import PICKLE_SUFFIXES
@@ -11,8 +21,14 @@ from .loading import PICKLE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
-# Training-state folders and files that belong to a run, not to the shared model.
-EXCLUDED_PATTERNS = ["checkpoints/**", "runs/**", "logs/**", "*.pkl", "optimizer*", "scheduler*", "random_states*"]
+# The accelerate tracker project of the training loop: its logs live in output_dir/<TRACKER_PROJECT>/.
+TRACKER_PROJECT = "calmrl"
+# Training-state folders and files that belong to a run, not to the shared model (nor tracker logs).
+EXCLUDED_PATTERNS = ["checkpoints/**", "runs/**", "logs/**", f"{TRACKER_PROJECT}/**", "*events.out.tfevents*",
+                     "*.pkl", "optimizer*", "scheduler*", "random_states*"]
+# Where `hub_strategy="checkpoint"` puts the latest resumable checkpoint in the repository (as Trainer does).
+LAST_CHECKPOINT = "last-checkpoint"
+HUB_STRATEGIES = ("end", "every_save", "checkpoint")
 
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"  # the repo's model_card.md
@@ -75,31 +91,144 @@ def write_model_card(output_dir: str | Path, *, repo_id: str | None = None, metr
     return card
 
 
+def shareable_files(folder: Path) -> list[str]:
+    """The files of a saved model folder that a push uploads (relative paths): all but `EXCLUDED_PATTERNS`."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in EXCLUDED_PATTERNS)]
+
+
+def _check_shareable(folder: Path) -> list[str]:
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} has no config.json: save the model with save_pretrained first.")
+    files = shareable_files(folder)
+    pickles = [f for f in files if Path(f).suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise ValueError(f"Refusing to upload pickle files {pickles[:5]} from {folder}: share safetensors only "
+                         f"(remove them or save with safe_serialization).")
+    return files
+
+
+def _commit(api, folder: Path, repo_id: str, files: list[str], message: str, revision: str | None,
+            extra: dict[str, Path] | None = None) -> str:
+    """ONE commit of `files` of `folder` plus `extra` {path in repo: local file}; returns the commit URL."""
+    from huggingface_hub import CommitOperationAdd
+
+    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+    operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                   for name, path in (extra or {}).items()]
+    commit = api.create_commit(repo_id=repo_id, operations=operations, commit_message=message, revision=revision)
+    return commit.commit_url
+
+
 def push_to_hub(output_dir: str | Path, repo_id: str, *, token: str | None = None, endpoint: str | None = None,
                 private: bool = False, commit_message: str = "Upload CalMRL model",
                 revision: str | None = None) -> str:
     """Upload a saved model folder (weights, config, custom code, processor, card, training args) in ONE commit.
 
     Refuses folders without `config.json` or with pickle files (`.bin`, `.pt`, ...): checkpoints are shared as
-    safetensors only. Training-state subfolders (`checkpoints/`, optimizer / RNG states) are left out. Returns
-    the commit URL.
+    safetensors only. Training-state subfolders (`checkpoints/`, optimizer / RNG states) and tracker logs are left
+    out. Returns the commit URL.
     """
     from huggingface_hub import HfApi
 
     folder = Path(output_dir)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} has no config.json: save the model with save_pretrained first.")
-    pickles = [str(p.relative_to(folder)) for p in folder.rglob("*")
-               if p.suffix in PICKLE_SUFFIXES and not p.relative_to(folder).parts[0] == "checkpoints"]
-    if pickles:
-        raise ValueError(f"Refusing to upload pickle files {pickles[:5]} from {folder}: share safetensors only "
-                         f"(remove them or save with safe_serialization).")
+    files = _check_shareable(folder)
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-                               revision=revision, ignore_patterns=EXCLUDED_PATTERNS)
-    logger.info("Pushed %s to %s: %s", folder, repo_id, commit.commit_url)
-    return commit.commit_url
+    url = _commit(api, folder, repo_id, files, commit_message, revision)
+    logger.info("Pushed %s to %s: %s", folder, repo_id, url)
+    return url
 
 
-__all__ = ["push_to_hub", "write_model_card"]
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def stage_model(model, folder: Path, repo_id: str, *, processor=None, metrics: dict | None = None,
+                training_args: dict | None = None, from_source: bool = True) -> Path:
+    """Write into `folder` what a push of `model` uploads: with `from_source`, the shareable files of the folder it
+    was loaded from (processor, training args and results); its weights, config and code, the processor, and the
+    card filled for `repo_id` from the run's metrics and arguments (given, or recorded in those files)."""
+    source = Path(str(getattr(model, "name_or_path", "") or ""))
+    if from_source and source.is_dir() and (source / "config.json").is_file():
+        for name in shareable_files(source):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, folder / name)
+    model.save_pretrained(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    if training_args is not None:
+        (folder / "training_args.json").write_text(json.dumps(training_args, indent=2, default=str))
+    recorded = _read_json(folder / "train_results.json") or {}
+    write_model_card(folder, repo_id=repo_id, training_args=training_args or _read_json(folder / "training_args.json"),
+                     metrics=metrics if metrics is not None else {k: v for k, v in recorded.items()
+                                                                  if isinstance(v, (int, float)) and "R@" in k})
+    return folder
+
+
+def push_model(model, repo_id: str, *, processor=None, metrics: dict | None = None,
+               training_args: dict | None = None, token: str | None = None, endpoint: str | None = None,
+               private: bool = False, commit_message: str = "Upload CalMRL model", revision: str | None = None) -> str:
+    """`CalMRLModel.push_to_hub`: the repository `push_to_hub(folder)` makes of the folder the model was loaded
+    from (`stage_model`), in one commit. Returns the commit URL."""
+    with tempfile.TemporaryDirectory() as staging:
+        folder = stage_model(model, Path(staging), repo_id, processor=processor, metrics=metrics,
+                             training_args=training_args)
+        return push_to_hub(folder, repo_id, token=token, endpoint=endpoint, private=private,
+                           commit_message=commit_message, revision=revision)
+
+
+class CheckpointPusher:
+    """Pushes during training, as Trainer's `hub_strategy` does: `"every_save"` uploads the model at each
+    checkpoint, `"checkpoint"` also the checkpoint itself under `last-checkpoint/` (a run resumes from it on another
+    machine). The model is staged at once (its state at that step); the upload runs in a background thread, so the
+    training step does not wait. While an upload is in flight, later checkpoints are not pushed (Trainer's rule).
+    """
+
+    def __init__(self, repo_id: str, strategy: str, *, processor=None, token: str | None = None,
+                 endpoint: str | None = None, private: bool = False):
+        from huggingface_hub import HfApi
+
+        if strategy not in HUB_STRATEGIES[1:]:
+            raise ValueError(f"CheckpointPusher pushes for hub_strategy 'every_save' or 'checkpoint', got "
+                             f"{strategy!r}.")
+        self.repo_id, self.strategy, self.processor = repo_id, strategy, processor
+        self.api = HfApi(endpoint=endpoint, token=token)
+        self.api.create_repo(repo_id, private=private, exist_ok=True)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calmrl-hub")
+        self.in_flight: Future | None = None
+
+    def push(self, model, checkpoint_dir: str | Path, step: int, training_args: dict | None = None) -> Future | None:
+        """Stage the model (and, for `"checkpoint"`, the checkpoint folder) and upload it in the background; None
+        when an earlier upload is still running (this checkpoint is then not pushed)."""
+        if self.in_flight is not None and not self.in_flight.done():
+            logger.info("Hub upload still in progress: checkpoint %d is not pushed.", step)
+            return None
+        staging = Path(tempfile.mkdtemp(prefix="calmrl-push-"))
+        # mid-run: no evaluation yet, and the folder the model was loaded from (an earlier stage) is not this run
+        stage_model(model, staging, self.repo_id, processor=self.processor, metrics={}, training_args=training_args,
+                    from_source=False)
+        files = _check_shareable(staging)
+        extra = {}
+        if self.strategy == "checkpoint":  # the whole training state, pickles of the optimizer included
+            checkpoint = Path(checkpoint_dir)
+            extra = {f"{LAST_CHECKPOINT}/{p.relative_to(checkpoint).as_posix()}": p
+                     for p in sorted(checkpoint.rglob("*")) if p.is_file()}
+        message = f"Training in progress, step {step}"
+        self.in_flight = self.executor.submit(self._upload, staging, files, message, extra)
+        return self.in_flight
+
+    def _upload(self, staging: Path, files: list[str], message: str, extra: dict) -> str:
+        try:
+            return _commit(self.api, staging, self.repo_id, files, message, None, extra)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def wait(self) -> None:
+        """Block until the upload in flight (if any) is done; raises its error."""
+        if self.in_flight is not None:
+            self.in_flight.result()
+
+
+__all__ = ["CheckpointPusher", "EXCLUDED_PATTERNS", "HUB_STRATEGIES", "LAST_CHECKPOINT", "TRACKER_PROJECT",
+           "push_model", "push_to_hub", "shareable_files", "stage_model", "write_model_card"]

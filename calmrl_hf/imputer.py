@@ -175,6 +175,18 @@ class PPCAImputer(nn.Module):
     def extra_repr(self) -> str:
         return f"num_modalities={self.num_modalities}, dim={self.dim}, latent_dim={self.latent_dim}"
 
+    def _apply(self, fn, recurse: bool = True):
+        """`module.to(device)` moves the buffers; a dtype change (`model.to(torch.bfloat16)`, `model.half()`) is
+        ignored: closed-form statistics in bf16 lose the precision the imputation needs, so they stay float32."""
+
+        def same_dtype(tensor: torch.Tensor) -> torch.Tensor:
+            moved = fn(tensor)
+            if moved.dtype != tensor.dtype and tensor.is_floating_point():
+                return tensor.to(device=moved.device)  # from the original: no round trip through the new dtype
+            return moved
+
+        return super()._apply(same_dtype, recurse)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Prior state: small random W (seeded), zero mean, `init_noise_var`, nothing fitted."""

@@ -14,8 +14,10 @@ import torch
 from .validation import check_modality_mask
 
 
-# Inputs whose values are ids or masks, not features: they are never checked for NaN.
+# Inputs whose values are ids or masks, not features: they are never checked for NaN nor cast.
 _INTEGER_LIKE_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+# Keyword arguments of transformers towers that ask for more outputs (`TransformersKwargs`), passed through.
+TOWER_OUTPUT_FLAGS = ("output_hidden_states", "output_attentions")
 
 
 def group_inputs(modalities: Sequence[str], modality_inputs: dict[str, torch.Tensor]) -> dict[str, dict]:
@@ -78,6 +80,61 @@ def resolve_modality_mask(modalities: Sequence[str], grouped: dict[str, dict],
     return modality_mask
 
 
+def split_tower_flags(inputs: dict) -> tuple[dict, dict]:
+    """(inputs without them, the `TOWER_OUTPUT_FLAGS` among keyword arguments `inputs`)."""
+    flags = {key: inputs[key] for key in TOWER_OUTPUT_FLAGS if inputs.get(key) is not None}
+    return {key: value for key, value in inputs.items() if key not in TOWER_OUTPUT_FLAGS}, flags
+
+
+def feature_inputs(name: str, modalities: Sequence[str], given: dict, accepted: frozenset[str]):
+    """(tower inputs, tower flags) of modality `name` from the keyword arguments of a `get_*_features` call.
+
+    Inputs are the tower's own names (`input_ids`, as a tokenizer returns them) or prefixed with the modality
+    (`text_input_ids`, as the processor returns them); other modalities' prefixed inputs are left aside (one
+    processor batch may hold several) and `modality_mask`, when given, must mark as many rows as the inputs have.
+    A name that is neither, or that the tower does not take (`accepted`), is an error.
+    """
+    given, flags = split_tower_flags(given)
+    modality_mask = given.pop("modality_mask", None)
+    by_length = sorted(modalities, key=len, reverse=True)
+    inputs: dict[str, torch.Tensor] = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        owner = next((m for m in by_length if key.startswith(m + "_") and key[len(m) + 1:] in accepted), None)
+        if key in accepted:
+            field = key
+        elif owner == name:
+            field = key[len(name) + 1:]
+        elif owner is not None or any(key.startswith(m + "_") for m in modalities if m != name):
+            continue  # another modality's input
+        else:
+            raise ValueError(f"Unknown input {key!r} for modality {name!r}: its tower takes {sorted(accepted)} (also "
+                             f"as '{name}_<field>').")
+        if field in inputs:
+            raise ValueError(f"Input {field!r} of modality {name!r} is given twice (as {field!r} and "
+                             f"'{name}_{field}').")
+        inputs[field] = value
+    if not inputs:
+        raise ValueError(f"No inputs given for modality {name!r}: pass its tower's inputs ({sorted(accepted)}) or the "
+                         f"processor's '{name}_<field>' ones.")
+    if modality_mask is not None:
+        check_modality_mask(modality_mask, len(modalities), context=f" (modalities {list(modalities)})")
+        expected, rows = int(modality_mask[:, list(modalities).index(name)].sum()), next(iter(inputs.values())).shape[0]
+        if expected != rows:
+            raise ValueError(f"modality_mask marks {expected} rows as observing {name!r} but its inputs have {rows}.")
+    return inputs, flags
+
+
+def cast_features(inputs: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Floating-point features (pixel values, waveforms, spectrograms) in the tower's `dtype`; ids and masks as
+    they are."""
+    if dtype is None:
+        return inputs
+    return {field: value.to(dtype) if torch.is_floating_point(value) and field not in _INTEGER_LIKE_FIELDS else value
+            for field, value in inputs.items()}
+
+
 def check_feature_inputs(name: str, inputs: dict[str, torch.Tensor]) -> None:
     """Some input for modality `name`, and no NaN or inf in its floating-point features."""
     if not inputs:
@@ -107,4 +164,5 @@ def check_finite_embeddings(name: str, projected: torch.Tensor) -> None:
     )
 
 
-__all__ = ["check_feature_inputs", "check_finite_embeddings", "group_inputs", "resolve_modality_mask"]
+__all__ = ["TOWER_OUTPUT_FLAGS", "cast_features", "check_feature_inputs", "check_finite_embeddings", "feature_inputs",
+           "group_inputs", "resolve_modality_mask", "split_tower_flags"]

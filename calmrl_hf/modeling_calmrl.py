@@ -16,24 +16,27 @@ Reference: Liu et al., "Calibrated Multimodal Representation Learning with Missi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils.generic import can_return_tuple
 
-from .alignment import OBJECTIVES, gram_singular_values
+from .alignment import OBJECTIVES, clamp_temperature, gram_singular_values
 from .configuration_calmrl import DEFAULT_MODALITIES, DEFAULT_SHARED_ENCODERS, CalMRLConfig
 from .feature_encoder import FeatureEncoderConfig, FeatureEncoderModel
 from .fusion import FusionEncoder
 from .imputer import PPCAImputer
 from .loading import load_strictly, load_tower
 from .lora import add_lora, freeze_lora_towers, is_lora_layer
-from .modality_inputs import check_feature_inputs, check_finite_embeddings, group_inputs, resolve_modality_mask
-from .towers import run_tower
+from .modality_features import CalMRLFeaturesMixin, CalMRLModalityOutput
+from .modality_inputs import group_inputs, resolve_modality_mask, split_tower_flags
+from .towers import build_towers, towers_support
 from .validation import check_embeddings
 
 
@@ -63,6 +66,13 @@ class CalMRLOutput(ModelOutput):
             Singular values of each instance's d x k matrix of aligned columns, descending (0 for unused columns).
         anchor_embeddings (`torch.FloatTensor` of shape `[B, D]`):
             Leading left singular vector of each instance (the "anchor" all its modalities align to).
+        logit_scale (`torch.FloatTensor` of shape `()`): log of the inverse temperature, as CLIP's.
+        logits_per_<a>_<b> (`torch.FloatTensor` of shape `[n_a, n_b]`): for every ordered pair of modalities
+            observed in the batch, `exp(logit_scale)` x the cosine similarities between the n_a observed rows of
+            `a` and the n_b observed rows of `b`, in batch order (`logits_per_text_vision`, `logits_per_vision_text`
+            = its transpose, ...). Set as keys of the output, like its fields.
+        <modality>_model_output (`CalMRLModalityOutput`): each embedded modality's tower outputs (hidden states and
+            attentions with `output_hidden_states` / `output_attentions`), like CLIP's `text_model_output`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -74,6 +84,20 @@ class CalMRLOutput(ModelOutput):
     aligned_mask: torch.BoolTensor | None = None
     singular_values: torch.FloatTensor | None = None
     anchor_embeddings: torch.FloatTensor | None = None
+    logit_scale: torch.FloatTensor | None = None
+
+    def __init__(self, outputs: dict | None = None, **named):
+        # the fields, then the keys named after the modalities (`logits_per_<a>_<b>`, `<modality>_model_output`);
+        # rebuilt from a dict by DDP / torch's pytree (`CalMRLOutput(**output)`) and accelerate (`CalMRLOutput(output)`)
+        outputs = {**(outputs or {}), **named}
+        for field in fields(self):
+            self.__dict__[field.name] = outputs.pop(field.name, None)
+        self.__post_init__()
+        for key, value in outputs.items():
+            self[key] = value
+
+    def to_tuple(self) -> tuple:
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
 
 
 @dataclass
@@ -106,13 +130,26 @@ class CalMRLPreTrainedModel(PreTrainedModel):
     base_model_prefix = "calmrl"
     main_input_name = "modality_mask"
     supports_gradient_checkpointing = True
-    _supports_sdpa = True
     # The PPCA parameters are closed-form statistics that bf16 would destroy. `_keep_in_fp32_modules` acts only
     # for fp16; the strict variant keeps them float32 under bf16 too (it also makes the module's integer buffers
     # float32, which is why the imputer's bookkeeping buffers are float).
     _keep_in_fp32_modules_strict = ["imputer"]
     # Checkpoints saved before the imputer dropped its write-only `num_observed` buffer still load.
     _keys_to_ignore_on_load_unexpected = [r"^imputer\.num_observed$"]
+
+    # The attention implementations a CalMRL model supports are those all its towers support (the model has no
+    # attention of its own but the matching head's, which runs on torch's scaled_dot_product_attention).
+    @property
+    def _supports_sdpa(self) -> bool:
+        return towers_support(self.config, "_supports_sdpa")
+
+    @property
+    def _supports_flash_attn(self) -> bool:
+        return towers_support(self.config, "_supports_flash_attn")
+
+    @property
+    def _supports_flex_attn(self) -> bool:
+        return towers_support(self.config, "_supports_flex_attn")
 
     def _init_weights(self, module):
         if getattr(module, "_fusion_init", False):
@@ -148,14 +185,19 @@ class CalMRLPreTrainedModel(PreTrainedModel):
         return (model, info) if output_loading_info else model
 
 
-class CalMRLModel(CalMRLPreTrainedModel):
-    """Towers for each modality, a projection head each, the PPCA imputer and the alignment objective."""
+class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
+    """Towers for each modality, a projection head each, the PPCA imputer and the alignment objective; the CLIP-style
+    `get_text_features` / `get_image_features` / `get_audio_features` come from `CalMRLFeaturesMixin`."""
 
-    def __init__(self, config: CalMRLConfig):
+    def __init__(self, config: CalMRLConfig, encoders: dict[str, PreTrainedModel] | None = None):
+        r"""
+        encoders (`dict[str, PreTrainedModel]`, *optional*): towers to use as they are (e.g. pretrained ones,
+            as `from_encoders` passes them), by the modality they encode; the others are built from their configs.
+        """
         super().__init__(config)
-        self.encoders = nn.ModuleDict(
-            {name: AutoModel.from_config(config.get_encoder_config(name)) for name in config.encoder_configs}
-        )
+        self.encoders = build_towers(config, encoders or {})
+        # device_map="auto" must not split a tower's layers either
+        self._no_split_modules = {m for tower in self.encoders.values() for m in (tower._no_split_modules or [])}
         self.projections = nn.ModuleDict(
             {
                 name: nn.Linear(config.get_encoder_width(name), config.projection_dim, bias=False)
@@ -184,6 +226,18 @@ class CalMRLModel(CalMRLPreTrainedModel):
                                         config.modalities, caption)
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The text tower's token embeddings (the tower of `text`, or else of the anchor modality): what peft's
+        `enable_input_require_grads` hooks for LoRA with gradient checkpointing."""
+        return self._text_tower().get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self._text_tower().set_input_embeddings(value)
+
+    def _text_tower(self) -> PreTrainedModel:
+        text = "text" if "text" in self.config.modalities else self.config.anchor_modality
+        return self.encoders[self.config.encoder_owner(text)]
+
     # ------------------------------------------------------------------ construction from towers
     @classmethod
     def from_encoders(
@@ -193,12 +247,13 @@ class CalMRLModel(CalMRLPreTrainedModel):
         shared_encoders: dict[str, str] | None = None,
         **kwargs,
     ) -> "CalMRLModel":
-        """Build a CalMRLModel around pretrained towers.
+        """Build a CalMRLModel around pretrained towers, kept as they are (transformers' VisionTextDualEncoder idiom).
 
         Keyword arguments named after a modality give its tower: a local folder or Hub repo id (loaded with
         `AutoModel.from_pretrained`), a `PreTrainedModel` (e.g. `CLIPVisionModel.from_pretrained(...)` for a
         composite checkpoint), or a config (randomly initialised tower). Every other keyword argument goes to
         `CalMRLConfig`. Without `modalities`, the default modalities whose tower is given (or shared) are used.
+        Each tower's config object becomes the model config's (`config.text_config is model.encoders["text"].config`).
 
         ```python
         >>> model = CalMRLModel.from_encoders(text="sentence-transformers/all-MiniLM-L6-v2", vision=vit_folder)
@@ -213,7 +268,7 @@ class CalMRLModel(CalMRLPreTrainedModel):
             shared_encoders = {m: t for m, t in DEFAULT_SHARED_ENCODERS.items() if t in towers and m in known}
         if modalities is None:
             modalities = [m for m in DEFAULT_MODALITIES if m in towers or m in shared_encoders]
-        lora = kwargs.pop("lora", None)  # injected after the pretrained weights are in (keys change, B = 0)
+        lora = kwargs.pop("lora", None)  # injected once the pretrained towers are in (keys change, B = 0)
         loaded = {name: load_tower(name, spec) for name, spec in towers.items()}
         config = CalMRLConfig(
             modalities=modalities,
@@ -223,37 +278,29 @@ class CalMRLModel(CalMRLPreTrainedModel):
             shared_encoders=shared_encoders,
             **kwargs,
         )
-        model = cls(config)
-        for name, tower in loaded.items():
-            if isinstance(tower, PreTrainedModel):
-                model.encoders[name].load_state_dict(tower.state_dict())
+        model = cls(config, encoders={name: t for name, t in loaded.items() if isinstance(t, PreTrainedModel)})
         if lora is not None:
             model.config.lora = lora
             model.config._validate_calmrl()
             add_lora(model.encoders, lora)  # peft starts each adapter at B = 0: the tower is unchanged until trained
         return model
 
-    # ------------------------------------------------------------------ one modality
-    def get_modality_features(self, name: str, **inputs: torch.Tensor) -> torch.Tensor:
-        """Unit-norm embeddings [n, D] of one modality, in the manner of CLIP's `get_text_features`.
-
-        ```python
-        >>> text_embeds = model.get_modality_features("text", input_ids=ids, attention_mask=mask)
-        >>> video_embeds = model.get_modality_features("vision", pixel_values=frames)  # [n, T, C, H, W]
-        ```
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload the model as `calmrl_hf.hub.push_to_hub` uploads a saved run: weights, code, the processor (the
+        `processor=` given, or the one saved next to the checkpoint it was loaded from), the model card filled for
+        `repo_id`, training args; one commit. Keyword arguments: those of `calmrl_hf.hub.push_model` (`processor`,
+        `metrics`, `training_args`, `token`, `endpoint`, `private`, `commit_message`, `revision`).
         """
-        return self._embed_modality(name, inputs)[0]
+        try:  # the card template ships with the package; remote code without it pushes as transformers does
+            from calmrl_hf.hub import push_model
+        except ImportError:
+            return super().push_to_hub(repo_id, **kwargs)
+        return push_model(self, repo_id, **kwargs)
 
-    def _embed_modality(self, name: str, inputs: dict[str, torch.Tensor]):
-        """(unit-norm embeddings [n, D], token states [n, L, H], token mask [n, L]) of one modality's n rows: its
-        tower (`towers.run_tower`, pooled as `config.pooling[name]` says), then its projection head."""
-        self.config.modality_index(name)
-        check_feature_inputs(name, inputs)
-        tower = self.encoders[self.config.encoder_owner(name)]
-        pooled, tokens, token_mask = run_tower(tower, self.config.pooling[name], name, inputs)
-        projected = self.projections[name](pooled)  # [n, D]
-        check_finite_embeddings(name, projected)
-        return F.normalize(projected, dim=-1), tokens, token_mask
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """log(1 / temperature), the temperature clamped as the objectives clamp it: CLIP's `logit_scale`."""
+        return -torch.log(clamp_temperature(self.temperature))
 
     # ------------------------------------------------------------------ step 1: embed
     def embed_modalities(
@@ -267,22 +314,30 @@ class CalMRLModel(CalMRLPreTrainedModel):
         for all rows. Returns `(embeddings [B, k, D], modality_mask [B, k])`, zeros in missing slots, and with
         `return_tokens` a third element: {modality: (token states [n_m, L, H], token mask [n_m, L])}.
         """
+        embeddings, modality_mask, outputs = self._embed_batch(modality_mask, modality_inputs)
+        if not return_tokens:
+            return embeddings, modality_mask
+        tokens = {name: (out.last_hidden_state, out.token_mask) for name, out in outputs.items()}
+        return embeddings, modality_mask, tokens
+
+    def _embed_batch(self, modality_mask: torch.Tensor | None, modality_inputs: dict):
+        """(unit-norm embeddings [B, k, D], modality_mask [B, k], {modality: CalMRLModalityOutput}) of a batch."""
+        modality_inputs, tower_flags = split_tower_flags(modality_inputs)
         grouped = group_inputs(self.config.modalities, modality_inputs)
         modality_mask = resolve_modality_mask(self.config.modalities, grouped, modality_mask)
         batch_size = modality_mask.shape[0]
         embeddings = None
-        tokens = {}
+        outputs: dict[str, CalMRLModalityOutput] = {}
         for name, inputs in grouped.items():
             index = self.config.modality_index(name)
-            features, states, state_mask = self._embed_modality(name, inputs)  # [n_m, D], [n_m, L, H], [n_m, L]
-            if return_tokens:
-                tokens[name] = (states, state_mask)
+            outputs[name] = self._run_modality(name, inputs, tower_flags)
+            features = F.normalize(outputs[name].pooler_output, dim=-1)  # [n_m, D]
             if embeddings is None:
                 embeddings = features.new_zeros(batch_size, self.config.num_modalities, self.config.projection_dim)
             rows = modality_mask[:, index].nonzero().squeeze(1).to(features.device)
             column = torch.full_like(rows, index)
             embeddings = embeddings.index_put((rows, column), features)  # [B, k, D], observed rows of modality
-        return (embeddings, modality_mask, tokens) if return_tokens else (embeddings, modality_mask)
+        return embeddings, modality_mask, outputs
 
     # ------------------------------------------------------------------ step 2: impute
     def impute_missing(
@@ -378,38 +433,42 @@ class CalMRLModel(CalMRLPreTrainedModel):
         """
         if self.fusion is None:
             raise ValueError("This model has no matching head: set fusion_num_layers > 0 in its config.")
-        _, caption_states, caption_mask = self._embed_modality(self.config.matching_modality, caption_inputs)
-        tokens = {name: self._embed_modality(name, inputs)[1:] for name, inputs in condition_inputs.items()}
-        return self.fusion.match_probability(caption_states, caption_mask, tokens)
+        caption = self._run_modality(self.config.matching_modality, caption_inputs, {})
+        conditions = {name: self._run_modality(name, inputs, {}) for name, inputs in condition_inputs.items()}
+        tokens = {name: (out.last_hidden_state, out.token_mask) for name, out in conditions.items()}
+        return self.fusion.match_probability(caption.last_hidden_state, caption.token_mask, tokens)
 
+    @can_return_tuple
     def forward(
         self,
         modality_mask: torch.Tensor | None = None,
-        return_loss: bool = True,
+        return_loss: bool | None = None,
         imputer_update_fn: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-        **modality_inputs: torch.Tensor,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CalMRLOutput:
         r"""
         Args:
             modality_mask (`torch.BoolTensor` of shape `[B, k]`, *optional*):
                 True where row b observes modality m (order: `config.modalities`). Defaults to all given modalities
                 observed for every row.
-            return_loss (`bool`, *optional*, defaults to `True`): compute the alignment loss.
+            return_loss (`bool`, *optional*): compute the alignment loss (as CLIP's `return_loss`, none unless
+                asked; the training loop asks).
             imputer_update_fn (`Callable`, *optional*):
                 Called with the detached embeddings [B, k, D] and the mask before imputation: the imputer step of
                 CalMRL's bi-step (the training loop passes one that accumulates statistics and runs the M-step).
-            **modality_inputs: `{modality}_{field}` tensors holding the observed rows of each modality, e.g.
+            **kwargs: `{modality}_{field}` tensors holding the observed rows of each modality, e.g.
                 `text_input_ids`, `text_attention_mask`, `vision_pixel_values` ([n, C, H, W] or video
-                [n, T, C, H, W]), `audio_input_values`.
+                [n, T, C, H, W]), `audio_input_values`; and `output_hidden_states` / `output_attentions` for the
+                towers (in `<modality>_model_output`), `return_dict`.
 
         ```python
-        >>> out = model(modality_mask=mask, text_input_ids=ids, text_attention_mask=att, vision_pixel_values=px)
+        >>> out = model(**processor(text=["a dog barks", "a cat"], vision=[video_1, video_2]), return_loss=True)
         >>> out.loss.backward()
+        >>> out.logits_per_text_vision.softmax(dim=1)   # [2 texts, 2 videos]
         ```
         """
-        with_matching = return_loss and self.fusion is not None and self.config.matching_weight > 0
-        embeddings, modality_mask, *tokens = self.embed_modalities(modality_mask, return_tokens=with_matching,
-                                                                   **modality_inputs)
+        with_matching = bool(return_loss) and self.fusion is not None and self.config.matching_weight > 0
+        embeddings, modality_mask, tower_outputs = self._embed_batch(modality_mask, kwargs)
         if imputer_update_fn is not None:
             imputer_update_fn(embeddings.detach(), modality_mask)
         imputed, aligned_mask = self.impute_missing(embeddings, modality_mask,
@@ -419,20 +478,21 @@ class CalMRLModel(CalMRLPreTrainedModel):
         if return_loss:
             loss = alignment = self.alignment_loss(imputed, aligned_mask)
             if with_matching:  # on observed modalities only (imputed embeddings have no tokens)
-                matching = self.matching_step(embeddings, modality_mask, tokens[0])
+                tokens = {name: (out.last_hidden_state, out.token_mask) for name, out in tower_outputs.items()}
+                matching = self.matching_step(embeddings, modality_mask, tokens)
                 if matching is not None:
                     loss = alignment + self.config.matching_weight * matching
-        return CalMRLOutput(
-            loss=loss,
-            alignment_loss=alignment,
-            matching_loss=matching,
-            embeddings=embeddings,
-            modality_mask=modality_mask,
-            imputed_embeddings=imputed,
-            aligned_mask=aligned_mask,
-            singular_values=singular_values,
-            anchor_embeddings=anchor_embeddings,
-        )
+        logit_scale = self.logit_scale
+        columns = {name: self.config.modality_index(name) for name in tower_outputs}
+        observed = {name: embeddings[modality_mask[:, i], i] for name, i in columns.items()}  # [n_m, D] each
+        # CLIP's logits_per_text: exp(logit_scale) <text, image>, here for every ordered pair of observed modalities
+        logits = {f"logits_per_{a}_{b}": logit_scale.exp() * observed[a] @ observed[b].T  # [n_a, n_b]
+                  for a in observed for b in observed if a != b}
+        return CalMRLOutput(loss=loss, alignment_loss=alignment, matching_loss=matching, embeddings=embeddings,
+                            modality_mask=modality_mask, imputed_embeddings=imputed, aligned_mask=aligned_mask,
+                            singular_values=singular_values, anchor_embeddings=anchor_embeddings,
+                            logit_scale=logit_scale, **logits,
+                            **{f"{name}_model_output": out for name, out in tower_outputs.items()})
 
 
 __all__ = ["CalMRLEncoding", "CalMRLModel", "CalMRLOutput", "CalMRLPreTrainedModel"]

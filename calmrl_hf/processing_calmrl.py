@@ -5,8 +5,9 @@
 [B, k] (bool, in the processor's modality order): exactly what `CalMRLModel.forward` takes. A modality absent from
 the whole batch has no keys, so towers never run on placeholder inputs.
 
-This module imports nothing from the rest of the package, so `save_pretrained` can copy it next to a checkpoint
-for `trust_remote_code=True` loading (see `register_auto_processor`).
+This module imports nothing from the rest of the package, and only the standard library, torch and transformers
+(arrays go through torch), so `save_pretrained` can copy it next to a checkpoint for `trust_remote_code=True`
+loading (see `register_auto_processor`). transformers' image processors need Pillow (or torchvision).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
 
@@ -77,8 +77,8 @@ def sample_frame_indices(num_available: int, num_frames: int) -> list[int]:
         raise ValueError(f"A video needs at least one frame, got num_available={num_available}.")
     if num_frames < 1:
         raise ValueError(f"num_frames must be positive, got {num_frames}.")
-    edges = np.linspace(0, num_available, num_frames + 1)
-    return [min(int((edges[i] + edges[i + 1]) / 2), num_available - 1) for i in range(num_frames)]
+    # centre of segment i of [0, num_available) cut in num_frames: (i + 1/2) * num_available / num_frames
+    return [min(int((2 * i + 1) * num_available / (2 * num_frames)), num_available - 1) for i in range(num_frames)]
 
 
 class CalMRLProcessor(ProcessorMixin):
@@ -257,7 +257,7 @@ class CalMRLProcessor(ProcessorMixin):
                              f"calmrl_hf.data.decode_audio(path, {expected})).")
         waves = []
         for item, row in zip(items, rows):
-            wave = np.asarray(item, dtype=np.float32)
+            wave = (item.detach() if isinstance(item, torch.Tensor) else torch.tensor(item)).float().numpy()
             if wave.ndim != 1 or wave.size == 0:
                 raise ValueError(f"Audio for {name!r}, row {row}: expected 1-D mono samples, got shape "
                                  f"{list(wave.shape)}.")
@@ -290,6 +290,20 @@ class CalMRLProcessor(ProcessorMixin):
         finally:
             del self.get_attributes
 
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, token: str | None = None,
+                    revision: str | None = None, create_pr: bool = False, private: bool | None = None, **kwargs) -> str:
+        """Upload the processor's files to `repo_id`, the same files the model's push holds. Unlike transformers'
+        default, no README: a generic card would replace the model's filled one."""
+        import tempfile
+
+        from transformers.utils.hub import hf_api
+
+        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return self._upload_modified_files(folder, repo_id, files_timestamps={}, commit_message=commit_message,
+                                               token=token, create_pr=create_pr, revision=revision)
+
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         processor_dict = processor_dict or {}
@@ -310,13 +324,15 @@ def _is_video(item) -> bool:
     return getattr(item, "ndim", None) == 4
 
 
-def _as_image(item, name: str, row: int) -> np.ndarray:
+def _as_image(item, name: str, row: int):
     """An image as an array the image processor takes: [H, W, C] (grey [H, W] gets 3 channels); PIL passes as is."""
     if hasattr(item, "convert") and hasattr(item, "size"):  # PIL image
         return item
-    array = np.asarray(item)
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=-1)
+    array = torch.as_tensor(item) if isinstance(item, (list, tuple)) else item
+    if isinstance(array, torch.Tensor):
+        array = array.numpy()
+    if array.ndim == 2:  # grey: three equal channels
+        array = torch.tensor(array).unsqueeze(-1).repeat(1, 1, 3).numpy()
     if array.ndim != 3:
         raise ValueError(f"Modality {name!r}, row {row}: expected an image [H, W, C] (or a video [T, H, W, C] / a list "
                          f"of frames), got shape {list(array.shape)}.")

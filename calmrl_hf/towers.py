@@ -2,13 +2,49 @@
 
 Any transformers model is a tower: text (BERT-like), images and videos (ViT-like, or convolutional ResNet /
 ConvNext whose feature maps become position tokens), audio (AST, Wav2Vec2), precomputed features
-(`feature_encoder.FeatureEncoderModel`). Imports torch only: this file is copied into checkpoints as remote code.
+(`feature_encoder.FeatureEncoderModel`). Building the towers of a config lives here too. Imports torch and
+transformers only: this file is copied into checkpoints as remote code.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+
+
+def build_towers(config, given: dict[str, PreTrainedModel]) -> nn.ModuleDict:
+    """One tower per entry of `config.encoder_configs`: the `given` model, or one built from the config. Either
+    way the tower's config object and the CalMRL config's entry are one object afterwards, so that `dtype`,
+    `attn_implementation` and `set_attn_implementation` reach the tower through the CalMRL config."""
+    unknown = sorted(set(given) - set(config.encoder_configs))
+    if unknown:
+        raise ValueError(f"Towers given for {unknown}, which have no encoder config (towers: "
+                         f"{sorted(config.encoder_configs)}).")
+    towers = {}
+    for name, tower_config in config.encoder_configs.items():
+        tower = given.get(name)
+        if tower is None:
+            tower = AutoModel.from_config(tower_config)
+        elif not isinstance(tower, PreTrainedModel):
+            raise TypeError(f"The tower of {name!r} must be a PreTrainedModel, got {type(tower).__name__}.")
+        config.encoder_configs[name] = tower.config
+        towers[name] = tower
+    return nn.ModuleDict(towers)
+
+
+def tower_class(tower_config: PreTrainedConfig) -> type | None:
+    """The model class `AutoModel` builds for a tower config (None if it knows none)."""
+    mapping = AutoModel._model_mapping
+    return mapping[type(tower_config)] if type(tower_config) in mapping else None
+
+
+def towers_support(config, flag: str) -> bool:
+    """Whether every tower's model class has `flag` (e.g. `_supports_flash_attn`) set."""
+    classes = [tower_class(c) for c in config.encoder_configs.values()]
+    return bool(classes) and all(getattr(cls, flag, False) is True for cls in classes)
 
 
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -38,18 +74,20 @@ def pool(mode: str, name: str, tower: nn.Module, outputs, hidden: torch.Tensor,
     return masked_mean(hidden, attention_mask)
 
 
-def run_tower(tower: nn.Module, mode: str, name: str, inputs: dict[str, torch.Tensor]):
-    """Pooled features [n, H], token states [n, L, H] and their bool mask [n, L] of modality `name`'s tower.
+def run_tower(tower: nn.Module, mode: str, name: str, inputs: dict[str, torch.Tensor], **tower_kwargs):
+    """Pooled features [n, H], token states [n, L, H], their bool mask [n, L] and the tower's own outputs, for
+    modality `name`'s tower; `tower_kwargs` (`output_hidden_states`, `output_attentions`) go to the tower.
 
     A video [n, T, C, H, W] runs frame by frame: pooled features are averaged over its T frames, token states
-    are the T frames' tokens one after the other [n, T * L, H].
+    (and each of `hidden_states`) are the T frames' tokens one after the other [n, T * L, H]; `attentions` stay
+    per frame [n * T, heads, L, L].
     """
     pixel_values = inputs.get("pixel_values")
     num_frames = None
     if pixel_values is not None and pixel_values.dim() == 5:
         num_frames = pixel_values.shape[1]
         inputs = {**inputs, "pixel_values": pixel_values.flatten(0, 1)}  # [n * T, C, H, W]
-    outputs = tower(**inputs, return_dict=True)
+    outputs = tower(**inputs, **tower_kwargs, return_dict=True)
     attention_mask = inputs.get("attention_mask")
     tokens = outputs.last_hidden_state  # [n (* T), L, H]
     if tokens.dim() == 4:  # convolutional towers (ResNet, ConvNext): feature map [n, C, h, w] -> [n, h * w, C]
@@ -61,9 +99,25 @@ def run_tower(tower: nn.Module, mode: str, name: str, inputs: dict[str, torch.Te
         token_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
     if num_frames is not None:
         pooled = pooled.unflatten(0, (-1, num_frames)).mean(dim=1)  # mean over frames
-        tokens = tokens.unflatten(0, (-1, num_frames)).flatten(1, 2)  # [n, T * L, H]
-        token_mask = token_mask.unflatten(0, (-1, num_frames)).flatten(1, 2)
-    return pooled, tokens, token_mask
+        tokens, token_mask = (frames_as_tokens(t, num_frames) for t in (tokens, token_mask))  # [n, T * L, H]
+        if getattr(outputs, "hidden_states", None) is not None:
+            outputs.hidden_states = tuple(frames_as_tokens(h, num_frames) if h.dim() == 3 else h
+                                          for h in outputs.hidden_states)
+    return pooled, tokens, token_mask, outputs
 
 
-__all__ = ["masked_mean", "pool", "run_tower"]
+def tower_input_names(tower: nn.Module) -> frozenset[str]:
+    """The inputs a tower's `forward` names (`input_ids`, `pixel_values`, ...): transformers towers also take
+    `**kwargs`, which would swallow a misspelt input without a word."""
+    parameters = inspect.signature(tower.forward).parameters.values()
+    named = (p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return frozenset(name for name in named if name != "return_dict")
+
+
+def frames_as_tokens(per_frame: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """[n * T, L, ...] per-frame token tensors -> [n, T * L, ...] (the frames' tokens one after the other)."""
+    return per_frame.unflatten(0, (-1, num_frames)).flatten(1, 2)
+
+
+__all__ = ["build_towers", "frames_as_tokens", "masked_mean", "pool", "run_tower", "tower_class", "tower_input_names",
+           "towers_support"]

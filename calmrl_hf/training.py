@@ -40,6 +40,7 @@ from .configuration_calmrl import CalMRLConfig
 from .data.collator import model_inputs
 from .data.loaders import dataset_modalities
 from .evaluation import RetrievalRecall
+from .hub import TRACKER_PROJECT, CheckpointPusher
 from .imputer import PPCAStatistics
 from .modeling_calmrl import CalMRLModel
 from .training_args import CalMRLTrainingArguments, TrainingArguments
@@ -51,7 +52,7 @@ logger = get_logger(__name__)
 ARGUMENTS_OUTSIDE_THE_TRAJECTORY = frozenset({
     "output_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume_from_checkpoint",
     "allow_resume_changes", "report_to", "dataloader_num_workers", "use_cpu", "per_device_eval_batch_size",
-    "eval_pairs", "push_to_hub", "hub_model_id", "hub_endpoint", "hub_token", "hub_private_repo",
+    "eval_pairs", "push_to_hub", "hub_strategy", "hub_model_id", "hub_endpoint", "hub_token", "hub_private_repo",
 })
 
 
@@ -270,6 +271,7 @@ class _Run:
     state: _TrainState
     on_checkpoint: Callable[[int], None] | None
     manifest: dict[str, Any]  # what the run is (`run_manifest`): recorded in checkpoints, compared on resume
+    hub_pusher: CheckpointPusher | None = None  # pushes at each checkpoint (hub_strategy every_save / checkpoint)
     losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step (all processes)
     running_loss: torch.Tensor | None = None  # sum over the micro-batches of the current optimizer step
     running_count: int = 0
@@ -339,7 +341,7 @@ def prepare_run(accelerator: Accelerator, args: CalMRLTrainingArguments, model, 
     imputer_step = ImputerUpdater(accelerator.unwrap_model(model), accelerator, args)
     state = _TrainState()
     if args.report_to:
-        accelerator.init_trackers("calmrl", config={k: v for k, v in asdict(args).items()
+        accelerator.init_trackers(TRACKER_PROJECT, config={k: v for k, v in asdict(args).items()
                                                     if isinstance(v, (int, float, str, bool))})
     return _Run(accelerator, args, model, optimizer, scheduler, trainable, train_loader, eval_loader, warm_loader,
                 streaming, imputer_step, state, on_checkpoint, manifest,
@@ -428,6 +430,8 @@ def save_checkpoint(run: _Run) -> None:
     if accelerator.is_main_process:
         commit_checkpoint(staging, {"format": MANIFEST_FORMAT, "position": run.state.state_dict(), "run": run.manifest})
         prune_checkpoints(args.output_dir, args.save_total_limit)
+        if run.hub_pusher is not None:  # staged now, uploaded in the background
+            run.hub_pusher.push(accelerator.unwrap_model(run.model), folder, step, recorded_arguments(args))
     accelerator.wait_for_everyone()
     if run.on_checkpoint is not None:
         run.on_checkpoint(step)
@@ -501,7 +505,7 @@ def train_step(run: _Run, batch) -> bool:
     step. True when it completes an optimizer step (the last micro-batch of a gradient accumulation)."""
     accelerator, args = run.accelerator, run.args
     with accelerator.accumulate(run.model):
-        outputs = run.model(**model_inputs(batch), imputer_update_fn=run.imputer_step)
+        outputs = run.model(**model_inputs(batch), return_loss=True, imputer_update_fn=run.imputer_step)
         accelerator.backward(outputs.loss)
         if accelerator.sync_gradients and args.max_grad_norm:
             accelerator.clip_grad_norm_(run.trainable, args.max_grad_norm)
@@ -591,12 +595,14 @@ def finish(run: _Run, processor=None) -> dict[str, float]:
             processor.save_pretrained(args.output_dir)
         results = {"global_step": step, "final_loss": run.losses[-1] if run.losses else None, **metrics}
         Path(args.output_dir, "train_results.json").write_text(json.dumps(results, indent=2))
-        recorded_args = {k: v for k, v in asdict(args).items() if k != "hub_token"}  # never write the token
+        recorded_args = recorded_arguments(args)
         Path(args.output_dir, "training_args.json").write_text(json.dumps(recorded_args, indent=2, default=str))
         from .hub import write_model_card
 
         write_model_card(args.output_dir, repo_id=args.hub_model_id, metrics=metrics, training_args=recorded_args)
     accelerator.wait_for_everyone()
+    if run.hub_pusher is not None:
+        run.hub_pusher.wait()  # the last checkpoint's upload lands before the final model's
     if args.push_to_hub and accelerator.is_main_process:
         from .hub import push_to_hub  # only needed when pushing
 
@@ -605,6 +611,19 @@ def finish(run: _Run, processor=None) -> dict[str, float]:
     if args.report_to:
         accelerator.end_training()
     return metrics
+
+
+def recorded_arguments(args: TrainingArguments) -> dict[str, Any]:
+    """The training arguments as written to `training_args.json` and the model card (never the Hub token)."""
+    return {k: v for k, v in asdict(args).items() if k != "hub_token"}
+
+
+def build_hub_pusher(args: TrainingArguments, accelerator: Accelerator, processor=None) -> CheckpointPusher | None:
+    """The main process's `CheckpointPusher` for `hub_strategy` "every_save" / "checkpoint" (None otherwise)."""
+    if not args.push_to_hub or args.hub_strategy == "end" or not accelerator.is_main_process:
+        return None
+    return CheckpointPusher(args.hub_model_id, args.hub_strategy, processor=processor, token=args.hub_token,
+                            endpoint=args.hub_endpoint, private=args.hub_private_repo)
 
 
 def train(
@@ -635,15 +654,20 @@ def train(
     loaders = build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_fn, per_device, args)
     optimizer, scheduler = build_optimizer(model, args, accelerator.num_processes)
     run = prepare_run(accelerator, args, model, optimizer, scheduler, loaders, on_checkpoint)
-    resume_or_warm_start(run, per_device)
-    run_epochs(run)
-    metrics = finish(run, processor)
+    run.hub_pusher = build_hub_pusher(args, accelerator, processor)
+    try:
+        resume_or_warm_start(run, per_device)
+        run_epochs(run)
+        metrics = finish(run, processor)
+    finally:
+        if run.hub_pusher is not None:  # an upload in flight lands even when the run stops with an error
+            run.hub_pusher.wait()
     return TrainOutput(output_dir=args.output_dir, global_step=run.state.global_step, metrics=metrics,
                        losses=run.losses)
 
 
 __all__ = ["CalMRLTrainingArguments", "ImputerUpdater", "TrainOutput", "TrainingArguments", "build_accelerator",
-           "build_dataloaders", "build_optimizer", "dataset_modalities", "embed_dataset", "evaluate", "finish",
-           "freeze_modules", "latest_checkpoint", "load_checkpoint", "prepare_run", "resume_or_warm_start",
-           "run_epoch", "run_epochs", "run_manifest", "save_checkpoint", "train", "train_step", "validate_setup",
-           "warm_start_imputer"]
+           "build_dataloaders", "build_hub_pusher", "build_optimizer", "dataset_modalities", "embed_dataset",
+           "evaluate", "finish", "freeze_modules", "latest_checkpoint", "load_checkpoint", "prepare_run",
+           "recorded_arguments", "resume_or_warm_start", "run_epoch", "run_epochs", "run_manifest", "save_checkpoint",
+           "train", "train_step", "validate_setup", "warm_start_imputer"]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import InitVar, dataclass, fields
 from typing import Any
 
+from .hub import HUB_STRATEGIES
 from .validation import unknown_name_message
 
 
@@ -21,7 +22,7 @@ class CalMRLTrainingArguments:
     Where a field means what a field of transformers' `TrainingArguments` means, it has the same name (`output_dir`,
     `seed`, `max_steps`, `per_device_train_batch_size`, `per_device_eval_batch_size`, `gradient_accumulation_steps`,
     `learning_rate`, `weight_decay`, `lr_scheduler_type`, `warmup_steps`, `max_grad_norm`, `logging_steps`,
-    `save_total_limit`, `dataloader_num_workers`, `use_cpu`, `report_to`, `push_to_hub`, `hub_model_id`,
+    `save_total_limit`, `dataloader_num_workers`, `use_cpu`, `report_to`, `push_to_hub`, `hub_model_id`, `hub_strategy`,
     `hub_token`, `hub_private_repo`). These differ from Trainer's:
 
     - `train_batch_size`: the global batch (per device x processes x accumulation) to check, when given; Trainer's
@@ -72,6 +73,7 @@ class CalMRLTrainingArguments:
     dataloader_num_workers: int = 0
     push_to_hub: bool = False  # upload the final model to `hub_model_id`
     hub_model_id: str | None = None  # repo id
+    hub_strategy: str = "end"  # "end" | "every_save" (the model at each checkpoint) | "checkpoint" (+ last-checkpoint/)
     hub_endpoint: str | None = None
     hub_token: str | None = None
     hub_private_repo: bool = False
@@ -124,6 +126,8 @@ class CalMRLTrainingArguments:
         for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.hub_strategy not in HUB_STRATEGIES:
+            raise ValueError(f"hub_strategy = {self.hub_strategy!r}; expected one of {HUB_STRATEGIES}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub=True needs hub_model_id (the repo id to upload to).")
         if isinstance(self.allow_resume_changes, str):

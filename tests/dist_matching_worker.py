@@ -36,7 +36,7 @@ def main(out_path: str) -> None:
     rows = 4 if rank == 0 else 6  # unequal batches: the pool is padded
     mask = torch.ones(rows, 4, dtype=torch.bool)
     mask[1, 1] = False
-    out = model(**tiny_batch(mask, seed=rank))
+    out = model(**tiny_batch(mask, seed=rank), return_loss=True)
     out.loss.backward()
     finite = bool(torch.isfinite(out.matching_loss)) and all(
         torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -12,7 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeHub:
-    def __init__(self):
+    """`gate`: while it is given and not set, commits wait (to observe uploads in flight)."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.gate = gate
         self.repos: set[str] = set()
         self.commits: list[dict] = []  # {"repo", "revision", "summary", "files": {path: bytes}}
         self.requests: list[str] = []
@@ -52,6 +55,8 @@ class FakeHub:
                                                         "shouldIgnore": False} for f in files]})
                 if len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] == "commit":
                     repo = f"{parts[2]}/{parts[3]}"
+                    if hub.gate is not None:
+                        hub.gate.wait(timeout=60)
                     if repo not in hub.repos:
                         return self._reply(404, {"error": f"Repository {repo} not found"})
                     commit = {"repo": repo, "revision": parts[5], "files": {}}
@@ -78,6 +83,20 @@ class FakeHub:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         return self
+
+    def snapshot(self, repo: str, folder, prefix: str = "") -> None:
+        """Download: write the repository's files under `prefix` (latest version of each) into `folder`."""
+        from pathlib import Path
+
+        latest = {}
+        for commit in self.commits:
+            if commit["repo"] == repo:
+                latest.update(commit["files"])
+        for path, content in latest.items():
+            if path.startswith(prefix):
+                target = Path(folder) / path[len(prefix):].lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
 
     def __exit__(self, *exc) -> None:
         self.server.shutdown()

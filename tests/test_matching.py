@@ -28,7 +28,7 @@ def test_hard_negatives_never_include_the_positive_and_follow_similarity():
 
 def test_matching_term_is_added_with_its_weight_and_reaches_fusion_and_towers():
     model = matching_model().train()
-    out = model(**tiny_batch(MIXED_MASK))
+    out = model(**tiny_batch(MIXED_MASK), return_loss=True)
     assert out.matching_loss is not None and out.matching_loss > 0
     torch.testing.assert_close(out.loss, out.alignment_loss + 0.1 * out.matching_loss)
     out.matching_loss.backward()
@@ -41,7 +41,7 @@ def test_matching_term_is_added_with_its_weight_and_reaches_fusion_and_towers():
 
 def test_zero_weight_turns_the_matching_term_off():
     model = matching_model(matching_weight=0.0)
-    out = model(**tiny_batch(MIXED_MASK))
+    out = model(**tiny_batch(MIXED_MASK), return_loss=True)
     assert out.matching_loss is None and torch.equal(out.loss, out.alignment_loss)
     out.loss.backward()
     assert all(p.grad is None for p in model.fusion.parameters())

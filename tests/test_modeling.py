@@ -1,8 +1,4 @@
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -59,7 +55,7 @@ def test_config_round_trip_and_validation(tmp_path):
 def test_forward_backward_mixed_patterns():
     model = fitted_model().train()
     batch = tiny_batch(MIXED_MASK)
-    out = model(**batch)
+    out = model(**batch, return_loss=True)
     B, k, D = MIXED_MASK.shape[0], 4, 16
     assert out.embeddings.shape == (B, k, D)
     assert torch.equal(out.modality_mask, MIXED_MASK)
@@ -115,7 +111,7 @@ def test_embeddings_do_not_depend_on_which_rows_are_batched_together():
 def test_modality_absent_from_whole_batch_and_image_inputs():
     model = fitted_model()
     mask = torch.tensor([[True, False, True, False], [True, False, True, False]])
-    out = model(**tiny_batch(mask, video=False))
+    out = model(**tiny_batch(mask, video=False), return_loss=True)
     assert out.aligned_mask.all()  # audio and subtitle, absent from the whole batch, are imputed for every row
     torch.testing.assert_close(out.imputed_embeddings.norm(dim=-1), torch.ones(2, 4))
     torch.testing.assert_close(out.loss, pmrl_loss(out.imputed_embeddings, tau1=model.config.pmrl_tau1, tau2=model.config.pmrl_tau2))
@@ -124,7 +120,7 @@ def test_modality_absent_from_whole_batch_and_image_inputs():
 @pytest.mark.parametrize("method", ["none", "zero", "mean", "ppca"])
 def test_imputation_methods(method):
     model = fitted_model(imputer_method=method)
-    out = model(**tiny_batch(MIXED_MASK))
+    out = model(**tiny_batch(MIXED_MASK), return_loss=True)
     missing = ~MIXED_MASK
     if method == "none":
         assert torch.equal(out.aligned_mask, MIXED_MASK)
@@ -147,7 +143,7 @@ def test_imputation_without_the_anchor():
     anchor are not imputed; encode() still conditions on everything observed."""
     model = fitted_model(impute_from_anchor=False)
     batch = tiny_batch(MIXED_MASK)
-    out = model(**batch)
+    out = model(**batch, return_loss=True)
     anchor = model.config.modality_index("text")
     conditioning = MIXED_MASK.clone()
     conditioning[:, anchor] = False
@@ -158,7 +154,7 @@ def test_imputation_without_the_anchor():
                                torch.nn.functional.normalize(raw, dim=-1)[missing])
     assert torch.equal(out.aligned_mask[~rows], MIXED_MASK[~rows])  # the text-only row stays observed-only
     other = dict(batch, text_input_ids=torch.flip(batch["text_input_ids"], dims=[0]))
-    moved = model(**other)
+    moved = model(**other, return_loss=True)
     assert not torch.allclose(moved.embeddings[:, anchor], out.embeddings[:, anchor])
     torch.testing.assert_close(moved.imputed_embeddings[rows][missing], out.imputed_embeddings[rows][missing])
     encoded = model.encode(**batch)
@@ -172,7 +168,7 @@ def test_imputation_without_the_anchor():
 
 def test_unfitted_imputer_falls_back_to_observed_only():
     model = CalMRLModel(tiny_config())
-    out = model(**tiny_batch(MIXED_MASK))
+    out = model(**tiny_batch(MIXED_MASK), return_loss=True)
     assert torch.equal(out.aligned_mask, MIXED_MASK)
 
 
@@ -180,7 +176,7 @@ def test_gradients_through_imputation_are_configurable():
     def grad_of_text_projection(impute_with_grad):
         model = fitted_model(impute_with_grad=impute_with_grad)
         mask = torch.tensor([[False, False, True, False]] * 4)  # text only: everything else imputed
-        model(**tiny_batch(mask)).loss.backward()
+        model(**tiny_batch(mask), return_loss=True).loss.backward()
         return model.projections["text"].weight.grad
 
     with_grad, without_grad = grad_of_text_projection(True), grad_of_text_projection(False)
@@ -197,7 +193,7 @@ def test_objective_registry_matches_the_config():
 @pytest.mark.parametrize("objective", ["gram", "anchor_infonce", "pairwise_infonce"])
 def test_contrastive_objectives_use_the_learnable_temperature(objective):
     model = fitted_model(alignment_objective=objective)
-    out = model(**tiny_batch(MIXED_MASK))
+    out = model(**tiny_batch(MIXED_MASK), return_loss=True)
     assert out.aligned_mask.all()  # every missing column imputed: the objective sees complete instances
     text = model.config.modality_index("text")  # the default anchor
     expected = {
@@ -214,7 +210,7 @@ def test_contrastive_objectives_use_the_learnable_temperature(objective):
 
 def test_triangle_objective_on_three_modalities():
     model = fitted_model(alignment_objective="triangle", triangle_modalities=["text", "vision", "audio"])
-    out = model(**tiny_batch(MIXED_MASK))
+    out = model(**tiny_batch(MIXED_MASK), return_loss=True)
     text, vision, audio = (model.config.modality_index(m) for m in ("text", "vision", "audio"))
     expected = triangle_loss(out.imputed_embeddings, temperature=0.07, label_smoothing=0.1, anchor=text,
                              modalities=[text, vision, audio])
@@ -237,7 +233,8 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert loaded.imputer.fitted_modalities.all()
     batch = tiny_batch(MIXED_MASK)
     with torch.no_grad():
-        torch.testing.assert_close(model(**batch).loss, loaded(**batch).loss, rtol=0, atol=0)
+        torch.testing.assert_close(model(**batch, return_loss=True).loss, loaded(**batch, return_loss=True).loss,
+                                   rtol=0, atol=0)
 
 
 def test_bf16_loading_keeps_imputer_in_float32(tmp_path):
@@ -249,51 +246,13 @@ def test_bf16_loading_keeps_imputer_in_float32(tmp_path):
         assert buffer.dtype == torch.float32, name
         assert torch.equal(buffer, dict(model.imputer.named_buffers())[name]), name
     with torch.no_grad():
-        out = loaded(**{k: (v.bfloat16() if v.is_floating_point() else v) for k, v in tiny_batch(MIXED_MASK).items()})
+        out = loaded(**{k: (v.bfloat16() if v.is_floating_point() else v) for k, v in tiny_batch(MIXED_MASK).items()},
+                     return_loss=True)
     assert out.embeddings.dtype == torch.bfloat16
     torch.testing.assert_close(out.loss, pmrl_loss(out.imputed_embeddings, tau1=model.config.pmrl_tau1, tau2=model.config.pmrl_tau2))
     with torch.no_grad():
         reference = model(**tiny_batch(MIXED_MASK))  # the float32 model: bf16 rounding apart, the same embeddings
     torch.testing.assert_close(out.imputed_embeddings.float(), reference.imputed_embeddings, atol=0.05, rtol=0)
-
-
-def test_remote_code_loads_without_the_package(tmp_path):
-    model = fitted_model()
-    checkpoint = tmp_path / "checkpoint"
-    model.save_pretrained(checkpoint)
-    config = json.loads((checkpoint / "config.json").read_text())
-    assert config["auto_map"]["AutoModel"].endswith("CalMRLModel")
-    reference = checkpoint / "reference.pt"
-    torch.save({"weight": model.imputer.weight, "proj": model.projections["audio"].weight}, reference)
-    script = textwrap.dedent(f"""
-        import sys, torch
-        # simulate an environment without calmrl_hf, even where it is pip-installed: any import of it fails
-        sys.modules['calmrl_hf'] = None
-        from transformers import AutoModel
-        model = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
-        ref = torch.load({str(reference)!r})
-        assert type(model).__name__ == 'CalMRLModel', type(model)
-        assert type(model).__module__.startswith('transformers_modules'), type(model).__module__
-        assert torch.equal(model.imputer.weight, ref['weight'])
-        assert torch.equal(model.projections['audio'].weight, ref['proj'])
-        print('ok')
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "ok" in result.stdout
-
-
-def test_remote_code_imports_only_torch_transformers_and_safetensors(tmp_path):
-    from transformers.dynamic_module_utils import get_imports
-
-    CalMRLModel(tiny_config()).save_pretrained(tmp_path)
-    copied = sorted(tmp_path.glob("*.py"))
-    assert {"modeling_calmrl.py", "configuration_calmrl.py", "alignment.py", "imputer.py"} <= {p.name for p in copied}
-    for path in copied:
-        third_party = set(get_imports(path)) - set(sys.stdlib_module_names)
-        assert third_party <= {"torch", "transformers", "safetensors"}, (path.name, third_party)
 
 
 def test_from_encoders_uses_pretrained_tower(tmp_path):
@@ -416,7 +375,7 @@ def test_feature_towers_over_precomputed_embeddings(tmp_path):
     batch = {"modality_mask": mask, "image_input_features": torch.randn(3, 12),
              "sound_input_features": torch.randn(3, 5, 7), "sound_attention_mask": torch.ones(3, 5, dtype=torch.long),
              "caption_input_ids": torch.randint(1, 64, (3, 6))}
-    out = model(**batch)
+    out = model(**batch, return_loss=True)
     out.loss.backward()
     assert out.embeddings.shape == (4, 3, 16) and model.encoders["image"].layers[0].weight.grad is not None
     model.save_pretrained(tmp_path)
@@ -471,13 +430,14 @@ def test_convolutional_vision_tower(kind, tmp_path):
     model = CalMRLModel(config).eval()
     assert model.projections["vision"].in_features == 24
     pixels = torch.randn(3, 3, 16, 16)
-    pooled, tokens, token_mask = run_tower(model.encoders["vision"], "mean", "vision", {"pixel_values": pixels})
+    pooled, tokens, token_mask, _ = run_tower(model.encoders["vision"], "mean", "vision", {"pixel_values": pixels})
     assert tokens.shape[0] == 3 and tokens.shape[2] == 24 and token_mask.all()
     if kind == "resnet":  # ResNet's pooler is the global average of its last feature map
-        pooler, _, _ = run_tower(model.encoders["vision"], "pooler", "vision", {"pixel_values": pixels})
+        pooler, *_ = run_tower(model.encoders["vision"], "pooler", "vision", {"pixel_values": pixels})
         torch.testing.assert_close(pooler, pooled)
     mask = torch.tensor([[True, False, True, False]] * 3)
-    out = model(modality_mask=mask, vision_pixel_values=pixels, text_input_ids=torch.randint(1, 60, (3, 5)))
+    out = model(modality_mask=mask, vision_pixel_values=pixels, text_input_ids=torch.randint(1, 60, (3, 5)),
+                return_loss=True)
     assert out.embeddings.shape == (3, 4, 16) and torch.equal(out.aligned_mask, mask)  # unfitted: observed only
     torch.testing.assert_close(out.loss, pmrl_loss(out.embeddings, mask, tau1=model.config.pmrl_tau1, tau2=model.config.pmrl_tau2))
     model.save_pretrained(tmp_path)

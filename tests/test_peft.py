@@ -1,7 +1,7 @@
 import torch
 from transformers import BertModel
 
-from calmrl_hf import CalMRLModel
+from calmrl_hf import CalMRLConfig, CalMRLModel
 
 from tiny_models import MIXED_MASK, tiny_batch, tiny_bert, tiny_config
 
@@ -20,7 +20,8 @@ def test_lora_on_a_pretrained_tower_starts_as_the_identity_and_trains_only_adapt
     torch.testing.assert_close(adapted.get_modality_features("text", input_ids=ids),
                                plain.get_modality_features("text", input_ids=ids))  # B = 0 at the start
     adapted.train()
-    adapted(modality_mask=torch.ones(3, 2, dtype=torch.bool), text_input_ids=ids, subtitle_input_ids=ids).loss.backward()
+    adapted(modality_mask=torch.ones(3, 2, dtype=torch.bool), text_input_ids=ids, subtitle_input_ids=ids,
+            return_loss=True).loss.backward()
     with_grad = {n for n, p in adapted.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     text_tower = {n for n in with_grad if n.startswith("encoders.text.")}
     assert text_tower and all("lora_" in n for n in text_tower)
@@ -33,7 +34,7 @@ def test_lora_adapters_save_and_load_with_the_model(tmp_path):
     torch.manual_seed(0)
     model = CalMRLModel(tiny_config(lora=LORA))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    model(**tiny_batch(MIXED_MASK)).loss.backward()
+    model(**tiny_batch(MIXED_MASK), return_loss=True).loss.backward()
     optimizer.step()  # adapters move away from their initialisation
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
     model.save_pretrained(tmp_path)
@@ -69,3 +70,32 @@ def test_training_updates_only_what_is_configured(tmp_path):
     assert not any(k.startswith("encoders.vision.") or k == "projections.audio.weight" for k in changed)
     assert {"projections.text.weight", "projections.vision.weight"} <= changed
     assert any(k.startswith("imputer.") for k in changed)  # closed-form M-steps, not gradients
+
+
+def test_gradient_checkpointing_with_lora_needs_and_gets_input_require_grads():
+    """LoRA on a frozen tower with (reentrant) gradient checkpointing: the checkpointed layers see no input that
+    requires grad, so the adapters get none, unless `enable_input_require_grads` hooks the text tower's embeddings
+    (`get_input_embeddings`); then the gradients are those of the model without checkpointing."""
+    from transformers import BertConfig
+
+    bert = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = CalMRLConfig(modalities=["text", "subtitle"], encoder_configs={"text": bert}, projection_dim=16,
+                          imputer_latent_dim=4, lora=LORA)
+    torch.manual_seed(0)
+    ids = torch.randint(1, 64, (4, 6))
+    batch = {"text_input_ids": ids, "subtitle_input_ids": ids.flip(0)}
+
+    def adapter_grads(model):
+        model.zero_grad()
+        model(**batch, return_loss=True).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if "lora_A" in n}
+
+    model = CalMRLModel(config).train()
+    reference = adapter_grads(model)
+    assert all(g is not None and g.abs().sum() > 0 for g in reference.values())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert all(g is None for g in adapter_grads(model).values())  # the failure the hook exists for
+    model.enable_input_require_grads()
+    for name, grad in adapter_grads(model).items():
+        torch.testing.assert_close(grad, reference[name], msg=name)

@@ -14,4 +14,5 @@ def test_readme_usage_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     printed = capsys.readouterr().out
     assert "torch.Size([4, 2, 16]) torch.Size([4, 2])" in printed and "tensor(True)" in printed
+    assert "torch.Size([3, 3])" in printed
     assert (tmp_path / "my-calmrl" / "model.safetensors").exists()

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_models import tiny_ast, tiny_bert, tiny_vit
-from training_fixtures import FULL, MIXED_PATTERNS, collate, make_dataset, training_config
+from training_fixtures import FULL, MIXED_PATTERNS, collate, make_dataset, run_until, training_config
 
 from calmrl_hf import CalMRLModel, PPCAStatistics
 from calmrl_hf.training import ImputerUpdater, TrainingArguments, build_accelerator, train, validate_setup
@@ -109,9 +108,8 @@ def test_frozen_towers_stay_fixed_functions(tmp_path):
     """With dropout on (the towers' defaults), a frozen tower runs in eval mode during training: its outputs for
     a batch are what the untrained tower gives, while the trainable towers train."""
     torch.manual_seed(0)
-    config = training_config(encoder_configs={"vision": tiny_vit(), "audio": tiny_ast(), "text": tiny_bert()})
-    assert tiny_bert().hidden_dropout_prob > 0
-    model = CalMRLModel(config)
+    model = CalMRLModel(training_config(dropout=True))
+    assert model.config.encoder_configs["text"].hidden_dropout_prob > 0
     text_tower = model.encoders[model.config.encoder_owner("text")]
     modes = {"text": [], "vision": []}
     text_tower.register_forward_pre_hook(lambda module, _: modes["text"].append(module.training))
@@ -128,20 +126,9 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
     data = make_dataset(96, MIXED_PATTERNS)
 
     def run(output_dir, stop_after=None, resume=None):
-        torch.manual_seed(0)
-        model = CalMRLModel(training_config(dropout=True))
         args = small_args(tmp_path, output_dir=str(output_dir), max_steps=8, save_steps=3,
                           resume_from_checkpoint=resume, save_total_limit=None)
-
-        def stop(step):
-            if stop_after is not None and step >= stop_after:
-                raise KeyboardInterrupt  # the process is killed right after this checkpoint
-
-        try:
-            train(model, data, args, collate_fn=collate, on_checkpoint=stop)
-        except KeyboardInterrupt:
-            return None
-        return model
+        return run_until(data, args, stop_after)
 
     uninterrupted = run(tmp_path / "a")
     assert run(tmp_path / "b", stop_after=3) is None

@@ -90,25 +90,32 @@ def resumable_run(output_dir, resume=None, stop_after=None, model_overrides=None
     """A short run with dropout on and checkpoints every 2 steps (6 steps over two epochs), as the resume and
     fault-injection tests use it; `overrides` change training arguments. Returns the trained model, or None when
     `stop_after` ended it after a checkpoint (as a kill right after that save would)."""
-    import torch
+    from calmrl_hf.training import CalMRLTrainingArguments
 
-    from calmrl_hf import CalMRLModel
-    from calmrl_hf.training import CalMRLTrainingArguments, train
-
-    torch.manual_seed(0)
-    model = CalMRLModel(training_config(dropout=True, **(model_overrides or {})))
     values = dict(output_dir=str(output_dir), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-3,
                   logging_steps=1, imputer_min_rows=8, seed=3, save_steps=2, save_total_limit=2,
                   resume_from_checkpoint=resume)
     values.update(overrides)
+    return run_until(make_dataset(32, MIXED_PATTERNS, seed=dataset_seed), CalMRLTrainingArguments(**values),
+                     stop_after, model_overrides)
+
+
+def run_until(data, arguments, stop_after: int | None = None, model_overrides=None):
+    """Train a fresh seeded model (dropout on) with `arguments` (a `TrainingArguments`); with `stop_after`, the run
+    is killed right after its first checkpoint at or past that step (returns None), else returns the trained
+    model."""
+    from calmrl_hf import CalMRLModel
+    from calmrl_hf.training import train
+
+    torch.manual_seed(0)
+    model = CalMRLModel(training_config(dropout=True, **(model_overrides or {})))
 
     def stop(step):
         if stop_after is not None and step >= stop_after:
             raise KeyboardInterrupt
 
     try:
-        train(model, make_dataset(32, MIXED_PATTERNS, seed=dataset_seed), CalMRLTrainingArguments(**values),
-              collate_fn=collate, on_checkpoint=stop)
+        train(model, data, arguments, collate_fn=collate, on_checkpoint=stop)
     except KeyboardInterrupt:
         return None
     return model
