@@ -296,3 +296,19 @@ def test_streaming_dataset_trains_and_resumes_exactly(tmp_path):
     resumed, _ = run(tmp_path / "b", resume="latest")
     for key, value in uninterrupted.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_an_engine_that_casts_buffers_gives_the_imputer_back_its_float32_state():
+    """DeepSpeed's bf16 engine casts every buffer (read in deepspeed's engine, not run here): after prepare the
+    imputer gets its exact float32 buffers back."""
+    from calmrl_hf.training import keep_imputer_float32
+
+    model = CalMRLModel(training_config())
+    with torch.no_grad():
+        model.imputer.mean.normal_(generator=torch.Generator().manual_seed(0))
+    saved = {name: buffer.clone() for name, buffer in model.imputer.state_dict().items()}
+    model.to(torch.bfloat16)  # what the engine does to the module
+    keep_imputer_float32(model, saved)
+    for name, buffer in model.imputer.state_dict().items():
+        assert buffer.dtype == saved[name].dtype and torch.equal(buffer, saved[name]), name
+    assert model.encoders["text"].dtype == torch.bfloat16  # the towers stay as the engine made them
