@@ -23,7 +23,8 @@ from pathlib import Path
 import yaml
 from accelerate.utils import set_seed
 from datasets import concatenate_datasets
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, ViTImageProcessor, Wav2Vec2FeatureExtractor
+from transformers import (ASTFeatureExtractor, AutoConfig, AutoImageProcessor, AutoTokenizer, ViTImageProcessorPil,
+                          Wav2Vec2FeatureExtractor)
 
 from . import CalMRLConfig, CalMRLModel, CalMRLProcessor
 from .checkpointing import ensure_writable_directory
@@ -41,7 +42,8 @@ _PACKAGED_MINILM = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"
 logger = logging.getLogger("train_vast")
 
 RECIPE_KEYS = ("output_dir", "seed", "data", "model", "processor", "stage1", "stage2")
-PROCESSOR_KEYS = ("num_frames", "sampling_rate", "image_size", "max_length")
+PROCESSOR_KEYS = ("num_frames", "sampling_rate", "image_size", "max_length", "audio_features", "num_mel_bins",
+                  "max_audio_frames", "audio_as_image", "audio_dynamic_range_db")
 DATA_LOADERS = {"vast": load_vast, "test": load_vast, "msrvtt": load_msrvtt, "audiocaps": load_audiocaps}
 
 
@@ -151,18 +153,31 @@ def build_processor(towers: dict, settings: dict) -> CalMRLProcessor:
         image_processor = AutoImageProcessor.from_pretrained(vision)
     else:
         size = settings.get("image_size", 224)
-        image_processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
-                                            image_std=[0.5] * 3)
-    audio = towers.get("audio")
+        image_processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3,
+                                               image_std=[0.5] * 3)
+    return CalMRLProcessor(tokenizer=tokenizer, image_processor=image_processor,
+                           feature_extractor=build_feature_extractor(towers.get("audio"), settings),
+                           num_frames=settings.get("num_frames", 4), max_length=settings.get("max_length", 64),
+                           audio_as_image=settings.get("audio_as_image", False),
+                           audio_dynamic_range_db=settings.get("audio_dynamic_range_db"))
+
+
+def build_feature_extractor(audio, settings: dict):
+    """The pretrained audio tower's own feature extractor; for a from-scratch tower the raw waveform
+    (`audio_features: waveform`, Wav2Vec2-style) or AST's log-mel map (`audio_features: log_mel`, with
+    `num_mel_bins` and `max_audio_frames` of 10 ms)."""
     if isinstance(audio, str):
         from transformers import AutoFeatureExtractor
 
-        feature_extractor = AutoFeatureExtractor.from_pretrained(audio)
-    else:
-        feature_extractor = Wav2Vec2FeatureExtractor(sampling_rate=settings.get("sampling_rate", 16000),
-                                                     return_attention_mask=True)
-    return CalMRLProcessor(tokenizer=tokenizer, image_processor=image_processor, feature_extractor=feature_extractor,
-                           num_frames=settings.get("num_frames", 4), max_length=settings.get("max_length", 64))
+        return AutoFeatureExtractor.from_pretrained(audio)
+    sampling_rate = settings.get("sampling_rate", 16000)
+    kind = settings.get("audio_features", "waveform")
+    if kind == "log_mel":
+        return ASTFeatureExtractor(sampling_rate=sampling_rate, num_mel_bins=settings.get("num_mel_bins", 128),
+                                   max_length=settings.get("max_audio_frames", 1024))
+    if kind != "waveform":
+        raise RecipeError(f"processor.audio_features must be 'waveform' or 'log_mel', got {kind!r}.")
+    return Wav2Vec2FeatureExtractor(sampling_rate=sampling_rate, return_attention_mask=True)
 
 
 def load_data(data: dict, seed: int, accelerator) -> dict:
