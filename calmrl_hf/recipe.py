@@ -18,18 +18,23 @@ import dataclasses
 import inspect
 import json
 import logging
+import time
 from pathlib import Path
 
 import yaml
 from accelerate.utils import set_seed
 from datasets import concatenate_datasets
+from huggingface_hub.utils import disable_progress_bars
 from transformers import (ASTFeatureExtractor, AutoConfig, AutoImageProcessor, AutoTokenizer, ViTImageProcessorPil,
                           Wav2Vec2FeatureExtractor)
+from transformers.utils import logging as hf_logging
 
 from . import CalMRLConfig, CalMRLModel, CalMRLProcessor
 from .checkpointing import ensure_writable_directory
 from .data import CalMRLCollator, load_audiocaps, load_msrvtt, load_vast, with_media_decoding
 from .data.mini_vast import MiniVastSizes
+from .progress import on_terminal
+from .recipe_report import plot_training, results_table
 from .training import build_accelerator, train
 from .training_args import RENAMED_ARGUMENTS, CalMRLTrainingArguments
 from .validation import unknown_name_message
@@ -224,8 +229,22 @@ def stage_arguments(recipe: dict, stage: str, args: argparse.Namespace) -> tuple
     return CalMRLTrainingArguments.from_dict(settings), objective
 
 
+def report(output_dir: Path, results: dict, losses: dict, seconds: float) -> None:
+    """results.json, the training plot next to the final model, and the grouped table of both stages."""
+    final = output_dir / "stage2"
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    plot = plot_training(final / "training.png", losses, results)
+    print(f"\nSaved the model and processor to {final}" + (f" (training plot: {plot})" if plot else ""))
+    print(results_table(results))
+    print(f"The recipe ran {seconds:.0f} s (from reading its config to this table).")
+
+
 def run(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not on_terminal():  # a log file gets log lines, not the redraws of loading and saving bars
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
     recipe = load_recipe(args)
     output_dir = Path(recipe["output_dir"])
     seed = recipe.get("seed", 0)
@@ -249,7 +268,7 @@ def run(args: argparse.Namespace) -> dict:
                 for name, ds in load_data(recipe["data"], seed, accelerator).items()}
     collator = CalMRLCollator(processor)
 
-    results = {}
+    results, losses = {}, {}
     for stage, (training_args, objective) in stages.items():
         model.config.alignment_objective = objective
         warm_start = datasets["stage1"] if training_args.imputer_warm_start else None
@@ -257,19 +276,13 @@ def run(args: argparse.Namespace) -> dict:
                        warm_start_dataset=warm_start, processor=processor, accelerator=accelerator)
         model = accelerator.unwrap_model(model)
         results[stage] = result.metrics
+        losses[f"{stage} ({objective})"] = (result.global_step, result.losses)  # the plot's legend
         if accelerator.is_main_process:
-            headline = {k: round(v, 2) for k, v in result.metrics.items() if k == "mean_R@1" or k.endswith("class_R@1")}
-            logger.info("%s finished at step %d: %s", stage, result.global_step, headline)
+            logger.info("%s finished at step %d: test mean R@1 %.1f (every direction)", stage, result.global_step,
+                        result.metrics.get("mean_R@1", float("nan")))
 
     if accelerator.is_main_process:
-        final = output_dir / "stage2"
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        print(f"\nSaved the model and processor to {final}")
-        print("Test retrieval (Recall@1, %; class level = any instance of the same number):")
-        for key in sorted(results["stage2"]):
-            if key.endswith("/R@1") or key.endswith("class_R@1") or key == "mean_R@1":
-                print(f"  {key:<32} stage1 {results['stage1'].get(key, float('nan')):6.2f}   "
-                      f"stage2 {results['stage2'][key]:6.2f}")
+        report(output_dir, results, losses, time.perf_counter() - start)
     return results
 
 

@@ -27,7 +27,6 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .checkpointing import (
@@ -43,6 +42,7 @@ from .evaluation import RetrievalRecall
 from .hub import TRACKER_PROJECT, CheckpointPusher
 from .imputer import PPCAStatistics
 from .modeling_calmrl import CalMRLModel
+from .progress import step_progress
 from .training_args import CalMRLTrainingArguments, TrainingArguments
 
 
@@ -566,8 +566,9 @@ def run_epoch(run: _Run, progress) -> bool:
 def run_epochs(run: _Run) -> None:
     """Epochs until `max_steps` optimizer steps."""
     state, args = run.state, run.args
-    progress = tqdm(total=args.max_steps, initial=state.global_step,
-                    disable=not run.accelerator.is_local_main_process, desc="training")
+    # a bar on a terminal, log lines every logging_steps in a log file
+    progress = step_progress(args.max_steps, state.global_step, f"training {Path(args.output_dir).name}",
+                             enabled=run.accelerator.is_local_main_process)
     while state.global_step < args.max_steps:
         resumed_mid_epoch = state.batches_in_epoch > 0
         if run_epoch(run, progress):
