@@ -185,6 +185,19 @@ def build_feature_extractor(audio, settings: dict):
     return Wav2Vec2FeatureExtractor(sampling_rate=sampling_rate, return_attention_mask=True)
 
 
+def mini_vast_data_section(paths: dict) -> dict:
+    """The recipe's data section (`vast`, `test`, `msrvtt`, `audiocaps` loader arguments) for a corpus written by
+    `generate_mini_vast` (its returned paths)."""
+    return {
+        "vast": {"annotation_file": paths["vast_train"], "video_dir": paths["vast_videos"],
+                 "audio_dir": paths["vast_audios"]},
+        "test": {"annotation_file": paths["vast_test"], "video_dir": paths["vast_videos"],
+                 "audio_dir": paths["vast_audios"]},
+        "msrvtt": {"annotation_file": paths["msrvtt_train"], "video_dir": paths["msrvtt_videos"]},
+        "audiocaps": {"csv_file": paths["audiocaps_train"], "audio_dir": paths["audiocaps_audios"]},
+    }
+
+
 def load_data(data: dict, seed: int, accelerator) -> dict:
     """Stage-1 (full modality), stage-2 (video-text + audio-text) and test datasets, paths as strings."""
     if "generate_mini_vast" in data:
@@ -194,14 +207,7 @@ def load_data(data: dict, seed: int, accelerator) -> dict:
         root = settings.pop("root")
         with accelerator.main_process_first():  # one process writes the corpus, the others then read it
             paths = generate_mini_vast(root, MiniVastSizes(**settings), seed=seed)
-        data = {
-            "vast": {"annotation_file": paths["vast_train"], "video_dir": paths["vast_videos"],
-                     "audio_dir": paths["vast_audios"]},
-            "test": {"annotation_file": paths["vast_test"], "video_dir": paths["vast_videos"],
-                     "audio_dir": paths["vast_audios"]},
-            "msrvtt": {"annotation_file": paths["msrvtt_train"], "video_dir": paths["msrvtt_videos"]},
-            "audiocaps": {"csv_file": paths["audiocaps_train"], "audio_dir": paths["audiocaps_audios"]},
-        }
+        data = mini_vast_data_section(paths)
     missing = [key for key in ("vast", "msrvtt", "audiocaps", "test") if key not in data]
     if missing:
         raise RecipeError(f"The recipe's data section lacks {missing} (or use generate_mini_vast).")

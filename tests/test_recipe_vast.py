@@ -63,12 +63,7 @@ def test_vast_yaml_trains_two_steps_of_each_stage(tmp_path, capsys):
     sets = {
         "model.towers.vision": folders["vision"], "model.towers.audio": folders["audio"],
         "model.towers.text": folders["text"],
-        "data.vast": {"annotation_file": paths["vast_train"], "video_dir": paths["vast_videos"],
-                      "audio_dir": paths["vast_audios"]},
-        "data.test": {"annotation_file": paths["vast_test"], "video_dir": paths["vast_videos"],
-                      "audio_dir": paths["vast_audios"]},
-        "data.msrvtt": {"annotation_file": paths["msrvtt_train"], "video_dir": paths["msrvtt_videos"]},
-        "data.audiocaps": {"csv_file": paths["audiocaps_train"], "audio_dir": paths["audiocaps_audios"]},
+        **{f"data.{name}": loader for name, loader in train_vast.mini_vast_data_section(paths).items()},
         "model.config.imputer_latent_dim": 4,  # q < the 8 rows the tiny warm start has
     }
     for stage in ("stage1", "stage2"):
