@@ -13,7 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from safetensors import SafetensorError
-from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+
+from .towers import tower_class
 
 
 logger = logging.getLogger(__name__)
@@ -66,12 +68,27 @@ def load_strictly(from_pretrained: Callable, *args, optional_keys: tuple[str, ..
     return model, info
 
 
+def load_sub_model(name: str, spec: str, model_class: type) -> PreTrainedModel:
+    """The `model_class` part of the composite checkpoint `spec` (e.g. `CLIPVisionModel` of a CLIP checkpoint):
+    the other parts' weights are left out; a weight of the part itself missing from the checkpoint is an error."""
+    tower, info = model_class.from_pretrained(spec, output_loading_info=True)
+    if info.get("missing_keys"):
+        raise ValueError(f"The {name} tower {model_class.__name__} is not complete in {spec}: missing "
+                         f"{sorted(info['missing_keys'])[:8]}.")
+    return tower
+
+
 def load_tower(name: str, spec) -> PreTrainedModel | PreTrainedConfig:
     """The tower of modality `name` for `CalMRLModel.from_encoders`: a model or config as given, or a folder /
-    Hub repo id loaded with `AutoModel.from_pretrained`."""
+    Hub repo id loaded with `AutoModel.from_pretrained`; from a composite checkpoint whose config has a
+    `{name}_config` (CLIP for `vision` or `text`, CLAP for `audio`), that part's model only (`CLIPVisionModel`), as
+    transformers' VisionTextDualEncoder does."""
     if isinstance(spec, (PreTrainedModel, PreTrainedConfig)):
         return spec
     if isinstance(spec, str):
+        sub_config = getattr(AutoConfig.from_pretrained(spec), f"{name}_config", None)
+        if isinstance(sub_config, PreTrainedConfig) and tower_class(sub_config) is not None:
+            return load_sub_model(name, spec, tower_class(sub_config))
         return AutoModel.from_pretrained(spec)
     raise TypeError(
         f"The tower of {name!r} must be a folder or repo id, a PreTrainedModel or a config; got {type(spec).__name__}."

@@ -13,6 +13,7 @@ loading (see `register_auto_processor`). transformers' image processors need Pil
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -97,6 +98,13 @@ class CalMRLProcessor(ProcessorMixin):
         num_frames (`int`, *optional*, defaults to 4): frames sampled evenly from each video
             (`sample_frame_indices`).
         max_length (`int`, *optional*, defaults to 64): token budget of text inputs (longer ones are truncated).
+        audio_as_image (`bool`, *optional*, defaults to False): hand a spectrogram feature extractor's output
+            [n, T, mel] (e.g. `ASTFeatureExtractor`'s log-mel map) to the audio tower as a 1-channel image
+            `{name}_pixel_values` [n, 1, T, mel], for convolutional audio towers (a ResNet config with
+            `num_channels=1`).
+        audio_dynamic_range_db (`float`, *optional*): floor each clip's log-mel map this many dB below its own peak
+            (`floor_dynamic_range`; padding frames read as that floor), so that the quiet parts of clean and noisy
+            clips look alike. Needs a feature extractor with `mean` and `std` (AST's normalisation).
 
     A component may be None when no modality of its kind is used; calling with such a modality raises.
 
@@ -121,15 +129,21 @@ class CalMRLProcessor(ProcessorMixin):
     """
 
     def __init__(self, tokenizer=None, image_processor=None, feature_extractor=None, modalities=None,
-                 num_frames: int = 4, max_length: int = 64):
+                 num_frames: int = 4, max_length: int = 64, audio_as_image: bool = False,
+                 audio_dynamic_range_db: float | None = None):
         # kept as [name, kind] lists: the order is the model's k axis, and JSON objects would be saved with sorted keys
         self.modalities = [[name, kind] for name, kind in normalize_modalities(modalities)]
         if not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive int, got {num_frames!r}.")
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}.")
+        if audio_dynamic_range_db is not None and not audio_dynamic_range_db > 0:
+            raise ValueError(f"audio_dynamic_range_db must be positive (dB below each clip's peak) or None, got "
+                             f"{audio_dynamic_range_db!r}.")
         self.num_frames = num_frames
         self.max_length = max_length
+        self.audio_as_image = bool(audio_as_image)
+        self.audio_dynamic_range_db = audio_dynamic_range_db
         super().__init__(tokenizer=tokenizer, image_processor=image_processor, feature_extractor=feature_extractor)
 
     # ------------------------------------------------------------------ description
@@ -153,7 +167,7 @@ class CalMRLProcessor(ProcessorMixin):
                 continue
             if kind == "text":
                 fields = [f for f in _TEXT_FIELDS if f in component.model_input_names]
-            elif kind == "vision":
+            elif kind == "vision" or self.audio_as_image:
                 fields = ["pixel_values"]
             else:
                 fields = list(component.model_input_names)
@@ -263,7 +277,19 @@ class CalMRLProcessor(ProcessorMixin):
                                  f"{list(wave.shape)}.")
             waves.append(wave)
         encoded = self.feature_extractor(waves, sampling_rate=expected, padding=True, return_tensors="pt")
-        return {key: value for key, value in encoded.items() if isinstance(value, torch.Tensor)}
+        features = {key: value for key, value in encoded.items() if isinstance(value, torch.Tensor)}
+        if self.audio_dynamic_range_db is None and not self.audio_as_image:
+            return features
+        spectrogram = features.get("input_values")
+        if spectrogram is None or spectrogram.dim() != 3:
+            raise ValueError(f"audio_as_image / audio_dynamic_range_db need a spectrogram feature extractor (input_values "
+                             f"[n, T, mel], e.g. ASTFeatureExtractor); {type(self.feature_extractor).__name__} gave "
+                             f"{ {k: list(v.shape) for k, v in features.items()} }.")
+        if self.audio_dynamic_range_db is not None:
+            spectrogram = floor_dynamic_range(spectrogram, self.audio_dynamic_range_db, self.feature_extractor)
+        if not self.audio_as_image:
+            return {**features, "input_values": spectrogram}
+        return {"pixel_values": spectrogram.unsqueeze(1)}  # [n, 1, T, mel]
 
     # ------------------------------------------------------------------ save / load with absent components
     def check_argument_for_proper_class(self, argument_name, argument):
@@ -318,6 +344,23 @@ class CalMRLProcessor(ProcessorMixin):
                 for name in cls.get_attributes()]
 
 
+def floor_dynamic_range(log_mel: torch.Tensor, range_db: float, feature_extractor) -> torch.Tensor:
+    """[n, T, mel] log-mel maps, normalised as `feature_extractor` (AST's: (log power - mean) / (2 std), padded
+    with 0 before normalising) does, with every value below (the clip's peak - `range_db`) raised to it, and the
+    padding frames set to it: the quiet parts of clean and noisy clips then look alike, and padding reads as
+    silence."""
+    mean, std = getattr(feature_extractor, "mean", None), getattr(feature_extractor, "std", None)
+    if mean is None or std is None:
+        raise ValueError(f"audio_dynamic_range_db needs a feature extractor with AST's normalisation (`mean`, `std`); "
+                         f"{type(feature_extractor).__name__} has none.")
+    scale = 2 * std if getattr(feature_extractor, "do_normalize", True) else 1.0
+    shift = mean if getattr(feature_extractor, "do_normalize", True) else 0.0
+    padding = (log_mel == (0.0 - shift) / scale).all(dim=-1, keepdim=True)  # [n, T, 1]
+    peak = log_mel.masked_fill(padding, float("-inf")).amax(dim=(1, 2), keepdim=True)  # [n, 1, 1]
+    floor = peak - range_db / 10 * math.log(10) / scale  # dB of power in natural-log units, normalised
+    return torch.where(padding, floor, torch.maximum(log_mel, floor))
+
+
 def _is_video(item) -> bool:
     if isinstance(item, (list, tuple)):
         return True
@@ -352,5 +395,5 @@ def register_auto_processor(config_class, remote_code: bool = True) -> None:
         CalMRLProcessor.register_for_auto_class("AutoProcessor")
 
 
-__all__ = ["CalMRLProcessor", "DEFAULT_MODALITY_KINDS", "normalize_modalities", "register_auto_processor",
+__all__ = ["CalMRLProcessor", "DEFAULT_MODALITY_KINDS", "floor_dynamic_range", "normalize_modalities", "register_auto_processor",
            "sample_frame_indices"]

@@ -18,17 +18,23 @@ import dataclasses
 import inspect
 import json
 import logging
+import time
 from pathlib import Path
 
 import yaml
 from accelerate.utils import set_seed
 from datasets import concatenate_datasets
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, ViTImageProcessor, Wav2Vec2FeatureExtractor
+from huggingface_hub.utils import disable_progress_bars
+from transformers import (ASTFeatureExtractor, AutoConfig, AutoImageProcessor, AutoTokenizer, ViTImageProcessorPil,
+                          Wav2Vec2FeatureExtractor)
+from transformers.utils import logging as hf_logging
 
 from . import CalMRLConfig, CalMRLModel, CalMRLProcessor
 from .checkpointing import ensure_writable_directory
 from .data import CalMRLCollator, load_audiocaps, load_msrvtt, load_vast, with_media_decoding
 from .data.mini_vast import MiniVastSizes
+from .progress import on_terminal
+from .recipe_report import plot_training, results_table
 from .training import build_accelerator, train
 from .training_args import RENAMED_ARGUMENTS, CalMRLTrainingArguments
 from .validation import unknown_name_message
@@ -41,7 +47,8 @@ _PACKAGED_MINILM = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"
 logger = logging.getLogger("train_vast")
 
 RECIPE_KEYS = ("output_dir", "seed", "data", "model", "processor", "stage1", "stage2")
-PROCESSOR_KEYS = ("num_frames", "sampling_rate", "image_size", "max_length")
+PROCESSOR_KEYS = ("num_frames", "sampling_rate", "image_size", "max_length", "audio_features", "num_mel_bins",
+                  "max_audio_frames", "audio_as_image", "audio_dynamic_range_db")
 DATA_LOADERS = {"vast": load_vast, "test": load_vast, "msrvtt": load_msrvtt, "audiocaps": load_audiocaps}
 
 
@@ -151,18 +158,44 @@ def build_processor(towers: dict, settings: dict) -> CalMRLProcessor:
         image_processor = AutoImageProcessor.from_pretrained(vision)
     else:
         size = settings.get("image_size", 224)
-        image_processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
-                                            image_std=[0.5] * 3)
-    audio = towers.get("audio")
+        image_processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3,
+                                               image_std=[0.5] * 3)
+    return CalMRLProcessor(tokenizer=tokenizer, image_processor=image_processor,
+                           feature_extractor=build_feature_extractor(towers.get("audio"), settings),
+                           num_frames=settings.get("num_frames", 4), max_length=settings.get("max_length", 64),
+                           audio_as_image=settings.get("audio_as_image", False),
+                           audio_dynamic_range_db=settings.get("audio_dynamic_range_db"))
+
+
+def build_feature_extractor(audio, settings: dict):
+    """The pretrained audio tower's own feature extractor; for a from-scratch tower the raw waveform
+    (`audio_features: waveform`, Wav2Vec2-style) or AST's log-mel map (`audio_features: log_mel`, with
+    `num_mel_bins` and `max_audio_frames` of 10 ms)."""
     if isinstance(audio, str):
         from transformers import AutoFeatureExtractor
 
-        feature_extractor = AutoFeatureExtractor.from_pretrained(audio)
-    else:
-        feature_extractor = Wav2Vec2FeatureExtractor(sampling_rate=settings.get("sampling_rate", 16000),
-                                                     return_attention_mask=True)
-    return CalMRLProcessor(tokenizer=tokenizer, image_processor=image_processor, feature_extractor=feature_extractor,
-                           num_frames=settings.get("num_frames", 4), max_length=settings.get("max_length", 64))
+        return AutoFeatureExtractor.from_pretrained(audio)
+    sampling_rate = settings.get("sampling_rate", 16000)
+    kind = settings.get("audio_features", "waveform")
+    if kind == "log_mel":
+        return ASTFeatureExtractor(sampling_rate=sampling_rate, num_mel_bins=settings.get("num_mel_bins", 128),
+                                   max_length=settings.get("max_audio_frames", 1024))
+    if kind != "waveform":
+        raise RecipeError(f"processor.audio_features must be 'waveform' or 'log_mel', got {kind!r}.")
+    return Wav2Vec2FeatureExtractor(sampling_rate=sampling_rate, return_attention_mask=True)
+
+
+def mini_vast_data_section(paths: dict) -> dict:
+    """The recipe's data section (`vast`, `test`, `msrvtt`, `audiocaps` loader arguments) for a corpus written by
+    `generate_mini_vast` (its returned paths)."""
+    return {
+        "vast": {"annotation_file": paths["vast_train"], "video_dir": paths["vast_videos"],
+                 "audio_dir": paths["vast_audios"]},
+        "test": {"annotation_file": paths["vast_test"], "video_dir": paths["vast_videos"],
+                 "audio_dir": paths["vast_audios"]},
+        "msrvtt": {"annotation_file": paths["msrvtt_train"], "video_dir": paths["msrvtt_videos"]},
+        "audiocaps": {"csv_file": paths["audiocaps_train"], "audio_dir": paths["audiocaps_audios"]},
+    }
 
 
 def load_data(data: dict, seed: int, accelerator) -> dict:
@@ -174,14 +207,7 @@ def load_data(data: dict, seed: int, accelerator) -> dict:
         root = settings.pop("root")
         with accelerator.main_process_first():  # one process writes the corpus, the others then read it
             paths = generate_mini_vast(root, MiniVastSizes(**settings), seed=seed)
-        data = {
-            "vast": {"annotation_file": paths["vast_train"], "video_dir": paths["vast_videos"],
-                     "audio_dir": paths["vast_audios"]},
-            "test": {"annotation_file": paths["vast_test"], "video_dir": paths["vast_videos"],
-                     "audio_dir": paths["vast_audios"]},
-            "msrvtt": {"annotation_file": paths["msrvtt_train"], "video_dir": paths["msrvtt_videos"]},
-            "audiocaps": {"csv_file": paths["audiocaps_train"], "audio_dir": paths["audiocaps_audios"]},
-        }
+        data = mini_vast_data_section(paths)
     missing = [key for key in ("vast", "msrvtt", "audiocaps", "test") if key not in data]
     if missing:
         raise RecipeError(f"The recipe's data section lacks {missing} (or use generate_mini_vast).")
@@ -209,8 +235,22 @@ def stage_arguments(recipe: dict, stage: str, args: argparse.Namespace) -> tuple
     return CalMRLTrainingArguments.from_dict(settings), objective
 
 
+def report(output_dir: Path, results: dict, losses: dict, seconds: float) -> None:
+    """results.json, the training plot next to the final model, and the grouped table of both stages."""
+    final = output_dir / "stage2"
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    plot = plot_training(final / "training.png", losses, results)
+    print(f"\nSaved the model and processor to {final}" + (f" (training plot: {plot})" if plot else ""))
+    print(results_table(results))
+    print(f"The recipe ran {seconds:.0f} s (from reading its config to this table).")
+
+
 def run(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not on_terminal():  # a log file gets log lines, not the redraws of loading and saving bars
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
     recipe = load_recipe(args)
     output_dir = Path(recipe["output_dir"])
     seed = recipe.get("seed", 0)
@@ -234,7 +274,7 @@ def run(args: argparse.Namespace) -> dict:
                 for name, ds in load_data(recipe["data"], seed, accelerator).items()}
     collator = CalMRLCollator(processor)
 
-    results = {}
+    results, losses = {}, {}
     for stage, (training_args, objective) in stages.items():
         model.config.alignment_objective = objective
         warm_start = datasets["stage1"] if training_args.imputer_warm_start else None
@@ -242,19 +282,13 @@ def run(args: argparse.Namespace) -> dict:
                        warm_start_dataset=warm_start, processor=processor, accelerator=accelerator)
         model = accelerator.unwrap_model(model)
         results[stage] = result.metrics
+        losses[f"{stage} ({objective})"] = (result.global_step, result.losses)  # the plot's legend
         if accelerator.is_main_process:
-            headline = {k: round(v, 2) for k, v in result.metrics.items() if k == "mean_R@1" or k.endswith("class_R@1")}
-            logger.info("%s finished at step %d: %s", stage, result.global_step, headline)
+            logger.info("%s finished at step %d: test mean R@1 %.1f (every direction)", stage, result.global_step,
+                        result.metrics.get("mean_R@1", float("nan")))
 
     if accelerator.is_main_process:
-        final = output_dir / "stage2"
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        print(f"\nSaved the model and processor to {final}")
-        print("Test retrieval (Recall@1, %; class level = any instance of the same number):")
-        for key in sorted(results["stage2"]):
-            if key.endswith("/R@1") or key.endswith("class_R@1") or key == "mean_R@1":
-                print(f"  {key:<32} stage1 {results['stage1'].get(key, float('nan')):6.2f}   "
-                      f"stage2 {results['stage2'][key]:6.2f}")
+        report(output_dir, results, losses, time.perf_counter() - start)
     return results
 
 

@@ -27,7 +27,6 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .checkpointing import (
@@ -43,6 +42,7 @@ from .evaluation import RetrievalRecall
 from .hub import TRACKER_PROJECT, CheckpointPusher
 from .imputer import PPCAStatistics
 from .modeling_calmrl import CalMRLModel
+from .progress import step_progress
 from .training_args import CalMRLTrainingArguments, TrainingArguments
 
 
@@ -51,7 +51,8 @@ logger = get_logger(__name__)
 # Arguments that do not change what a resumed run computes: they may differ from the checkpoint's run.
 ARGUMENTS_OUTSIDE_THE_TRAJECTORY = frozenset({
     "output_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume_from_checkpoint",
-    "allow_resume_changes", "report_to", "dataloader_num_workers", "use_cpu", "per_device_eval_batch_size",
+    "allow_resume_changes", "report_to", "dataloader_num_workers", "use_cpu",
+    "dataloader_prefetch_factor", "dataloader_persistent_workers", "dataloader_pin_memory", "per_device_eval_batch_size",
     "eval_pairs", "push_to_hub", "hub_strategy", "hub_model_id", "hub_endpoint", "hub_token", "hub_private_repo",
 })
 
@@ -295,7 +296,8 @@ def train_mode(run: "_Run") -> None:
 
 
 def build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_fn: Callable, per_device: int,
-                      args: CalMRLTrainingArguments) -> tuple[DataLoader, DataLoader | None, DataLoader | None]:
+                      args: CalMRLTrainingArguments, on_gpu: bool = False,
+                      ) -> tuple[DataLoader, DataLoader | None, DataLoader | None]:
     """(train, eval, warm-start) loaders; eval and warm start are None where there is no dataset (or no warm
     start asked for). Train batches are whole (`drop_last`); a map-style train set is shuffled by the loader,
     a streaming one shuffles itself (e.g. `dataset.shuffle(seed, buffer_size)`), reshuffled every epoch."""
@@ -304,6 +306,7 @@ def build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_f
     # state at a checkpoint is then exactly what dropout continues from after a resume
     train_loader = DataLoader(train_dataset, batch_size=per_device, shuffle=not streaming, drop_last=True,
                               collate_fn=collate_fn, num_workers=args.dataloader_num_workers,
+                              pin_memory=args.dataloader_pin_memory and on_gpu, **worker_settings(args),
                               generator=torch.Generator().manual_seed(args.seed))
     eval_loader = warm_loader = None
     if eval_dataset is not None:
@@ -311,6 +314,14 @@ def build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_f
     if warm_start_dataset is not None and args.imputer_warm_start:
         warm_loader = DataLoader(warm_start_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn)
     return train_loader, eval_loader, warm_loader
+
+
+def worker_settings(args: CalMRLTrainingArguments) -> dict[str, Any]:
+    """The DataLoader options that only exist with workers (torch refuses them with `num_workers=0`)."""
+    if not args.dataloader_num_workers:
+        return {}
+    return {"persistent_workers": args.dataloader_persistent_workers,
+            "prefetch_factor": args.dataloader_prefetch_factor}
 
 
 def build_optimizer(model: CalMRLModel, args: CalMRLTrainingArguments, num_processes: int):
@@ -566,8 +577,9 @@ def run_epoch(run: _Run, progress) -> bool:
 def run_epochs(run: _Run) -> None:
     """Epochs until `max_steps` optimizer steps."""
     state, args = run.state, run.args
-    progress = tqdm(total=args.max_steps, initial=state.global_step,
-                    disable=not run.accelerator.is_local_main_process, desc="training")
+    # a bar on a terminal, log lines every logging_steps in a log file
+    progress = step_progress(args.max_steps, state.global_step, f"training {Path(args.output_dir).name}",
+                             enabled=run.accelerator.is_local_main_process)
     while state.global_step < args.max_steps:
         resumed_mid_epoch = state.batches_in_epoch > 0
         if run_epoch(run, progress):
@@ -651,7 +663,8 @@ def train(
     ensure_writable_directory(args.output_dir)  # every process writes there (its RNG states): fail now, not at the end
     set_seed(args.seed)
     freeze_modules(model, args)
-    loaders = build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_fn, per_device, args)
+    loaders = build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_fn, per_device, args,
+                                on_gpu=accelerator.device.type == "cuda")
     optimizer, scheduler = build_optimizer(model, args, accelerator.num_processes)
     run = prepare_run(accelerator, args, model, optimizer, scheduler, loaders, on_checkpoint)
     run.hub_pusher = build_hub_pusher(args, accelerator, processor)

@@ -22,7 +22,8 @@ class CalMRLTrainingArguments:
     Where a field means what a field of transformers' `TrainingArguments` means, it has the same name (`output_dir`,
     `seed`, `max_steps`, `per_device_train_batch_size`, `per_device_eval_batch_size`, `gradient_accumulation_steps`,
     `learning_rate`, `weight_decay`, `lr_scheduler_type`, `warmup_steps`, `max_grad_norm`, `logging_steps`,
-    `save_total_limit`, `dataloader_num_workers`, `use_cpu`, `report_to`, `push_to_hub`, `hub_model_id`, `hub_strategy`,
+    `save_total_limit`, `dataloader_num_workers`, `dataloader_prefetch_factor`, `dataloader_persistent_workers`,
+    `dataloader_pin_memory`, `use_cpu`, `report_to`, `push_to_hub`, `hub_model_id`, `hub_strategy`,
     `hub_token`, `hub_private_repo`). These differ from Trainer's:
 
     - `train_batch_size`: the global batch (per device x processes x accumulation) to check, when given; Trainer's
@@ -71,6 +72,9 @@ class CalMRLTrainingArguments:
     freeze_projections: Sequence[str] = ()  # projection heads to keep frozen
     report_to: str | list[str] | None = None  # trackers, e.g. "tensorboard" ("none" or None: no tracker)
     dataloader_num_workers: int = 0
+    dataloader_prefetch_factor: int | None = None  # batches each worker loads ahead (None: torch's 2)
+    dataloader_persistent_workers: bool = False  # keep the workers between epochs
+    dataloader_pin_memory: bool = True  # page-locked batches; applied only when training on a GPU
     push_to_hub: bool = False  # upload the final model to `hub_model_id`
     hub_model_id: str | None = None  # repo id
     hub_strategy: str = "end"  # "end" | "every_save" (the model at each checkpoint) | "checkpoint" (+ last-checkpoint/)

@@ -217,3 +217,55 @@ def test_bad_inputs(processor):
         processor(text=["a"], return_tensors="np")
     with pytest.raises(ValueError, match=r"row 0: expected an image \[H, W, C\]"):
         processor(vision=[np.zeros(5)])
+
+
+def log_mel_processor(**kwargs):
+    return CalMRLProcessor(feature_extractor=ASTFeatureExtractor(num_mel_bins=16, max_length=40),
+                           modalities=["audio"], **kwargs)
+
+
+def tone(seconds, level, noise, seed=0):
+    t = np.arange(int(seconds * 16000)) / 16000
+    rng = np.random.default_rng(seed)
+    return (level * np.sin(2 * np.pi * 770 * t) + noise * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+def test_log_mel_as_a_floored_one_channel_image():
+    """A convolutional audio tower reads the log-mel map as an image [n, 1, T, mel]; with a dynamic range, each
+    clip's map is floored that far below its own peak and its padding frames read as the floor."""
+    clips = [tone(0.2, 0.5, 0.001), tone(0.35, 0.05, 0.01, seed=1)]
+    plain = log_mel_processor()(audio=clips, sampling_rate=16000)["audio_input_values"]  # [2, 40, 16]
+    image = log_mel_processor(audio_as_image=True)
+    assert image.model_input_names == ["audio_pixel_values", "modality_mask"]
+    batch = image(audio=clips, sampling_rate=16000)
+    assert set(batch) == {"audio_pixel_values", "modality_mask"}
+    assert torch.equal(batch["audio_pixel_values"], plain.unsqueeze(1))
+    floored = log_mel_processor(audio_as_image=True, audio_dynamic_range_db=30)(audio=clips, sampling_rate=16000)
+    floored = floored["audio_pixel_values"][:, 0]
+    fe = image.feature_extractor
+    step_30_db = 3 * np.log(10) / (2 * fe.std)  # 30 dB of power in the extractor's normalised units
+    for row, frames in enumerate((20, 35)):  # 10 ms frames of the 0.2 s and 0.35 s clips (+-1 for the window)
+        peak = plain[row, : frames - 2].max()
+        floor = floored[row].min()
+        assert torch.isclose(floor, peak - step_30_db, atol=1e-5)
+        assert torch.equal(floored[row, frames:], torch.full_like(floored[row, frames:], floor))  # padding
+        clip, floored_clip = plain[row, : frames - 2], floored[row, : frames - 2]
+        above = clip > floor
+        assert above.any() and not above.all()
+        assert torch.equal(floored_clip[above], clip[above])  # the loud parts unchanged, the quiet ones raised
+        assert torch.equal(floored_clip[~above], torch.full_like(clip[~above], floor))
+    with pytest.raises(ValueError, match="audio_dynamic_range_db must be positive"):
+        log_mel_processor(audio_dynamic_range_db=0)
+    waveform = CalMRLProcessor(feature_extractor=Wav2Vec2FeatureExtractor(), modalities=["audio"],
+                               audio_as_image=True)
+    with pytest.raises(ValueError, match="need a spectrogram feature extractor"):
+        waveform(audio=clips, sampling_rate=16000)
+
+
+def test_log_mel_image_settings_survive_save_and_load(tmp_path):
+    processor = log_mel_processor(audio_as_image=True, audio_dynamic_range_db=20.0)
+    processor.save_pretrained(tmp_path)
+    loaded = CalMRLProcessor.from_pretrained(tmp_path)
+    assert loaded.audio_as_image is True and loaded.audio_dynamic_range_db == 20.0
+    clip = [tone(0.3, 0.2, 0.01)]
+    assert torch.equal(loaded(audio=clip)["audio_pixel_values"], processor(audio=clip)["audio_pixel_values"])

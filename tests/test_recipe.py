@@ -31,6 +31,9 @@ def test_train_vast_default_recipe_runs_end_to_end(tmp_path, capsys):
     assert f"Saved the model and processor to {final}" in printed
     assert "mean_R@1" in results["stage1"] and "text->vision/R@1" in results["stage2"]
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
+    assert set(results) == {"stage1", "stage2"} and "text->vision/class_R@1" in results["stage1"]
+    assert "observed pairs" in printed and "never paired in stage 2" in printed  # the grouped table
+    assert (final / "training.png").read_bytes()[:4] == b"\x89PNG"  # next to the model
     model = CalMRLModel.from_pretrained(final)
     processor = CalMRLProcessor.from_pretrained(final)
     assert model.config.modalities == ["vision", "audio", "text", "subtitle"] == processor.modality_names

@@ -296,3 +296,20 @@ def test_streaming_dataset_trains_and_resumes_exactly(tmp_path):
     resumed, _ = run(tmp_path / "b", resume="latest")
     for key, value in uninterrupted.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_dataloader_worker_settings_reach_the_train_loader(tmp_path):
+    from calmrl_hf.training import build_dataloaders
+
+    dataset = make_dataset(8, [FULL])
+    args = TrainingArguments(output_dir=str(tmp_path), dataloader_num_workers=1, dataloader_prefetch_factor=3,
+                             dataloader_persistent_workers=True)
+    train_loader, _, _ = build_dataloaders(dataset, None, None, collate, 4, args, on_gpu=False)
+    assert (train_loader.num_workers, train_loader.prefetch_factor, train_loader.persistent_workers) == (1, 3, True)
+    assert not train_loader.pin_memory  # pinned pages only help a copy to a GPU
+    assert build_dataloaders(dataset, None, None, collate, 4, args, on_gpu=True)[0].pin_memory
+    # without workers torch refuses prefetch_factor / persistent_workers: they are left out
+    plain = TrainingArguments(output_dir=str(tmp_path), dataloader_prefetch_factor=3,
+                              dataloader_persistent_workers=True)
+    loader = build_dataloaders(dataset, None, None, collate, 4, plain)[0]
+    assert loader.num_workers == 0 and not loader.persistent_workers and len(list(loader)) == 2

@@ -56,9 +56,10 @@ def _existing(path, what: str) -> Path:
 def decode_video(path: str | os.PathLike, num_frames: int) -> np.ndarray:
     """`num_frames` RGB frames [T, H, W, 3] uint8 sampled evenly over the whole video (`sample_frame_indices`).
 
-    Frames are decoded in order and only the sampled ones are converted to RGB; decoding stops after the last
-    sampled frame. The frame count comes from the container (or from counting packets when it has none); if the
-    video turns out shorter, the sampling is redone over the frames that exist.
+    One pass over one opened container: frames are decoded in order and only the sampled ones are converted to
+    RGB; decoding stops after the last sampled frame. The frame count comes from the container (or from counting
+    packets when it has none, then a second pass); if the video turns out shorter, the sampling is redone over the
+    frames that exist.
     """
     import av
 
@@ -67,17 +68,22 @@ def decode_video(path: str | os.PathLike, num_frames: int) -> np.ndarray:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise MediaDecodingError(f"Video file {path} has no video stream.", path)
-            stream = container.streams.video[0]
-            total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
-        if total < 1:
-            raise MediaDecodingError(f"Video file {path} has no frames.", path)
-        indices = sample_frame_indices(total, num_frames)
-        frames, decoded = _decode_frames(path, set(indices))
+            total = container.streams.video[0].frames
+            if total:  # announced: sample and decode in this one pass
+                indices = sample_frame_indices(total, num_frames)
+                frames, decoded = _decode_frames(container, set(indices))
+        if not total:
+            with av.open(str(path)) as container:
+                total = sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
+            if total < 1:
+                raise MediaDecodingError(f"Video file {path} has no frames.", path)
+            indices = sample_frame_indices(total, num_frames)
+            frames, decoded = _decode_file_frames(path, set(indices))
         if len(frames) < len(set(indices)):  # fewer frames than announced
             if decoded < 1:
                 raise MediaDecodingError(f"Video file {path} has no decodable frames.", path)
             indices = sample_frame_indices(decoded, num_frames)
-            frames, _ = _decode_frames(path, set(indices))
+            frames, _ = _decode_file_frames(path, set(indices))
     except MediaDecodingError:
         raise
     except Exception as error:  # PyAV raises many error types for corrupt files
@@ -85,19 +91,24 @@ def decode_video(path: str | os.PathLike, num_frames: int) -> np.ndarray:
     return np.stack([frames[i] for i in indices])
 
 
-def _decode_frames(path: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
-    """The wanted frames (by presentation index) as RGB arrays, and how many frames were decoded."""
+def _decode_file_frames(path: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
     import av
 
-    frames, count, last = {}, 0, max(wanted)
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for count, frame in enumerate(container.decode(stream), start=1):
-            if count - 1 in wanted:
-                frames[count - 1] = frame.to_ndarray(format="rgb24")
-            if count - 1 >= last:
-                break
+        return _decode_frames(container, wanted)
+
+
+def _decode_frames(container, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
+    """The wanted frames (by presentation index) of an opened container's first video stream as RGB arrays, and
+    how many frames were decoded."""
+    frames, count, last = {}, 0, max(wanted)
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    for count, frame in enumerate(container.decode(stream), start=1):
+        if count - 1 in wanted:
+            frames[count - 1] = frame.to_ndarray(format="rgb24")
+        if count - 1 >= last:
+            break
     return frames, count
 
 
