@@ -33,7 +33,11 @@ Deviations from the authors' code, all deliberate:
 - PMRL's leading vector has a canonical sign, sum_m <u_b, z_b^m> >= 0 (ties, as for two unit columns with a
   negative cosine, broken by the first observed column); the authors leave it to LAPACK/cuSOLVER, which makes
   their inter term backend-dependent.
-- PMRL's inter term may use u gathered across processes (`gather_fn`); the authors use the per-GPU batch.
+- Negatives gathered across processes (`gather_fn`, `collective.gather_with_grad`, per-process batches of any
+  size): PMRL's inter term (the authors use the per-GPU batch), GRAM's and TRIANGLE's columns, every InfoNCE
+  pair. In open_clip's local-loss form: each process scores its own rows against every process's columns (and
+  its own columns against every row), and returns world size x the sum of its rows' terms / N, so the mean over
+  processes, which DDP's gradient averaging optimises, is the loss of the concatenated batch.
 - GRAM's and TRIANGLE's columns get the plain gradient of the symmetric formula (the authors build the gathered
   side under no_grad, even on one GPU: rows train the anchor, columns the other modalities).
 - Temperatures (floats or 0-dim, possibly learnable, tensors) are clamped to at least 1e-3 (GRAM and TRIANGLE
@@ -151,6 +155,38 @@ def _anchor_index(anchor: int, k: int) -> int:
     return index
 
 
+GatherFn = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+def _gather(gather_fn: GatherFn | None, local: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(rows of every process [N, ...], offset of the local rows, processes the loss is averaged over).
+
+    Without `gather_fn` the local rows alone (offset 0, one process). With it, the gradient reaches the local rows
+    only (`collective.gather_with_grad`); each process then returns `world * (sum of its rows' terms) / N`, so
+    that the mean over processes (what DDP's gradient averaging optimises) is the loss of the whole batch.
+    """
+    if gather_fn is None:
+        return local, 0, 1
+    gathered, offset = gather_fn(local)
+    if gathered.shape[1:] != local.shape[1:] or not 0 <= offset <= gathered.shape[0] - local.shape[0]:
+        raise ValueError(f"gather_fn must return (gathered [N, {', '.join(map(str, local.shape[1:]))}], offset) with "
+                         f"0 <= offset <= N - {local.shape[0]}, got gathered {list(gathered.shape)} and offset "
+                         f"{offset}.")
+    return gathered, offset, world_size()
+
+
+def _local_symmetric_cross_entropy(row_logits: torch.Tensor, column_logits: torch.Tensor, offset: int, world: int,
+                                   label_smoothing: float) -> torch.Tensor:
+    """This process's share of the symmetric loss (CE_eps(L, arange) + CE_eps(L^T, arange)) / 2 of an [N, N]
+    logit matrix L, from its local rows `row_logits` = L[own, :] and local columns `column_logits` = L[:, own]^T,
+    both [n, N] (open_clip's local-loss form); `world` x the sum over the local rows / N."""
+    total = row_logits.shape[1]
+    targets = torch.arange(row_logits.shape[0], device=row_logits.device) + offset
+    terms = (F.cross_entropy(row_logits, targets, label_smoothing=label_smoothing, reduction="sum")
+             + F.cross_entropy(column_logits, targets, label_smoothing=label_smoothing, reduction="sum")) / 2
+    return terms * world / total
+
+
 # ---------------------------------------------------------------------------- singular values
 class _GramMatrix(torch.autograd.Function):
     """G = C C^T [..., k, k] with the one-product backward gC = (gG + gG^T) C (autograd would take two)."""
@@ -260,8 +296,9 @@ def pmrl_loss(
 
     Row b uses its observed columns only (its own number of singular values in the intra softmax).
     `gather_fn(u) -> (u_all [N, d], offset)` supplies the inter term's columns from every process, with the
-    gradient of the local part; the positive of local row b is column offset + b. Without it the columns are the
-    local batch.
+    gradient of the local part (`collective.gather_with_grad`; batches may differ in size); the positive of local
+    row b is column offset + b. Without it the columns are the local batch. With it, the loss is this process's
+    share, world size x sum over local rows / N: the mean over processes is the loss of the concatenated batch.
     """
     mask = _check(embeddings, modality_mask)
     tau1, tau2 = clamp_temperature(tau1, "tau1"), clamp_temperature(tau2, "tau2")
@@ -270,15 +307,12 @@ def pmrl_loss(
     count = mask.sum(dim=1, keepdim=True).clamp_max(embeddings.shape[2])
     observed = torch.arange(mask.shape[1], device=mask.device) < count  # [B, k]
     intra_logits = torch.where(observed, singular / tau1, torch.full_like(singular, float("-inf")))
-    intra = (torch.logsumexp(intra_logits, dim=1) - singular[:, 0] / tau1).mean()
-    columns, offset = (u, 0) if gather_fn is None else gather_fn(u)
-    if columns.dim() != 2 or columns.shape[1] != u.shape[1] or not 0 <= offset <= columns.shape[0] - u.shape[0]:
-        raise ValueError(f"gather_fn must return (u_all [N, {u.shape[1]}], offset) with 0 <= offset <= N - "
-                         f"{u.shape[0]}, got u_all {list(columns.shape)} and offset {offset}.")
+    intra = torch.logsumexp(intra_logits, dim=1) - singular[:, 0] / tau1  # [B]
+    columns, offset, world = _gather(gather_fn, u)
     inter_logits = u @ columns.T / tau2  # <u_b, u_c> / tau2  [B, N]
     positives = torch.arange(u.shape[0], device=u.device) + offset
-    inter = (torch.logsumexp(inter_logits, dim=1) - inter_logits.gather(1, positives[:, None]).squeeze(1)).mean()
-    return intra + inter
+    inter = torch.logsumexp(inter_logits, dim=1) - inter_logits.gather(1, positives[:, None]).squeeze(1)  # [B]
+    return (intra + inter).sum() * world / columns.shape[0]  # the mean over the rows of every process
 
 
 # ---------------------------------------------------------------------------- GRAM and TRIANGLE
@@ -300,17 +334,20 @@ def gram_volume(
     has a zero anchor, hence zero volumes: leave such rows out before calling (as `gram_loss` does).
     """
     mask = _check(embeddings, modality_mask)
-    k = embeddings.shape[1]
-    anchor = _anchor_index(anchor, k)
+    anchor = _anchor_index(anchor, embeddings.shape[1])
     columns = _masked(embeddings, modality_mask)
+    return _volume_between(columns[:, anchor], columns, mask, anchor)
+
+
+def _volume_between(anchors: torch.Tensor, columns: torch.Tensor, mask: torch.Tensor, anchor: int) -> torch.Tensor:
+    """V [n, m] between row anchors [n, d] and the non-anchor modalities of columns [m, k, d] (mask [m, k])."""
+    k = columns.shape[1]
     others = [m for m in range(k) if m != anchor]
-    anchors = columns[:, anchor]  # z_i^anchor  [B, d]
-    rest = columns[:, others]  # z_j^m, m != anchor  [B, k-1, d]
-    batch = columns.shape[0]
-    cross = torch.einsum("id,jmd->ijm", anchors, rest)  # <z_i^anchor, z_j^m>  [B, B, k-1]
-    rest_gram = rest @ rest.transpose(1, 2)  # <z_j^m, z_j^m'>  [B, k-1, k-1]
+    rest = columns[:, others]  # z_j^m, m != anchor  [m, k-1, d]
+    cross = torch.einsum("id,jmd->ijm", anchors, rest)  # <z_i^anchor, z_j^m>  [n, m, k-1]
+    rest_gram = rest @ rest.transpose(1, 2)  # <z_j^m, z_j^m'>  [m, k-1, k-1]
     rest_gram = rest_gram + torch.diag_embed((~mask[:, others]).to(rest_gram.dtype))  # identity for missing
-    gram = columns.new_empty(batch, batch, k, k)  # [B, B, k, k]
+    gram = columns.new_empty(anchors.shape[0], columns.shape[0], k, k)  # [n, m, k, k]
     gram[:, :, 0, 0] = (anchors * anchors).sum(-1).unsqueeze(1)
     gram[:, :, 0, 1:] = cross
     gram[:, :, 1:, 0] = cross
@@ -327,11 +364,13 @@ def gram_loss(
     temperature=0.07,
     label_smoothing: float = 0.1,
     anchor: int = 0,
+    gather_fn: GatherFn | None = None,
 ) -> torch.Tensor:
     """GRAM volume contrastive loss: (CE_eps(-V/T, arange) + CE_eps(-V^T/T, arange)) / 2.
 
     Observed only: an instance takes part when it observes the anchor and at least one other modality; column j
-    then spans its observed modalities only. Raises if no instance qualifies.
+    then spans its observed modalities only. Raises if no instance qualifies (on every process). `gather_fn`
+    (as `pmrl_loss`'s): the instances of every process are the negatives; the loss is this process's share.
     """
     mask = _check(embeddings, modality_mask)
     anchor = _anchor_index(anchor, mask.shape[1])
@@ -340,13 +379,18 @@ def gram_loss(
         raise ValueError(f"gram_loss needs at least two modalities, got k={mask.shape[1]}.")
     others = [m for m in range(mask.shape[1]) if m != anchor]
     keep = mask[:, anchor] & mask[:, others].any(dim=1)
-    if not bool(keep.any()):
+    columns = _masked(embeddings, modality_mask)[keep]  # [n, k, d]
+    packed = torch.cat([columns, mask[keep].unsqueeze(-1).to(columns.dtype)], dim=-1)  # the mask travels along
+    gathered, offset, world = _gather(gather_fn, packed)
+    if gathered.shape[0] == 0:
         raise ValueError(f"gram_loss: no instance observes the anchor modality {anchor} together with another "
                          f"modality.")
-    if not bool(keep.all()):
-        embeddings, modality_mask = embeddings[keep], mask[keep]
-    volume = gram_volume(embeddings, modality_mask, anchor=anchor)  # [B', B']
-    return _symmetric_cross_entropy(-volume / temperature, label_smoothing)
+    all_columns, all_mask = gathered[..., :-1], gathered[..., -1].detach() > 0.5  # [N, k, d], [N, k]
+    rows = _volume_between(columns[:, anchor], all_columns, all_mask, anchor)  # local anchors x all  [n, N]
+    local_columns = rows.T if gather_fn is None else \
+        _volume_between(all_columns[:, anchor], columns, mask[keep], anchor).T  # all anchors x local  [n, N]
+    return _local_symmetric_cross_entropy(-rows / temperature, -local_columns / temperature, offset, world,
+                                          label_smoothing)
 
 
 @_full_precision
@@ -360,10 +404,14 @@ def triangle_area(
     """
     _check(embeddings, None)
     columns = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
-    a, p, r = columns[:, anchor], columns[:, first], columns[:, second]  # [B, d] each
-    aa = (a * a).sum(-1).unsqueeze(1)  # |a_i|^2  [B, 1]
-    ap, ar = a @ p.T, a @ r.T  # <a_i, p_j>, <a_i, r_j>  [B, B]
-    pp, rr, pr = (p * p).sum(-1), (r * r).sum(-1), (p * r).sum(-1)  # [B]
+    return _area_between(columns[:, anchor], columns[:, first], columns[:, second], true_area)
+
+
+def _area_between(a: torch.Tensor, p: torch.Tensor, r: torch.Tensor, true_area: bool) -> torch.Tensor:
+    """A [n, m] of row anchors a [n, d] with the columns' vertices p, r [m, d] (see `triangle_area`)."""
+    aa = (a * a).sum(-1).unsqueeze(1)  # |a_i|^2  [n, 1]
+    ap, ar = a @ p.T, a @ r.T  # <a_i, p_j>, <a_i, r_j>  [n, m]
+    pp, rr, pr = (p * p).sum(-1), (r * r).sum(-1), (p * r).sum(-1)  # [m]
     uu = aa - 2 * ap + pp  # |u|^2
     ww = aa - 2 * ar + rr  # |w|^2
     uw = aa - ap - ar + pr  # <u, w>
@@ -371,6 +419,22 @@ def triangle_area(
     if true_area:
         return squared.clamp_min(_TINY).sqrt() / 2  # sqrt guarded at zero area
     return squared / 2
+
+
+def _triangle_modalities(k: int, anchor: int, modalities: list[int] | None) -> tuple[list[int], int, int]:
+    """The three modalities (all k when k == 3), checked, and the two that are not the anchor."""
+    if modalities is None:
+        if k != 3:
+            raise ValueError(f"triangle_loss needs exactly three modalities, got k={k}: pass modalities=[a, b, c] "
+                             f"to choose three.")
+        modalities = [0, 1, 2]
+    modalities = list(modalities)
+    if len(modalities) != 3 or len(set(modalities)) != 3 or not all(0 <= m < k for m in modalities):
+        raise ValueError(f"modalities must be three distinct indices in [0, {k}), got {modalities}.")
+    if anchor not in modalities:
+        raise ValueError(f"anchor {anchor} must be one of the triangle's modalities {modalities}.")
+    first, second = [m for m in modalities if m != anchor]
+    return modalities, first, second
 
 
 @_full_precision
@@ -383,46 +447,44 @@ def triangle_loss(
     anchor: int = 0,
     modalities: list[int] | None = None,
     true_area: bool = False,
+    gather_fn: GatherFn | None = None,
 ) -> torch.Tensor:
     """TRIANGLE area contrastive loss over three modalities (`modalities`, or all k when k == 3):
     (CE_eps(-A/T, arange) + CE_eps(-A^T/T, arange)) / 2 with A from `triangle_area`.
 
     Observed only: the instances observing all three modalities take part (a triangle needs its three
-    vertices); raises if none does.
+    vertices); raises if none does (on every process). `gather_fn` (as `pmrl_loss`'s): the instances of every
+    process are the negatives; the loss is this process's share.
     """
     mask = _check(embeddings, modality_mask)
     temperature, label_smoothing = clamp_temperature(temperature), _label_smoothing(label_smoothing)
-    k = mask.shape[1]
-    if modalities is None:
-        if k != 3:
-            raise ValueError(f"triangle_loss needs exactly three modalities, got k={k}: pass modalities=[a, b, c] "
-                             f"to choose three.")
-        modalities = [0, 1, 2]
-    modalities = list(modalities)
-    if len(modalities) != 3 or len(set(modalities)) != 3 or not all(0 <= m < k for m in modalities):
-        raise ValueError(f"modalities must be three distinct indices in [0, {k}), got {modalities}.")
-    if anchor not in modalities:
-        raise ValueError(f"anchor {anchor} must be one of the triangle's modalities {modalities}.")
-    first, second = [m for m in modalities if m != anchor]
+    modalities, first, second = _triangle_modalities(mask.shape[1], anchor, modalities)
     keep = mask[:, modalities].all(dim=1)
-    if not bool(keep.any()):
+    local = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))[keep][:, [anchor, first, second]]
+    gathered, offset, world = _gather(gather_fn, local)  # [N, 3, d]
+    if gathered.shape[0] == 0:
         raise ValueError(f"triangle_loss: no instance observes all three modalities {modalities}.")
-    complete = embeddings if bool(keep.all()) else embeddings[keep]
-    area = triangle_area(complete, anchor=anchor, first=first, second=second, true_area=true_area)  # [B', B']
-    return _symmetric_cross_entropy(-area / temperature, label_smoothing)
+    rows = _area_between(local[:, 0], gathered[:, 1], gathered[:, 2], true_area)  # local anchors x all  [n, N]
+    local_columns = rows.T if gather_fn is None else \
+        _area_between(gathered[:, 0], local[:, 1], local[:, 2], true_area).T  # all anchors x local  [n, N]
+    return _local_symmetric_cross_entropy(-rows / temperature, -local_columns / temperature, offset, world,
+                                          label_smoothing)
 
 
 # ---------------------------------------------------------------------------- InfoNCE baselines
-def _pair_infonce(columns, mask, pairs, temperature) -> torch.Tensor:
-    """Mean over pairs (a, b) with >= 2 rows observing both of the symmetric CLIP loss on those rows."""
+def _pair_infonce(columns, mask, pairs, temperature, gather_fn: GatherFn | None = None) -> torch.Tensor:
+    """Mean over pairs (a, b) with >= 2 rows observing both (of every process, with `gather_fn`) of the symmetric
+    CLIP loss on those rows; every process gathers every pair, whatever its own rows."""
     losses = []
     for a, b in pairs:
         both = mask[:, a] & mask[:, b]
-        if int(both.sum()) < 2:  # no negative: the pair carries no contrast
+        local = columns[both][:, [a, b]]  # [n, 2, d]
+        gathered, offset, world = _gather(gather_fn, local)  # [N, 2, d]
+        if gathered.shape[0] < 2:  # no negative: the pair carries no contrast
             continue
-        x, y = (columns[:, a], columns[:, b]) if bool(both.all()) else (columns[both, a], columns[both, b])
-        logits = x @ y.T / temperature  # <z_i^a, z_j^b> / T
-        losses.append(_symmetric_cross_entropy(logits, 0.0))
+        row_logits = local[:, 0] @ gathered[:, 1].T / temperature  # <z_i^a, z_j^b> / T  [n, N]
+        column_logits = local[:, 1] @ gathered[:, 0].T / temperature  # <z_j^b, z_i^a> / T  [n, N]
+        losses.append(_local_symmetric_cross_entropy(row_logits, column_logits, offset, world, 0.0))
     if not losses:
         raise ValueError(f"No pair of modalities among {pairs} is observed together in at least two rows.")
     return torch.stack(losses).mean()
@@ -430,24 +492,25 @@ def _pair_infonce(columns, mask, pairs, temperature) -> torch.Tensor:
 
 @_full_precision
 def anchor_infonce_loss(embeddings: torch.Tensor, modality_mask: torch.Tensor | None = None, *, anchor: int,
-                        temperature=0.07) -> torch.Tensor:
+                        temperature=0.07, gather_fn: GatherFn | None = None) -> torch.Tensor:
     """ImageBind-style: symmetric InfoNCE between the anchor and each other modality m, over the rows observing
-    both (modalities with fewer than two such rows are skipped), averaged over the modalities that remain."""
+    both (modalities with fewer than two such rows are skipped), averaged over the modalities that remain.
+    `gather_fn` (as `pmrl_loss`'s): the rows of every process are the negatives; the loss is this process's share."""
     mask = _check(embeddings, modality_mask)
     anchor = _anchor_index(anchor, mask.shape[1])
     pairs = [(anchor, m) for m in range(mask.shape[1]) if m != anchor]
-    return _pair_infonce(_masked(embeddings, modality_mask), mask, pairs, clamp_temperature(temperature))
+    return _pair_infonce(_masked(embeddings, modality_mask), mask, pairs, clamp_temperature(temperature), gather_fn)
 
 
 @_full_precision
 def pairwise_infonce_loss(embeddings: torch.Tensor, modality_mask: torch.Tensor | None = None, *,
-                          temperature=0.07) -> torch.Tensor:
+                          temperature=0.07, gather_fn: GatherFn | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over every pair of modalities a < b, each over the rows observing both (pairs with fewer
-    than two such rows are skipped), averaged over the pairs that remain."""
+    than two such rows are skipped), averaged over the pairs that remain. `gather_fn` as `anchor_infonce_loss`'s."""
     mask = _check(embeddings, modality_mask)
     k = mask.shape[1]
     pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
-    return _pair_infonce(_masked(embeddings, modality_mask), mask, pairs, clamp_temperature(temperature))
+    return _pair_infonce(_masked(embeddings, modality_mask), mask, pairs, clamp_temperature(temperature), gather_fn)
 
 
 # ---------------------------------------------------------------------------- anchor shift (Theorem 1)
@@ -527,15 +590,19 @@ def _anchor_of(config) -> int:
     return config.modality_index(config.anchor_modality)
 
 
+def _gather_fn(config) -> GatherFn | None:
+    """Negatives from every process where asked (and there is more than one): `collective.gather_with_grad`."""
+    return gather_with_grad if config.gather_across_processes and world_size() > 1 else None
+
+
 def _pmrl_objective(embeddings, modality_mask, config, temperature):
-    # negatives from every process where asked (and there is more than one)
-    gather_fn = gather_with_grad if config.gather_across_processes and world_size() > 1 else None
-    return pmrl_loss(embeddings, modality_mask, tau1=config.pmrl_tau1, tau2=config.pmrl_tau2, gather_fn=gather_fn)
+    return pmrl_loss(embeddings, modality_mask, tau1=config.pmrl_tau1, tau2=config.pmrl_tau2,
+                     gather_fn=_gather_fn(config))
 
 
 def _gram_objective(embeddings, modality_mask, config, temperature):
     return gram_loss(embeddings, modality_mask, temperature=temperature, label_smoothing=config.label_smoothing,
-                     anchor=_anchor_of(config))
+                     anchor=_anchor_of(config), gather_fn=_gather_fn(config))
 
 
 def _triangle_objective(embeddings, modality_mask, config, temperature):
@@ -544,26 +611,29 @@ def _triangle_objective(embeddings, modality_mask, config, temperature):
         modalities = [config.modality_index(m) for m in config.triangle_modalities]
         anchor = modalities[0]
     return triangle_loss(embeddings, modality_mask, temperature=temperature, label_smoothing=config.label_smoothing,
-                         anchor=anchor, modalities=modalities)
+                         anchor=anchor, modalities=modalities, gather_fn=_gather_fn(config))
 
 
 def _anchor_infonce_objective(embeddings, modality_mask, config, temperature):
-    return anchor_infonce_loss(embeddings, modality_mask, anchor=_anchor_of(config), temperature=temperature)
+    return anchor_infonce_loss(embeddings, modality_mask, anchor=_anchor_of(config), temperature=temperature,
+                               gather_fn=_gather_fn(config))
 
 
 def _pairwise_infonce_objective(embeddings, modality_mask, config, temperature):
-    return pairwise_infonce_loss(embeddings, modality_mask, temperature=temperature)
+    return pairwise_infonce_loss(embeddings, modality_mask, temperature=temperature, gather_fn=_gather_fn(config))
 
 
 _CONTRASTIVE_KEYS = ("temperature", "learnable_temperature")
 # `CalMRLConfig.alignment_objective` -> the objective; its names are `configuration_calmrl.ALIGNMENT_OBJECTIVES`.
 OBJECTIVES: dict[str, Objective] = {
     "pmrl": Objective(_pmrl_objective, ("pmrl_tau1", "pmrl_tau2", "gather_across_processes")),
-    "gram": Objective(_gram_objective, (*_CONTRASTIVE_KEYS, "label_smoothing", "anchor_modality")),
-    "triangle": Objective(_triangle_objective,
-                          (*_CONTRASTIVE_KEYS, "label_smoothing", "anchor_modality", "triangle_modalities")),
-    "anchor_infonce": Objective(_anchor_infonce_objective, (*_CONTRASTIVE_KEYS, "anchor_modality")),
-    "pairwise_infonce": Objective(_pairwise_infonce_objective, _CONTRASTIVE_KEYS),
+    "gram": Objective(_gram_objective,
+                      (*_CONTRASTIVE_KEYS, "label_smoothing", "anchor_modality", "gather_across_processes")),
+    "triangle": Objective(_triangle_objective, (*_CONTRASTIVE_KEYS, "label_smoothing", "anchor_modality",
+                                                "triangle_modalities", "gather_across_processes")),
+    "anchor_infonce": Objective(_anchor_infonce_objective,
+                                (*_CONTRASTIVE_KEYS, "anchor_modality", "gather_across_processes")),
+    "pairwise_infonce": Objective(_pairwise_infonce_objective, (*_CONTRASTIVE_KEYS, "gather_across_processes")),
 }
 
 

@@ -39,20 +39,26 @@ class _AllGatherWithLocalGrad(torch.autograd.Function):
 
 
 def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All-gather `tensor` [n, ...] from every process (equal n everywhere), keeping the gradient path.
+    """All-gather the rows of `tensor` [n, ...] from every process, `n` free to differ across processes (0
+    included), keeping the gradient path of the local rows.
 
-    Returns `(gathered [world * n, ...], offset)` where `offset` is the row of this process's first row, the
-    interface `alignment.pmrl_loss(gather_fn=...)` expects. On a single process it is `(tensor, 0)`.
+    Every process enters the same collectives whatever its `n` (the sizes first, then the rows padded to the
+    largest), so unequal batches neither abort nor hang. Returns `(gathered [sum of n, ...], offset)`, the padding
+    dropped, `offset` the row of this process's first row: the interface the objectives' `gather_fn` expects.
+    On a single process it is `(tensor, 0)`.
     """
     if world_size() == 1:
         return tensor, 0
-    return _AllGatherWithLocalGrad.apply(tensor), dist.get_rank() * tensor.shape[0]
+    padded, valid, _ = gather_padded(tensor)
+    counts = valid.view(world_size(), -1).sum(dim=1)
+    offset = int(counts[: dist.get_rank()].sum())
+    return padded[valid], offset
 
 
 def gather_padded(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """All-gather a tensor whose first two sizes may differ across processes (rows; tokens for 3-D tensors).
+    """All-gather a tensor whose first two sizes may differ across processes (rows; tokens of [n, L, ...] tensors).
 
-    Pads rows (and dim 1 of tensors with 3+ dims) to the largest size of any process, gathers with the gradient
+    Pads rows (and dim 1 of tensors with 2+ dims) to the largest size of any process, gathers with the gradient
     of the local part, and returns `(gathered [world * max_rows, ...], valid_rows [world * max_rows], offset)`
     with `offset` the position of this process's first row. Bool tensors travel as uint8. On one process:
     `(tensor, all-True, 0)`.
@@ -61,12 +67,12 @@ def gather_padded(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int
         return tensor, torch.ones(tensor.shape[0], dtype=torch.bool, device=tensor.device), 0
     is_bool = tensor.dtype == torch.bool
     local = tensor.to(torch.uint8) if is_bool else tensor
-    sizes = torch.tensor([local.shape[0], local.shape[1] if local.dim() > 2 else 0], device=local.device)
+    sizes = torch.tensor([local.shape[0], local.shape[1] if local.dim() > 1 else 0], device=local.device)
     all_sizes = [torch.zeros_like(sizes) for _ in range(dist.get_world_size())]
     dist.all_gather(all_sizes, sizes)
     max_rows = int(max(size[0] for size in all_sizes))
     padding = [0, 0] * (local.dim() - 1) + [0, max_rows - local.shape[0]]  # F.pad order: last dim first
-    if local.dim() > 2:
+    if local.dim() > 1:  # token axes ([n, L, H] states, [n, L] masks) may differ too; other sizes pad by 0
         padding[-3] = int(max(size[1] for size in all_sizes)) - local.shape[1]  # right side of dim 1
     padded = torch.nn.functional.pad(local, padding)
     gathered = _AllGatherWithLocalGrad.apply(padded) if padded.is_floating_point() else _gather_plain(padded)

@@ -35,6 +35,8 @@ def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor | No
     if similarity.dim() != 2:
         raise ValueError(f"similarity must be [n, m], got {list(similarity.shape)}.")
     n, m = similarity.shape
+    if n == 0:  # a process without qualifying rows of its own (the others' rows were gathered all the same)
+        return torch.zeros(0, dtype=torch.long, device=similarity.device)
     positives = torch.arange(n, device=similarity.device) if positives is None else positives
     allowed = torch.ones(n, m, dtype=torch.bool, device=similarity.device) if valid is None else \
         valid.unsqueeze(0).expand(n, m).clone()
@@ -135,27 +137,26 @@ class FusionEncoder(nn.Module):
         Per row: the positive pair, one negative condition for its caption and one negative caption for its
         condition, each drawn in proportion to softmax(alignment similarity / temperature) from the batch (of
         every process with `gather`), the positive excluded. `embeddings` [B, k, D] and `modality_mask` [B, k] are
-        the observed ones. Returns None when fewer than two rows of the local batch qualify.
+        the observed ones. Returns None when fewer than two rows qualify (in the batches of every process with
+        `gather`: every process enters the same gathers whatever its batch holds, and all return None together).
+        With `gather`, the loss is this process's share: world size x the sum over its pairs / all pairs.
         """
+        gather = gather and world_size() > 1
         caption_index = self.modalities.index(self.caption)
         others = torch.ones(len(self.modalities), dtype=torch.bool, device=modality_mask.device)
         others[caption_index] = False
         rows = (modality_mask[:, caption_index] & (modality_mask & others).any(dim=1)).nonzero().flatten()
-        if rows.numel() < 2:
+        if rows.numel() < 2 and not gather:
             return None
-        caption_states, caption_mask = tokens[self.caption]
-        caption_position = modality_mask[:, caption_index].long().cumsum(0) - 1
-        captions, captions_mask = caption_states[caption_position[rows]], caption_mask[caption_position[rows]]
-        memory, memory_mask = self.condition_memory(modality_mask, tokens, rows)
-        # similarity of caption i and condition j: caption embedding vs mean of j's observed other embeddings
-        condition_embeds = F.normalize((embeddings[rows] * (modality_mask[rows] & others).unsqueeze(-1)).sum(dim=1),
-                                       dim=-1)
-        caption_embeds = embeddings[rows, caption_index]
+        pairs = self._local_pairs(embeddings, modality_mask, tokens, rows, caption_index, others)
         # negatives come from the batch of every process (padded gather; the local part keeps its gradient)
-        pool = [gather_padded(t) if gather and world_size() > 1 else (t, None, 0) for t in
-                (captions, captions_mask, memory, memory_mask, caption_embeds, condition_embeds)]
+        pool = [gather_padded(t) if gather else (t, None, 0) for t in pairs]
         (all_captions, valid, offset), (all_captions_mask, _, _), (all_memory, _, _), (all_memory_mask, _, _), \
             (all_caption_embeds, _, _), (all_condition_embeds, _, _) = pool
+        total = rows.numel() if valid is None else int(valid.sum())
+        if total < 2:
+            return None
+        caption_embeds, condition_embeds = pairs[4], pairs[5]
         n = rows.numel()
         own = torch.arange(n, device=rows.device) + offset  # the local rows among the gathered ones
         temperature = clamp_temperature(temperature)
@@ -170,7 +171,25 @@ class FusionEncoder(nn.Module):
         pair_memory_mask = torch.cat([all_memory_mask[own], all_memory_mask[negative_condition],
                                       all_memory_mask[own]])
         labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(rows.device)
-        return matching_loss(self(pair_captions, pair_captions_mask, pair_memory, pair_memory_mask), labels)
+        logits = self(pair_captions, pair_captions_mask, pair_memory, pair_memory_mask)  # [3n, 2] (n may be 0)
+        share = world_size() * n / total if gather else 1.0
+        return matching_loss(logits, labels, share)
+
+    def _local_pairs(self, embeddings, modality_mask, tokens, rows, caption_index, others):
+        """(caption tokens, their mask, condition tokens, their mask, caption embeddings, condition embeddings) of
+        the batch rows `rows` (none at all is fine: zero-row tensors of the right widths)."""
+        caption_states, caption_mask = tokens[self.caption]
+        caption_position = modality_mask[:, caption_index].long().cumsum(0) - 1
+        captions, captions_mask = caption_states[caption_position[rows]], caption_mask[caption_position[rows]]
+        if rows.numel():
+            memory, memory_mask = self.condition_memory(modality_mask, tokens, rows)
+        else:
+            memory = caption_states.new_zeros(0, 1, self.head.in_features)
+            memory_mask = torch.zeros(0, 1, dtype=torch.bool, device=caption_states.device)
+        # similarity of caption i and condition j: caption embedding vs mean of j's observed other embeddings
+        condition_embeds = F.normalize((embeddings[rows] * (modality_mask[rows] & others).unsqueeze(-1)).sum(dim=1),
+                                       dim=-1)
+        return captions, captions_mask, memory, memory_mask, embeddings[rows, caption_index], condition_embeds
 
     def match_probability(self, caption_states: torch.Tensor, caption_mask: torch.Tensor,
                           tokens: dict) -> torch.Tensor:
@@ -187,9 +206,12 @@ class FusionEncoder(nn.Module):
         return logits.float().softmax(dim=-1)[:, 1]
 
 
-def matching_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary matching cross-entropy over positive (label 1) and negative (label 0) pairs."""
-    return F.cross_entropy(logits.float(), labels)
+def matching_loss(logits: torch.Tensor, labels: torch.Tensor, share: float = 1.0) -> torch.Tensor:
+    """Binary matching cross-entropy over positive (label 1) and negative (label 0) pairs: their mean, times
+    `share` (a process's part of pairs gathered from every process); 0 for no pair (still in the graph)."""
+    if labels.numel() == 0:
+        return logits.float().sum() * 0.0
+    return F.cross_entropy(logits.float(), labels) * share
 
 
 __all__ = ["FusionEncoder", "matching_loss", "sample_hard_negatives"]

@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .alignment import OBJECTIVES, clamp_temperature, gram_singular_values
+from .collective import world_size
 from .configuration_calmrl import DEFAULT_MODALITIES, DEFAULT_SHARED_ENCODERS, CalMRLConfig
 from .feature_encoder import FeatureEncoderConfig, FeatureEncoderModel
 from .fusion import FusionEncoder
@@ -36,7 +37,7 @@ from .loading import load_strictly, load_tower
 from .lora import add_lora, freeze_lora_towers, is_lora_layer
 from .modality_features import CalMRLFeaturesMixin, CalMRLModalityOutput
 from .modality_inputs import group_inputs, resolve_modality_mask, split_tower_flags
-from .towers import build_towers, towers_support
+from .towers import build_towers, placeholder_inputs, towers_support
 from .validation import check_embeddings
 
 
@@ -337,7 +338,24 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
             rows = modality_mask[:, index].nonzero().squeeze(1).to(features.device)
             column = torch.full_like(rows, index)
             embeddings = embeddings.index_put((rows, column), features)  # [B, k, D], observed rows of modality
+        if world_size() > 1:
+            embeddings = self._run_absent_towers(embeddings, grouped, outputs)
         return embeddings, modality_mask, outputs
+
+    def _run_absent_towers(self, embeddings: torch.Tensor, grouped: dict, outputs: dict) -> torch.Tensor:
+        """Run the tower and head of each modality absent from the local batch on a placeholder row that adds 0:
+        under DDP / FSDP / ZeRO-3 the processes' collectives (parameter gathers, gradient reductions) then match
+        whatever each batch holds. Such a modality's output has zero rows, as it observes none."""
+        for name in self.config.modalities:
+            if name in grouped:
+                continue
+            tower = self.encoders[self.config.encoder_owner(name)]
+            placeholder = self._run_modality(name, placeholder_inputs(tower, embeddings.device), {})
+            embeddings = embeddings + 0.0 * placeholder.pooler_output.sum()  # in the graph, gradient zero
+            outputs[name] = CalMRLModalityOutput(last_hidden_state=placeholder.last_hidden_state[:0],
+                                                 pooler_output=placeholder.pooler_output[:0],
+                                                 token_mask=placeholder.token_mask[:0])
+        return embeddings
 
     # ------------------------------------------------------------------ step 2: impute
     def impute_missing(

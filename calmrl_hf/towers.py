@@ -106,6 +106,28 @@ def run_tower(tower: nn.Module, mode: str, name: str, inputs: dict[str, torch.Te
     return pooled, tokens, token_mask, outputs
 
 
+def placeholder_inputs(tower: nn.Module, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """One row of zeros in the input a tower's config describes (token ids, an image, a spectrogram, a waveform,
+    features), for running a tower whose modality the local batch lacks: under DDP / FSDP / ZeRO-3 every process
+    must run every tower (the collectives inside it) on every step. Zero-row batches would be cheaper, but
+    transformers' attention reshapes refuse them."""
+    config, name = tower.config, tower.main_input_name
+    if name == "input_ids":
+        return {"input_ids": torch.zeros(1, 1, dtype=torch.long, device=device),
+                "attention_mask": torch.ones(1, 1, dtype=torch.long, device=device)}
+    if name == "pixel_values":
+        size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+        return {name: torch.zeros(1, getattr(config, "num_channels", 3), *size, device=device)}
+    if name == "input_values" and hasattr(config, "num_mel_bins") and hasattr(config, "max_length"):  # AST
+        return {name: torch.zeros(1, config.max_length, config.num_mel_bins, device=device)}
+    if name == "input_values":  # a waveform (Wav2Vec2-like): one second at 16 kHz covers any receptive field
+        return {name: torch.zeros(1, 16000, device=device)}
+    if name == "input_features" and hasattr(config, "input_dim"):  # feature_encoder.FeatureEncoderModel
+        return {name: torch.zeros(1, config.input_dim, device=device)}
+    raise ValueError(f"Cannot build a placeholder input for a {type(tower).__name__} tower (main input {name!r}): "
+                     f"in multi-process training every process needs a batch with a row of each modality.")
+
+
 def tower_input_names(tower: nn.Module) -> frozenset[str]:
     """The inputs a tower's `forward` names (`input_ids`, `pixel_values`, ...): transformers towers also take
     `**kwargs`, which would swallow a misspelt input without a word."""
@@ -119,5 +141,5 @@ def frames_as_tokens(per_frame: torch.Tensor, num_frames: int) -> torch.Tensor:
     return per_frame.unflatten(0, (-1, num_frames)).flatten(1, 2)
 
 
-__all__ = ["build_towers", "frames_as_tokens", "masked_mean", "pool", "run_tower", "tower_class", "tower_input_names",
+__all__ = ["build_towers", "frames_as_tokens", "masked_mean", "placeholder_inputs", "pool", "run_tower", "tower_class", "tower_input_names",
            "towers_support"]

@@ -222,7 +222,8 @@ def test_reflection_of_the_space_changes_nothing():
 
 
 def test_gathered_columns_give_the_same_loss_and_gradient_as_one_big_batch():
-    """Two halves, each with the other half's u as extra columns == the whole batch (offset = own position)."""
+    """Two halves, each with the other half's u as extra columns: each returns its share (sum of its rows' terms
+    / N, times the processes: one here), so the two shares add up to the whole batch's loss."""
     Z = unit(8, 3, 5, seed=9)
     whole = Z.clone().requires_grad_(True)
     pmrl_loss(whole).backward()
@@ -230,7 +231,7 @@ def test_gathered_columns_give_the_same_loss_and_gradient_as_one_big_batch():
     _, u_all = gram_singular_values(parts)
     halves = [pmrl_loss(parts[i : i + 4], gather_fn=lambda u, i=i: (torch.cat([u_all[:i], u, u_all[i + 4:]]), i))
               for i in (0, 4)]
-    total = (halves[0] + halves[1]) / 2
+    total = halves[0] + halves[1]
     total.backward()
     torch.testing.assert_close(total, pmrl_loss(Z))
     torch.testing.assert_close(parts.grad, whole.grad)
