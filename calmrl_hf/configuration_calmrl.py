@@ -145,8 +145,10 @@ class CalMRLConfig(PreTrainedConfig):
             there is such a modality, else the first modality.
         triangle_modalities (`list[str]`, *optional*): the three modalities TRIANGLE uses (anchor first).
         gather_across_processes (`bool`, *optional*, defaults to `True`):
-            Use the embeddings of every process as negatives (all-gather with gradient of the local part). The PMRL
-            authors use the per-GPU batch only; gathering is our documented deviation.
+            Use the embeddings of every process as negatives (all-gather with gradient of the local part, batches of
+            any size): PMRL's inter term, GRAM's and TRIANGLE's columns, every InfoNCE pair, the matching head's hard
+            negatives. Each process returns its share, so the mean over processes is the concatenated batch's loss.
+            The PMRL authors use the per-GPU batch only; gathering is our documented deviation.
         matching_weight (`float`, *optional*, defaults to 0.1): weight alpha of the matching term (the paper's 0.1);
             it applies when the model has a matching head (`fusion_num_layers > 0`).
         fusion_num_layers (`int`, *optional*, defaults to 0): layers of the fusion encoder of the matching head

@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> dict:
     ensure_writable_directory(output_dir)
     if "generate_mini_vast" in recipe["data"]:
         ensure_writable_directory(recipe["data"]["generate_mini_vast"]["root"], "data.generate_mini_vast.root")
-    # the Accelerator first: it sets up the processes (torchrun + --cpu: gloo) that everything below runs in
+    # stage 1's Accelerator first: it sets up the processes (on a CPU machine: gloo) that everything below runs in
     accelerator = build_accelerator(stages["stage1"][0])
 
     set_seed(seed)  # the towers' random initialisation is part of the run: same seed, same model
@@ -277,10 +277,12 @@ def run(args: argparse.Namespace) -> dict:
     results, losses = {}, {}
     for stage, (training_args, objective) in stages.items():
         model.config.alignment_objective = objective
+        if stage != "stage1":  # each stage its own Accelerator: its accumulation, precision and checkpoints
+            accelerator = build_accelerator(training_args)
         warm_start = datasets["stage1"] if training_args.imputer_warm_start else None
         result = train(model, datasets[stage], training_args, collate_fn=collator, eval_dataset=datasets["test"],
                        warm_start_dataset=warm_start, processor=processor, accelerator=accelerator)
-        model = accelerator.unwrap_model(model)
+        model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # no stage-1 autocast left on forward
         results[stage] = result.metrics
         losses[f"{stage} ({objective})"] = (result.global_step, result.losses)  # the plot's legend
         if accelerator.is_main_process:

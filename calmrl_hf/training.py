@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState
+from accelerate.utils import GradientAccumulationPlugin
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save
@@ -41,6 +43,7 @@ from .data.loaders import dataset_modalities
 from .evaluation import RetrievalRecall
 from .hub import TRACKER_PROJECT, CheckpointPusher
 from .imputer import PPCAStatistics
+from .launch import check_launch, wants_cpu_processes
 from .modeling_calmrl import CalMRLModel
 from .progress import step_progress
 from .training_args import CalMRLTrainingArguments, TrainingArguments
@@ -184,10 +187,21 @@ def validate_setup(model: CalMRLModel, datasets: dict[str, Any], args: CalMRLTra
 
 
 def build_accelerator(args: CalMRLTrainingArguments) -> Accelerator:
-    return Accelerator(
-        cpu=args.use_cpu,
+    """The Accelerator of one training run (the recipe builds one per stage), with the run's own settings.
+
+    `mixed_precision` / `gradient_accumulation_steps` left None take the launcher's (`accelerate launch
+    --mixed_precision`, `accelerate config`, DeepSpeed's config); set, they win over it. Several launched processes
+    on a machine without GPUs become CPU processes over gloo (`launch.wants_cpu_processes`), and a launch whose
+    processes the Accelerator does not see is refused (`launch.check_launch`). Settings of an earlier Accelerator of
+    this process (an earlier stage) are dropped first; its process group stays.
+    """
+    AcceleratorState._reset_state()  # accelerate refuses a second Accelerator with other settings otherwise
+    accumulation = (GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps)
+                    if args.gradient_accumulation_steps is not None else None)  # a plugin wins over the launcher's env
+    accelerator = Accelerator(
+        cpu=args.use_cpu or wants_cpu_processes(),
         mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        gradient_accumulation_plugin=accumulation,
         log_with=args.report_to,
         project_dir=args.output_dir,
         # towers of modalities absent from a batch get no gradient: DDP must not wait for them
@@ -197,6 +211,22 @@ def build_accelerator(args: CalMRLTrainingArguments) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
                                                   dispatch_batches=False),
     )
+    check_launch(accelerator.num_processes)
+    return accelerator
+
+
+def resolve_launch_settings(args: CalMRLTrainingArguments, accelerator: Accelerator) -> CalMRLTrainingArguments:
+    """`args` with the mixed precision and accumulation the run uses (the launcher's where `args` left them None);
+    an explicit value that the given `accelerator` does not use is an error."""
+    used = {"mixed_precision": str(accelerator.mixed_precision),
+            "gradient_accumulation_steps": accelerator.gradient_accumulation_steps}
+    for name, value in used.items():
+        given = getattr(args, name)
+        if given is not None and given != value:
+            raise ValueError(f"Training argument {name}={given!r} but the Accelerator passed to train uses {value!r}: "
+                             f"build it with calmrl_hf.training.build_accelerator(args), or leave {name} None to "
+                             f"take the Accelerator's.")
+    return replace(args, **used)
 
 
 @torch.no_grad()
@@ -656,6 +686,7 @@ def train(
     `modality_mask`). `on_checkpoint(step)` is called after each checkpoint (tests use it to stop a run).
     """
     accelerator = accelerator or build_accelerator(args)
+    args = resolve_launch_settings(args, accelerator)
     per_device = validate_setup(
         model, {"train": train_dataset, "eval": eval_dataset, "warm start": warm_start_dataset}, args,
         accelerator.num_processes,

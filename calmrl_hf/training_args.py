@@ -28,7 +28,10 @@ class CalMRLTrainingArguments:
 
     - `train_batch_size`: the global batch (per device x processes x accumulation) to check, when given; Trainer's
       is a read-only property without accumulation.
-    - `mixed_precision`: accelerate's `"no"` / `"bf16"` / `"fp16"` instead of Trainer's `bf16` / `fp16` flags.
+    - `mixed_precision`: accelerate's `"no"` / `"bf16"` / `"fp16"` instead of Trainer's `bf16` / `fp16` flags; None
+      (the default) takes the launcher's (`accelerate launch --mixed_precision`, `accelerate config`), "no" without.
+    - `gradient_accumulation_steps`: None (the default) takes the launcher's (DeepSpeed's config), 1 without; a value
+      set here wins over the launcher's. `train` records the values the run used.
     - `eval_steps`, `save_steps`: evaluate / checkpoint every N optimizer steps when set, never when None (no
       `eval_strategy` / `save_strategy`).
     - `resume_from_checkpoint`: also takes `"latest"` (the newest complete checkpoint in `output_dir/checkpoints`).
@@ -49,13 +52,13 @@ class CalMRLTrainingArguments:
     per_device_train_batch_size: int = 32
     train_batch_size: int | None = None  # global; if set, must equal per_device * processes * accumulation
     per_device_eval_batch_size: int = 64
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int | None = None  # None: the launcher's (accelerate config / DeepSpeed), else 1
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
     lr_scheduler_type: str = "cosine"
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    mixed_precision: str | None = None  # "no" | "bf16" | "fp16"; None: the launcher's (accelerate launch / config)
     use_cpu: bool = False  # force CPU processes (torchrun on CPU: gloo all-reduce)
     logging_steps: int = 10
     eval_steps: int | None = None
@@ -116,6 +119,8 @@ class CalMRLTrainingArguments:
             warnings.warn("push_to_hub=REPO_ID is deprecated: use push_to_hub=True, hub_model_id=REPO_ID "
                           "(transformers Trainer's names).", FutureWarning, stacklevel=3)
             self.push_to_hub, self.hub_model_id = True, self.push_to_hub
+        if self.mixed_precision is False:  # YAML reads `mixed_precision: no` as false
+            self.mixed_precision = "no"
         if self.report_to == "none" or self.report_to == ["none"]:
             self.report_to = None
         self._validate()
@@ -125,10 +130,11 @@ class CalMRLTrainingArguments:
             raise ValueError(f"imputer_statistics = {self.imputer_statistics!r}; expected 'ema', 'epoch' or 'frozen'.")
         if not 0.0 <= self.imputer_ema_decay < 1.0:
             raise ValueError(f"imputer_ema_decay must be in [0, 1), got {self.imputer_ema_decay}.")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision = {self.mixed_precision!r}; expected 'no', 'bf16' or 'fp16'.")
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision = {self.mixed_precision!r}; expected 'no', 'bf16', 'fp16' or None (the "
+                             f"launcher's).")
         for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.hub_strategy not in HUB_STRATEGIES:
             raise ValueError(f"hub_strategy = {self.hub_strategy!r}; expected one of {HUB_STRATEGIES}.")

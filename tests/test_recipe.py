@@ -15,6 +15,7 @@ pytest.importorskip("sklearn", reason="the mini corpus draws scikit-learn's hand
 from calmrl_hf import recipe as train_vast  # noqa: E402
 
 from calmrl_hf import CalMRLModel, CalMRLProcessor  # noqa: E402
+from calmrl_hf.checkpointing import load_state_file  # noqa: E402
 
 
 def test_train_vast_default_recipe_runs_end_to_end(tmp_path, capsys):
@@ -25,6 +26,8 @@ def test_train_vast_default_recipe_runs_end_to_end(tmp_path, capsys):
     for stage in ("stage1", "stage2"):
         argv += ["--set", f"{stage}.max_steps=2", "--set", f"{stage}.per_device_train_batch_size=8",
                  "--set", f"{stage}.save_steps=1"]
+    # each stage its own accumulation and precision (one Accelerator per stage)
+    argv += ["--set", "stage2.gradient_accumulation_steps=2", "--set", "stage2.mixed_precision=bf16"]
     results = train_vast.main(argv)
     printed = capsys.readouterr().out
     final = tmp_path / "run" / "stage2"
@@ -34,6 +37,15 @@ def test_train_vast_default_recipe_runs_end_to_end(tmp_path, capsys):
     assert set(results) == {"stage1", "stage2"} and "text->vision/class_R@1" in results["stage1"]
     assert "observed pairs" in printed and "never paired in stage 2" in printed  # the grouped table
     assert (final / "training.png").read_bytes()[:4] == b"\x89PNG"  # next to the model
+    used = {stage: json.loads((tmp_path / "run" / stage / "training_args.json").read_text()) for stage in
+            ("stage1", "stage2")}
+    assert [(used[s]["gradient_accumulation_steps"], used[s]["mixed_precision"]) for s in used] == [(1, "no"),
+                                                                                                      (2, "bf16")]
+    # stage 2's first checkpoint holds stage 2's optimizer and schedule only: one step taken, not stage 1's 2 + 1
+    checkpoint = final / "checkpoints" / "step_1"
+    optimizer = load_state_file(checkpoint / "optimizer.safetensors")["optimizer"]
+    assert {int(state["step"]) for state in optimizer["state"].values()} == {1}
+    assert load_state_file(checkpoint / "scheduler.safetensors")["last_epoch"] == 1  # stage 1 took 2 steps before
     model = CalMRLModel.from_pretrained(final)
     processor = CalMRLProcessor.from_pretrained(final)
     assert model.config.modalities == ["vision", "audio", "text", "subtitle"] == processor.modality_names
