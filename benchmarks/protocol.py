@@ -13,6 +13,8 @@ Hyperparameters are chosen on the validation split (`tune_methods`) and used unc
 
 from __future__ import annotations
 
+import math
+
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -93,7 +95,7 @@ class Experiment:
             setattr(model.config, key, value)
         if "temperature" in hyperparameters:  # the contrastive temperature is a (learnable) parameter
             with torch.no_grad():
-                model.temperature.fill_(float(hyperparameters["temperature"]))
+                model.logit_scale.fill_(-math.log(float(hyperparameters["temperature"])))  # log(1 / T)
         learning_rate = hyperparameters.get("learning_rate", self.stage2.learning_rate)
         args = self.arguments(method_name.split(" ")[0], self.stage2, learning_rate=learning_rate,
                               imputer_warm_start=True, **method.training)

@@ -8,12 +8,15 @@ checkpoints as remote code.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from safetensors import SafetensorError
+import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
 from .towers import tower_class
 
@@ -78,6 +81,16 @@ def load_sub_model(name: str, spec: str, model_class: type) -> PreTrainedModel:
     return tower
 
 
+def saved_tensor(location, key: str, kwargs: dict) -> torch.Tensor:
+    """Tensor `key` as stored in the safetensors weights of a checkpoint (a folder or a Hub repo id, `kwargs` those
+    of `from_pretrained`: revision, cache_dir, token, ...), sharded or not."""
+    hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+    index = cached_file(str(location), SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False, **hub)
+    name = json.loads(Path(index).read_text())["weight_map"][key] if index else SAFE_WEIGHTS_NAME
+    with safe_open(cached_file(str(location), name, **hub), framework="pt") as weights:
+        return weights.get_tensor(key)
+
+
 def load_tower(name: str, spec) -> PreTrainedModel | PreTrainedConfig:
     """The tower of modality `name` for `CalMRLModel.from_encoders`: a model or config as given, or a folder /
     Hub repo id loaded with `AutoModel.from_pretrained`; from a composite checkpoint whose config has a
@@ -95,4 +108,4 @@ def load_tower(name: str, spec) -> PreTrainedModel | PreTrainedConfig:
     )
 
 
-__all__ = ["PICKLE_SUFFIXES", "load_strictly", "load_tower"]
+__all__ = ["PICKLE_SUFFIXES", "load_strictly", "load_tower", "saved_tensor"]

@@ -15,6 +15,7 @@ Reference: Liu et al., "Calibrated Multimodal Representation Learning with Missi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -33,7 +34,7 @@ from .configuration_calmrl import DEFAULT_MODALITIES, DEFAULT_SHARED_ENCODERS, C
 from .feature_encoder import FeatureEncoderConfig, FeatureEncoderModel
 from .fusion import FusionEncoder
 from .imputer import PPCAImputer
-from .loading import load_strictly, load_tower
+from .loading import load_strictly, load_tower, saved_tensor
 from .lora import add_lora, freeze_lora_towers, is_lora_layer
 from .modality_features import CalMRLFeaturesMixin, CalMRLModalityOutput
 from .modality_inputs import group_inputs, resolve_modality_mask, split_tower_flags
@@ -43,7 +44,8 @@ from .validation import check_embeddings
 
 AutoModel.register(FeatureEncoderConfig, FeatureEncoderModel, exist_ok=True)
 # Saved before the imputer recorded its modality order: such checkpoints still load (the order is not checked).
-LEGACY_OPTIONAL_KEYS = ("imputer.modality_codes",)
+# Saved before the temperature became `logit_scale` [1]: their 0-dim `temperature` is read instead.
+LEGACY_OPTIONAL_KEYS = ("imputer.modality_codes", "logit_scale")
 
 
 @dataclass
@@ -67,7 +69,8 @@ class CalMRLOutput(ModelOutput):
             Singular values of each instance's d x k matrix of aligned columns, descending (0 for unused columns).
         anchor_embeddings (`torch.FloatTensor` of shape `[B, D]`):
             Leading left singular vector of each instance (the "anchor" all its modalities align to).
-        logit_scale (`torch.FloatTensor` of shape `()`): log of the inverse temperature, as CLIP's.
+        logit_scale (`torch.FloatTensor` of shape `()`): log of the inverse (clamped) temperature, as CLIP's; the
+            parameter `model.logit_scale` it comes from has shape `[1]`.
         logits_per_<a>_<b> (`torch.FloatTensor` of shape `[n_a, n_b]`): for every ordered pair of modalities
             observed in the batch, `exp(logit_scale)` x the cosine similarities between the n_a observed rows of
             `a` and the n_b observed rows of `b`, in batch order (`logits_per_text_vision`, `logits_per_vision_text`
@@ -125,6 +128,14 @@ class CalMRLEncoding(ModelOutput):
     fused_embeddings: torch.FloatTensor | None = None
 
 
+def _temperature_to_logit_scale(state_dict, prefix, *_):
+    """Load hook: a state saved before the temperature became `logit_scale` [1] holds a 0-dim `temperature` T;
+    it loads as logit_scale = [log(1 / T)]."""
+    old = state_dict.pop(prefix + "temperature", None)
+    if old is not None and prefix + "logit_scale" not in state_dict:
+        state_dict[prefix + "logit_scale"] = -torch.log(old.reshape(1).to(torch.float32))
+
+
 class CalMRLPreTrainedModel(PreTrainedModel):
     config: CalMRLConfig
     config_class = CalMRLConfig
@@ -136,7 +147,7 @@ class CalMRLPreTrainedModel(PreTrainedModel):
     # float32, which is why the imputer's bookkeeping buffers are float).
     _keep_in_fp32_modules_strict = ["imputer"]
     # Checkpoints saved before the imputer dropped its write-only `num_observed` buffer still load.
-    _keys_to_ignore_on_load_unexpected = [r"^imputer\.num_observed$"]
+    _keys_to_ignore_on_load_unexpected = [r"^imputer\.num_observed$", r"^temperature$"]
 
     # The attention implementations a CalMRL model supports are those all its towers support (the model has no
     # attention of its own but the matching head's, which runs on torch's scaled_dot_product_attention).
@@ -168,7 +179,7 @@ class CalMRLPreTrainedModel(PreTrainedModel):
             for name, buffer in fresh.named_buffers():
                 init.copy_(getattr(module, name), buffer)
         elif isinstance(module, CalMRLModel):
-            init.constant_(module.temperature, self.config.temperature)
+            init.constant_(module.logit_scale, -math.log(self.config.temperature))
         elif is_lora_layer(module):
             # a fresh adapter starts as the identity: B = 0 (A keeps peft's own initialisation)
             for layer in module.lora_B.values():
@@ -180,6 +191,12 @@ class CalMRLPreTrainedModel(PreTrainedModel):
         the config is an error (`loading.load_strictly`), imputer buffers included, and so is a config whose
         modality order differs from the one the imputer was saved with."""
         model, info = load_strictly(super().from_pretrained, *args, optional_keys=LEGACY_OPTIONAL_KEYS, **kwargs)
+        if "logit_scale" in info.get("missing_keys", ()):  # a checkpoint with the 0-dim `temperature` of old
+            state = {"temperature": saved_tensor(args[0] if args else kwargs["pretrained_model_name_or_path"],
+                                                 "temperature", kwargs)}
+            _temperature_to_logit_scale(state, "")
+            with torch.no_grad():
+                model.logit_scale.copy_(state["logit_scale"])
         if "imputer.modality_codes" not in info.get("missing_keys", ()):
             model.imputer.check_modality_order()
         freeze_lora_towers(model.encoders, model.config.lora)  # loading re-creates the parameters
@@ -212,9 +229,10 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
             noise_var_floor=config.imputer_noise_var_floor,
             modality_names=config.modalities,
         )
-        self.temperature = nn.Parameter(
-            torch.tensor(float(config.temperature)), requires_grad=config.learnable_temperature
-        )
+        # log(1 / temperature), shape [1] as SigLIP's (FSDP refuses 0-dim parameters); `temperature` reads it
+        self.logit_scale = nn.Parameter(torch.full((1,), -math.log(config.temperature)),
+                                        requires_grad=config.learnable_temperature)
+        self._register_load_state_dict_pre_hook(_temperature_to_logit_scale)
         if config.lora is not None:
             add_lora(self.encoders, config.lora)
         self.fusion = None
@@ -299,8 +317,12 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
         return push_model(self, repo_id, **kwargs)
 
     @property
-    def logit_scale(self) -> torch.Tensor:
-        """log(1 / temperature), the temperature clamped as the objectives clamp it: CLIP's `logit_scale`."""
+    def temperature(self) -> torch.Tensor:
+        """The contrastive temperature exp(-logit_scale), 0-dim (the objectives clamp it to >= 1e-3)."""
+        return torch.exp(-self.logit_scale).reshape(())
+
+    def clamped_logit_scale(self) -> torch.Tensor:
+        """log(1 / temperature) [()] with the temperature clamped as the objectives clamp it (CLIP's output field)."""
         return -torch.log(clamp_temperature(self.temperature))
 
     # ------------------------------------------------------------------ step 1: embed
@@ -500,7 +522,7 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
                 matching = self.matching_step(embeddings, modality_mask, tokens)
                 if matching is not None:
                     loss = alignment + self.config.matching_weight * matching
-        logit_scale = self.logit_scale
+        logit_scale = self.clamped_logit_scale()
         columns = {name: self.config.modality_index(name) for name in tower_outputs}
         observed = {name: embeddings[modality_mask[:, i], i] for name, i in columns.items()}  # [n_m, D] each
         # CLIP's logits_per_text: exp(logit_scale) <text, image>, here for every ordered pair of observed modalities

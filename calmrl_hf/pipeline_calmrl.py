@@ -72,7 +72,7 @@ class CalMRLPipeline(Pipeline):
         item = getattr(self.model, _FEATURE_GETTERS[kinds[modality]])(**model_inputs["item"], modality=modality)
         labels = self.model.get_text_features(**model_inputs["labels"], modality=label_modality)
         # CLIP's logits_per_image: exp(logit_scale) x cosine similarity
-        logits = self.model.logit_scale.exp() * F.normalize(item.pooler_output, dim=-1) @ \
+        logits = self.model.clamped_logit_scale().exp() * F.normalize(item.pooler_output, dim=-1) @ \
             F.normalize(labels.pooler_output, dim=-1).T  # [1, num_labels]
         return {"logits": logits, "candidate_labels": model_inputs["candidate_labels"]}
 

@@ -205,7 +205,7 @@ def test_contrastive_objectives_use_the_learnable_temperature(objective):
     hotter = expected(out.imputed_embeddings.detach(), 0.5)
     assert not torch.allclose(out.loss, hotter)  # the temperature is the model's, not a constant of the loss
     out.loss.backward()
-    assert model.temperature.grad is not None and model.temperature.grad != 0
+    assert model.logit_scale.grad is not None and model.logit_scale.grad != 0
 
 
 def test_triangle_objective_on_three_modalities():
@@ -216,7 +216,7 @@ def test_triangle_objective_on_three_modalities():
                              modalities=[text, vision, audio])
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
-    assert model.temperature.grad != 0
+    assert model.logit_scale.grad != 0
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
@@ -444,3 +444,25 @@ def test_convolutional_vision_tower(kind, tmp_path):
     reloaded = CalMRLModel.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(reloaded.get_modality_features("vision", pixel_values=pixels),
                                model.get_modality_features("vision", pixel_values=pixels))
+
+
+def test_temperature_is_a_logit_scale_of_shape_one_and_old_checkpoints_load(tmp_path):
+    """FSDP refuses 0-dim parameters: the temperature is `logit_scale` [1] = log(1 / T). A checkpoint saved with
+    the old 0-dim `temperature` T loads (from_pretrained, and a state dict through the module's load hook) as
+    logit_scale = [log(1 / T)]."""
+    from safetensors.torch import load_file, save_file
+
+    model = CalMRLModel(tiny_config(temperature=0.2))
+    assert model.logit_scale.shape == (1,) and [p.dim() for p in model.parameters()].count(0) == 0
+    torch.testing.assert_close(model.temperature, torch.tensor(0.2))
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["temperature"] = torch.tensor(0.3)  # as saved before: 0-dim, the temperature itself
+    del weights["logit_scale"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = CalMRLModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.logit_scale, -torch.log(torch.tensor([0.3])))
+    state = {k: v for k, v in model.state_dict().items() if k != "logit_scale"}
+    state["temperature"] = torch.tensor(0.4)
+    model.load_state_dict(state)  # a training checkpoint of old (`training.load_checkpoint` loads this way)
+    torch.testing.assert_close(model.temperature, torch.tensor(0.4))
