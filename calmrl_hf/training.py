@@ -229,6 +229,15 @@ def resolve_launch_settings(args: CalMRLTrainingArguments, accelerator: Accelera
     return replace(args, **used)
 
 
+def is_sharded(model) -> bool:
+    """Whether `model` is sharded in place by FSDP2's `fully_shard` (accelerate's FSDP2 does not wrap the model)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(model, FSDPModule)
+
+
 @torch.no_grad()
 def embed_dataset(model, dataloader, accelerator: Accelerator | None = None) -> dict[str, torch.Tensor]:
     """Embeddings [N, k, D], modality masks [N, k] (and labels, where every batch has them) of a whole dataset.
@@ -241,9 +250,15 @@ def embed_dataset(model, dataloader, accelerator: Accelerator | None = None) -> 
     gather = accelerator.gather_for_metrics if accelerator is not None else (lambda value: value)
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
     chunks: dict[str, list[torch.Tensor]] = {"embeddings": [], "modality_mask": [], "labels": []}
+    # a wrapped or sharded model (DDP, FSDP, DeepSpeed) embeds through its forward, which gathers the shards
+    through_forward = unwrapped is not model or is_sharded(model)
     for batch in dataloader:
         labels = batch.get("labels")
-        embeddings, mask = unwrapped.embed_modalities(**model_inputs(batch))
+        if through_forward:
+            outputs = model(**model_inputs(batch))
+            embeddings, mask = outputs.embeddings, outputs.modality_mask
+        else:
+            embeddings, mask = unwrapped.embed_modalities(**model_inputs(batch))
         gathered = gather((embeddings.float(), mask))
         chunks["embeddings"].append(gathered[0].cpu())
         chunks["modality_mask"].append(gathered[1].cpu())
@@ -367,6 +382,15 @@ def build_optimizer(model: CalMRLModel, args: CalMRLTrainingArguments, num_proce
     return optimizer, scheduler
 
 
+def keep_imputer_float32(model: CalMRLModel, saved: dict[str, torch.Tensor]) -> None:
+    """Give the imputer back its float32 buffers `saved` before `accelerator.prepare` if the engine cast them
+    (DeepSpeed's bf16 / fp16 engines cast every buffer of the module; FSDP's and accelerate's mixed precision leave
+    buffers alone): its closed-form statistics would not survive half precision."""
+    if any(buffer.dtype in (torch.bfloat16, torch.float16) for buffer in model.imputer.buffers()):
+        model.imputer.float()
+        model.imputer.load_state_dict(saved)
+
+
 def prepare_run(accelerator: Accelerator, args: CalMRLTrainingArguments, model, optimizer, scheduler, loaders,
                 on_checkpoint) -> _Run:
     """`accelerator.prepare` everything, with the imputer step, the loop position and the run's manifest."""
@@ -374,7 +398,9 @@ def prepare_run(accelerator: Accelerator, args: CalMRLTrainingArguments, model, 
     manifest = run_manifest(model, args, train_loader.dataset, accelerator.num_processes)
     streaming = isinstance(train_loader.dataset, torch.utils.data.IterableDataset)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    imputer_state = {name: buffer.clone() for name, buffer in model.imputer.state_dict().items()}
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    keep_imputer_float32(accelerator.unwrap_model(model), imputer_state)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     if warm_loader is not None:
@@ -630,8 +656,9 @@ def finish(run: _Run, processor=None) -> dict[str, float]:
         if args.report_to:
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(run.model)  # every process: the full state gathered under sharding
     accelerator.unwrap_model(run.model).save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
-                                                        save_function=accelerator.save)
+                                                        state_dict=state_dict, save_function=accelerator.save)
     if accelerator.is_main_process:
         if processor is not None:
             processor.save_pretrained(args.output_dir)
@@ -712,6 +739,6 @@ def train(
 
 __all__ = ["CalMRLTrainingArguments", "ImputerUpdater", "TrainOutput", "TrainingArguments", "build_accelerator",
            "build_dataloaders", "build_hub_pusher", "build_optimizer", "dataset_modalities", "embed_dataset",
-           "evaluate", "finish", "freeze_modules", "latest_checkpoint", "load_checkpoint", "prepare_run",
+           "evaluate", "finish", "freeze_modules", "is_sharded", "keep_imputer_float32", "latest_checkpoint", "load_checkpoint", "prepare_run",
            "recorded_arguments", "resume_or_warm_start", "run_epoch", "run_epochs", "run_manifest", "save_checkpoint",
            "train", "train_step", "validate_setup", "warm_start_imputer"]

@@ -313,3 +313,19 @@ def test_dataloader_worker_settings_reach_the_train_loader(tmp_path):
                               dataloader_persistent_workers=True)
     loader = build_dataloaders(dataset, None, None, collate, 4, plain)[0]
     assert loader.num_workers == 0 and not loader.persistent_workers and len(list(loader)) == 2
+
+
+def test_an_engine_that_casts_buffers_gives_the_imputer_back_its_float32_state():
+    """DeepSpeed's bf16 engine casts every buffer (read in deepspeed's engine, not run here): after prepare the
+    imputer gets its exact float32 buffers back."""
+    from calmrl_hf.training import keep_imputer_float32
+
+    model = CalMRLModel(training_config())
+    with torch.no_grad():
+        model.imputer.mean.normal_(generator=torch.Generator().manual_seed(0))
+    saved = {name: buffer.clone() for name, buffer in model.imputer.state_dict().items()}
+    model.to(torch.bfloat16)  # what the engine does to the module
+    keep_imputer_float32(model, saved)
+    for name, buffer in model.imputer.state_dict().items():
+        assert buffer.dtype == saved[name].dtype and torch.equal(buffer, saved[name]), name
+    assert model.encoders["text"].dtype == torch.bfloat16  # the towers stay as the engine made them
