@@ -351,33 +351,35 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
         batch_size = modality_mask.shape[0]
         embeddings = None
         outputs: dict[str, CalMRLModalityOutput] = {}
-        for name, inputs in grouped.items():
+        # with several processes every modality runs, in the config's order and entering the embeddings the same
+        # way (the processes' collectives inside the towers, forward and backward, must come in the same order);
+        # an absent one on a placeholder row whose zero-row slice is put in place (it adds nothing)
+        for name in self.config.modalities:
+            if name in grouped:
+                outputs[name] = self._run_modality(name, grouped[name], tower_flags)
+                features = F.normalize(outputs[name].pooler_output, dim=-1)  # [n_m, D]
+            elif world_size() > 1:
+                outputs[name], features = self._run_placeholder(name, modality_mask.device)  # [0, D]
+            else:
+                continue
             index = self.config.modality_index(name)
-            outputs[name] = self._run_modality(name, inputs, tower_flags)
-            features = F.normalize(outputs[name].pooler_output, dim=-1)  # [n_m, D]
             if embeddings is None:
                 embeddings = features.new_zeros(batch_size, self.config.num_modalities, self.config.projection_dim)
             rows = modality_mask[:, index].nonzero().squeeze(1).to(features.device)
             column = torch.full_like(rows, index)
             embeddings = embeddings.index_put((rows, column), features)  # [B, k, D], observed rows of modality
-        if world_size() > 1:
-            embeddings = self._run_absent_towers(embeddings, grouped, outputs)
         return embeddings, modality_mask, outputs
 
-    def _run_absent_towers(self, embeddings: torch.Tensor, grouped: dict, outputs: dict) -> torch.Tensor:
-        """Run the tower and head of each modality absent from the local batch on a placeholder row that adds 0:
-        under DDP / FSDP / ZeRO-3 the processes' collectives (parameter gathers, gradient reductions) then match
-        whatever each batch holds. Such a modality's output has zero rows, as it observes none."""
-        for name in self.config.modalities:
-            if name in grouped:
-                continue
-            tower = self.encoders[self.config.encoder_owner(name)]
-            placeholder = self._run_modality(name, placeholder_inputs(tower, embeddings.device), {})
-            embeddings = embeddings + 0.0 * placeholder.pooler_output.sum()  # in the graph, gradient zero
-            outputs[name] = CalMRLModalityOutput(last_hidden_state=placeholder.last_hidden_state[:0],
-                                                 pooler_output=placeholder.pooler_output[:0],
-                                                 token_mask=placeholder.token_mask[:0])
-        return embeddings
+    def _run_placeholder(self, name: str, device: torch.device) -> tuple[CalMRLModalityOutput, torch.Tensor]:
+        """Modality `name`'s tower and head on a placeholder row (`towers.placeholder_inputs`), for a batch without
+        that modality under DDP / FSDP / ZeRO-3: its output with zero rows (it observes none), and its zero-row
+        features [0, D], still in the graph of the tower (a zero gradient reaches every parameter)."""
+        tower = self.encoders[self.config.encoder_owner(name)]
+        placeholder = self._run_modality(name, placeholder_inputs(tower, device), {})
+        output = CalMRLModalityOutput(last_hidden_state=placeholder.last_hidden_state[:0],
+                                      pooler_output=placeholder.pooler_output[:0],
+                                      token_mask=placeholder.token_mask[:0])
+        return output, F.normalize(placeholder.pooler_output, dim=-1)[:0]
 
     # ------------------------------------------------------------------ step 2: impute
     def impute_missing(
