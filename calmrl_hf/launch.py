@@ -27,7 +27,9 @@ def launched_processes() -> int:
 
 def wants_cpu_processes() -> bool:
     """Several processes on a machine with no accelerator device: they can only be CPU processes (gloo)."""
-    return launched_processes() > 1 and not torch.accelerator.is_available()
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; CUDA alone before
+    device_available = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    return launched_processes() > 1 and not device_available
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
