@@ -26,6 +26,9 @@ def main(out_dir: str, *settings: str) -> None:
               "distributed_type": str(accelerator.distributed_type), "mixed_precision": args.mixed_precision,
               "gradient_accumulation_steps": args.gradient_accumulation_steps}
     Path(out_dir, f"rank_{accelerator.process_index}.json").write_text(json.dumps(record))
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():  # a gloo group left open can abort at exit ("terminate called ...")
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -132,17 +132,18 @@ def test_log_mel_floor_lifts_quiet_parts_and_padding_to_the_clips_floor():
     import torch
     from transformers import ASTFeatureExtractor
 
-    from benchmarks.avdigits.run import AST_STD, floor_dynamic_range
+    from benchmarks.avdigits.run import make_collate
 
     extractor = ASTFeatureExtractor(num_mel_bins=32, max_length=200, sampling_rate=16000)
     rng = np.random.default_rng(0)
     clips = [(0.3 * rng.standard_normal(8000) * np.hanning(8000)).astype(np.float32),
              (0.01 * rng.standard_normal(16000)).astype(np.float32)]  # 0.5 s (padded) and 1 s
     log_mel = extractor(clips, sampling_rate=16000, return_tensors="pt")["input_values"]
-    floored = floor_dynamic_range(log_mel, 30.0)
+    items = [{"label": 0, "vision": None, "text": None, "audio": {"input_values": row}} for row in log_mel]
+    floored = make_collate("resnet-floor30")(items)["audio_pixel_values"][:, 0]  # what the audio tower reads
     for clip, frames in zip(range(2), (48, 98)):
         valid = log_mel[clip, :frames]
-        floor = valid.max() - 3 * np.log(10) / (2 * AST_STD)  # 30 dB of power in the extractor's units
+        floor = valid.max() - 3 * np.log(10) / (2 * extractor.std)  # 30 dB of power in the extractor's units
         assert torch.allclose(floored[clip, :frames], valid.clamp(min=floor))
         assert torch.allclose(floored[clip, frames:], floor.expand_as(floored[clip, frames:]))
     assert (floored[1] > floored[1].min()).any() and (log_mel[0] < floored[0].min() - 0.5).any()

@@ -38,6 +38,7 @@ from transformers import (ASTConfig, ASTFeatureExtractor, AutoTokenizer, ConvNex
 
 from calmrl_hf import CalMRLModel, CalMRLProcessor
 from calmrl_hf.evaluation import retrieval_metrics, zero_shot_accuracy
+from calmrl_hf.processing_calmrl import floor_dynamic_range
 from calmrl_hf.training import embed_dataset
 
 from ..cli import Benchmark
@@ -103,22 +104,6 @@ class AudioTower:
     dynamic_range_db: float | None = None  # floor each clip's log-mel map this far below its peak
 
 
-# ASTFeatureExtractor's normalisation: (log-mel - mean) / (2 * std), natural-log power units; it pads with 0 first
-AST_MEAN, AST_STD = -4.2677393, 4.5689974
-AST_PADDING = (0.0 - AST_MEAN) / (2 * AST_STD)
-
-
-def floor_dynamic_range(log_mel: torch.Tensor, range_db: float) -> torch.Tensor:
-    """[B, T, mel] normalised log-mel maps with every value below (the clip's peak - `range_db`) raised to it, and
-    the padding frames set to it: quiet parts of clean and noisy clips then look alike (the noise of a 0-20 dB SNR
-    clip fills them), and padding reads as silence."""
-    padding = (log_mel == AST_PADDING).all(dim=-1, keepdim=True)
-    peak = log_mel.masked_fill(padding, float("-inf")).amax(dim=(1, 2), keepdim=True)
-    # range_db of power in natural-log units: range_db / 10 * ln(10)
-    floor = peak - range_db / 10 * 2.302585 / (2 * AST_STD)
-    return torch.maximum(log_mel, floor).masked_fill(padding, 0.0) + floor * padding
-
-
 def _resnet(channels: int, embedding_size: int, hidden_sizes: list[int]) -> Callable[[], ResNetConfig]:
     return lambda: ResNetConfig(num_channels=channels, embedding_size=embedding_size, hidden_sizes=hidden_sizes,
                                 depths=[1] * len(hidden_sizes), layer_type="basic")
@@ -145,14 +130,19 @@ AUDIO_TOWERS = {
 VISION_TOWER, AUDIO_TOWER = "resnet", "resnet-floor30"  # chosen by measurement: towers.md, towers_audio.md
 
 
+def audio_feature_extractor(audio: str = AUDIO_TOWER) -> ASTFeatureExtractor:
+    """The log-mel extractor of audio tower `audio` (AST's normalisation: (log power - mean) / (2 std))."""
+    return ASTFeatureExtractor(num_mel_bins=AUDIO_TOWERS[audio].num_mel_bins, max_length=MAX_AUDIO_FRAMES,
+                               sampling_rate=16000)
+
+
 def build_processor(vision: str = VISION_TOWER, audio: str = AUDIO_TOWER) -> CalMRLProcessor:
     height, width = VISION_TOWERS[vision].image_size
     return CalMRLProcessor(
         tokenizer=AutoTokenizer.from_pretrained(minilm_folder()),
         image_processor=ViTImageProcessorPil(size={"height": height, "width": width}, image_mean=[0.5] * 3,
                                              image_std=[0.5] * 3),
-        feature_extractor=ASTFeatureExtractor(num_mel_bins=AUDIO_TOWERS[audio].num_mel_bins,
-                                              max_length=MAX_AUDIO_FRAMES, sampling_rate=16000),
+        feature_extractor=audio_feature_extractor(audio),
         modalities=MODALITIES, max_length=16)
 
 
@@ -197,11 +187,12 @@ class EncodedSplit(torch.utils.data.Dataset):
 def make_collate(audio: str = AUDIO_TOWER) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
     """`collate` for the audio tower `audio`: a convolutional one reads the log-mel map as a 1-channel image."""
     as_image, range_db = AUDIO_TOWERS[audio].as_image, AUDIO_TOWERS[audio].dynamic_range_db
+    extractor = audio_feature_extractor(audio)
 
     def collate_for_tower(items: list[dict]) -> dict[str, torch.Tensor]:
         batch = collate_processor_fields(items)
         if range_db is not None and "audio_input_values" in batch:
-            batch["audio_input_values"] = floor_dynamic_range(batch["audio_input_values"], range_db)
+            batch["audio_input_values"] = floor_dynamic_range(batch["audio_input_values"], range_db, extractor)
         if as_image and "audio_input_values" in batch:
             batch["audio_pixel_values"] = batch.pop("audio_input_values").unsqueeze(1)  # [B, 1, T, mel]
         return batch
