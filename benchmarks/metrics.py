@@ -106,3 +106,39 @@ def volume_discrimination(model: CalMRLModel, truth: torch.Tensor, patterns: dic
             values.setdefault(f"gram_top1_{name}", []).append(100.0 * float(top1))
             values.setdefault(f"gram_volume_ratio_{name}", []).append(float(others / own.mean()))
     return {key: sum(v) / len(v) for key, v in values.items()}
+
+
+# Re-ranking with the matching head: the top 10 (`_reranked`) and the top 50 (`_reranked50`, VAST's / PMRL's K)
+RERANK_TOP_K = {"_reranked": 10, "_reranked50": 50}
+RERANK_GALLERIES = ("vision", "audio")
+
+
+def rerank_columns(recall: str = "R") -> list[str]:
+    """The re-ranking table's columns: text -> vision / audio Recall@1 and @5, by embedding and re-ranked."""
+    suffixes = ["", *RERANK_TOP_K, "_head_only"]
+    return [f"text->{g}_{recall}@{k}{s}" for g in RERANK_GALLERIES for k in (1, 5) for s in suffixes]
+
+
+@torch.no_grad()
+def reranked_recall(model: CalMRLModel, embeddings: torch.Tensor, tokens: dict, modalities: Sequence[str],
+                    labels: torch.Tensor | None = None) -> dict[str, float]:
+    """text -> vision and text -> audio Recall@1 and @5 of the embedding ranking and with each query's top K
+    re-ranked by the matching head (`model.rerank` at its default score, and the head alone: `_head_only`, top 10).
+    `embeddings` [N, k, D] of N test instances with every modality, `tokens` {modality: (states, mask)} of the same
+    rows; with `labels`, class-level recall (`class_R@K`)."""
+    from calmrl_hf.evaluation import recall_at_k
+
+    recall = "R" if labels is None else "class_R"
+    text = list(modalities).index("text")
+    result = {}
+    for gallery in RERANK_GALLERIES:
+        similarity = embeddings[:, text] @ embeddings[:, list(modalities).index(gallery)].T
+        rankings = {"": similarity}
+        for suffix, top_k in RERANK_TOP_K.items():
+            rankings[suffix] = model.rerank(similarity, tokens["text"], {gallery: tokens[gallery]}, top_k=top_k)
+        rankings["_head_only"] = model.rerank(similarity, tokens["text"], {gallery: tokens[gallery]}, top_k=10,
+                                              similarity_weight=0.0)
+        for suffix, scores in rankings.items():
+            for k, value in recall_at_k(scores, (1, 5), labels=labels).items():
+                result[f"text->{gallery}_{recall}@{k}{suffix}"] = value
+    return result

@@ -25,7 +25,7 @@ import torch
 from calmrl_hf import CalMRLModel
 from calmrl_hf.training import TrainingArguments, build_accelerator, train
 
-from .methods import ALL_METHODS, ARCHITECTURE_KEYS, BASE, hyperparameters_of
+from .methods import ALL_METHODS, BASE, hyperparameters_of
 
 
 @dataclass
@@ -67,38 +67,36 @@ class Experiment:
         values.update(extra)
         return TrainingArguments(**values)
 
-    def train_stage1(self):
-        """The stage-1 model (pairwise InfoNCE on the full-modality split) and the run's Accelerator."""
+    def train_stage1(self, architecture: dict | None = None, head_training: dict | None = None):
+        """The stage-1 model (pairwise InfoNCE on the full-modality split) and the run's Accelerator; with
+        `architecture` (a matching head) the model is built with it and trained with `head_training` too."""
         torch.manual_seed(self.seed)
-        model = self.build_model()
-        args = self.arguments("stage1", self.stage1)
+        model = self.build_model(**(architecture or {}))
+        args = self.arguments("stage1", self.stage1, **(head_training or {}))
         accelerator = build_accelerator(args)
         train(model, self.splits.stage1, args, collate_fn=self.collate_fn, accelerator=accelerator)
         return accelerator.unwrap_model(model), accelerator
 
     def train_stage2(self, stage1_model: CalMRLModel, accelerator, method_name: str,
                      hyperparameters: dict) -> CalMRLModel:
-        """Stage 2 of one method from (a copy of) the stage-1 model; the base is returned as it is."""
+        """Stage 2 of one method from (a copy of) the stage-1 model (the one built with the method's
+        architecture); the base is returned as it is."""
         method = ALL_METHODS[method_name]
         if method.objective is None:
             return stage1_model
-        overrides = method.config_overrides(hyperparameters)
-        architecture = {key: overrides.pop(key) for key in ARCHITECTURE_KEYS if key in overrides}
-        if architecture:
-            torch.manual_seed(self.seed)
-            model = self.build_model(**architecture)
-            missing, unexpected = model.load_state_dict(stage1_model.state_dict(), strict=False)
-            assert not unexpected and all(key.startswith("fusion.") for key in missing), (missing, unexpected)
-        else:
-            model = copy.deepcopy(stage1_model)
-        for key, value in overrides.items():
+        for key, value in method.architecture.items():
+            if getattr(stage1_model.config, key) != value:
+                raise ValueError(f"{method_name} needs a stage-1 model with {key} = {value!r}, got "
+                                 f"{getattr(stage1_model.config, key)!r}.")
+        model = copy.deepcopy(stage1_model)
+        for key, value in method.config_overrides(hyperparameters).items():
             setattr(model.config, key, value)
         if "temperature" in hyperparameters:  # the contrastive temperature is a (learnable) parameter
             with torch.no_grad():
                 model.logit_scale.fill_(-math.log(float(hyperparameters["temperature"])))  # log(1 / T)
         learning_rate = hyperparameters.get("learning_rate", self.stage2.learning_rate)
         args = self.arguments(method_name.split(" ")[0], self.stage2, learning_rate=learning_rate,
-                              imputer_warm_start=True, **method.training)
+                              imputer_warm_start=True, **method.training, **method.head_training)
         train(model, self.splits.stage2_full if method.oracle else self.splits.stage2, args,
               collate_fn=self.collate_fn, warm_start_dataset=self.splits.stage1, accelerator=accelerator)
         model = accelerator.unwrap_model(model)
@@ -108,12 +106,16 @@ class Experiment:
 
 def run_methods(experiment: Experiment, methods: Sequence[str], tuned: dict[str, dict],
                 evaluate: Callable[[CalMRLModel], dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Stage 1 once, then stage 2 from the stage-1 weights for each method at its tuned hyperparameters;
-    `evaluate(model)` (the test split) on each result."""
-    stage1_model, accelerator = experiment.train_stage1()
+    """Stage 1 once (and once more per architecture a method adds, e.g. a matching head), then stage 2 from the
+    stage-1 weights for each method at its tuned hyperparameters; `evaluate(model)` (the test split) on each."""
+    stage1 = {}  # architecture -> (stage-1 model, its Accelerator)
     results = {}
     for name in methods:
-        model = experiment.train_stage2(stage1_model, accelerator, name, hyperparameters_of(name, tuned))
+        method = ALL_METHODS[name]
+        key = tuple(sorted(method.architecture.items()))
+        if key not in stage1:
+            stage1[key] = experiment.train_stage1(method.architecture, method.head_training)
+        model = experiment.train_stage2(*stage1[key], name, hyperparameters_of(name, tuned))
         model.eval()
         results[name] = evaluate(model)
     return results

@@ -63,27 +63,57 @@ def _load_dataset(args, processor):
                                on_error="skip" if args.skip_bad_media else "raise")
 
 
+def _batches(processor, dataset, batch_size: int, ids: list | None = None):
+    """The collator's batches of `dataset` (examples observing no modality left out; their ids appended to
+    `ids`)."""
+    from .data import CalMRLCollator
+
+    collator = CalMRLCollator(processor)
+    for start in range(0, len(dataset), batch_size):
+        examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        examples = [e for e in examples if any(e.get(m) is not None for m in processor.modality_names)]
+        if examples:
+            if ids is not None:
+                ids.extend(e["id"] for e in examples)
+            yield collator(examples)
+
+
 def _embed(model, processor, dataset, batch_size: int):
     """(ids, labels or None, embeddings [N, k, D], modality_mask [N, k]) of a dataset, through the library's one
     embedding loop (`training.embed_dataset`); examples observing no modality are left out."""
-    from .data import CalMRLCollator
     from .training import embed_dataset
 
-    collator = CalMRLCollator(processor)
     ids = []
-
-    def batches():
-        for start in range(0, len(dataset), batch_size):
-            examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            examples = [e for e in examples if any(e.get(m) is not None for m in processor.modality_names)]
-            if examples:
-                ids.extend(e["id"] for e in examples)
-                yield collator(examples)
-
-    data = embed_dataset(model, batches())
+    data = embed_dataset(model, _batches(processor, dataset, batch_size, ids))
     if not ids:
         raise CommandError("The dataset has no example with any modality to embed.")
     return ids, data.get("labels"), data["embeddings"], data["modality_mask"]
+
+
+def _reranked_metrics(model, processor, dataset, batch_size: int, embeddings, mask, labels, top_k: int) -> dict:
+    """Recall@K of caption -> every other modality with each query's top `top_k` re-ranked by the matching head
+    (`model.rerank`), over the rows observing both; keys `{caption}->{other}/R@K_reranked{top_k}`."""
+    from .evaluation import recall_at_k
+    from .reranking import collect_matching_tokens
+
+    modalities = model.config.modalities
+    tokens = collect_matching_tokens(model, _batches(processor, dataset, batch_size), modalities)  # a second pass
+    caption = model.config.matching_modality
+    c = modalities.index(caption)
+    position = mask.long().cumsum(0) - 1  # dataset row -> row among its modality's observed ones
+    metrics = {}
+    for other in (m for m in modalities if m != caption and m in tokens and caption in tokens):
+        o = modalities.index(other)
+        rows = (mask[:, c] & mask[:, o]).nonzero().flatten()
+        if rows.numel() < 2:
+            continue
+        similarity = embeddings[rows, c] @ embeddings[rows, o].T
+        query = tuple(t[position[rows, c]] for t in tokens[caption])
+        gallery = {other: tuple(t[position[rows, o]] for t in tokens[other])}
+        reranked = model.rerank(similarity, query, gallery, top_k=top_k, batch_size=batch_size * 8)
+        for k, value in recall_at_k(reranked, labels=None if labels is None else labels[rows]).items():
+            metrics[f"{caption}->{other}/{'class_' if labels is not None else ''}R@{k}_reranked{top_k}"] = value
+    return metrics
 
 
 def command_train(args) -> None:
@@ -96,14 +126,25 @@ def command_evaluate(args) -> None:
     from .evaluation import retrieval_metrics
 
     model, processor = _load_model(args.model)
+    if args.rerank is not None and args.rerank < 1:
+        raise CommandError(f"--rerank K re-ranks each query's top K candidates: K must be >= 1, got {args.rerank}.")
+    if args.rerank is not None and model.fusion is None:
+        raise CommandError("--rerank needs a model with a matching head (fusion_num_layers > 0 in its config).")
     ids, labels, embeddings, mask = _embed(model, processor, _load_dataset(args, processor), args.batch_size)
     metrics = retrieval_metrics(embeddings, mask, model.config.modalities, labels=labels)
+    if args.rerank is not None:
+        metrics.update(_reranked_metrics(model, processor, _load_dataset(args, processor), args.batch_size,
+                                         embeddings, mask, labels, args.rerank))
     print(json.dumps({"instances": len(ids), **{k: round(v, 4) for k, v in metrics.items()}}, indent=2))
 
 
 def command_embed(args) -> None:
     check_output_file(args.output, (".safetensors", ".parquet"))
     model, processor = _load_model(args.model)
+    if args.rerank is not None and args.rerank < 1:
+        raise CommandError(f"--rerank K re-ranks each query's top K candidates: K must be >= 1, got {args.rerank}.")
+    if args.rerank is not None and model.fusion is None:
+        raise CommandError("--rerank needs a model with a matching head (fusion_num_layers > 0 in its config).")
     ids, labels, embeddings, mask = _embed(model, processor, _load_dataset(args, processor), args.batch_size)
     suffix = args.output.suffix
     if suffix == ".safetensors":
@@ -169,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_dataset_arguments(sub)
         if name == "embed":
             sub.add_argument("--output", type=Path, required=True, help="embeddings.parquet or .safetensors")
+        else:
+            sub.add_argument("--rerank", type=int, metavar="K", default=None,
+                             help="also report Recall@K with each caption query's top K candidates re-ranked by the "
+                                  "model's matching head (VAST / PMRL: 50)")
         sub.set_defaults(handler=handler)
     impute = commands.add_parser("impute", help="impute the missing embeddings of a `calmrl embed` file")
     impute.add_argument("model", type=Path, help="saved CalMRL model folder")

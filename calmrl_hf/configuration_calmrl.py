@@ -151,6 +151,9 @@ class CalMRLConfig(PreTrainedConfig):
             The PMRL authors use the per-GPU batch only; gathering is our documented deviation.
         matching_weight (`float`, *optional*, defaults to 0.1): weight alpha of the matching term (the paper's 0.1);
             it applies when the model has a matching head (`fusion_num_layers > 0`).
+        matching_num_negatives (`int`, *optional*, defaults to 1): hard negatives per row and direction in the
+            matching term (the authors' 1: one negative condition per caption and one negative caption per
+            condition); the positives are weighted so that positives and negatives keep the 1 : 2 balance.
         fusion_num_layers (`int`, *optional*, defaults to 0): layers of the fusion encoder of the matching head
             (0: no matching head).
         fusion_num_attention_heads (`int`, *optional*): attention heads of the fusion layers; defaults to the
@@ -200,6 +203,7 @@ class CalMRLConfig(PreTrainedConfig):
     triangle_modalities: list[str] | None = None
     gather_across_processes: bool = True
     matching_weight: float = 0.1
+    matching_num_negatives: int = 1
     fusion_num_layers: int = 0
     fusion_num_attention_heads: int | None = None
     matching_modality: str | None = None
@@ -317,6 +321,8 @@ class CalMRLConfig(PreTrainedConfig):
                 )
         if self.matching_modality not in modalities:
             raise ValueError(f"matching_modality = {self.matching_modality!r} is not one of the modalities {modalities}.")
+        if self.matching_num_negatives < 1:
+            raise ValueError(f"matching_num_negatives must be >= 1, got {self.matching_num_negatives}.")
         if self.fusion_num_layers < 0 or self.matching_weight < 0:
             raise ValueError(f"fusion_num_layers and matching_weight must be >= 0, got {self.fusion_num_layers} and "
                              f"{self.matching_weight}.")

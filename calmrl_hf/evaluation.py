@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .alignment import anchor_shift, calibrated_anchor_shift
+from .reranking import rerank_top_k
 from .validation import check_embeddings
 
 
@@ -49,23 +50,6 @@ def recall_at_k(
     hits = same_class.gather(1, order)  # [Q, G] hit at each rank
     first_hit = torch.where(hits.any(dim=1), hits.float().argmax(dim=1), torch.full((num,), num, device=hits.device))
     return {k: 100.0 * float((first_hit < k).float().mean()) for k in ks}
-
-
-def rerank_top_k(similarity: torch.Tensor, score_fn, k: int) -> torch.Tensor:
-    """Re-rank each query's top-`k` gallery items by `score_fn` (e.g. a matching head), as VAST does with K = 50.
-
-    `score_fn(query_indices, gallery_indices) -> scores` scores the Q x k candidate pairs (flat index tensors).
-    Returns a [Q, G] score matrix whose ranking puts the top-k candidates first, ordered by their scores, and the
-    other items after them in their original order; feed it to `recall_at_k`.
-    """
-    num_queries, gallery = similarity.shape
-    k = min(k, gallery)
-    top = similarity.topk(k, dim=1).indices  # [Q, k]
-    queries = torch.arange(num_queries, device=similarity.device).unsqueeze(1).expand(-1, k)
-    scores = score_fn(queries.reshape(-1), top.reshape(-1)).reshape(num_queries, k).to(similarity.dtype)
-    # everything outside the top-k goes below every re-ranked candidate, keeping its own order
-    reranked = scores.min() - 1.0 - (similarity.max() - similarity)
-    return reranked.scatter(1, top, scores)
 
 
 def retrieval_metrics(

@@ -26,25 +26,36 @@ from .collective import gather_padded, world_size
 
 
 def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor | None = None,
-                          valid: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                          valid: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                          num_negatives: int | None = None) -> torch.Tensor:
     """For each row i of `similarity` [n, m], a column j != positives[i] drawn with probability
     softmax_j(similarity[i, j]) over the `valid` columns (default: the square case, positive i = column i).
 
-    The positive is never drawn; every row needs at least one other valid column.
+    Returns [n]; with `num_negatives` = K, [n, K]: K distinct columns per row, drawn without replacement (as many as
+    the row has, repeated cyclically if it has fewer than K). The positive is never drawn; every row needs at least
+    one other valid column.
     """
     if similarity.dim() != 2:
         raise ValueError(f"similarity must be [n, m], got {list(similarity.shape)}.")
+    if num_negatives is not None and num_negatives < 1:
+        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}.")
     n, m = similarity.shape
     if n == 0:  # a process without qualifying rows of its own (the others' rows were gathered all the same)
-        return torch.zeros(0, dtype=torch.long, device=similarity.device)
+        shape = (0,) if num_negatives is None else (0, num_negatives)
+        return torch.zeros(shape, dtype=torch.long, device=similarity.device)
     positives = torch.arange(n, device=similarity.device) if positives is None else positives
     allowed = torch.ones(n, m, dtype=torch.bool, device=similarity.device) if valid is None else \
         valid.unsqueeze(0).expand(n, m).clone()
     allowed[torch.arange(n, device=similarity.device), positives] = False  # exclude the positive
-    if not bool(allowed.any(dim=1).all()):
+    available = allowed.sum(dim=1)
+    if not bool((available > 0).all()):
         raise ValueError("Hard negatives need at least 2 rows: some row has no other candidate.")
     logits = similarity.detach().float().masked_fill(~allowed, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
+    if num_negatives is None:
+        return torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
+    draws = min(num_negatives, int(available.min()))
+    picked = torch.multinomial(logits.softmax(dim=1), draws, replacement=False, generator=generator)  # [n, draws]
+    return picked.repeat(1, -(-num_negatives // draws))[:, :num_negatives]
 
 
 class FusionEncoder(nn.Module):
@@ -131,15 +142,17 @@ class FusionEncoder(nn.Module):
         return memory, memory_mask
 
     def matching_step(self, embeddings: torch.Tensor, modality_mask: torch.Tensor, tokens: dict, temperature,
-                      gather: bool = False) -> torch.Tensor | None:
+                      gather: bool = False, num_negatives: int = 1) -> torch.Tensor | None:
         """The matching term with hard negatives, over the rows observing the caption and another modality.
 
-        Per row: the positive pair, one negative condition for its caption and one negative caption for its
-        condition, each drawn in proportion to softmax(alignment similarity / temperature) from the batch (of
-        every process with `gather`), the positive excluded. `embeddings` [B, k, D] and `modality_mask` [B, k] are
-        the observed ones. Returns None when fewer than two rows qualify (in the batches of every process with
-        `gather`: every process enters the same gathers whatever its batch holds, and all return None together).
-        With `gather`, the loss is this process's share: world size x the sum over its pairs / all pairs.
+        Per row: the positive pair, `num_negatives` negative conditions for its caption and as many negative
+        captions for its condition, each drawn in proportion to softmax(alignment similarity / temperature) from the
+        batch (of every process with `gather`), the positive excluded, without replacement. `embeddings` [B, k, D]
+        and `modality_mask` [B, k] are the observed ones. The positives are weighted so that they count as much as
+        the negatives together (the paper's 1 : 2 balance, whatever `num_negatives`). Returns None when fewer than
+        two rows qualify (in the batches of every process with `gather`: every process enters the same gathers
+        whatever its batch holds, and all return None together). With `gather`, the loss is this process's share:
+        world size x the sum over its pairs / all pairs.
         """
         gather = gather and world_size() > 1
         caption_index = self.modalities.index(self.caption)
@@ -157,23 +170,27 @@ class FusionEncoder(nn.Module):
         if total < 2:
             return None
         caption_embeds, condition_embeds = pairs[4], pairs[5]
-        n = rows.numel()
+        n, k = rows.numel(), num_negatives
         own = torch.arange(n, device=rows.device) + offset  # the local rows among the gathered ones
         temperature = clamp_temperature(temperature)
         negative_condition = sample_hard_negatives(caption_embeds @ all_condition_embeds.T / temperature,
-                                                   own, valid)  # a condition for each local caption
+                                                   own, valid, num_negatives=k).flatten()  # [n k]: row-major
         negative_caption = sample_hard_negatives(condition_embeds @ all_caption_embeds.T / temperature,
-                                                 own, valid)  # a caption for each local condition
-        pair_captions = torch.cat([all_captions[own], all_captions[own], all_captions[negative_caption]])
-        pair_captions_mask = torch.cat([all_captions_mask[own], all_captions_mask[own],
+                                                 own, valid, num_negatives=k).flatten()
+        own_k = own.repeat_interleave(k)  # each local row once per negative
+        pair_captions = torch.cat([all_captions[own], all_captions[own_k], all_captions[negative_caption]])
+        pair_captions_mask = torch.cat([all_captions_mask[own], all_captions_mask[own_k],
                                         all_captions_mask[negative_caption]])
-        pair_memory = torch.cat([all_memory[own], all_memory[negative_condition], all_memory[own]])
+        pair_memory = torch.cat([all_memory[own], all_memory[negative_condition], all_memory[own_k]])
         pair_memory_mask = torch.cat([all_memory_mask[own], all_memory_mask[negative_condition],
-                                      all_memory_mask[own]])
-        labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(rows.device)
-        logits = self(pair_captions, pair_captions_mask, pair_memory, pair_memory_mask)  # [3n, 2] (n may be 0)
+                                      all_memory_mask[own_k]])
+        labels = torch.cat([torch.ones(n), torch.zeros(2 * n * k)]).long().to(rows.device)
+        # positive : negative weight k : 1, so their totals keep the 1 : 2 balance of k = 1 (weights sum to 3n)
+        weights = torch.cat([torch.full((n,), 3.0 * k / (2 * k + 1)),
+                             torch.full((2 * n * k,), 3.0 / (2 * k + 1))]).to(rows.device)
+        logits = self(pair_captions, pair_captions_mask, pair_memory, pair_memory_mask)  # [(2k + 1) n, 2]
         share = world_size() * n / total if gather else 1.0
-        return matching_loss(logits, labels, share)
+        return matching_loss(logits, labels, share, weights)
 
     def _local_pairs(self, embeddings, modality_mask, tokens, rows, caption_index, others):
         """(caption tokens, their mask, condition tokens, their mask, caption embeddings, condition embeddings) of
@@ -191,10 +208,10 @@ class FusionEncoder(nn.Module):
                                        dim=-1)
         return captions, captions_mask, memory, memory_mask, embeddings[rows, caption_index], condition_embeds
 
-    def match_probability(self, caption_states: torch.Tensor, caption_mask: torch.Tensor,
-                          tokens: dict) -> torch.Tensor:
-        """P(match) [n] of n (caption, condition) pairs: caption tokens [n, L, H] and mask [n, L], and the tokens
-        of each condition modality, all n rows observed."""
+    def match_logits(self, caption_states: torch.Tensor, caption_mask: torch.Tensor, tokens: dict) -> torch.Tensor:
+        """Match log-odds [n] = logit(match) - logit(no match) of n (caption, condition) pairs: caption tokens
+        [n, L, H] and mask [n, L], and `tokens` {condition modality: (states [n, M, H], mask [n, M])}, all n rows
+        observed."""
         n = caption_states.shape[0]
         mask = torch.zeros(n, len(self.modalities), dtype=torch.bool, device=caption_states.device)
         for name, (states, _) in tokens.items():
@@ -202,16 +219,27 @@ class FusionEncoder(nn.Module):
                 raise ValueError(f"condition {name!r} has {states.shape[0]} rows for {n} captions.")
             mask[:, self.modalities.index(name)] = True
         memory, memory_mask = self.condition_memory(mask, tokens, torch.arange(n, device=mask.device))
-        logits = self(caption_states, caption_mask, memory, memory_mask)
-        return logits.float().softmax(dim=-1)[:, 1]
+        logits = self(caption_states, caption_mask, memory, memory_mask).float()
+        return logits[:, 1] - logits[:, 0]
+
+    def match_probability(self, caption_states: torch.Tensor, caption_mask: torch.Tensor,
+                          tokens: dict) -> torch.Tensor:
+        """P(match) [n] = sigmoid(match log-odds) of n (caption, condition) pairs (see `match_logits`)."""
+        return torch.sigmoid(self.match_logits(caption_states, caption_mask, tokens))
 
 
-def matching_loss(logits: torch.Tensor, labels: torch.Tensor, share: float = 1.0) -> torch.Tensor:
-    """Binary matching cross-entropy over positive (label 1) and negative (label 0) pairs: their mean, times
-    `share` (a process's part of pairs gathered from every process); 0 for no pair (still in the graph)."""
+def matching_loss(logits: torch.Tensor, labels: torch.Tensor, share: float = 1.0,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary matching cross-entropy over positive (label 1) and negative (label 0) pairs: their (`weights`-weighted)
+    mean, times `share` (a process's part of pairs gathered from every process); 0 for no pair (still in the
+    graph)."""
     if labels.numel() == 0:
         return logits.float().sum() * 0.0
-    return F.cross_entropy(logits.float(), labels) * share
+    if weights is None:
+        return F.cross_entropy(logits.float(), labels) * share
+    # sum_i w_i CE_i / sum_i w_i
+    per_pair = F.cross_entropy(logits.float(), labels, reduction="none")
+    return (per_pair * weights).sum() / weights.sum() * share
 
 
 __all__ = ["FusionEncoder", "matching_loss", "sample_hard_negatives"]

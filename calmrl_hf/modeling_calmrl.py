@@ -38,6 +38,7 @@ from .loading import load_strictly, load_tower, saved_tensor
 from .lora import add_lora, freeze_lora_towers, is_lora_layer
 from .modality_features import CalMRLFeaturesMixin, CalMRLModalityOutput
 from .modality_inputs import group_inputs, resolve_modality_mask, split_tower_flags
+from .reranking import rerank_with_head
 from .towers import build_towers, placeholder_inputs, towers_support
 from .validation import check_embeddings
 
@@ -463,7 +464,20 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
         """The matching term with hard negatives (`FusionEncoder.matching_step`), drawn from the batch of every
         process when `config.gather_across_processes`; None when fewer than two rows qualify."""
         return self.fusion.matching_step(embeddings, modality_mask, tokens, self.temperature,
-                                         gather=self.config.gather_across_processes)
+                                         gather=self.config.gather_across_processes,
+                                         num_negatives=self.config.matching_num_negatives)
+
+    def _require_matching_head(self) -> None:
+        if self.fusion is None:
+            raise ValueError("This model has no matching head: set fusion_num_layers > 0 in its config.")
+
+    @torch.no_grad()
+    def get_matching_tokens(self, modality: str, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states [n, L, H] and bool mask [n, L] of `modality`'s tower on `inputs` (e.g. input_ids,
+        attention_mask): what the matching head reads, to cache for `rerank`."""
+        self._require_matching_head()
+        out = self._run_modality(modality, inputs, {})
+        return out.last_hidden_state, out.token_mask
 
     @torch.no_grad()
     def matching_scores(self, caption_inputs: dict[str, torch.Tensor],
@@ -473,12 +487,28 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
         `caption_inputs` are the caption modality's inputs (e.g. input_ids, attention_mask) with n rows;
         `condition_inputs` maps each condition modality to its inputs with n rows (all observed).
         """
-        if self.fusion is None:
-            raise ValueError("This model has no matching head: set fusion_num_layers > 0 in its config.")
+        self._require_matching_head()
         caption = self._run_modality(self.config.matching_modality, caption_inputs, {})
         conditions = {name: self._run_modality(name, inputs, {}) for name, inputs in condition_inputs.items()}
         tokens = {name: (out.last_hidden_state, out.token_mask) for name, out in conditions.items()}
         return self.fusion.match_probability(caption.last_hidden_state, caption.token_mask, tokens)
+
+    @torch.no_grad()
+    def rerank(self, similarity: torch.Tensor, query_tokens: tuple[torch.Tensor, torch.Tensor],
+               gallery_tokens: dict[str, tuple[torch.Tensor, torch.Tensor]], top_k: int = 50,
+               batch_size: int = 256, similarity_weight: float = 1.0) -> torch.Tensor:
+        """Re-rank each query's top-`top_k` gallery items with the matching head (VAST / PMRL: top 50).
+
+        `similarity` [Q, G] ranks the gallery (e.g. `logits_per_text_vision`, or cosines); `query_tokens` are the
+        caption modality's (states [Q, L, H], mask [Q, L]) and `gallery_tokens` {modality: (states [G, M, H],
+        mask [G, M])}, both from `get_matching_tokens` (or `reranking.collect_matching_tokens` over a dataset).
+        Candidates are scored by match log-odds + `similarity_weight` x exp(logit_scale) x similarity (weight 0:
+        the head alone), `batch_size` pairs at a time on the model's device. Returns [Q, G] scores: the top-k in
+        their new order, every other item below them in its old order (give it to `evaluation.recall_at_k`).
+        """
+        self._require_matching_head()
+        return rerank_with_head(self.fusion, similarity, query_tokens, gallery_tokens, top_k, batch_size,
+                                similarity_weight, self.clamped_logit_scale())
 
     @can_return_tuple
     def forward(

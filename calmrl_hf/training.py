@@ -370,15 +370,29 @@ def worker_settings(args: CalMRLTrainingArguments) -> dict[str, Any]:
 
 
 def build_optimizer(model: CalMRLModel, args: CalMRLTrainingArguments, num_processes: int):
-    """AdamW over the trainable parameters and the learning-rate schedule: `(optimizer, scheduler)`."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    """AdamW over the trainable parameters and the learning-rate schedule: `(optimizer, scheduler)`.
+
+    The matching head's parameters form a second group with its own rate and warm-up when
+    `matching_learning_rate` or `matching_warmup_steps` is set (each group follows its own schedule)."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    own_schedule = args.matching_learning_rate is not None or args.matching_warmup_steps is not None
+    head = [p for name, p in trainable if own_schedule and name.startswith("fusion.")]
+    groups = [{"params": [p for name, p in trainable if not (own_schedule and name.startswith("fusion."))]}]
+    warmups = [args.warmup_steps]
+    if head:
+        groups.append({"params": head, "lr": args.matching_learning_rate or args.learning_rate})
+        warmups.append(args.warmup_steps if args.matching_warmup_steps is None else args.matching_warmup_steps)
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
     # accelerate steps a prepared scheduler once per process per optimizer step: scale the schedule to match
-    scheduler = get_scheduler(
-        args.lr_scheduler_type, optimizer,
-        num_warmup_steps=args.warmup_steps * num_processes,
-        num_training_steps=args.max_steps * num_processes,
-    )
+    schedules = [get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup * num_processes,
+                               num_training_steps=args.max_steps * num_processes) for warmup in warmups]
+    scheduler = schedules[0]
+    if len(schedules) > 1:  # lr_g(t) = base_lr_g * factor_g(t): each group its own warm-up
+        scheduler.lr_lambdas = [schedule.lr_lambdas[index] for index, schedule in enumerate(schedules)]
+        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        for group, factor, base in zip(optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+            group["lr"] = base * factor(0)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     return optimizer, scheduler
 
 
@@ -558,10 +572,12 @@ def apply_changed_hyperparameters(run: _Run, saved: dict[str, Any]) -> None:
                               f"{type(schedule).__name__} schedule; resume with "
                               f"learning_rate={saved['learning_rate']}.")
     # lr_t = base_lr * factor(t): the same schedule position, the new base
-    schedule.base_lrs = [args.learning_rate for _ in schedule.base_lrs]
+    # the matching head's group (second, when it has its own schedule) keeps matching_learning_rate if set
+    head_rate = args.matching_learning_rate or args.learning_rate
+    schedule.base_lrs = [args.learning_rate if index == 0 else head_rate for index in range(len(schedule.base_lrs))]
     rates = [base * factor(schedule.last_epoch) for factor, base in zip(schedule.lr_lambdas, schedule.base_lrs)]
-    for group, rate in zip(optimizer.param_groups, rates):
-        group["lr"], group["initial_lr"] = rate, args.learning_rate
+    for group, rate, base in zip(optimizer.param_groups, rates, schedule.base_lrs):
+        group["lr"], group["initial_lr"] = rate, base
     schedule._last_lr = rates
     logger.info("Learning rate changed on resume: %s -> %s (now %s at step %d).", saved.get("learning_rate"),
                 args.learning_rate, rates[0], run.state.global_step)

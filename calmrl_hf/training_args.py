@@ -39,6 +39,8 @@ class CalMRLTrainingArguments:
       config, these arguments, dataset, number of processes); listed names (`"learning_rate"`,
       `"model.imputer_method"`, `"dataset"`, `"world_size"`, or `"*"`) may differ, and changed learning rate and
       weight decay are applied from the resumed step on.
+    - `matching_learning_rate`, `matching_warmup_steps`: ours, the matching head's own learning rate and warm-up
+      (a head trained from scratch next to pretrained towers wants a larger rate than they do).
     - `imputer_*`, `freeze_modalities`, `freeze_projections`, `eval_pairs`, `hub_endpoint`: ours (CalMRL's bi-step,
       frozen towers, evaluation directions, a Hub API endpoint other than huggingface.co).
 
@@ -57,6 +59,8 @@ class CalMRLTrainingArguments:
     weight_decay: float = 0.01
     lr_scheduler_type: str = "cosine"
     warmup_steps: int = 0
+    matching_learning_rate: float | None = None  # the matching head's (fusion encoder's); None: learning_rate
+    matching_warmup_steps: int | None = None  # the matching head's warm-up; None: warmup_steps
     max_grad_norm: float | None = 1.0
     mixed_precision: str | None = None  # "no" | "bf16" | "fp16"; None: the launcher's (accelerate launch / config)
     use_cpu: bool = False  # force CPU processes (torchrun on CPU: gloo all-reduce)
@@ -133,6 +137,10 @@ class CalMRLTrainingArguments:
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision = {self.mixed_precision!r}; expected 'no', 'bf16', 'fp16' or None (the "
                              f"launcher's).")
+        if self.matching_learning_rate is not None and not self.matching_learning_rate > 0:
+            raise ValueError(f"matching_learning_rate must be > 0 or None, got {self.matching_learning_rate}.")
+        if self.matching_warmup_steps is not None and self.matching_warmup_steps < 0:
+            raise ValueError(f"matching_warmup_steps must be >= 0 or None, got {self.matching_warmup_steps}.")
         for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")

@@ -27,8 +27,8 @@ def main(out_path: str) -> None:
     draws = []
     original = fusion.sample_hard_negatives
 
-    def recording(similarity, positives=None, valid=None, generator=None):
-        picked = original(similarity, positives, valid, generator)
+    def recording(similarity, positives=None, valid=None, generator=None, num_negatives=None):
+        picked = original(similarity, positives, valid, generator, num_negatives)
         draws.append({"picked": picked, "positives": positives, "pool": similarity.shape[1], "valid": valid})
         return picked
 

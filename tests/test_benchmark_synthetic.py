@@ -84,6 +84,12 @@ def test_benchmarks_run_writes_each_benchmark_with_its_command(tmp_path):
     assert written.read_text().startswith("Command: `python -m benchmarks.run --quick --seeds 1 --only synthetic`")
     seeds = json.loads(written.with_suffix(".seeds.json").read_text())
     assert list(seeds) == ["0"] and set(seeds["0"]) == set(summaries["synthetic"]) == set(METHODS)
+    # the default run keeps the matching head's method and its re-ranking metrics, with their table
+    head = seeds["0"]["CalMRL (PPCA) + matching head"]
+    for gallery in ("vision", "audio"):
+        for suffix in ("", "_reranked", "_reranked50", "_head_only"):
+            assert 0.0 <= head[f"text->{gallery}_R@1{suffix}"] <= head[f"text->{gallery}_R@5{suffix}"] <= 100.0
+    assert "Re-ranking with the matching head" in written.read_text()
 
 
 def test_tuning_split_between_processes_keeps_every_grid(tmp_path):

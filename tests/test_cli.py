@@ -21,6 +21,7 @@ def trained(tmp_path_factory):
         argv += ["--set", f"data.generate_mini_vast.{key}={value}"]
     for stage in ("stage1", "stage2"):
         argv += ["--set", f"{stage}.max_steps=1", "--set", f"{stage}.per_device_train_batch_size=8"]
+    argv += ["--set", "model.config.fusion_num_layers=1"]  # a matching head, for evaluate --rerank
     assert main(argv) == 0
     data = root / "data" / "vast"
     return {"model": root / "run" / "stage2", "annotations": data / "annotations_test.json",
@@ -36,6 +37,17 @@ def test_evaluate_prints_retrieval_metrics(trained, capsys):
     assert main(["evaluate", str(trained["model"])] + dataset_args(trained)) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["instances"] == 12 and "text->vision/R@1" in metrics and "vision->audio/class_R@1" in metrics
+
+
+def test_evaluate_reranks_with_the_matching_head(trained, capsys):
+    assert main(["evaluate", str(trained["model"]), "--rerank", "5"] + dataset_args(trained)) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    for other in ("vision", "audio", "subtitle"):
+        reranked = {k: metrics[f"text->{other}/class_R@{k}_reranked5"] for k in (1, 5, 10)}
+        # re-ordering inside each query's top 5 keeps the top 5 (and the top 10) as they were
+        assert reranked[5] == metrics[f"text->{other}/class_R@5"] and reranked[10] == metrics[f"text->{other}/class_R@10"]
+        assert 0 <= reranked[1] <= reranked[5]
+    assert main(["evaluate", str(trained["model"]), "--rerank", "0"] + dataset_args(trained)) == 2
 
 
 def test_embed_to_parquet_and_safetensors_then_impute(trained, tmp_path):

@@ -124,7 +124,7 @@ def test_negatives_are_drawn_across_processes(tmp_path):
     for draw in record["draws"]:
         assert draw["pool"] == 12  # 2 processes x 6 rows (rank 0's 4 rows padded to 6)
         assert draw["valid"].tolist() == [True] * 4 + [False] * 2 + [True] * 6
-        assert not (draw["picked"] == draw["positives"]).any()
+        assert not (draw["picked"] == draw["positives"].unsqueeze(1)).any()  # [n, negatives] vs [n]
         assert draw["valid"][draw["picked"]].all()
     picked = torch.cat([d["picked"] for d in record["draws"]])
     assert (picked >= 6).any()  # rank 0 drew negatives from rank 1's rows
@@ -169,3 +169,121 @@ def test_fusion_encoder_keeps_pytorch_init_and_learns_matching_quickly():
     negative = model.matching_scores({"input_features": text}, {"vision": {"input_features": vision.roll(1, 0)}})
     assert (positive > negative).float().mean() > 0.8  # N(0, 0.02) init: 0.64
     assert positive.mean() - negative.mean() > 0.2  # N(0, 0.02) init: 0.06
+
+
+def test_several_hard_negatives_are_distinct_never_the_positive_and_follow_similarity():
+    generator = torch.Generator().manual_seed(0)
+    similarity = torch.randn(6, 6, generator=generator)
+    draws = sample_hard_negatives(similarity, num_negatives=4, generator=generator)  # [6, 4]
+    assert draws.shape == (6, 4) and not (draws == torch.arange(6).unsqueeze(1)).any()
+    assert all(len(set(row.tolist())) == 4 for row in draws)  # without replacement
+    peaked = torch.zeros(5, 5)
+    peaked[:, 2], peaked[:, 4] = 10.0, 9.0  # two hard negatives per row stand out
+    picks = torch.stack([sample_hard_negatives(peaked, num_negatives=2, generator=generator) for _ in range(50)])
+    rows = [0, 1, 3]
+    assert (picks[:, rows].sort(dim=-1).values == torch.tensor([2, 4])).all(dim=-1).float().mean() > 0.9
+    few = sample_hard_negatives(torch.zeros(3, 3), num_negatives=5, generator=generator)  # only 2 others per row
+    assert few.shape == (3, 5) and not (few == torch.arange(3).unsqueeze(1)).any()
+    with pytest.raises(ValueError, match="num_negatives"):
+        sample_hard_negatives(similarity, num_negatives=0)
+
+
+def test_matching_term_with_k_negatives_equals_its_weighted_cross_entropy():
+    """(2k + 1) n pairs; positives weighted k : 1 against negatives; k = 1 is the plain mean of the 3n pairs."""
+    import torch.nn.functional as F
+
+    from calmrl_hf import fusion
+
+    model = matching_model(matching_num_negatives=3).train()
+    batch = tiny_batch(MIXED_MASK)
+    embeddings, mask, tokens = model.embed_modalities(return_tokens=True, **batch)
+    captured = {}
+    original = fusion.matching_loss
+
+    def recording(logits, labels, share=1.0, weights=None):
+        captured.update(logits=logits, labels=labels, weights=weights)
+        return original(logits, labels, share, weights)
+
+    fusion.matching_loss = recording
+    try:
+        torch.manual_seed(0)
+        loss = model.matching_step(embeddings, mask, tokens)
+    finally:
+        fusion.matching_loss = original
+    logits, labels, weights = captured["logits"], captured["labels"], captured["weights"]
+    n = int(labels.sum())
+    assert labels.numel() == 7 * n and weights[:n].eq(weights[0]).all() and torch.isclose(weights[0], 3 * weights[-1])
+    per_pair = F.cross_entropy(logits.float(), labels, reduction="none")
+    reference = (3 * per_pair[:n].sum() + per_pair[n:].sum()) / (3 * n + 6 * n)
+    torch.testing.assert_close(loss, reference)
+    plain = torch.randn(9, 2), torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0])
+    torch.testing.assert_close(fusion.matching_loss(*plain, weights=torch.ones(9)), F.cross_entropy(*plain))
+    with pytest.raises(ValueError, match="matching_num_negatives"):
+        tiny_config(fusion_num_layers=1, matching_num_negatives=0)
+
+
+def test_rerank_equals_head_scores_plus_the_contrastive_logit_in_any_batch_size():
+    model = matching_model().eval()
+    batch = tiny_batch(torch.ones(6, 4, dtype=torch.bool))
+    text = {"input_ids": batch["text_input_ids"], "attention_mask": batch["text_attention_mask"]}
+    audio = {"input_values": batch["audio_input_values"]}
+    query, gallery = model.get_matching_tokens("text", **text), {"audio": model.get_matching_tokens("audio", **audio)}
+    similarity = torch.randn(6, 6, generator=torch.Generator().manual_seed(3))
+    reranked = model.rerank(similarity, query, gallery, top_k=4, batch_size=5)
+    torch.testing.assert_close(model.rerank(similarity, query, gallery, top_k=4, batch_size=1000), reranked)
+
+    def reference_score(q, g):  # another way: the head's probabilities, as log-odds, plus exp(logit_scale) x cos
+        p = model.matching_scores({k: v[q] for k, v in text.items()}, {"audio": {k: v[g] for k, v in audio.items()}})
+        return torch.log(p) - torch.log1p(-p) + model.logit_scale.exp() * similarity[q, g]
+
+    torch.testing.assert_close(reranked, rerank_top_k(similarity, reference_score, 4), atol=1e-4, rtol=1e-4)
+    head_only = model.rerank(similarity, query, gallery, top_k=4, similarity_weight=0.0)
+    probability = lambda q, g: model.matching_scores({k: v[q] for k, v in text.items()},  # noqa: E731
+                                                     {"audio": {k: v[g] for k, v in audio.items()}})
+    assert torch.equal(head_only.argsort(dim=1, descending=True),
+                       rerank_top_k(similarity, probability, 4).argsort(dim=1, descending=True))
+    with pytest.raises(ValueError, match="6 queries but the query tokens hold 2"):
+        model.rerank(similarity, tuple(t[:2] for t in query), gallery)
+
+
+def test_collected_tokens_of_several_batches_equal_one_batch():
+    from calmrl_hf.reranking import collect_matching_tokens
+
+    model = matching_model().eval()
+    whole = tiny_batch(torch.ones(5, 4, dtype=torch.bool))
+    whole["text_attention_mask"][3, 4:] = 0  # rows of different lengths
+    halves = [{key: value[rows] for key, value in whole.items()} for rows in (slice(0, 2), slice(2, 5))]
+    collected = collect_matching_tokens(model, halves, ["text", "audio", "subtitle"])
+    assert set(collected) == {"text", "audio", "subtitle"}
+    expected = model.get_matching_tokens("text", input_ids=whole["text_input_ids"],
+                                         attention_mask=whole["text_attention_mask"])
+    states, mask = collected["text"]
+    assert torch.equal(mask, expected[1][:, : mask.shape[1]]) and not expected[1][:, mask.shape[1]:].any()
+    torch.testing.assert_close(states[mask], expected[0][:, : mask.shape[1]][mask])
+    without_vision = collect_matching_tokens(model, [{k: v for k, v in whole.items() if not k.startswith("vision")}],
+                                             ["vision", "text"])
+    assert set(without_vision) == {"text"}  # no batch held vision
+
+
+def test_the_matching_head_trains_at_its_own_rate_and_warm_up():
+    from calmrl_hf.training import TrainingArguments, build_optimizer
+
+    model = matching_model()
+    args = TrainingArguments(learning_rate=1e-4, warmup_steps=2, matching_learning_rate=1e-3, matching_warmup_steps=4,
+                             max_steps=10, lr_scheduler_type="linear")
+    optimizer, scheduler = build_optimizer(model, args, num_processes=1)
+    head = {id(p) for p in model.fusion.parameters()}
+    assert [all(id(p) in head for p in g["params"]) for g in optimizer.param_groups] == [False, True]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    rates = []
+    for _ in range(6):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    linear = lambda step, warmup, base: base * (step / warmup if step < warmup else (10 - step) / (10 - warmup))  # noqa
+    for step, (body, fusion_rate) in enumerate(rates):
+        assert body == pytest.approx(linear(step, 2, 1e-4)) and fusion_rate == pytest.approx(linear(step, 4, 1e-3))
+    single, _ = build_optimizer(model, TrainingArguments(learning_rate=1e-4), num_processes=1)
+    assert len(single.param_groups) == 1  # without the head's own settings: one group, as before
+    with pytest.raises(ValueError, match="matching_learning_rate"):
+        TrainingArguments(matching_learning_rate=0.0)

@@ -39,11 +39,13 @@ from transformers import (ASTConfig, ASTFeatureExtractor, AutoTokenizer, ConvNex
 from calmrl_hf import CalMRLModel, CalMRLProcessor
 from calmrl_hf.evaluation import retrieval_metrics, zero_shot_accuracy
 from calmrl_hf.processing_calmrl import floor_dynamic_range
+from calmrl_hf.reranking import collect_matching_tokens
 from calmrl_hf.training import embed_dataset
 
 from ..cli import Benchmark
 from ..cli import main as benchmark_main
-from ..metrics import COSINE_COLUMNS, MATCHED_PAIRS, direction_families, imputation_metrics, paired_cosines
+from ..metrics import (COSINE_COLUMNS, MATCHED_PAIRS, RERANK_TOP_K, direction_families, imputation_metrics,
+                       paired_cosines, rerank_columns, reranked_recall)
 from ..protocol import Experiment, Splits, StageSettings
 from ..report import calibration_markdown, hyperparameter_markdown, markdown_table
 from .data import NUMBERS, AVDigits, Instance, class_prompts
@@ -244,6 +246,9 @@ def evaluate(model: CalMRLModel, processor: CalMRLProcessor, test: EncodedSplit,
         result[f"zero_shot_{name}_top1"] = accuracy["top1"]
     result.update(paired_cosines(truth, MODALITIES, MATCHED_PAIRS))
     result.update(imputation_metrics(model, truth, PATTERNS))
+    if model.fusion is not None:
+        tokens = collect_matching_tokens(model, DataLoader(test, batch_size=256, collate_fn=collate_fn), MODALITIES)
+        result.update(reranked_recall(model, truth, tokens, MODALITIES, labels=test.labels))
     return result
 
 
@@ -305,7 +310,20 @@ def markdown(summary: dict, gaps: dict) -> str:
         "(oracle - observed only)):", calibration_markdown(gaps, FAMILY_METRICS),
         "Class-level Recall@1 (%) in every direction:", markdown_table(summary, DIRECTIONS),
         "Mean cosine between the two embeddings of the same test instance:", markdown_table(summary, COSINE_COLUMNS, 3),
-        "Hyperparameters (each method tuned on the validation split, `--tune`):", hyperparameter_markdown(summary)])
+        "Hyperparameters (each method tuned on the validation split, `--tune`):", hyperparameter_markdown(summary),
+        *rerank_markdown(summary)])
+
+
+def rerank_markdown(summary: dict) -> list[str]:
+    """The re-ranking table of the methods with a matching head (none: no table)."""
+    columns = rerank_columns("class_R")
+    with_head = {method: metrics for method, metrics in summary.items() if columns[0] + "_reranked" in metrics}
+    if not with_head:
+        return []
+    return [f"Re-ranking with the matching head (class-level Recall): each text query's top "
+            f"{RERANK_TOP_K['_reranked']} (`_reranked`) or top {RERANK_TOP_K['_reranked50']} (`_reranked50`) "
+            "candidates re-ordered by match log-odds + the contrastive logit (`model.rerank`'s default), or by the "
+            f"head alone (`_head_only`, top {RERANK_TOP_K['_reranked']}):", markdown_table(with_head, columns)]
 
 
 def summary_markdown(summary: dict, gaps: dict) -> str:

@@ -37,8 +37,8 @@ from calmrl_hf.evaluation import retrieval_metrics
 
 from ..cli import Benchmark
 from ..cli import main as benchmark_main
-from ..metrics import (COSINE_COLUMNS, MATCHED_PAIRS, direction_families, imputation_metrics, paired_cosines,
-                       volume_discrimination)
+from ..metrics import (COSINE_COLUMNS, MATCHED_PAIRS, RERANK_TOP_K, direction_families, imputation_metrics,
+                       paired_cosines, rerank_columns, reranked_recall, volume_discrimination)
 from ..protocol import Experiment, Splits, StageSettings
 from ..report import calibration_markdown, hyperparameter_markdown, markdown_table
 
@@ -48,7 +48,6 @@ VISION_TEXT = (True, False, True, False)
 AUDIO_TEXT = (False, True, True, False)
 FULL = (True, True, True, True)
 PATTERNS = {"vision-text": VISION_TEXT, "audio-text": AUDIO_TEXT}
-RERANK_K = 10
 HERE = Path(__file__).resolve().parent
 HEADLINE = "mean_R@1"
 
@@ -131,29 +130,6 @@ def build_model(sizes: Sizes, **architecture) -> CalMRLModel:
 
 
 @torch.no_grad()
-def reranked_recall(model: CalMRLModel, test: Dataset, embeddings: torch.Tensor) -> dict[str, float]:
-    """text -> vision and text -> audio Recall@1 with each query's top-K re-ranked by the matching head."""
-    from calmrl_hf.evaluation import recall_at_k, rerank_top_k
-
-    features = {name: torch.tensor(test[name]) for name in MODALITIES}
-    text = MODALITIES.index("text")
-    result = {}
-    for gallery in ("vision", "audio"):
-        similarity = embeddings[:, text] @ embeddings[:, MODALITIES.index(gallery)].T
-
-        def score(queries, candidates, gallery=gallery):
-            return model.matching_scores({"input_features": features["text"][queries]},
-                                         {gallery: {"input_features": features[gallery][candidates]}})
-
-        reranked = rerank_top_k(similarity, score, RERANK_K)
-        for k, value in recall_at_k(similarity, (1, 5)).items():
-            result[f"text->{gallery}_R@{k}"] = value
-        for k, value in recall_at_k(reranked, (1, 5)).items():
-            result[f"text->{gallery}_R@{k}_reranked"] = value
-    return result
-
-
-@torch.no_grad()
 def fused_query_recall(model: CalMRLModel, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """Retrieve vision items with text + subtitle queries (vision and audio missing from the query): each single
     observed modality alone vs the fused query (observed + imputed, the leading singular vector)."""
@@ -183,7 +159,9 @@ def evaluate(model: CalMRLModel, split: Dataset, *, full: bool = True) -> dict[s
     if not full:
         return result
     if model.fusion is not None:
-        result.update(reranked_recall(model, split, truth))
+        tokens = {name: model.get_matching_tokens(name, input_features=batch[f"{name}_input_features"])
+                  for name in ("text", "vision", "audio")}
+        result.update(reranked_recall(model, truth, tokens, MODALITIES))
     result.update(fused_query_recall(model, batch))
     result.update(paired_cosines(truth, list(MODALITIES), MATCHED_PAIRS))
     # hide audio+subtitle (video-text instances) and vision+subtitle (audio-text), as stage 2 does
@@ -218,7 +196,7 @@ VOLUMES = [f"gram_{kind}_{columns}" for kind in ("top1", "volume_ratio") for col
 
 
 def markdown(summary: dict, gaps: dict) -> str:
-    rerank = [f"text->{g}_R@{k}{suffix}" for g in ("vision", "audio") for k in (1, 5) for suffix in ("", "_reranked")]
+    rerank = rerank_columns()
     parts = [markdown_table(summary, COLUMNS, digits=2),
              "What PPCA calibration does, per objective (paired by seed; share closed = (calibrated - observed "
              "only) / (oracle - observed only)):", calibration_markdown(gaps, FAMILY_METRICS),
@@ -235,7 +213,10 @@ def markdown(summary: dict, gaps: dict) -> str:
              hyperparameter_markdown(summary)]
     with_head = {method: metrics for method, metrics in summary.items() if rerank[0] in metrics}
     if with_head:
-        parts += [f"Re-ranking the top {RERANK_K} candidates with the matching head:", markdown_table(with_head, rerank)]
+        parts += [f"Re-ranking with the matching head: each text query's top {RERANK_TOP_K['_reranked']} "
+                  f"(`_reranked`) or top {RERANK_TOP_K['_reranked50']} (`_reranked50`) candidates re-ordered by match "
+                  "log-odds + the contrastive logit (`model.rerank`'s default), or by the head alone (`_head_only`, top "
+                  f"{RERANK_TOP_K['_reranked']}):", markdown_table(with_head, rerank)]
     return "\n\n".join(parts)
 
 
