@@ -392,11 +392,15 @@ def build_optimizer(model: CalMRLModel, args: CalMRLTrainingArguments, num_proce
 
 def keep_imputer_float32(model: CalMRLModel, saved: dict[str, torch.Tensor]) -> None:
     """Give the imputer back its float32 buffers `saved` before `accelerator.prepare` if the engine cast them
-    (DeepSpeed's bf16 / fp16 engines cast every buffer of the module; FSDP's and accelerate's mixed precision leave
-    buffers alone): its closed-form statistics would not survive half precision."""
+    (older DeepSpeed bf16 / fp16 engines cast the whole module; 0.19.8 casts buffers with `data_types.buffer_dtype`
+    set, the imputer's too with `keep_in_fp32_modules` []; FSDP's and accelerate's mixed precision leave buffers
+    alone): its closed-form statistics would not survive half precision, nor its modality codes."""
     if any(buffer.dtype in (torch.bfloat16, torch.float16) for buffer in model.imputer.buffers()):
-        model.imputer.float()
-        model.imputer.load_state_dict(saved)
+        # as the engine cast them (`buffer.data = ...`): the imputer's `_apply` refuses dtype changes, so
+        # `imputer.float()` would leave them in half precision and load_state_dict would round `saved` into them
+        for name, value in saved.items():
+            buffer = model.imputer.get_buffer(name)
+            buffer.data = value.to(buffer.device)
 
 
 def prepare_run(accelerator: Accelerator, args: CalMRLTrainingArguments, model, optimizer, scheduler, loaders,
