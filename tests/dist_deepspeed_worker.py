@@ -23,7 +23,7 @@ from calmrl_hf import CalMRLModel  # noqa: E402
 from calmrl_hf import training  # noqa: E402
 from calmrl_hf.training import TrainingArguments, build_accelerator, train  # noqa: E402
 
-SCHEDULES, RUNS = [], []
+SCHEDULES, RUNS, CAST = [], [], []
 
 
 def recording_build_optimizer(*args, **kwargs):
@@ -35,17 +35,28 @@ def recording_build_optimizer(*args, **kwargs):
 
 
 def recording_prepare_run(*args, **kwargs):
-    """`training.prepare_run`, keeping the run (its prepared model: the DeepSpeed engine)."""
+    """`training.prepare_run`, keeping the run (its prepared model: the DeepSpeed engine) and noting the imputer
+    buffers' dtypes after `keep_imputer_float32`."""
     RUNS.append(PREPARE_RUN(*args, **kwargs))
+    imputer = RUNS[-1].accelerator.unwrap_model(RUNS[-1].model).imputer
+    CAST.append(sorted({str(buffer.dtype) for buffer in imputer.buffers()}))
     return RUNS[-1]
+
+
+def recording_keep_imputer_float32(model, saved):
+    """`training.keep_imputer_float32`, noting the imputer buffers' dtypes the engine left (before the fix-up)."""
+    CAST.append(sorted({str(buffer.dtype) for buffer in model.imputer.buffers()}))
+    KEEP_IMPUTER_FLOAT32(model, saved)
 
 
 BUILD_OPTIMIZER, training.build_optimizer = training.build_optimizer, recording_build_optimizer
 PREPARE_RUN, training.prepare_run = training.prepare_run, recording_prepare_run
+KEEP_IMPUTER_FLOAT32, training.keep_imputer_float32 = training.keep_imputer_float32, recording_keep_imputer_float32
 
 
 def main(out_dir: str, mode: str, *settings: str) -> None:
     values = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in settings)}
+    eval_rows = values.pop("eval_rows", None)  # an eval set of that many rows (evaluated at the end)
     torch.manual_seed(0)  # the same weights on every process and in every mode
     model = CalMRLModel(training_config(dropout=False))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -54,11 +65,13 @@ def main(out_dir: str, mode: str, *settings: str) -> None:
         learning_rate=1e-3, warmup_steps=1, logging_steps=1, imputer_min_rows=8, seed=7, **values,
     )
     accelerator = build_accelerator(args)
-    result = train(model, make_dataset(32, MIXED_PATTERNS), args, collate_fn=collate, accelerator=accelerator)
+    result = train(model, make_dataset(32, MIXED_PATTERNS), args, collate_fn=collate, accelerator=accelerator,
+                   eval_dataset=make_dataset(eval_rows, MIXED_PATTERNS, seed=1) if eval_rows else None)
     imputer = accelerator.unwrap_model(model).imputer
-    record = {"losses": result.losses, "processes": accelerator.num_processes,
+    record = {"losses": result.losses, "metrics": result.metrics, "processes": accelerator.num_processes,
               "distributed_type": str(accelerator.distributed_type),
               "final_lr": SCHEDULES[-1].get_last_lr()[0], "scheduler_steps": SCHEDULES[-1].last_epoch,
+              "buffer_dtypes_after_prepare": CAST[0], "buffer_dtypes_after_the_fix": CAST[1],
               "buffers": {k: v.detach().clone() for k, v in imputer.state_dict().items()}}
     state = accelerator.get_state_dict(RUNS[-1].model)  # every process (ZeRO-3 gathers: rank 0 gets the state)
     if accelerator.is_main_process:
