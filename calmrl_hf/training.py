@@ -15,13 +15,14 @@ custom states `load_state` would unpickle.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.state import AcceleratorState
 from accelerate.utils import GradientAccumulationPlugin
 from accelerate.logging import get_logger
@@ -198,14 +199,21 @@ def build_accelerator(args: CalMRLTrainingArguments) -> Accelerator:
     AcceleratorState._reset_state()  # accelerate refuses a second Accelerator with other settings otherwise
     accumulation = (GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps)
                     if args.gradient_accumulation_steps is not None else None)  # a plugin wins over the launcher's env
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]  # towers of modalities absent from
+    # a batch get no gradient: DDP must not wait for them
+    cpu = args.use_cpu or wants_cpu_processes()
+    if cpu and not args.use_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # DeepSpeed on CPU processes: accelerate drops DeepSpeed when cpu=True (a plain DDP run over gloo instead),
+        # and without a device it finds no backend (one process each); DeepSpeed's CPU accelerator runs over gloo
+        cpu = False
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
-        cpu=args.use_cpu or wants_cpu_processes(),
+        cpu=cpu,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_plugin=accumulation,
         log_with=args.report_to,
         project_dir=args.output_dir,
-        # towers of modalities absent from a batch get no gradient: DDP must not wait for them
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=handlers,
         # batches hold the observed rows of each modality only (ragged), so they are never split or dispatched
         # across processes: each process collates its own examples
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
@@ -398,11 +406,15 @@ def build_optimizer(model: CalMRLModel, args: CalMRLTrainingArguments, num_proce
 
 def keep_imputer_float32(model: CalMRLModel, saved: dict[str, torch.Tensor]) -> None:
     """Give the imputer back its float32 buffers `saved` before `accelerator.prepare` if the engine cast them
-    (DeepSpeed's bf16 / fp16 engines cast every buffer of the module; FSDP's and accelerate's mixed precision leave
-    buffers alone): its closed-form statistics would not survive half precision."""
+    (older DeepSpeed bf16 / fp16 engines cast the whole module; 0.19.8 casts buffers with `data_types.buffer_dtype`
+    set, the imputer's too with `keep_in_fp32_modules` []; FSDP's and accelerate's mixed precision leave buffers
+    alone): its closed-form statistics would not survive half precision, nor its modality codes."""
     if any(buffer.dtype in (torch.bfloat16, torch.float16) for buffer in model.imputer.buffers()):
-        model.imputer.float()
-        model.imputer.load_state_dict(saved)
+        # as the engine cast them (`buffer.data = ...`): the imputer's `_apply` refuses dtype changes, so
+        # `imputer.float()` would leave them in half precision and load_state_dict would round `saved` into them
+        for name, value in saved.items():
+            buffer = model.imputer.get_buffer(name)
+            buffer.data = value.to(buffer.device)
 
 
 def prepare_run(accelerator: Accelerator, args: CalMRLTrainingArguments, model, optimizer, scheduler, loaders,

@@ -316,15 +316,18 @@ def test_dataloader_worker_settings_reach_the_train_loader(tmp_path):
 
 
 def test_an_engine_that_casts_buffers_gives_the_imputer_back_its_float32_state():
-    """DeepSpeed's bf16 engine casts every buffer (read in deepspeed's engine, not run here): after prepare the
-    imputer gets its exact float32 buffers back."""
+    """A DeepSpeed bf16 engine that casts every buffer (`buffer.data = buffer.data.to(bf16)`, past the imputer's
+    `_apply`; run in test_deepspeed): after prepare the imputer gets its exact float32 buffers back."""
     from calmrl_hf.training import keep_imputer_float32
 
     model = CalMRLModel(training_config())
     with torch.no_grad():
         model.imputer.mean.normal_(generator=torch.Generator().manual_seed(0))
     saved = {name: buffer.clone() for name, buffer in model.imputer.state_dict().items()}
-    model.to(torch.bfloat16)  # what the engine does to the module
+    model.to(torch.bfloat16)  # the towers' parameters (the imputer's `_apply` keeps its buffers float32) ...
+    for buffer in model.buffers():  # ... and the buffers, as DeepSpeed's `_cast_module_mixed_precision` casts them
+        buffer.data = buffer.data.to(torch.bfloat16)
+    assert model.imputer.mean.dtype == torch.bfloat16
     keep_imputer_float32(model, saved)
     for name, buffer in model.imputer.state_dict().items():
         assert buffer.dtype == saved[name].dtype and torch.equal(buffer, saved[name]), name
