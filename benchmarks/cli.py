@@ -43,6 +43,11 @@ class Benchmark:
     folder: Path
     stem: str = "results"  # writes {stem}.md, .json, .png; tuned values in hyperparameters{suffix}.json
     hyperparameters_suffix: str = ""
+    default_methods: Sequence[str] | None = None  # what a run without --methods runs (None: every method)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.default_methods or METHODS)
 
     @property
     def hyperparameters(self) -> Path:
@@ -84,7 +89,7 @@ def tune_group(module: str, quick: bool, seed: int, methods: list[str]) -> dict:
 
 
 def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None = None) -> dict:
-    default_methods = list(default_methods or METHODS)
+    default_methods = list(default_methods or benchmark.methods)
     parser = argparse.ArgumentParser(description=benchmark.description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI size")

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from .avdigits import run as avdigits
 from .cli import report, run_seed, run_tasks, summary_path
-from .methods import METHODS
 from .synthetic import run as synthetic
 from .synthetic import run_av as synthetic_av
 
@@ -69,7 +68,7 @@ def main(argv=None) -> dict:
     # last seed runs
     order = sorted(benchmarks, key=lambda name: name != "avdigits")
     tasks = [(name, seed) for name in order for seed in seeds]
-    results = run_tasks([(run_seed, benchmarks[name].module, args.quick, seed, list(METHODS), tuned[name])
+    results = run_tasks([(run_seed, benchmarks[name].module, args.quick, seed, benchmarks[name].methods, tuned[name])
                          for name, seed in tasks], args.processes)
     print(f"\nall seeds of {', '.join(order)}: {time.perf_counter() - started:.0f} s wall\n")
     command = "python -m benchmarks.run" + " --quick" * args.quick + "".join(

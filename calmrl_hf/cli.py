@@ -141,10 +141,6 @@ def command_evaluate(args) -> None:
 def command_embed(args) -> None:
     check_output_file(args.output, (".safetensors", ".parquet"))
     model, processor = _load_model(args.model)
-    if args.rerank is not None and args.rerank < 1:
-        raise CommandError(f"--rerank K re-ranks each query's top K candidates: K must be >= 1, got {args.rerank}.")
-    if args.rerank is not None and model.fusion is None:
-        raise CommandError("--rerank needs a model with a matching head (fusion_num_layers > 0 in its config).")
     ids, labels, embeddings, mask = _embed(model, processor, _load_dataset(args, processor), args.batch_size)
     suffix = args.output.suffix
     if suffix == ".safetensors":

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.state import AcceleratorState
-from accelerate.utils import GradientAccumulationPlugin
+from accelerate.utils import DistributedType, GradientAccumulationPlugin
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save
@@ -185,6 +185,15 @@ def validate_setup(model: CalMRLModel, datasets: dict[str, Any], args: CalMRLTra
             f"processes); lower the batch size."
         )
     return per_device
+
+
+def refuse_unsupported_engine_settings(args: CalMRLTrainingArguments, accelerator: Accelerator) -> None:
+    """Settings an engine cannot run, refused before training instead of failing at the first checkpoint."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and (args.save_steps or args.resume_from_checkpoint):
+        raise ValueError("Checkpoints (save_steps / resume_from_checkpoint) are not supported under DeepSpeed: its "
+                         "ZeRO optimizer state is partitioned across processes and holds objects the checkpoint "
+                         "format refuses. Set save_steps=None (the final model is still saved), or train with DDP "
+                         "or FSDP to checkpoint.")
 
 
 def build_accelerator(args: CalMRLTrainingArguments) -> Accelerator:
@@ -747,6 +756,7 @@ def train(
         accelerator.num_processes,
     )
     ensure_writable_directory(args.output_dir)  # every process writes there (its RNG states): fail now, not at the end
+    refuse_unsupported_engine_settings(args, accelerator)
     set_seed(args.seed)
     freeze_modules(model, args)
     loaders = build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_fn, per_device, args,
