@@ -55,6 +55,14 @@ CANDIDATES: dict[str, list[str]] = {
     "resnet+resnet-wide-floor30": [f"model.towers.audio={_flow(_WIDE_AUDIO)}"],
     "resnet+resnet-floor30, stage 1 lr 1e-3": ["stage1.learning_rate=1e-3"],
     "resnet+resnet-floor30, stage 1 x2 steps": ["stage1.max_steps=400"],
+    # corpus sizes and stage-2 length: the stage-1 and held-out splits are drawn first, so a corpus with other
+    # stage-2 sizes (its own folder) keeps the same validation instances
+    "stage-2 corpus x0.5 (400 + 400)": ["data.generate_mini_vast.video_text=400", "data.generate_mini_vast.audio_text=400",
+                                        "data.generate_mini_vast.root=outputs/main_job_towers/data_seed1_stage2_400"],
+    "stage-2 corpus x2 (1600 + 1600)": ["data.generate_mini_vast.video_text=1600",
+                                        "data.generate_mini_vast.audio_text=1600",
+                                        "data.generate_mini_vast.root=outputs/main_job_towers/data_seed1_stage2_1600"],
+    "stage 2 x2 steps (300)": ["stage2.max_steps=300"],
 }
 
 

@@ -92,7 +92,8 @@ def _embed(model, processor, dataset, batch_size: int):
 
 def _reranked_metrics(model, processor, dataset, batch_size: int, embeddings, mask, labels, top_k: int) -> dict:
     """Recall@K of caption -> every other modality with each query's top `top_k` re-ranked by the matching head
-    (`model.rerank`), over the rows observing both; keys `{caption}->{other}/R@K_reranked{top_k}`."""
+    (`model.rerank`), over the rows observing both; keys `{caption}->{other}/R@K_reranked{top_k}` (and
+    `class_R@K_reranked{top_k}` with labels)."""
     from .evaluation import recall_at_k
     from .reranking import collect_matching_tokens
 
@@ -111,8 +112,11 @@ def _reranked_metrics(model, processor, dataset, batch_size: int, embeddings, ma
         query = tuple(t[position[rows, c]] for t in tokens[caption])
         gallery = {other: tuple(t[position[rows, o]] for t in tokens[other])}
         reranked = model.rerank(similarity, query, gallery, top_k=top_k, batch_size=batch_size * 8)
-        for k, value in recall_at_k(reranked, labels=None if labels is None else labels[rows]).items():
-            metrics[f"{caption}->{other}/{'class_' if labels is not None else ''}R@{k}_reranked{top_k}"] = value
+        for k, value in recall_at_k(reranked).items():  # instance level: the query's own item is the hit
+            metrics[f"{caption}->{other}/R@{k}_reranked{top_k}"] = value
+        if labels is not None:  # class level, as retrieval_metrics reports it next to the instance level
+            for k, value in recall_at_k(reranked, labels=labels[rows]).items():
+                metrics[f"{caption}->{other}/class_R@{k}_reranked{top_k}"] = value
     return metrics
 
 

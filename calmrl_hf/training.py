@@ -187,8 +187,15 @@ def validate_setup(model: CalMRLModel, datasets: dict[str, Any], args: CalMRLTra
     return per_device
 
 
-def refuse_unsupported_engine_settings(args: CalMRLTrainingArguments, accelerator: Accelerator) -> None:
-    """Settings an engine cannot run, refused before training instead of failing at the first checkpoint."""
+def refuse_unsupported_engine_settings(model: CalMRLModel, args: CalMRLTrainingArguments,
+                                       accelerator: Accelerator) -> None:
+    """Settings an engine cannot run, refused before training instead of failing (or hanging) mid-run."""
+    with_matching = model.fusion is not None and model.config.matching_weight > 0
+    if accelerator.distributed_type == DistributedType.FSDP and with_matching and accelerator.num_processes > 1:
+        raise ValueError("The matching head (fusion_num_layers > 0, matching_weight > 0) does not train under FSDP "
+                         "yet: its collectives and FSDP's come in different orders on different processes (gloo: "
+                         "'Received data size doesn't match expected size'). Train it with DDP or DeepSpeed, or set "
+                         "matching_weight=0 for the FSDP run.")
     if accelerator.distributed_type == DistributedType.DEEPSPEED and (args.save_steps or args.resume_from_checkpoint):
         raise ValueError("Checkpoints (save_steps / resume_from_checkpoint) are not supported under DeepSpeed: its "
                          "ZeRO optimizer state is partitioned across processes and holds objects the checkpoint "
@@ -756,7 +763,7 @@ def train(
         accelerator.num_processes,
     )
     ensure_writable_directory(args.output_dir)  # every process writes there (its RNG states): fail now, not at the end
-    refuse_unsupported_engine_settings(args, accelerator)
+    refuse_unsupported_engine_settings(model, args, accelerator)
     set_seed(args.seed)
     freeze_modules(model, args)
     loaders = build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_fn, per_device, args,

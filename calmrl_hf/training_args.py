@@ -105,9 +105,10 @@ class CalMRLTrainingArguments:
         coerced = dict(values)
         for f in fields(cls):
             value = values.get(f.name)
-            if isinstance(value, str) and isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+            number_type = _number_type(f)
+            if isinstance(value, str) and number_type is not None:
                 try:
-                    coerced[f.name] = type(f.default)(float(value)) if isinstance(f.default, int) else float(value)
+                    coerced[f.name] = number_type(float(value))
                 except ValueError:
                     raise ValueError(f"Training argument {f.name} must be a number, got {value!r}.") from None
         return cls(**coerced)
@@ -150,6 +151,15 @@ class CalMRLTrainingArguments:
             raise ValueError("push_to_hub=True needs hub_model_id (the repo id to upload to).")
         if isinstance(self.allow_resume_changes, str):
             self.allow_resume_changes = [self.allow_resume_changes]
+
+
+def _number_type(f) -> type | None:
+    """int or float for a numeric field (also `float | None` ones, whose default None says nothing), else None."""
+    if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+        return type(f.default)
+    annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    kinds = {part.strip() for part in annotation.split("|")}
+    return float if "float" in kinds else int if "int" in kinds else None
 
 
 # The class used to share transformers' name; kept as an alias.

@@ -47,6 +47,7 @@ def test_evaluate_reranks_with_the_matching_head(trained, capsys):
         # re-ordering inside each query's top 5 keeps the top 5 (and the top 10) as they were
         assert reranked[5] == metrics[f"text->{other}/class_R@5"] and reranked[10] == metrics[f"text->{other}/class_R@10"]
         assert 0 <= reranked[1] <= reranked[5]
+        assert metrics[f"text->{other}/R@5_reranked5"] == metrics[f"text->{other}/R@5"]  # instance level too
     assert main(["evaluate", str(trained["model"]), "--rerank", "0"] + dataset_args(trained)) == 2
 
 

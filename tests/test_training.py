@@ -332,3 +332,33 @@ def test_an_engine_that_casts_buffers_gives_the_imputer_back_its_float32_state()
     for name, buffer in model.imputer.state_dict().items():
         assert buffer.dtype == saved[name].dtype and torch.equal(buffer, saved[name]), name
     assert model.encoders["text"].dtype == torch.bfloat16  # the towers stay as the engine made them
+
+
+def test_recipe_numbers_given_as_strings_become_numbers_also_in_optional_fields():
+    """YAML reads 1e-3 (no dot) as a string: from_dict converts it, for fields defaulting to None too."""
+    args = TrainingArguments.from_dict({"learning_rate": "2e-5", "matching_learning_rate": "1e-3",
+                                        "matching_warmup_steps": "10", "eval_steps": "5"})
+    assert (args.learning_rate, args.matching_learning_rate, args.matching_warmup_steps, args.eval_steps) == \
+        (2e-5, 1e-3, 10, 5)
+    assert isinstance(args.matching_warmup_steps, int)
+    with pytest.raises(ValueError, match="matching_learning_rate must be a number"):
+        TrainingArguments.from_dict({"matching_learning_rate": "fast"})
+
+
+def test_engine_settings_that_cannot_run_are_refused_before_training():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from calmrl_hf.training import refuse_unsupported_engine_settings
+
+    with_head = CalMRLModel(training_config(fusion_num_layers=1))
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2)
+    with pytest.raises(ValueError, match="does not train under FSDP"):
+        refuse_unsupported_engine_settings(with_head, TrainingArguments(), fsdp)
+    with_head.config.matching_weight = 0.0  # no matching term: FSDP is fine
+    refuse_unsupported_engine_settings(with_head, TrainingArguments(), fsdp)
+    deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2)
+    with pytest.raises(ValueError, match="not supported under DeepSpeed"):
+        refuse_unsupported_engine_settings(with_head, TrainingArguments(save_steps=10), deepspeed)
+    refuse_unsupported_engine_settings(with_head, TrainingArguments(), deepspeed)
