@@ -88,8 +88,9 @@ def main(argv=None) -> dict:
     rows = [f"| {name} | " + " | ".join(f"{values[c]:.1f}" for c in columns) + " |" for name, values in previous.items()]
     table = "\n".join([f"| variant (validation, seed 0) | {' | '.join(columns)} |", "|---" + "|---:" * len(columns) + "|",
                        *rows])
-    text = (f"Command: `python -m benchmarks.matching_head --benchmark {args.benchmark}` (variants merged into "
-            f"{out.name}.json)\n\n{table}\n")
+    command = f"python -m benchmarks.matching_head --benchmark {args.benchmark}" + (
+        "" if args.variants == list(VARIANTS) else " --variants " + " ".join(f"'{v}'" for v in args.variants))
+    text = f"Command: `{command}` (variants merged into {out.name}.json)\n\n{table}\n"
     out.with_suffix(".md").write_text(text)
     print(text)
     return previous
