@@ -136,8 +136,8 @@ def reranked_recall(model: CalMRLModel, embeddings: torch.Tensor, tokens: dict, 
         rankings = {"": similarity}
         for suffix, top_k in RERANK_TOP_K.items():
             rankings[suffix] = model.rerank(similarity, tokens["text"], {gallery: tokens[gallery]}, top_k=top_k)
-        rankings["_head_only"] = model.rerank(similarity, tokens["text"], {gallery: tokens[gallery]}, top_k=10,
-                                              similarity_weight=0.0)
+        rankings["_head_only"] = model.rerank(similarity, tokens["text"], {gallery: tokens[gallery]},
+                                              top_k=RERANK_TOP_K["_reranked"], similarity_weight=0.0)
         for suffix, scores in rankings.items():
             for k, value in recall_at_k(scores, (1, 5), labels=labels).items():
                 result[f"text->{gallery}_{recall}@{k}{suffix}"] = value

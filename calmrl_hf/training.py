@@ -401,23 +401,33 @@ def build_optimizer(model: CalMRLModel, args: CalMRLTrainingArguments, num_proce
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     own_schedule = args.matching_learning_rate is not None or args.matching_warmup_steps is not None
     head = [p for name, p in trainable if own_schedule and name.startswith("fusion.")]
-    groups = [{"params": [p for name, p in trainable if not (own_schedule and name.startswith("fusion."))]}]
+    head_ids = {id(p) for p in head}
+    groups = [{"params": [p for _, p in trainable if id(p) not in head_ids]}]
     warmups = [args.warmup_steps]
     if head:
         groups.append({"params": head, "lr": args.matching_learning_rate or args.learning_rate})
         warmups.append(args.warmup_steps if args.matching_warmup_steps is None else args.matching_warmup_steps)
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
+    if len(groups) == 1:
+        return optimizer, get_scheduler(args.lr_scheduler_type, optimizer, **schedule_steps(args, args.warmup_steps,
+                                                                                            num_processes))
+    # lr_g(t) = base_lr_g * factor_g(t): each group its own warm-up, in the run's schedule type
+    return optimizer, LambdaLR(optimizer, [schedule_factor(args, warmup, num_processes) for warmup in warmups])
+
+
+def schedule_steps(args: CalMRLTrainingArguments, warmup_steps: int, num_processes: int) -> dict[str, int]:
     # accelerate steps a prepared scheduler once per process per optimizer step: scale the schedule to match
-    schedules = [get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup * num_processes,
-                               num_training_steps=args.max_steps * num_processes) for warmup in warmups]
-    scheduler = schedules[0]
-    if len(schedules) > 1:  # lr_g(t) = base_lr_g * factor_g(t): each group its own warm-up
-        scheduler.lr_lambdas = [schedule.lr_lambdas[index] for index, schedule in enumerate(schedules)]
-        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-        for group, factor, base in zip(optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
-            group["lr"] = base * factor(0)
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    return optimizer, scheduler
+    return {"num_warmup_steps": warmup_steps * num_processes, "num_training_steps": args.max_steps * num_processes}
+
+
+def schedule_factor(args: CalMRLTrainingArguments, warmup_steps: int, num_processes: int) -> Callable[[int], float]:
+    """The learning-rate factor of step t of `lr_scheduler_type` with `warmup_steps` of warm-up."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # only its schedule's factor is kept
+    schedule = get_scheduler(args.lr_scheduler_type, probe, **schedule_steps(args, warmup_steps, num_processes))
+    if not isinstance(schedule, LambdaLR):
+        raise ValueError(f"matching_learning_rate / matching_warmup_steps need a step-wise schedule; "
+                         f"lr_scheduler_type={args.lr_scheduler_type!r} is not one.")
+    return schedule.lr_lambdas[0]
 
 
 def keep_imputer_float32(model: CalMRLModel, saved: dict[str, torch.Tensor]) -> None:

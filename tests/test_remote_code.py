@@ -19,6 +19,7 @@ from transformers import BertTokenizer, ViTImageProcessor, Wav2Vec2FeatureExtrac
 from calmrl_hf import CalMRLModel, CalMRLProcessor
 from calmrl_hf.pipeline_calmrl import save_pipelines
 
+from blocked_imports import blocking_prelude
 from tiny_models import IMAGE_SIZE, tiny_config
 
 
@@ -75,35 +76,6 @@ def test_the_import_check_catches_an_unguarded_optional_import(tmp_path):
 
 
 BLOCKING_SCRIPT = """
-import sys
-
-BLOCKED = {blocked!r}
-
-
-class Unimportable:
-    # Wraps each finder of sys.meta_path: the blocked packages are not found, as where they are not installed
-    def __init__(self, finder):
-        self.finder = finder
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in BLOCKED:
-            return None
-        find_spec = getattr(self.finder, "find_spec", None)
-        return find_spec(name, path, target) if find_spec else None
-
-    def __getattr__(self, attribute):
-        return getattr(self.finder, attribute)
-
-
-sys.meta_path[:] = [Unimportable(finder) for finder in sys.meta_path]
-for name in BLOCKED:
-    try:
-        __import__(name)
-    except ModuleNotFoundError:
-        pass
-    else:
-        raise SystemExit(f"the import hook failed to block {{name}}")
-
 import glob
 
 import numpy as np
@@ -172,8 +144,8 @@ def test_remote_code_loads_and_embeds_without_the_package_or_its_extras(tmp_path
                      "imputed": model.encode(**batch).imputed_embeddings}
     assert batch["vision_pixel_values"].shape == (3, 2, 3, IMAGE_SIZE, IMAGE_SIZE)  # videos: [n, T, C, H, W]
     save_file({k: v.contiguous() for k, v in reference.items()}, str(tmp_path / "reference.safetensors"))
-    script = textwrap.dedent(BLOCKING_SCRIPT).format(
-        blocked=BLOCKED, folder=str(folder), videos=str(tmp_path / "videos.npy"), texts=TEXTS,
+    script = blocking_prelude(BLOCKED) + textwrap.dedent(BLOCKING_SCRIPT).format(
+        folder=str(folder), videos=str(tmp_path / "videos.npy"), texts=TEXTS,
         reference=str(tmp_path / "reference.safetensors"), card_usage=card_usage(folder))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, BertConfig, ViTImageProcessor, Wav2Vec2F
 from calmrl_hf import CalMRLModel, CalMRLProcessor
 from calmrl_hf.sentence_transformers import save_sentence_transformers
 
+from blocked_imports import blocking_prelude
 from tiny_models import IMAGE_SIZE, tiny_ast, tiny_config, tiny_vit
 
 
@@ -107,51 +108,6 @@ def test_loading_without_trust_remote_code_is_refused(tmp_path):
 
 
 BLOCKING_SCRIPT = """
-import sys
-
-BLOCKED = {blocked!r}
-
-
-class Unimportable:
-    # Wraps each finder of sys.meta_path: the blocked packages are not found, as where they are not installed
-    def __init__(self, finder):
-        self.finder = finder
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in BLOCKED:
-            return None
-        find_spec = getattr(self.finder, "find_spec", None)
-        return find_spec(name, path, target) if find_spec else None
-
-    def find_distributions(self, *args, **kwargs):
-        # importlib.metadata sees no installed distribution of them either (sentence-transformers checks that way)
-        find = getattr(self.finder, "find_distributions", None)
-        for distribution in find(*args, **kwargs) if find else ():
-            if (distribution.metadata["Name"] or "").lower().replace("-", "_") not in BLOCKED:
-                yield distribution
-
-    def __getattr__(self, attribute):
-        return getattr(self.finder, attribute)
-
-
-sys.meta_path[:] = [Unimportable(finder) for finder in sys.meta_path]
-for name in BLOCKED:
-    try:
-        __import__(name)
-    except ModuleNotFoundError:
-        pass
-    else:
-        raise SystemExit(f"the import hook failed to block {{name}}")
-from importlib.metadata import PackageNotFoundError, metadata
-
-for name in BLOCKED:
-    try:
-        metadata(name)
-    except PackageNotFoundError:
-        pass
-    else:
-        raise SystemExit(f"the import hook failed to hide {{name}}'s metadata")
-
 import torch
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
@@ -179,8 +135,8 @@ def test_loads_and_encodes_without_the_package(tmp_path):
     folder = tmp_path / "st_remote"
     save_sentence_transformers(model, processor, folder)
     save_file({"text": _text_embeddings(model, processor, TEXTS).contiguous()}, str(tmp_path / "reference.safetensors"))
-    script = textwrap.dedent(BLOCKING_SCRIPT).format(
-        blocked=BLOCKED, folder=str(folder), texts=TEXTS, reference=str(tmp_path / "reference.safetensors"),
+    script = blocking_prelude(BLOCKED) + textwrap.dedent(BLOCKING_SCRIPT).format(
+        folder=str(folder), texts=TEXTS, reference=str(tmp_path / "reference.safetensors"),
         resaved=str(tmp_path / "st_resaved"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
