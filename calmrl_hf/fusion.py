@@ -117,29 +117,31 @@ class FusionEncoder(nn.Module):
 
     def condition_memory(self, modality_mask: torch.Tensor, tokens: dict, rows: torch.Tensor):
         """Condition tokens of batch rows `rows`: their observed non-caption modalities' tokens in the fusion space,
-        concatenated and padded: ([n, M, W], bool mask [n, M]). Imputed modalities have no tokens: never fed.
+        one block of each modality's tokens after the other, masked where a row does not observe it: ([n, M, W],
+        bool mask [n, M]). Imputed modalities have no tokens: never fed.
 
-        `tokens` maps each modality to (token states [n_m, L, H], token mask [n_m, L]) of its observed rows.
+        `tokens` maps each modality to (token states [n_m, L, H], token mask [n_m, L]) of its observed rows. Every
+        modality's projection enters the graph, used or not (a zero-row block at worst), so every parameter of the
+        head gets a gradient on every process: sharded engines reduce the gradients of a group of parameters
+        together, and a process whose batch leaves one out would send fewer of them than the others.
         """
-        per_row_states, per_row_masks = [[] for _ in rows], [[] for _ in rows]
+        blocks, block_masks = [], []
         for name, (states, state_mask) in tokens.items():
             if name == self.caption:
                 continue
             index = self.modalities.index(name)
-            position = modality_mask[:, index].long().cumsum(0) - 1  # batch row -> row of this modality's inputs
-            projected = self.condition_tokens(name, index, states)
-            for slot, row in enumerate(rows.tolist()):
-                if modality_mask[row, index]:
-                    per_row_states[slot].append(projected[position[row]])
-                    per_row_masks[slot].append(state_mask[position[row]])
-        reference = next(iter(tokens.values()))[0]
-        empty_state = reference.new_zeros(1, self.head.in_features)  # a row without condition: a masked placeholder
-        empty_mask = torch.zeros(1, dtype=torch.bool, device=reference.device)
-        memory = nn.utils.rnn.pad_sequence([torch.cat(s) if s else empty_state for s in per_row_states],
-                                           batch_first=True)  # [n, M, W]
-        memory_mask = nn.utils.rnn.pad_sequence([torch.cat(m) if m else empty_mask for m in per_row_masks],
-                                                batch_first=True)  # [n, M]
-        return memory, memory_mask
+            observed = modality_mask[rows, index]  # [n]: which of the rows observe this modality
+            position = (modality_mask[:, index].long().cumsum(0) - 1)[rows][observed]  # their rows among its inputs
+            slots = observed.nonzero().squeeze(1)
+            projected = self.condition_tokens(name, index, states)  # [n_m, L, W]
+            blocks.append(projected.new_zeros(rows.numel(), *projected.shape[1:])
+                          .index_put((slots,), projected[position]))
+            block_masks.append(state_mask.new_zeros(rows.numel(), state_mask.shape[1])
+                               .index_put((slots,), state_mask[position]))
+        if not blocks:
+            raise ValueError(f"The matching head needs tokens of a modality other than {self.caption!r}.")
+        # cross-attention has no key positions: the order of the keys, padding included, changes nothing
+        return torch.cat(blocks, dim=1), torch.cat(block_masks, dim=1).bool()
 
     def matching_step(self, embeddings: torch.Tensor, modality_mask: torch.Tensor, tokens: dict, temperature,
                       gather: bool = False, num_negatives: int = 1) -> torch.Tensor | None:
@@ -198,11 +200,7 @@ class FusionEncoder(nn.Module):
         caption_states, caption_mask = tokens[self.caption]
         caption_position = modality_mask[:, caption_index].long().cumsum(0) - 1
         captions, captions_mask = caption_states[caption_position[rows]], caption_mask[caption_position[rows]]
-        if rows.numel():
-            memory, memory_mask = self.condition_memory(modality_mask, tokens, rows)
-        else:
-            memory = caption_states.new_zeros(0, 1, self.head.in_features)
-            memory_mask = torch.zeros(0, 1, dtype=torch.bool, device=caption_states.device)
+        memory, memory_mask = self.condition_memory(modality_mask, tokens, rows)  # zero rows when none qualify
         # similarity of caption i and condition j: caption embedding vs mean of j's observed other embeddings
         condition_embeds = F.normalize((embeddings[rows] * (modality_mask[rows] & others).unsqueeze(-1)).sum(dim=1),
                                        dim=-1)

@@ -1,4 +1,4 @@
-"""How the processes of a run were launched, checked before anything trains.
+"""How the processes of a run were launched, checked before anything trains, and the Accelerator they get.
 
 `torchrun`, `accelerate launch --multi_gpu` and an `accelerate config` with `distributed_type: MULTI_GPU` start N
 processes and say so in `WORLD_SIZE`; on a machine without GPUs a plain `Accelerator()` then sees one process in
@@ -6,14 +6,29 @@ each of them (N separate runs writing one output_dir), so `wants_cpu_processes` 
 over gloo. `accelerate launch --num_processes N` without `--multi_gpu` (and `--cpu`, or `distributed_type:
 MULTI_CPU`) starts ONE process on such a machine (multi-CPU needs mpirun); `requested_processes` reads the launch
 command of the parent process (Linux' /proc) so that this is refused with the command to run instead.
+
+`build_accelerator` makes the Accelerator of one training run. On a machine without GPUs accelerate drops the
+engine a launch asked for and runs plain DDP over gloo: DeepSpeed and FSDP2 are kept there, on CPU processes
+(DeepSpeed through its CPU accelerator, FSDP2 through torch's `fully_shard`, which runs over gloo), and FSDP1,
+which torch runs on accelerator devices only, is refused.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, GradientAccumulationPlugin
+
+from .training_args import CalMRLTrainingArguments
+
+
+logger = logging.getLogger(__name__)
 
 
 class LaunchError(RuntimeError):
@@ -92,4 +107,140 @@ def check_launch(num_processes: int, parent_argv: list[str] | None = None) -> No
                       f"Run {instead}.")
 
 
-__all__ = ["LaunchError", "check_launch", "launched_processes", "requested_processes", "wants_cpu_processes"]
+def refuse_unsupported_engine_settings(model, args: CalMRLTrainingArguments, accelerator: Accelerator) -> None:
+    """Settings an engine cannot run, refused before training instead of failing (or hanging) mid-run."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and (args.save_steps or args.resume_from_checkpoint):
+        raise ValueError("Checkpoints (save_steps / resume_from_checkpoint) are not supported under DeepSpeed: its "
+                         "ZeRO optimizer state is partitioned across processes and holds objects the checkpoint "
+                         "format refuses. Set save_steps=None (the final model is still saved), or train with DDP "
+                         "or FSDP to checkpoint.")
+
+
+def check_shared_output_dir(accelerator: Accelerator, output_dir: str) -> None:
+    """Checkpoints need `output_dir` to be one folder for every process (every process writes its random states
+    into the main process's checkpoint folder, and reads the checkpoint to resume): on several machines, a
+    filesystem they share. The main process leaves a token there that every process must read back; all fail
+    together, before training, when one cannot."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast_object_list
+
+    marker = Path(output_dir) / ".calmrl_shared_check"
+    token = [os.urandom(8).hex() if accelerator.is_main_process else None]
+    if accelerator.is_main_process:
+        marker.write_text(token[0])
+    broadcast_object_list(token)  # also orders the write before every read
+    try:
+        seen = marker.read_text() == token[0]
+    except OSError:
+        seen = False
+    missing = accelerator.reduce(torch.tensor([0.0 if seen else 1.0], device=accelerator.device), reduction="sum")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker.unlink(missing_ok=True)
+    if missing.item() > 0:
+        raise LaunchError(f"On {int(missing.item())} of {accelerator.num_processes} processes, output_dir {output_dir} "
+                          f"is not the main process's folder: checkpoints (save_steps, resume_from_checkpoint) "
+                          f"need it on a filesystem every machine shares. Give every machine the same shared "
+                          f"output_dir, or set save_steps=None.")
+
+
+def build_accelerator(args: CalMRLTrainingArguments) -> Accelerator:
+    """The Accelerator of one training run (the recipe builds one per stage), with the run's own settings.
+
+    `mixed_precision` / `gradient_accumulation_steps` left None take the launcher's (`accelerate launch
+    --mixed_precision`, `accelerate config`, DeepSpeed's config); set, they win over it. Several launched processes
+    on a machine without GPUs become CPU processes over gloo (`wants_cpu_processes`), keeping the DeepSpeed or FSDP2
+    engine the launch asked for, and a launch whose processes the Accelerator does not see is refused
+    (`check_launch`). Settings of an earlier Accelerator of this process (an earlier stage) are dropped first; its
+    process group stays.
+    """
+    AcceleratorState._reset_state()  # accelerate refuses a second Accelerator with other settings otherwise
+    accumulation = (GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps)
+                    if args.gradient_accumulation_steps is not None else None)  # a plugin wins over the launcher's env
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]  # towers of modalities absent from
+    # a batch get no gradient: DDP must not wait for them
+    cpu = args.use_cpu or wants_cpu_processes()
+    fsdp_on_cpu = cpu and not args.use_cpu and _env_flag("ACCELERATE_USE_FSDP")
+    if fsdp_on_cpu and int(os.environ.get("FSDP_VERSION", "1")) != 2:
+        raise LaunchError("FSDP1 runs on accelerator devices only (torch: 'FSDP needs a non-CPU accelerator device') "
+                          "and this machine has none: launch with --fsdp_version 2 (or fsdp_version: 2 in the "
+                          "accelerate config) for FSDP2 on CPU processes, or without --use_fsdp for DDP.")
+    if cpu and not args.use_cpu and _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        # DeepSpeed on CPU processes: accelerate drops DeepSpeed when cpu=True (a plain DDP run over gloo instead),
+        # and without a device it finds no backend (one process each); DeepSpeed's CPU accelerator runs over gloo
+        cpu = False
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_plugin=accumulation,
+        log_with=args.report_to,
+        project_dir=args.output_dir,
+        kwargs_handlers=handlers,
+        # batches hold the observed rows of each modality only (ragged), so they are never split or dispatched
+        # across processes: each process collates its own examples
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
+                                                  dispatch_batches=False),
+    )
+    check_launch(accelerator.num_processes)
+    if fsdp_on_cpu:
+        _shard_cpu_processes(accelerator)
+    if accelerator.is_fsdp2:
+        _load_fully_on_every_process(accelerator)
+    return accelerator
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
+
+
+def _load_fully_on_every_process(accelerator: Accelerator) -> None:
+    """Turn off FSDP2's `cpu_ram_efficient_loading` (on by default in `accelerate launch --use_fsdp`).
+
+    With it, `prepare` moves the model to the meta device and re-creates every entry of its state dict from rank 0
+    as a sharded parameter, which fails on a persistent buffer (the imputer's statistics: "'Tensor' object has no
+    attribute 'device_mesh'"). Without it every process builds the whole model, pretrained towers loaded in full
+    (transformers reads the same environment variable), and `prepare` shards it.
+    """
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.cpu_ram_efficient_loading:
+        logger.warning("FSDP2's cpu_ram_efficient_loading is turned off: accelerate's loading cannot recreate a "
+                       "model with persistent buffers (the imputer's); every process loads the whole model instead.")
+    plugin.cpu_ram_efficient_loading = False
+    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+
+
+def _shard_cpu_processes(accelerator: Accelerator) -> None:
+    """FSDP2 for an `accelerate launch --use_fsdp --fsdp_version 2` run on CPU processes.
+
+    accelerate makes a run FSDP only on device processes (MULTI_GPU and the like), so here it built a MULTI_CPU
+    (DDP over gloo) one; the run becomes what the launch asked for: the FSDP plugin of the launch's settings
+    (read from the environment as accelerate reads it) and the FSDP distributed type, in both of accelerate's
+    shared states (an AcceleratorState built later copies the PartialState's). `prepare` then shards with
+    `fully_shard`, `get_state_dict` gathers the full state, as on GPUs.
+    """
+    plugin = FullyShardedDataParallelPlugin()
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
+def resolve_launch_settings(args: CalMRLTrainingArguments, accelerator: Accelerator) -> CalMRLTrainingArguments:
+    """`args` with the mixed precision and accumulation the run uses (the launcher's where `args` left them None);
+    an explicit value that the given `accelerator` does not use is an error."""
+    used = {"mixed_precision": str(accelerator.mixed_precision),
+            "gradient_accumulation_steps": accelerator.gradient_accumulation_steps}
+    for name, value in used.items():
+        given = getattr(args, name)
+        if given is not None and given != value:
+            raise ValueError(f"Training argument {name}={given!r} but the Accelerator passed to train uses {value!r}: "
+                             f"build it with calmrl_hf.training.build_accelerator(args), or leave {name} None to "
+                             f"take the Accelerator's.")
+    return replace(args, **used)
+
+
+__all__ = ["LaunchError", "build_accelerator", "check_launch", "check_shared_output_dir", "launched_processes", "refuse_unsupported_engine_settings",
+           "requested_processes", "resolve_launch_settings", "wants_cpu_processes"]

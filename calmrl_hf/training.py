@@ -15,16 +15,14 @@ custom states `load_state` would unpickle.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
-from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, GradientAccumulationPlugin
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save
@@ -44,9 +42,14 @@ from .data.loaders import dataset_modalities
 from .evaluation import RetrievalRecall
 from .hub import TRACKER_PROJECT, CheckpointPusher
 from .imputer import PPCAStatistics
-from .launch import check_launch, wants_cpu_processes
+from .launch import (
+    build_accelerator, check_shared_output_dir, refuse_unsupported_engine_settings, resolve_launch_settings,
+)
 from .modeling_calmrl import CalMRLModel
 from .progress import step_progress
+from .sharding import (
+    full_optimizer_state, is_sharded, load_full_model_state, load_full_optimizer_state, set_shard_groups,
+)
 from .training_args import CalMRLTrainingArguments, TrainingArguments
 
 
@@ -185,81 +188,6 @@ def validate_setup(model: CalMRLModel, datasets: dict[str, Any], args: CalMRLTra
             f"processes); lower the batch size."
         )
     return per_device
-
-
-def refuse_unsupported_engine_settings(model: CalMRLModel, args: CalMRLTrainingArguments,
-                                       accelerator: Accelerator) -> None:
-    """Settings an engine cannot run, refused before training instead of failing (or hanging) mid-run."""
-    with_matching = model.fusion is not None and model.config.matching_weight > 0
-    if accelerator.distributed_type == DistributedType.FSDP and with_matching and accelerator.num_processes > 1:
-        raise ValueError("The matching head (fusion_num_layers > 0, matching_weight > 0) does not train under FSDP "
-                         "yet: its collectives and FSDP's come in different orders on different processes (gloo: "
-                         "'Received data size doesn't match expected size'). Train it with DDP or DeepSpeed, or set "
-                         "matching_weight=0 for the FSDP run.")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and (args.save_steps or args.resume_from_checkpoint):
-        raise ValueError("Checkpoints (save_steps / resume_from_checkpoint) are not supported under DeepSpeed: its "
-                         "ZeRO optimizer state is partitioned across processes and holds objects the checkpoint "
-                         "format refuses. Set save_steps=None (the final model is still saved), or train with DDP "
-                         "or FSDP to checkpoint.")
-
-
-def build_accelerator(args: CalMRLTrainingArguments) -> Accelerator:
-    """The Accelerator of one training run (the recipe builds one per stage), with the run's own settings.
-
-    `mixed_precision` / `gradient_accumulation_steps` left None take the launcher's (`accelerate launch
-    --mixed_precision`, `accelerate config`, DeepSpeed's config); set, they win over it. Several launched processes
-    on a machine without GPUs become CPU processes over gloo (`launch.wants_cpu_processes`), and a launch whose
-    processes the Accelerator does not see is refused (`launch.check_launch`). Settings of an earlier Accelerator of
-    this process (an earlier stage) are dropped first; its process group stays.
-    """
-    AcceleratorState._reset_state()  # accelerate refuses a second Accelerator with other settings otherwise
-    accumulation = (GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps)
-                    if args.gradient_accumulation_steps is not None else None)  # a plugin wins over the launcher's env
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]  # towers of modalities absent from
-    # a batch get no gradient: DDP must not wait for them
-    cpu = args.use_cpu or wants_cpu_processes()
-    if cpu and not args.use_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        # DeepSpeed on CPU processes: accelerate drops DeepSpeed when cpu=True (a plain DDP run over gloo instead),
-        # and without a device it finds no backend (one process each); DeepSpeed's CPU accelerator runs over gloo
-        cpu = False
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_plugin=accumulation,
-        log_with=args.report_to,
-        project_dir=args.output_dir,
-        kwargs_handlers=handlers,
-        # batches hold the observed rows of each modality only (ragged), so they are never split or dispatched
-        # across processes: each process collates its own examples
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
-                                                  dispatch_batches=False),
-    )
-    check_launch(accelerator.num_processes)
-    return accelerator
-
-
-def resolve_launch_settings(args: CalMRLTrainingArguments, accelerator: Accelerator) -> CalMRLTrainingArguments:
-    """`args` with the mixed precision and accumulation the run uses (the launcher's where `args` left them None);
-    an explicit value that the given `accelerator` does not use is an error."""
-    used = {"mixed_precision": str(accelerator.mixed_precision),
-            "gradient_accumulation_steps": accelerator.gradient_accumulation_steps}
-    for name, value in used.items():
-        given = getattr(args, name)
-        if given is not None and given != value:
-            raise ValueError(f"Training argument {name}={given!r} but the Accelerator passed to train uses {value!r}: "
-                             f"build it with calmrl_hf.training.build_accelerator(args), or leave {name} None to "
-                             f"take the Accelerator's.")
-    return replace(args, **used)
-
-
-def is_sharded(model) -> bool:
-    """Whether `model` is sharded in place by FSDP2's `fully_shard` (accelerate's FSDP2 does not wrap the model)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch built without distributed support
-        return False
-    return isinstance(model, FSDPModule)
 
 
 @torch.no_grad()
@@ -448,10 +376,14 @@ def prepare_run(accelerator: Accelerator, args: CalMRLTrainingArguments, model, 
     """`accelerator.prepare` everything, with the imputer step, the loop position and the run's manifest."""
     train_loader, eval_loader, warm_loader = loaders
     manifest = run_manifest(model, args, train_loader.dataset, accelerator.num_processes)
+    if accelerator.distributed_type == DistributedType.FSDP:  # its checkpoints' optimizer state: another layout
+        manifest["optimizer_state_layout"] = "by parameter name (FSDP)"
     streaming = isinstance(train_loader.dataset, torch.utils.data.IterableDataset)
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     imputer_state = {name: buffer.clone() for name, buffer in model.imputer.state_dict().items()}
+    set_shard_groups(accelerator, model)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    # after prepare: FSDP replaces the parameters (sharded DTensors, flat parameters) and points the optimizer at them
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     keep_imputer_float32(accelerator.unwrap_model(model), imputer_state)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
@@ -533,14 +465,15 @@ def save_checkpoint(run: _Run) -> None:
     if accelerator.is_main_process:
         start_checkpoint(folder)
     accelerator.wait_for_everyone()
-    model_state = accelerator.get_state_dict(run.model)  # every process: a collective under sharded training
+    # every process: collectives under sharded training (the main process gets the full states)
+    model_state = accelerator.get_state_dict(run.model)
+    optimizer_state = full_optimizer_state(accelerator, run.model, run.optimizer)
     files = {f"rng_state_{accelerator.process_index}.safetensors": lambda: state_file_bytes(capture_rng_state())}
     if accelerator.is_main_process:
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         files.update({
             "model.safetensors": lambda: save(model_state, metadata={"format": "pt"}),
-            "optimizer.safetensors": lambda: state_file_bytes({"optimizer": run.optimizer.state_dict(),
-                                                               "scaler": scaler}),
+            "optimizer.safetensors": lambda: state_file_bytes({"optimizer": optimizer_state, "scaler": scaler}),
             "scheduler.safetensors": lambda: state_file_bytes(run.scheduler.state_dict()),
             "imputer_statistics.safetensors": lambda: state_file_bytes(run.imputer_step.state_dict()),
         })
@@ -578,9 +511,9 @@ def load_checkpoint(run: _Run, folder: str) -> None:
     manifest = read_manifest(folder)
     check_resumed_run(run, manifest, folder)
     root = Path(folder)
-    accelerator.unwrap_model(run.model).load_state_dict(load_file(str(root / "model.safetensors")))
+    load_full_model_state(accelerator, run.model, load_file(str(root / "model.safetensors")))
     optimizer_state = load_state_file(root / "optimizer.safetensors")
-    run.optimizer.load_state_dict(optimizer_state["optimizer"])
+    load_full_optimizer_state(accelerator, run.model, run.optimizer, optimizer_state["optimizer"])
     if accelerator.scaler is not None and optimizer_state["scaler"] is not None:
         accelerator.scaler.load_state_dict(optimizer_state["scaler"])
     run.scheduler.load_state_dict(load_state_file(root / "scheduler.safetensors"))
@@ -774,6 +707,8 @@ def train(
     )
     ensure_writable_directory(args.output_dir)  # every process writes there (its RNG states): fail now, not at the end
     refuse_unsupported_engine_settings(model, args, accelerator)
+    if args.save_steps or args.resume_from_checkpoint:
+        check_shared_output_dir(accelerator, args.output_dir)
     set_seed(args.seed)
     freeze_modules(model, args)
     loaders = build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_fn, per_device, args,

@@ -1,8 +1,8 @@
 """Worker for test_sharding: `torchrun --nproc_per_node 2 dist_fsdp_worker.py OUT_DIR ddp|fsdp`.
 
 Trains the tiny model with a matching head for 3 steps on the unequal split of `model_batch` (rank 1 has no vision
-row), wrapped in DDP or sharded with FSDP2's `fully_shard` (each tower, the fusion layers, then the root: the
-calls accelerate's FSDP2 plugin makes; accelerate itself refuses FSDP on a machine without GPUs). Rank 0 writes
+row, and a single row for the matching head: its negatives come from rank 0), wrapped in DDP or sharded with
+FSDP2's `fully_shard` (each tower, then the root). Rank 0 writes
 the loss curve and the full state dict (gathered as `accelerator.get_state_dict` gathers it), and saves the model
 with `save_pretrained` to OUT_DIR/model_MODE.
 """
@@ -38,9 +38,7 @@ def main(out_dir: str, mode: str) -> None:
     local = rows_of(model_batch(), slice(0, MODEL_SPLIT) if rank == 0 else slice(MODEL_SPLIT, None))
     local = {k: v.double() if v.is_floating_point() else v for k, v in local.items()}
     torch.manual_seed(0)  # the same weights on every process
-    config = model_config("pairwise_infonce")
-    config.fusion_num_layers = 0  # no matching head (see test_sharding for why)
-    model = CalMRLModel(config).double().eval()  # eval: no dropout
+    model = CalMRLModel(model_config("pairwise_infonce")).double().eval()  # eval: no dropout
     prepared = shard_or_wrap(model, mode)
     optimizer = torch.optim.AdamW(prepared.parameters(), lr=1e-3)
     losses = []

@@ -63,6 +63,53 @@ def test_only_observed_modalities_are_fed_to_the_fusion_encoder():
     assert tokens["vision"][0].shape[1] % NUM_FRAMES == 0  # vision gives T frames x its tokens
 
 
+def test_condition_memory_holds_each_rows_own_tokens_in_any_key_order():
+    """Each row's real memory tokens are its observed non-caption modalities' projected tokens (built here row by
+    row), and the fusion encoder gives the same logits on them packed per row: cross-attention has no key
+    positions, so the per-modality blocks and their masked padding change nothing."""
+    model = matching_model().eval()
+    with torch.no_grad():
+        _, mask, tokens = model.embed_modalities(return_tokens=True, **tiny_batch(MIXED_MASK))
+        text = model.config.modality_index("text")
+        rows = torch.tensor([0, 1, 2, 5])  # text and another modality observed
+        memory, memory_mask = model.fusion.condition_memory(mask, tokens, rows)
+        packed = []
+        for row in rows.tolist():
+            pieces = []
+            for index, name in enumerate(model.config.modalities):
+                if name != "text" and mask[row, index]:
+                    position = int(mask[: row + 1, index].sum()) - 1
+                    states, state_mask = tokens[name]
+                    pieces.append(model.fusion.condition_tokens(name, index, states)[position][state_mask[position]])
+            packed.append(torch.cat(pieces))
+        for slot, reference in enumerate(packed):
+            torch.testing.assert_close(memory[slot][memory_mask[slot]], reference)
+        packed_memory = torch.nn.utils.rnn.pad_sequence(packed, batch_first=True)
+        packed_mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(p), dtype=torch.bool) for p in packed],
+                                                      batch_first=True)
+        caption_states, caption_mask = tokens["text"]
+        positions = mask[:, text].long().cumsum(0)[rows] - 1
+        captions, captions_mask = caption_states[positions], caption_mask[positions]
+        torch.testing.assert_close(model.fusion(captions, captions_mask, memory, memory_mask),
+                                   model.fusion(captions, captions_mask, packed_memory, packed_mask))
+
+
+def test_every_head_parameter_gets_a_gradient_when_the_batch_uses_a_modality_nowhere():
+    """Rows 1 and 2 observe no subtitle: its token projection still gets a (zero) gradient, not None. Sharded
+    engines reduce a group's gradients together, so a process whose batch left one out would send fewer."""
+    model = matching_model()
+    _, mask, tokens = model.embed_modalities(return_tokens=True, **tiny_batch(MIXED_MASK))
+    rows = torch.tensor([1, 2])
+    memory, memory_mask = model.fusion.condition_memory(mask, tokens, rows)
+    caption_states, caption_mask = tokens["text"]
+    positions = mask[:, model.config.modality_index("text")].long().cumsum(0)[rows] - 1
+    model.fusion(caption_states[positions], caption_mask[positions], memory, memory_mask).sum().backward()
+    for name, parameter in model.fusion.named_parameters():
+        assert parameter.grad is not None, name
+    assert model.fusion.token_projections["subtitle"].weight.grad.abs().sum() == 0
+    assert model.fusion.token_projections["vision"].weight.grad.abs().sum() > 0
+
+
 def test_reranking_with_the_similarity_itself_changes_nothing():
     generator = torch.Generator().manual_seed(0)
     similarity = torch.randn(12, 12, generator=generator)

@@ -1,12 +1,26 @@
-"""Sharded training on 2 CPU processes (gloo): FSDP2's `fully_shard` against DDP on the same global batches.
+"""Sharded training on 2 CPU processes (gloo): FSDP2 against DDP on the same global batches.
 
-accelerate refuses FSDP on a machine without GPUs (`accelerate launch --use_fsdp` gives processes that see
-DistributedType.NO; with `--cpu` or `--multi_gpu` it is rejected), so the worker makes the torch calls its FSDP2
-plugin makes: `fully_shard` on each tower, then on the root, and `get_model_state_dict(full_state_dict=True)` as
-`accelerator.get_state_dict` does.
+Two ways in:
+- `accelerate launch` with FSDP2 (the config file recipes/configs/accelerate/fsdp2.yaml, and flags), running
+  `calmrl_hf.training.train` as users do: the tiny model with a matching head and dropout, evaluation, a checkpoint
+  at step 2 and the final save. accelerate makes a run FSDP only on GPUs; on CPU processes `build_accelerator` keeps
+  the FSDP2 run the launch asked for (`launch._shard_cpu_processes`), so `prepare` shards with `fully_shard` and
+  `get_state_dict` gathers, as on GPUs.
+- torch's `fully_shard` directly, with one process lacking every vision row (its tower runs on a placeholder row)
+  and a single row for the matching head (its hard negatives come from the other process).
+
+Several machines: `accelerate launch --num_machines 2`, one process per machine, both machines on this host.
+
+FSDP1 cannot run here: torch runs it on accelerator devices only, and `build_accelerator` refuses it on CPU
+processes with what to launch instead.
 """
 
 from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,33 +28,178 @@ import torch
 from test_collective import torchrun
 
 from calmrl_hf import CalMRLModel
+from calmrl_hf import launch as launch_module
+from calmrl_hf.launch import LaunchError
+from calmrl_hf.training import TrainingArguments, build_accelerator
 
 
 pytest.importorskip("torch.distributed.fsdp", reason="needs torch's FSDP2")
 
+HERE = Path(__file__).parent
+FSDP2_CONFIG = HERE.parent / "recipes" / "configs" / "accelerate" / "fsdp2.yaml"
+FLAGS = {"ddp": ["--multi_gpu", "--num_processes", "2"],
+         "fsdp2": ["--config_file", str(FSDP2_CONFIG)],
+         # SHARD_GRAD_OP (parameters kept gathered between forward and backward), resuming FULL_SHARD's checkpoint
+         "fsdp2_grad_op_resumed": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "false",
+                                   "--num_processes", "2"]}
+
+
+def _port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _environment(out: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "ACCELERATE_", "WORLD_SIZE"))}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HOME=str(out / "hf_home"))
+    return env
+
+
+def launch(mode: str, out: Path, *settings: str, timeout: int = 240) -> None:
+    """One 2-process `accelerate launch` of the training worker (a hang fails after `timeout` seconds)."""
+    command = ["accelerate", "launch", *FLAGS[mode], "--main_process_port", _port(),
+               str(HERE / "dist_fsdp_train_worker.py"), str(out), mode, *settings]
+    result = subprocess.run(command, env=_environment(out), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def launch_two_machines(out: Path, mode: str, output_dirs: tuple[str, str], timeout: int = 240) -> list:
+    """`accelerate launch --num_machines 2` once per machine (machine_rank 0 and 1, one process each), both on this
+    host, concurrently: one 2-process run whose rendezvous is the first machine's address."""
+    port = _port()
+    machines = []
+    for rank, output_dir in enumerate(output_dirs):
+        command = ["accelerate", "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank),
+                   "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                   str(HERE / "dist_fsdp_train_worker.py"), str(out), mode, f"output_dir={output_dir}"]
+        machines.append(subprocess.Popen(command, env=_environment(out), stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, text=True))
+    try:
+        return [(machine.wait(timeout=timeout), machine.stderr.read()) for machine in machines]
+    finally:
+        for machine in machines:
+            machine.kill()
+
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def accelerate_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp_accelerate")
+    launch("ddp", out)
+    launch("fsdp2", out, f"copy_checkpoint={out / 'resumed'}")  # leaves its step-2 checkpoint in resumed/
+    launch("fsdp2_grad_op_resumed", out, f"output_dir={out / 'resumed'}", "resume_from_checkpoint=latest")
+    shared = str(out / "run_two_machines")  # one output_dir for both machines: a shared filesystem
+    for code, stderr in launch_two_machines(out, "two_machines", (shared, shared)):
+        assert code == 0, stderr[-4000:]
+    modes = ("ddp", "fsdp2", "fsdp2_grad_op_resumed", "two_machines")
+    return out, {mode: torch.load(out / f"{mode}.pt") for mode in modes}
+
+
+def assert_same_training(run: dict, reference: dict, tolerance: float = 1e-12) -> None:
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=0, atol=tolerance)
+    assert run["state"].keys() == reference["state"].keys()
+    for key, value in reference["state"].items():
+        torch.testing.assert_close(run["state"][key], value, rtol=0, atol=tolerance, msg=key)
+
+
+def test_fsdp2_through_accelerate_trains_like_ddp(accelerate_runs):
+    """4 steps with the matching head and dropout (float64), FULL_SHARD with per-layer shard groups (the config
+    file): DDP's loss curve and final weights (measured: within 3e-17), its eval recalls, and the same imputer on
+    both processes."""
+    _, result = accelerate_runs
+    ddp, fsdp = result["ddp"], result["fsdp2"]
+    assert ddp["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert fsdp["distributed_type"] == "DistributedType.FSDP" and fsdp["processes"] == 2  # no silent DDP
+    assert len(fsdp["losses"]) == 4
+    assert_same_training(fsdp, ddp)
+    assert fsdp["metrics"] == ddp["metrics"] and "mean_R@1" in fsdp["metrics"]
+    for name, buffer in fsdp["buffers"][0].items():
+        assert buffer.dtype == ddp["buffers"][0][name].dtype
+        assert torch.equal(fsdp["buffers"][1][name], buffer), name  # the same M-step on every process
+        torch.testing.assert_close(buffer, ddp["buffers"][0][name], rtol=0, atol=1e-12, msg=name)
+
+
+def test_fsdp2_resumes_exactly_also_under_shard_grad_op(accelerate_runs):
+    """Resumed from FULL_SHARD's step-2 checkpoint (the full model and optimizer states, gathered at save and
+    sharded again at load) by a SHARD_GRAD_OP run (`--fsdp_reshard_after_forward false`), with dropout: the
+    uninterrupted run's last two losses and final weights, to the bit, and its eval recalls."""
+    _, result = accelerate_runs
+    resumed, whole = result["fsdp2_grad_op_resumed"], result["fsdp2"]
+    assert resumed["distributed_type"] == "DistributedType.FSDP"
+    assert resumed["losses"] == whole["losses"][2:]
+    for key, value in whole["state"].items():
+        assert torch.equal(resumed["state"][key], value), key
+    assert resumed["metrics"] == whole["metrics"]
+
+
+def test_fsdp2_saved_model_loads_exactly(accelerate_runs):
+    """train's save_pretrained of the gathered state -> from_pretrained: the trained state bit for bit."""
+    out, result = accelerate_runs
+    loaded = CalMRLModel.from_pretrained(out / "run_fsdp2").state_dict()
+    assert loaded.keys() == result["fsdp2"]["state"].keys()
+    for key, value in loaded.items():
+        assert torch.equal(value, result["fsdp2"]["state"][key]), key
+
+
+def test_two_machines_train_as_one_run_of_their_processes(accelerate_runs):
+    """2 machines x 1 process (`--num_machines 2`) against 1 machine x 2 processes: the same world, so the same
+    loss curve, weights, eval recalls and imputer, to the bit (the imputer's statistics are all-reduced over the
+    world, whatever machine a process is on)."""
+    _, result = accelerate_runs
+    machines, ddp = result["two_machines"], result["ddp"]
+    assert machines["processes"] == 2 and machines["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert machines["losses"] == ddp["losses"] and machines["metrics"] == ddp["metrics"]
+    for key, value in ddp["state"].items():
+        assert torch.equal(machines["state"][key], value), key
+    for rank in (0, 1):
+        for name, buffer in ddp["buffers"][rank].items():
+            assert torch.equal(machines["buffers"][rank][name], buffer), name
+
+
+def test_machines_without_a_shared_output_dir_are_refused_before_training(tmp_path):
+    """Each machine its own output_dir (no shared filesystem) with checkpoints on: every process stops before the
+    first step, with what to change."""
+    folders = (str(tmp_path / "machine_0"), str(tmp_path / "machine_1"))
+    for code, stderr in launch_two_machines(tmp_path, "unshared", folders):
+        assert code != 0 and "is not the main process's folder" in stderr
+    assert not any((Path(folder) / "checkpoints").exists() for folder in folders)
+
+
+def test_fsdp1_on_cpu_processes_is_refused_with_what_to_launch(tmp_path, monkeypatch):
+    """What `accelerate launch --use_fsdp --num_processes 2` (accelerate's default FSDP version, 1) gives each
+    process on a machine without GPUs: refused before any Accelerator is built."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    monkeypatch.setattr(launch_module, "wants_cpu_processes", lambda: True)  # no device, as on CI
+    with pytest.raises(LaunchError, match=r"FSDP1 runs on accelerator devices only.*--fsdp_version 2"):
+        build_accelerator(TrainingArguments(output_dir=str(tmp_path)))
+
+
+@pytest.fixture(scope="module")
+def torch_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding")
     for mode in ("ddp", "fsdp"):
         torchrun("dist_fsdp_worker.py", str(out), mode)
     return out, {mode: torch.load(out / f"{mode}.pt") for mode in ("ddp", "fsdp")}
 
 
-def test_fsdp_trains_like_ddp_with_a_modality_missing_from_one_process(runs):
-    """3 AdamW steps, rank 1 without any vision row (its vision tower runs on a placeholder row, so the
-    parameter gathers and gradient reductions of both processes match): the same loss curve and final weights."""
-    _, result = runs
+def test_fully_shard_trains_like_ddp_with_a_modality_missing_from_one_process(torch_runs):
+    """3 AdamW steps, rank 1 without any vision row and with one matching-head row: every parameter of the head
+    gets a gradient on both processes (a zero one where the batch uses none), so the processes' shard groups
+    reduce the same gradients. The same loss curve and final weights as DDP."""
+    _, result = torch_runs
     ddp, fsdp = result["ddp"], result["fsdp"]
     assert len(fsdp["losses"]) == 3 and fsdp["losses"][-1] < fsdp["losses"][0]
     torch.testing.assert_close(torch.tensor(fsdp["losses"]), torch.tensor(ddp["losses"]), rtol=1e-10, atol=1e-12)
     assert fsdp["state"].keys() == ddp["state"].keys()
+    assert any(key.startswith("fusion.") for key in fsdp["state"])
     for key, value in ddp["state"].items():
         torch.testing.assert_close(fsdp["state"][key], value, rtol=1e-10, atol=1e-12, msg=key)
 
 
-def test_fsdp_full_state_saves_and_loads_exactly(runs):
-    out, result = runs
+def test_fully_shard_full_state_saves_and_loads_exactly(torch_runs):
+    out, result = torch_runs
     loaded = CalMRLModel.from_pretrained(out / "model_fsdp")
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, result["fsdp"]["state"][key]), key
