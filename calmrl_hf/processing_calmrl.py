@@ -5,9 +5,9 @@
 [B, k] (bool, in the processor's modality order): exactly what `CalMRLModel.forward` takes. A modality absent from
 the whole batch has no keys, so towers never run on placeholder inputs.
 
-This module imports nothing from the rest of the package, and only the standard library, torch and transformers
-(arrays go through torch), so `save_pretrained` can copy it next to a checkpoint for `trust_remote_code=True`
-loading (see `register_auto_processor`). transformers' image processors need Pillow (or torchvision).
+This module imports from the rest of the package only `log_mel` (copied with it), and besides only the standard
+library, torch, numpy and transformers, so `save_pretrained` can copy it next to a checkpoint for
+`trust_remote_code=True` loading (see `register_auto_processor`). transformers' image processors need Pillow (or torchvision).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
+
+from .log_mel import ast_log_mel, computes_like
 
 
 logger = logging.getLogger(__name__)
@@ -276,8 +278,11 @@ class CalMRLProcessor(ProcessorMixin):
                 raise ValueError(f"Audio for {name!r}, row {row}: expected 1-D mono samples, got shape "
                                  f"{list(wave.shape)}.")
             waves.append(wave)
-        encoded = self.feature_extractor(waves, sampling_rate=expected, padding=True, return_tensors="pt")
-        features = {key: value for key, value in encoded.items() if isinstance(value, torch.Tensor)}
+        if computes_like(self.feature_extractor):  # AST's log-mel map without its per-frame Python loop
+            features = {"input_values": ast_log_mel(waves, self.feature_extractor)}
+        else:
+            encoded = self.feature_extractor(waves, sampling_rate=expected, padding=True, return_tensors="pt")
+            features = {key: value for key, value in encoded.items() if isinstance(value, torch.Tensor)}
         if self.audio_dynamic_range_db is None and not self.audio_as_image:
             return features
         spectrogram = features.get("input_values")

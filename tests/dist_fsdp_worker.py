@@ -1,4 +1,4 @@
-"""Worker for test_sharding: `torchrun --nproc_per_node 2 dist_fsdp_worker.py OUT_DIR ddp|fsdp`.
+"""Worker for test_sharding: `torchrun --nproc_per_node 2 dist_fsdp_worker.py OUT_DIR MODE [MODE ...]` (ddp, fsdp).
 
 Trains the tiny model with a matching head for 3 steps on the unequal split of `model_batch` (rank 1 has no vision
 row, and a single row for the matching head: its negatives come from rank 0), wrapped in DDP or sharded with
@@ -32,8 +32,7 @@ def shard_or_wrap(model: CalMRLModel, mode: str):
     return fully_shard(model)
 
 
-def main(out_dir: str, mode: str) -> None:
-    dist.init_process_group("gloo")
+def run(out_dir: str, mode: str) -> None:
     rank = dist.get_rank()
     local = rows_of(model_batch(), slice(0, MODEL_SPLIT) if rank == 0 else slice(MODEL_SPLIT, None))
     local = {k: v.double() if v.is_floating_point() else v for k, v in local.items()}
@@ -59,6 +58,12 @@ def main(out_dir: str, mode: str) -> None:
         torch.save({"losses": losses, "state": state}, Path(out_dir) / f"{mode}.pt")
         model.save_pretrained(Path(out_dir) / f"model_{mode}", state_dict=dict(state))  # it empties the dict
     dist.barrier()
+
+
+def main(out_dir: str, *modes: str) -> None:
+    dist.init_process_group("gloo")
+    for mode in modes:  # one after the other, in the same processes
+        run(out_dir, mode)
     dist.destroy_process_group()
 
 

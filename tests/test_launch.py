@@ -78,16 +78,14 @@ def test_launcher_settings_apply_unless_the_arguments_set_them(tmp_path, monkeyp
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate --multi_gpu", "accelerate config file"])
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate config file"])
 def test_multi_process_launches_give_one_gloo_run(tmp_path, launcher):
-    """torchrun, `accelerate launch --multi_gpu --num_processes 2` and a config file (MULTI_GPU, bf16) on a machine
-    without GPUs: 2 processes in one group (the all-reduce sums to 2); the config's mixed precision applies."""
+    """torchrun and a config file (MULTI_GPU, bf16) on a machine without GPUs: 2 processes in one group (the
+    all-reduce sums to 2); the config's mixed precision applies. (`accelerate launch --multi_gpu`: the next test.)"""
     if launcher.startswith("accelerate") and shutil.which("accelerate") is None:
         pytest.skip("needs the accelerate CLI")
     if launcher == "torchrun":
         command = [*TORCHRUN, f"--master_port={_port()}"]
-    elif launcher == "accelerate --multi_gpu":
-        command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", _port()]
     else:
         config = tmp_path / "config.yaml"
         config.write_text(f"compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
@@ -103,11 +101,15 @@ def test_multi_process_launches_give_one_gloo_run(tmp_path, launcher):
 
 @needs_accelerate_cli
 def test_accelerate_launch_flags_apply_unless_the_arguments_set_them(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: one 2-process gloo run (the
+    all-reduce sums to 2), and its `--mixed_precision` applies unless the training arguments set it."""
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", _port(),
                "--mixed_precision", "bf16"]
     result = launch(command, tmp_path / "flag", timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [r["mixed_precision"] for r in records(tmp_path / "flag")] == ["bf16", "bf16"]
+    seen = records(tmp_path / "flag")
+    assert len(seen) == 2 and all(r["num_processes"] == 2 and r["all_reduced"] == 2.0 for r in seen)
+    assert [r["mixed_precision"] for r in seen] == ["bf16", "bf16"]
     result = launch(command, tmp_path / "set", "mixed_precision=no")
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["mixed_precision"] for r in records(tmp_path / "set")] == ["no", "no"]

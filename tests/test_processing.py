@@ -101,6 +101,25 @@ def test_audio_spectrogram_extractor():
         processor(audio=[np.zeros((2, 5), dtype=np.float32)])
 
 
+def test_ast_log_mel_equals_the_feature_extractor_bit_for_bit():
+    """The processor's all-frames-at-once filterbank (`log_mel.ast_log_mel`) against ASTFeatureExtractor's own
+    per-frame loop: clips from one frame to longer than max_length, padded and truncated, normalised or not."""
+    from calmrl_hf.log_mel import ast_log_mel, computes_like
+
+    rng = np.random.default_rng(3)
+    waves = [0.1 * rng.standard_normal(n).astype(np.float32) for n in (400, 401, 559, 560, 8000, 12345)]
+    for extractor in (ASTFeatureExtractor(num_mel_bins=32, max_length=64), ASTFeatureExtractor(do_normalize=False),
+                      ASTFeatureExtractor(num_mel_bins=16, max_length=20)):
+        assert computes_like(extractor)
+        reference = extractor(waves, sampling_rate=16000, return_tensors="pt")["input_values"]
+        assert torch.equal(ast_log_mel(waves, extractor), reference)
+    processor = CalMRLProcessor(tokenizer(), feature_extractor=extractor, modalities=["audio", "text"])
+    assert torch.equal(processor(audio=waves)["audio_input_values"], reference)
+    assert not computes_like(Wav2Vec2FeatureExtractor())
+    with pytest.raises(ValueError, match="row 0 has 399 samples, fewer than one 400-sample frame"):
+        processor(audio=[np.zeros(399, dtype=np.float32)])
+
+
 def test_custom_modalities():
     processor = CalMRLProcessor(tokenizer(), raw_pixels(), modalities={"image": "vision", "caption": "text"})
     assert processor.modality_names == ["image", "caption"]

@@ -179,8 +179,7 @@ def test_fsdp1_on_cpu_processes_is_refused_with_what_to_launch(tmp_path, monkeyp
 @pytest.fixture(scope="module")
 def torch_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding")
-    for mode in ("ddp", "fsdp"):
-        torchrun("dist_fsdp_worker.py", str(out), mode)
+    torchrun("dist_fsdp_worker.py", str(out), "ddp", "fsdp")
     return out, {mode: torch.load(out / f"{mode}.pt") for mode in ("ddp", "fsdp")}
 
 
