@@ -9,8 +9,8 @@ command of the parent process (Linux' /proc) so that this is refused with the co
 
 `build_accelerator` makes the Accelerator of one training run. On a machine without GPUs accelerate drops the
 engine a launch asked for and runs plain DDP over gloo: DeepSpeed and FSDP2 are kept there, on CPU processes
-(DeepSpeed through its CPU accelerator, FSDP2 through torch's `fully_shard`, which runs over gloo), and FSDP1,
-which torch runs on accelerator devices only, is refused.
+(DeepSpeed through its CPU accelerator, FSDP2 through torch's `fully_shard`, which runs over gloo). FSDP1 is
+refused everywhere (`FSDP1_REFUSAL`).
 """
 
 from __future__ import annotations
@@ -107,8 +107,18 @@ def check_launch(num_processes: int, parent_argv: list[str] | None = None) -> No
                       f"Run {instead}.")
 
 
+FSDP1_REFUSAL = (
+    "FSDP1 (accelerate's default FSDP version) is not supported: train() builds its optimizer before prepare, and "
+    "accelerate points an optimizer at the sharded parameters for FSDP2 only; torch also runs FSDP1 on accelerator "
+    "devices only. Launch with --fsdp_version 2 (fsdp_version: 2 in the accelerate config; "
+    "--fsdp_reshard_after_forward false for SHARD_GRAD_OP), e.g. --config_file recipes/configs/accelerate/fsdp2.yaml."
+)
+
+
 def refuse_unsupported_engine_settings(model, args: CalMRLTrainingArguments, accelerator: Accelerator) -> None:
     """Settings an engine cannot run, refused before training instead of failing (or hanging) mid-run."""
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ValueError(FSDP1_REFUSAL)
     if accelerator.distributed_type == DistributedType.DEEPSPEED and (args.save_steps or args.resume_from_checkpoint):
         raise ValueError("Checkpoints (save_steps / resume_from_checkpoint) are not supported under DeepSpeed: its "
                          "ZeRO optimizer state is partitioned across processes and holds objects the checkpoint "
@@ -161,11 +171,9 @@ def build_accelerator(args: CalMRLTrainingArguments) -> Accelerator:
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]  # towers of modalities absent from
     # a batch get no gradient: DDP must not wait for them
     cpu = args.use_cpu or wants_cpu_processes()
+    if _env_flag("ACCELERATE_USE_FSDP") and int(os.environ.get("FSDP_VERSION", "1")) != 2:
+        raise LaunchError(FSDP1_REFUSAL)
     fsdp_on_cpu = cpu and not args.use_cpu and _env_flag("ACCELERATE_USE_FSDP")
-    if fsdp_on_cpu and int(os.environ.get("FSDP_VERSION", "1")) != 2:
-        raise LaunchError("FSDP1 runs on accelerator devices only (torch: 'FSDP needs a non-CPU accelerator device') "
-                          "and this machine has none: launch with --fsdp_version 2 (or fsdp_version: 2 in the "
-                          "accelerate config) for FSDP2 on CPU processes, or without --use_fsdp for DDP.")
     if cpu and not args.use_cpu and _env_flag("ACCELERATE_USE_DEEPSPEED"):
         # DeepSpeed on CPU processes: accelerate drops DeepSpeed when cpu=True (a plain DDP run over gloo instead),
         # and without a device it finds no backend (one process each); DeepSpeed's CPU accelerator runs over gloo

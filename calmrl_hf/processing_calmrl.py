@@ -5,7 +5,7 @@
 [B, k] (bool, in the processor's modality order): exactly what `CalMRLModel.forward` takes. A modality absent from
 the whole batch has no keys, so towers never run on placeholder inputs.
 
-This module imports from the rest of the package only `log_mel` (copied with it), and besides only the standard
+This module imports from the rest of the package only `log_mel` and `pixel_batch` (copied with it), and besides only the standard
 library, torch, numpy and transformers, so `save_pretrained` can copy it next to a checkpoint for
 `trust_remote_code=True` loading (see `register_auto_processor`). transformers' image processors need Pillow (or torchvision).
 """
@@ -20,6 +20,7 @@ import torch
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
 
 from .log_mel import ast_log_mel, computes_like
+from .pixel_batch import accepts, pixel_values
 
 
 logger = logging.getLogger(__name__)
@@ -254,16 +255,20 @@ class CalMRLProcessor(ProcessorMixin):
                              f"one batch; pass an image as a 1-frame video ([1, H, W, C]) or keep them apart.")
         if not any(is_video):
             images = [_as_image(item, name, row) for item, row in zip(items, rows)]
-            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            return {"pixel_values": pixels}  # [n, C, H, W]
+            return {"pixel_values": self._pixel_values(images)}  # [n, C, H, W]
         frames = []
         for item, row in zip(items, rows):
             video = [_as_image(frame, name, row) for frame in item]  # T_i frames [H, W, C]
             if not video:
                 raise ValueError(f"Modality {name!r}, row {row}: the video has no frames.")
             frames += [video[i] for i in sample_frame_indices(len(video), self.num_frames)]
-        pixels = self.image_processor(images=frames, return_tensors="pt")["pixel_values"]
+        pixels = self._pixel_values(frames)
         return {"pixel_values": pixels.unflatten(0, (len(items), self.num_frames))}  # [n, T, C, H, W]
+
+    def _pixel_values(self, images: list) -> torch.Tensor:
+        if accepts(self.image_processor, images):  # already the output size: all at once, no PIL round trip
+            return pixel_values(self.image_processor, images)
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
     def _audio(self, name: str, items: Sequence, rows: list[int], sampling_rate: int | None) -> dict[str, torch.Tensor]:
         expected = self.feature_extractor.sampling_rate

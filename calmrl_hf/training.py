@@ -260,7 +260,6 @@ class _Run:
     model: Any
     optimizer: Any
     scheduler: Any
-    trainable: list[torch.nn.Parameter]  # the parameters the optimizer steps (gradient clipping)
     train_loader: Any
     eval_loader: Any
     warm_loader: Any
@@ -382,8 +381,6 @@ def prepare_run(accelerator: Accelerator, args: CalMRLTrainingArguments, model, 
     imputer_state = {name: buffer.clone() for name, buffer in model.imputer.state_dict().items()}
     set_shard_groups(accelerator, model)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    # after prepare: FSDP replaces the parameters (sharded DTensors, flat parameters) and points the optimizer at them
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     keep_imputer_float32(accelerator.unwrap_model(model), imputer_state)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
@@ -394,7 +391,7 @@ def prepare_run(accelerator: Accelerator, args: CalMRLTrainingArguments, model, 
     if args.report_to:
         accelerator.init_trackers(TRACKER_PROJECT, config={k: v for k, v in asdict(args).items()
                                                     if isinstance(v, (int, float, str, bool))})
-    return _Run(accelerator, args, model, optimizer, scheduler, trainable, train_loader, eval_loader, warm_loader,
+    return _Run(accelerator, args, model, optimizer, scheduler, train_loader, eval_loader, warm_loader,
                 streaming, imputer_step, state, on_checkpoint, manifest,
                 running_loss=torch.zeros((), device=accelerator.device))
 
@@ -562,7 +559,9 @@ def train_step(run: _Run, batch) -> bool:
         outputs = run.model(**model_inputs(batch), return_loss=True, imputer_update_fn=run.imputer_step)
         accelerator.backward(outputs.loss)
         if accelerator.sync_gradients and args.max_grad_norm:
-            accelerator.clip_grad_norm_(run.trainable, args.max_grad_norm)
+            # all of the prepared model's parameters (frozen ones have no gradient): FSDP replaced them with its
+            # sharded ones, and accelerate clips FSDP1's with the global norm only when given exactly these
+            accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad()

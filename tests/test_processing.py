@@ -120,6 +120,29 @@ def test_ast_log_mel_equals_the_feature_extractor_bit_for_bit():
         processor(audio=[np.zeros(399, dtype=np.float32)])
 
 
+def test_frames_at_the_output_size_are_preprocessed_at_once_bit_for_bit():
+    """Video frames already at the image processor's size skip its per-frame PIL round trip (`pixel_batch`): the
+    same pixel values, bit for bit, for any mean, std and rescale factor; frames of another size, PIL images and
+    processors that crop go through the processor."""
+    from transformers import ViTImageProcessorPil
+
+    from calmrl_hf.pixel_batch import accepts
+
+    rng = np.random.default_rng(4)
+    videos = [rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8) for _ in range(3)]
+    for settings in ({}, {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.3, 0.2, 0.1]}, {"do_normalize": False},
+                     {"rescale_factor": 0.5}):
+        image_processor = ViTImageProcessorPil(size={"height": 16, "width": 16}, **settings)
+        frames = [frame for video in videos for frame in video[sample_frame_indices(3, 4)]]  # what it samples
+        assert accepts(image_processor, frames)
+        reference = image_processor(images=frames, return_tensors="pt")["pixel_values"].unflatten(0, (3, 4))
+        processor = CalMRLProcessor(tokenizer(), image_processor, modalities=["vision", "text"], num_frames=4)
+        assert torch.equal(processor(vision=videos)["vision_pixel_values"], reference)
+    assert not accepts(image_processor, [rng.integers(0, 256, (17, 16, 3), dtype=np.uint8)])
+    assert not accepts(image_processor, [Image.new("RGB", (16, 16))])
+    assert not accepts(ViTImageProcessorPil(size={"height": 16, "width": 16}, do_rescale=False), frames)
+
+
 def test_custom_modalities():
     processor = CalMRLProcessor(tokenizer(), raw_pixels(), modalities={"image": "vision", "caption": "text"})
     assert processor.modality_names == ["image", "caption"]

@@ -11,8 +11,8 @@ Two ways in:
 
 Several machines: `accelerate launch --num_machines 2`, one process per machine, both machines on this host.
 
-FSDP1 cannot run here: torch runs it on accelerator devices only, and `build_accelerator` refuses it on CPU
-processes with what to launch instead.
+FSDP1 is refused (on CPU processes torch cannot run it; elsewhere `train`'s optimizer, built before `prepare`,
+would not be pointed at its sharded parameters), with what to launch instead.
 """
 
 from __future__ import annotations
@@ -165,15 +165,24 @@ def test_machines_without_a_shared_output_dir_are_refused_before_training(tmp_pa
     assert not any((Path(folder) / "checkpoints").exists() for folder in folders)
 
 
-def test_fsdp1_on_cpu_processes_is_refused_with_what_to_launch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("on_cpu", [True, False])
+def test_fsdp1_is_refused_with_what_to_launch(tmp_path, monkeypatch, on_cpu):
     """What `accelerate launch --use_fsdp --num_processes 2` (accelerate's default FSDP version, 1) gives each
-    process on a machine without GPUs: refused before any Accelerator is built."""
+    process, on a machine without GPUs or with: refused before any Accelerator is built; and an FSDP1 Accelerator
+    built elsewhere is refused by `train` before the first step."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
-    monkeypatch.setattr(launch_module, "wants_cpu_processes", lambda: True)  # no device, as on CI
-    with pytest.raises(LaunchError, match=r"FSDP1 runs on accelerator devices only.*--fsdp_version 2"):
+    monkeypatch.setattr(launch_module, "wants_cpu_processes", lambda: on_cpu)
+    with pytest.raises(LaunchError, match=r"FSDP1 .* is not supported.*--fsdp_version 2"):
         build_accelerator(TrainingArguments(output_dir=str(tmp_path)))
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False, num_processes=2)
+    with pytest.raises(ValueError, match="FSDP1"):
+        launch_module.refuse_unsupported_engine_settings(None, TrainingArguments(), fsdp1)
 
 
 @pytest.fixture(scope="module")

@@ -353,7 +353,7 @@ def test_engine_settings_that_cannot_run_are_refused_before_training():
     from calmrl_hf.training import refuse_unsupported_engine_settings
 
     with_head = CalMRLModel(training_config(fusion_num_layers=1))
-    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2)
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True, num_processes=2)
     refuse_unsupported_engine_settings(with_head, TrainingArguments(save_steps=10), fsdp)  # FSDP2: head, checkpoints
     deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2)
     with pytest.raises(ValueError, match="not supported under DeepSpeed"):
