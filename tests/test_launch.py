@@ -7,7 +7,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -75,28 +74,22 @@ def test_launcher_settings_apply_unless_the_arguments_set_them(tmp_path, monkeyp
                                 accelerator)
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-
-
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate config file"])
-def test_multi_process_launches_give_one_gloo_run(tmp_path, launcher):
-    """torchrun and a config file (MULTI_GPU, bf16) on a machine without GPUs: 2 processes in one group (the
-    all-reduce sums to 2); the config's mixed precision applies. (`accelerate launch --multi_gpu`: the next test.)"""
-    if launcher.startswith("accelerate") and shutil.which("accelerate") is None:
-        pytest.skip("needs the accelerate CLI")
-    if launcher == "torchrun":
-        command = [*TORCHRUN, f"--master_port={_port()}"]
-    else:
-        config = tmp_path / "config.yaml"
-        config.write_text(f"compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
-                          f"num_machines: 1\nmachine_rank: 0\nmixed_precision: bf16\nmain_process_port: {_port()}\n")
-        command = ["accelerate", "launch", "--config_file", str(config)]
-    result = launch(command, tmp_path)
+@needs_accelerate_cli
+def test_a_config_file_launch_gives_one_gloo_run_and_checks_the_output_dir(tmp_path):
+    """A config file (MULTI_GPU, bf16) on a machine without GPUs: 2 processes in one group (the all-reduce sums to
+    2), the config's mixed precision applies. (torchrun: test_training's 2-process runs; `accelerate launch
+    --multi_gpu`: the next test.) Checkpoints' output_dir check (`check_shared_output_dir`): one folder passes;
+    a folder per process, as machines without a shared filesystem have, is refused on every process."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
+                      f"num_machines: 1\nmachine_rank: 0\nmixed_precision: bf16\nmain_process_port: {_port()}\n")
+    result = launch(["accelerate", "launch", "--config_file", str(config)], tmp_path, "check_output_dir=true")
     assert result.returncode == 0, result.stderr[-3000:]
     seen = records(tmp_path)
     assert len(seen) == 2 and all(r["num_processes"] == 2 and r["all_reduced"] == 2.0 for r in seen)
-    expected = "bf16" if launcher == "accelerate config file" else "no"
-    assert all(r["mixed_precision"] == expected for r in seen)
+    assert all(r["mixed_precision"] == "bf16" for r in seen)
+    assert all(r["one_output_dir"] == "accepted" for r in seen)
+    assert all("is not the main process's folder" in r["an_output_dir_per_process"] for r in seen)
 
 
 @needs_accelerate_cli
