@@ -109,8 +109,11 @@ def frame_thread_table(corpus_paths: list[str]) -> str:
         for width, height in ((128, 128), (256, 256), (640, 480), (1280, 720)):
             sets[f"32 frames of {width}x{height}"] = [encoded_clip(Path(folder), width, height)] * 10
         for name, paths in sets.items():
-            rates = [raw_rate(paths, lambda path, t=threads: sampled_frames(path, t)) for threads in (True, False)]
-            lines.append(f"| {name} | {rates[0]:.0f} | {rates[1]:.0f} |")
+            rates = {True: [], False: []}
+            for repeat in range(REPEATS):  # best of each, the order alternating
+                for threads in ((True, False) if repeat % 2 == 0 else (False, True)):
+                    rates[threads].append(raw_rate(paths, lambda path, t=threads: sampled_frames(path, t)))
+            lines.append(f"| {name} | {max(rates[True]):.0f} | {max(rates[False]):.0f} |")
     return "\n".join(lines)
 
 
@@ -214,7 +217,8 @@ def main(argv=None) -> str:
               "audio-text (16 kHz wav)": (audio, "audio", raw_audio)}
     report = [f"Machine: {machine()}.", "", throughput_table(splits, collator), "",
               frame_thread_table([str(p) for p in video["vision"]][:300]), ""]
-    decode = dict(num_frames=collator.processor.num_frames, sampling_rate=collator.processor.feature_extractor.sampling_rate)
+    decode = dict(num_frames=collator.processor.num_frames,
+                  sampling_rate=collator.processor.feature_extractor.sampling_rate)
     report.append(step_table(recipe, towers, with_media_decoding(data["stage1"], **decode), collator, args.steps))
     text = "\n".join(report)
     print(text)

@@ -115,7 +115,7 @@ FSDP1_REFUSAL = (
 )
 
 
-def refuse_unsupported_engine_settings(model, args: CalMRLTrainingArguments, accelerator: Accelerator) -> None:
+def refuse_unsupported_engine_settings(args: CalMRLTrainingArguments, accelerator: Accelerator) -> None:
     """Settings an engine cannot run, refused before training instead of failing (or hanging) mid-run."""
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ValueError(FSDP1_REFUSAL)
@@ -126,11 +126,17 @@ def refuse_unsupported_engine_settings(model, args: CalMRLTrainingArguments, acc
                          "or FSDP to checkpoint.")
 
 
+def _missing_on(accelerator: Accelerator, seen: bool) -> int:
+    """On how many processes `seen` is False (a collective: every process calls it)."""
+    missing = accelerator.reduce(torch.tensor([0.0 if seen else 1.0], device=accelerator.device), reduction="sum")
+    return int(missing.item())
+
+
 def check_shared_output_dir(accelerator: Accelerator, output_dir: str) -> None:
     """Checkpoints need `output_dir` to be one folder for every process (every process writes its random states
-    into the main process's checkpoint folder, and reads the checkpoint to resume): on several machines, a
-    filesystem they share. The main process leaves a token there that every process must read back; all fail
-    together, before training, when one cannot."""
+    into the main process's checkpoint folder, and `resume_from_checkpoint="latest"` reads the newest one there):
+    on several machines, a filesystem they share. The main process leaves a token there that every process must
+    read back; all fail together, before training, when one cannot."""
     if accelerator.num_processes == 1:
         return
     from accelerate.utils import broadcast_object_list
@@ -144,15 +150,28 @@ def check_shared_output_dir(accelerator: Accelerator, output_dir: str) -> None:
         seen = marker.read_text() == token[0]
     except OSError:
         seen = False
-    missing = accelerator.reduce(torch.tensor([0.0 if seen else 1.0], device=accelerator.device), reduction="sum")
+    missing = _missing_on(accelerator, seen)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         marker.unlink(missing_ok=True)
-    if missing.item() > 0:
-        raise LaunchError(f"On {int(missing.item())} of {accelerator.num_processes} processes, output_dir {output_dir} "
-                          f"is not the main process's folder: checkpoints (save_steps, resume_from_checkpoint) "
-                          f"need it on a filesystem every machine shares. Give every machine the same shared "
-                          f"output_dir, or set save_steps=None.")
+    if missing:
+        raise LaunchError(f"On {missing} of {accelerator.num_processes} processes, output_dir {output_dir} is not the "
+                          f"main process's folder: checkpoints (save_steps, resume_from_checkpoint='latest') need it "
+                          f"on a filesystem every machine shares. Give every machine the same shared output_dir, or "
+                          f"set save_steps=None and resume from a checkpoint folder every machine sees.")
+
+
+def check_checkpoint_folders(accelerator: Accelerator, args: CalMRLTrainingArguments) -> None:
+    """Before training: the folders the run's checkpoints are written to or resumed from are seen by every
+    process (`check_shared_output_dir`; a checkpoint given by path must be there on every process)."""
+    resume = args.resume_from_checkpoint
+    if args.save_steps or resume == "latest":
+        check_shared_output_dir(accelerator, args.output_dir)
+    if resume and resume != "latest" and accelerator.num_processes > 1:
+        missing = _missing_on(accelerator, (Path(resume) / "manifest.json").is_file())
+        if missing:
+            raise LaunchError(f"The checkpoint {resume} (resume_from_checkpoint) is not found on {missing} of "
+                              f"{accelerator.num_processes} processes: put it on a filesystem every machine sees.")
 
 
 def build_accelerator(args: CalMRLTrainingArguments) -> Accelerator:
@@ -166,6 +185,8 @@ def build_accelerator(args: CalMRLTrainingArguments) -> Accelerator:
     process group stays.
     """
     AcceleratorState._reset_state()  # accelerate refuses a second Accelerator with other settings otherwise
+    if PartialState._shared_state.get("distributed_type") == DistributedType.FSDP:  # set by `_shard_cpu_processes`
+        PartialState().distributed_type = DistributedType.MULTI_CPU  # for an earlier stage: what accelerate had made
     accumulation = (GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps)
                     if args.gradient_accumulation_steps is not None else None)  # a plugin wins over the launcher's env
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]  # towers of modalities absent from
@@ -212,7 +233,7 @@ def _load_fully_on_every_process(accelerator: Accelerator) -> None:
     (transformers reads the same environment variable), and `prepare` shards it.
     """
     plugin = accelerator.state.fsdp_plugin
-    if plugin.cpu_ram_efficient_loading:
+    if plugin.cpu_ram_efficient_loading and accelerator.is_main_process:
         logger.warning("FSDP2's cpu_ram_efficient_loading is turned off: accelerate's loading cannot recreate a "
                        "model with persistent buffers (the imputer's); every process loads the whole model instead.")
     plugin.cpu_ram_efficient_loading = False
@@ -250,5 +271,6 @@ def resolve_launch_settings(args: CalMRLTrainingArguments, accelerator: Accelera
     return replace(args, **used)
 
 
-__all__ = ["LaunchError", "build_accelerator", "check_launch", "check_shared_output_dir", "launched_processes", "refuse_unsupported_engine_settings",
+__all__ = ["LaunchError", "build_accelerator", "check_checkpoint_folders", "check_launch", "check_shared_output_dir",
+           "launched_processes", "refuse_unsupported_engine_settings",
            "requested_processes", "resolve_launch_settings", "wants_cpu_processes"]

@@ -20,10 +20,11 @@ MEL_FLOOR = 1.192092955078125e-07
 
 def computes_like(feature_extractor) -> bool:
     """Whether `ast_log_mel` gives what `feature_extractor` gives: an ASTFeatureExtractor on its numpy path (it
-    has `mel_filters` only there; with torchaudio it calls Kaldi's fbank instead)."""
+    has `mel_filters` only there; with torchaudio it calls Kaldi's fbank instead) whose filterbank is AST's own."""
     from transformers import ASTFeatureExtractor
 
-    return isinstance(feature_extractor, ASTFeatureExtractor) and hasattr(feature_extractor, "mel_filters")
+    return (isinstance(feature_extractor, ASTFeatureExtractor) and hasattr(feature_extractor, "mel_filters")
+            and type(feature_extractor)._extract_fbank_features is ASTFeatureExtractor._extract_fbank_features)
 
 
 def clip_log_mel(wave: np.ndarray, window: np.ndarray, mel_filters: np.ndarray) -> np.ndarray:

@@ -23,8 +23,10 @@ def accepts(image_processor, frames: list) -> bool:
     """Whether `pixel_values(image_processor, frames)` gives what the processor gives: a PIL-backend processor
     whose only steps are resize (to a fixed height x width), rescale (on) and normalise, and RGB uint8 frames
     [H, W, 3] of exactly that size (PIL's resize to the same size is a copy)."""
-    from transformers.image_processing_backends import PilBackend
-
+    try:
+        from transformers.image_processing_backends import PilBackend
+    except ImportError:  # transformers before its image-processor backends: the processor's own path
+        return False
     if not isinstance(image_processor, PilBackend) or type(image_processor)._preprocess is not PilBackend._preprocess:
         return False
     if getattr(image_processor, "do_center_crop", False) or getattr(image_processor, "do_pad", False) \

@@ -5,9 +5,10 @@
 [B, k] (bool, in the processor's modality order): exactly what `CalMRLModel.forward` takes. A modality absent from
 the whole batch has no keys, so towers never run on placeholder inputs.
 
-This module imports from the rest of the package only `log_mel` and `pixel_batch` (copied with it), and besides only the standard
-library, torch, numpy and transformers, so `save_pretrained` can copy it next to a checkpoint for
-`trust_remote_code=True` loading (see `register_auto_processor`). transformers' image processors need Pillow (or torchvision).
+This module imports from the rest of the package only `log_mel` and `pixel_batch` (copied with it), and besides
+only the standard library, torch, numpy and transformers, so `save_pretrained` can copy it next to a checkpoint
+for `trust_remote_code=True` loading (see `register_auto_processor`). transformers' image processors need Pillow
+(or torchvision).
 """
 
 from __future__ import annotations

@@ -41,8 +41,8 @@ def shard_group_classes(model) -> list[str]:
 
 
 def set_shard_groups(accelerator: Accelerator, model) -> None:
-    """Under FSDP2 with the transformer-layer wrap policy and no class list given (`--fsdp_transformer_layer_cls_to_wrap`),
-    shard the groups `shard_group_classes` names."""
+    """Under FSDP2 with the transformer-layer wrap policy and no class list given
+    (`--fsdp_transformer_layer_cls_to_wrap`), shard the groups `shard_group_classes` names."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     if not accelerator.is_fsdp2:
@@ -88,10 +88,17 @@ def load_full_optimizer_state(accelerator: Accelerator, model, optimizer, state:
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    # strict=False: a parameter that never had a gradient (logit_scale under PMRL) has no state, as in a plain
-    # optimizer's state_dict; the run's manifest already refused a checkpoint of another model or setting
+    # strict=False: a parameter that never had a gradient (logit_scale under PMRL) has no saved state; the run's
+    # manifest already refused a checkpoint of another model or setting
+    torch_optimizer = _torch_optimizer(optimizer)
     options = StateDictOptions(full_state_dict=True, strict=False)
-    set_optimizer_state_dict(model, _torch_optimizer(optimizer), state, options=options)
+    set_optimizer_state_dict(model, torch_optimizer, state, options=options)
+    # the loader initialises every state with a zero-gradient step first: drop it where the checkpoint had none,
+    # so that such a parameter starts Adam afresh (step 0) as it would have in the uninterrupted run
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    for parameter in list(torch_optimizer.state):
+        if names.get(id(parameter)) not in state.get("state", {}):
+            del torch_optimizer.state[parameter]
 
 
 __all__ = ["full_optimizer_state", "is_sharded", "load_full_model_state", "load_full_optimizer_state",

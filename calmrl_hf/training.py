@@ -43,7 +43,7 @@ from .evaluation import RetrievalRecall
 from .hub import TRACKER_PROJECT, CheckpointPusher
 from .imputer import PPCAStatistics
 from .launch import (
-    build_accelerator, check_shared_output_dir, refuse_unsupported_engine_settings, resolve_launch_settings,
+    build_accelerator, check_checkpoint_folders, refuse_unsupported_engine_settings, resolve_launch_settings,
 )
 from .modeling_calmrl import CalMRLModel
 from .progress import step_progress
@@ -489,7 +489,12 @@ def save_checkpoint(run: _Run) -> None:
 def check_resumed_run(run: _Run, manifest: dict[str, Any], folder: str) -> None:
     """Refuse to continue a different run: the differing manifest fields are named, unless
     `allow_resume_changes` lists them; a finished run (nothing left to train) only warns."""
-    differences = manifest_differences(manifest["run"], run.manifest, run.args.allow_resume_changes)
+    layouts = [m.get("optimizer_state_layout", "by position (DDP)") for m in (manifest["run"], run.manifest)]
+    if layouts[0] != layouts[1]:  # not a setting that allow_resume_changes can let through: the states differ
+        raise CheckpointError(f"{folder} holds its optimizer state {layouts[0]}, and this run needs it "
+                              f"{layouts[1]}: resume a DDP checkpoint with DDP and an FSDP one with FSDP.")
+    differences = manifest_differences(manifest["run"], run.manifest,
+                                       [*run.args.allow_resume_changes, "optimizer_state_layout"])
     if not differences:
         return
     listed = "; ".join(differences)
@@ -559,8 +564,8 @@ def train_step(run: _Run, batch) -> bool:
         outputs = run.model(**model_inputs(batch), return_loss=True, imputer_update_fn=run.imputer_step)
         accelerator.backward(outputs.loss)
         if accelerator.sync_gradients and args.max_grad_norm:
-            # all of the prepared model's parameters (frozen ones have no gradient): FSDP replaced them with its
-            # sharded ones, and accelerate clips FSDP1's with the global norm only when given exactly these
+            # the prepared model's parameters (frozen ones have no gradient), not a list taken before prepare:
+            # FSDP2's fully_shard replaces them with sharded ones
             accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
@@ -705,9 +710,8 @@ def train(
         accelerator.num_processes,
     )
     ensure_writable_directory(args.output_dir)  # every process writes there (its RNG states): fail now, not at the end
-    refuse_unsupported_engine_settings(model, args, accelerator)
-    if args.save_steps or args.resume_from_checkpoint:
-        check_shared_output_dir(accelerator, args.output_dir)
+    refuse_unsupported_engine_settings(args, accelerator)
+    check_checkpoint_folders(accelerator, args)
     set_seed(args.seed)
     freeze_modules(model, args)
     loaders = build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_fn, per_device, args,

@@ -64,6 +64,11 @@ def launch(mode: str, out: Path, *settings: str, timeout: int = 240) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
+def _finish(process: subprocess.Popen, timeout: int) -> tuple[int, str]:
+    _, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stderr
+
+
 def launch_two_machines(out: Path, mode: str, output_dirs: tuple[str, str], timeout: int = 240) -> list:
     # the DDP reference of the FSDP runs: 2 machines x 1 process train the same world as 1 machine x 2 processes
     """`accelerate launch --num_machines 2` once per machine (machine_rank 0 and 1, one process each), both on this
@@ -76,8 +81,8 @@ def launch_two_machines(out: Path, mode: str, output_dirs: tuple[str, str], time
                    str(HERE / "dist_fsdp_train_worker.py"), str(out), mode, f"output_dir={output_dir}"]
         machines.append(subprocess.Popen(command, env=_environment(out), stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, text=True))
-    try:
-        return [(machine.wait(timeout=timeout), machine.stderr.read()) for machine in machines]
+    try:  # communicate: reads stderr while waiting (a full pipe would stall the machine)
+        return [_finish(machine, timeout) for machine in machines]
     finally:
         for machine in machines:
             machine.kill()
@@ -95,7 +100,7 @@ def accelerate_runs(tmp_path_factory):
     return out, {mode: torch.load(out / f"{mode}.pt") for mode in modes}
 
 
-def assert_same_training(run: dict, reference: dict, tolerance: float = 1e-12) -> None:
+def assert_same_training(run: dict, reference: dict, tolerance: float = 1e-15) -> None:
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=0, atol=tolerance)
     assert run["state"].keys() == reference["state"].keys()
     for key, value in reference["state"].items():
@@ -153,11 +158,10 @@ def test_ddp_across_two_machines_is_one_run_of_the_world(accelerate_runs):
         assert torch.equal(ddp["buffers"][1][name], buffer), name
 
 
-@pytest.mark.parametrize("on_cpu", [True, False])
-def test_fsdp1_is_refused_with_what_to_launch(tmp_path, monkeypatch, on_cpu):
+def test_fsdp1_is_refused_with_what_to_launch(tmp_path, monkeypatch):
     """What `accelerate launch --use_fsdp --num_processes 2` (accelerate's default FSDP version, 1) gives each
-    process, on a machine without GPUs or with: refused before any Accelerator is built; and an FSDP1 Accelerator
-    built elsewhere is refused by `train` before the first step."""
+    process: refused before any Accelerator is built (before the device matters); and an FSDP1 Accelerator built
+    elsewhere is refused by `train` before the first step."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -165,12 +169,11 @@ def test_fsdp1_is_refused_with_what_to_launch(tmp_path, monkeypatch, on_cpu):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
-    monkeypatch.setattr(launch_module, "wants_cpu_processes", lambda: on_cpu)
     with pytest.raises(LaunchError, match=r"FSDP1 .* is not supported.*--fsdp_version 2"):
         build_accelerator(TrainingArguments(output_dir=str(tmp_path)))
     fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False, num_processes=2)
     with pytest.raises(ValueError, match="FSDP1"):
-        launch_module.refuse_unsupported_engine_settings(None, TrainingArguments(), fsdp1)
+        launch_module.refuse_unsupported_engine_settings(TrainingArguments(), fsdp1)
 
 
 @pytest.fixture(scope="module")

@@ -352,10 +352,27 @@ def test_engine_settings_that_cannot_run_are_refused_before_training():
 
     from calmrl_hf.training import refuse_unsupported_engine_settings
 
-    with_head = CalMRLModel(training_config(fusion_num_layers=1))
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True, num_processes=2)
-    refuse_unsupported_engine_settings(with_head, TrainingArguments(save_steps=10), fsdp)  # FSDP2: head, checkpoints
+    refuse_unsupported_engine_settings(TrainingArguments(save_steps=10), fsdp)  # FSDP2: head, checkpoints
     deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2)
     with pytest.raises(ValueError, match="not supported under DeepSpeed"):
-        refuse_unsupported_engine_settings(with_head, TrainingArguments(save_steps=10), deepspeed)
-    refuse_unsupported_engine_settings(with_head, TrainingArguments(), deepspeed)
+        refuse_unsupported_engine_settings(TrainingArguments(save_steps=10), deepspeed)
+    refuse_unsupported_engine_settings(TrainingArguments(), deepspeed)
+
+
+def test_an_fsdp_checkpoint_is_refused_by_a_ddp_run_whatever_changes_are_allowed(tmp_path):
+    """FSDP checkpoints hold the optimizer state by parameter name, DDP ones by position: resuming across them is
+    refused, even with allow_resume_changes=["*"] (it would load a state the optimizer cannot take)."""
+    from types import SimpleNamespace
+
+    from calmrl_hf.checkpointing import CheckpointError
+    from calmrl_hf.training import check_resumed_run
+
+    ddp_run = {"world_size": 2, "training": {}}
+    fsdp_run = {**ddp_run, "optimizer_state_layout": "by parameter name (FSDP)"}
+    for saved, current in ((fsdp_run, ddp_run), (ddp_run, fsdp_run)):
+        run = SimpleNamespace(manifest=current, args=TrainingArguments(allow_resume_changes=["*"]))
+        with pytest.raises(CheckpointError, match="resume a DDP checkpoint with DDP and an FSDP one with FSDP"):
+            check_resumed_run(run, {"run": saved, "position": {"global_step": 1}}, str(tmp_path))
+    check_resumed_run(SimpleNamespace(manifest=fsdp_run, args=TrainingArguments()),
+                      {"run": fsdp_run, "position": {"global_step": 1}}, str(tmp_path))
