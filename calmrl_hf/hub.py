@@ -145,16 +145,20 @@ def _read_json(path: Path) -> dict | None:
 
 
 def stage_model(model, folder: Path, repo_id: str, *, processor=None, metrics: dict | None = None,
-                training_args: dict | None = None, from_source: bool = True) -> Path:
+                training_args: dict | None = None, from_source: bool = True, state_dict: dict | None = None) -> Path:
     """Write into `folder` what a push of `model` uploads: with `from_source`, the shareable files of the folder it
     was loaded from (processor, training args and results); its weights, config and code, the processor, and the
-    card filled for `repo_id` from the run's metrics and arguments (given, or recorded in those files)."""
+    card filled for `repo_id` from the run's metrics and arguments (given, or recorded in those files).
+    `state_dict`: the weights to write (a sharded model's full state, gathered by every process beforehand)."""
     source = Path(str(getattr(model, "name_or_path", "") or ""))
     if from_source and source.is_dir() and (source / "config.json").is_file():
         for name in shareable_files(source):
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / name, folder / name)
-    model.save_pretrained(folder)
+    from .sharding import as_its_own_class
+
+    with as_its_own_class(model):
+        model.save_pretrained(folder, state_dict=state_dict)
     if processor is not None:
         processor.save_pretrained(folder)
     if training_args is not None:
@@ -198,16 +202,18 @@ class CheckpointPusher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calmrl-hub")
         self.in_flight: Future | None = None
 
-    def push(self, model, checkpoint_dir: str | Path, step: int, training_args: dict | None = None) -> Future | None:
-        """Stage the model (and, for `"checkpoint"`, the checkpoint folder) and upload it in the background; None
-        when an earlier upload is still running (this checkpoint is then not pushed)."""
+    def push(self, model, checkpoint_dir: str | Path, step: int, training_args: dict | None = None,
+             state_dict: dict | None = None) -> Future | None:
+        """Stage the model (its `state_dict` where given: a sharded model's, gathered) and, for `"checkpoint"`, the
+        checkpoint folder, and upload it in the background; None when an earlier upload is still running (this
+        checkpoint is then not pushed)."""
         if self.in_flight is not None and not self.in_flight.done():
             logger.info("Hub upload still in progress: checkpoint %d is not pushed.", step)
             return None
         staging = Path(tempfile.mkdtemp(prefix="calmrl-push-"))
         # mid-run: no evaluation yet, and the folder the model was loaded from (an earlier stage) is not this run
         stage_model(model, staging, self.repo_id, processor=self.processor, metrics={}, training_args=training_args,
-                    from_source=False)
+                    from_source=False, state_dict=state_dict)
         files = _check_shareable(staging)
         extra = {}
         if self.strategy == "checkpoint":  # the whole training state, pickles of the optimizer included

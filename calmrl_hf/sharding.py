@@ -15,6 +15,8 @@ optimizer (checkpoints under it are refused before training: `launch.refuse_unsu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -31,6 +33,27 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
+@contextmanager
+def as_its_own_class(model) -> Iterator[None]:
+    """The model as an instance of its own class while inside, e.g. to `save_pretrained` it.
+
+    FSDP2's `fully_shard` turns a model's class into `FSDP<Class>` (bases: torch's FSDPModule, the class), defined
+    in torch's module: `save_pretrained` would then copy torch's FSDP files as the model's remote code and name
+    `FSDPCalMRLModel` in config.json's auto_map. A model not sharded is left as it is.
+    """
+    sharded_class = type(model)
+    if not is_sharded(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    model.__class__ = next(base for base in sharded_class.__bases__ if not issubclass(base, FSDPModule))
+    try:
+        yield
+    finally:
+        model.__class__ = sharded_class
+
+
 def shard_group_classes(model) -> list[str]:
     """The class names of `model._no_split_modules` to shard as FSDP groups: those not holding the input
     embeddings (FSDP2 makes those a group of their own)."""
@@ -42,12 +65,16 @@ def shard_group_classes(model) -> list[str]:
 
 def set_shard_groups(accelerator: Accelerator, model) -> None:
     """Under FSDP2 with the transformer-layer wrap policy and no class list given
-    (`--fsdp_transformer_layer_cls_to_wrap`), shard the groups `shard_group_classes` names."""
+    (`--fsdp_transformer_layer_cls_to_wrap`), shard the groups `shard_group_classes` names; a model sharded
+    already (the recipe's stage 2) is kept as it is."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     if not accelerator.is_fsdp2:
         return
     plugin = accelerator.state.fsdp_plugin
+    if is_sharded(model):  # an earlier stage sharded it: prepare keeps it as it is, and must not look its layer
+        plugin.auto_wrap_policy = None  # classes up (fully_shard renamed them FSDP<class>: not found)
+        return
     if plugin.auto_wrap_policy is transformer_auto_wrap_policy and plugin.transformer_cls_names_to_wrap is None:
         plugin.transformer_cls_names_to_wrap = shard_group_classes(model)
 
@@ -101,5 +128,5 @@ def load_full_optimizer_state(accelerator: Accelerator, model, optimizer, state:
             del torch_optimizer.state[parameter]
 
 
-__all__ = ["full_optimizer_state", "is_sharded", "load_full_model_state", "load_full_optimizer_state",
+__all__ = ["as_its_own_class", "full_optimizer_state", "is_sharded", "load_full_model_state", "load_full_optimizer_state",
            "set_shard_groups", "shard_group_classes"]

@@ -48,7 +48,8 @@ from .launch import (
 from .modeling_calmrl import CalMRLModel
 from .progress import step_progress
 from .sharding import (
-    full_optimizer_state, is_sharded, load_full_model_state, load_full_optimizer_state, set_shard_groups,
+    as_its_own_class, full_optimizer_state, is_sharded, load_full_model_state, load_full_optimizer_state,
+    set_shard_groups,
 )
 from .training_args import CalMRLTrainingArguments, TrainingArguments
 
@@ -480,7 +481,8 @@ def save_checkpoint(run: _Run) -> None:
         commit_checkpoint(staging, {"format": MANIFEST_FORMAT, "position": run.state.state_dict(), "run": run.manifest})
         prune_checkpoints(args.output_dir, args.save_total_limit)
         if run.hub_pusher is not None:  # staged now, uploaded in the background
-            run.hub_pusher.push(accelerator.unwrap_model(run.model), folder, step, recorded_arguments(args))
+            run.hub_pusher.push(accelerator.unwrap_model(run.model), folder, step, recorded_arguments(args),
+                                state_dict=model_state)
     accelerator.wait_for_everyone()
     if run.on_checkpoint is not None:
         run.on_checkpoint(step)
@@ -648,8 +650,10 @@ def finish(run: _Run, processor=None) -> dict[str, float]:
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(run.model)  # every process: the full state gathered under sharding
-    accelerator.unwrap_model(run.model).save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
-                                                        state_dict=state_dict, save_function=accelerator.save)
+    model = accelerator.unwrap_model(run.model)
+    with as_its_own_class(model):  # not FSDP2's FSDPCalMRLModel: its code and auto_map are the model's
+        model.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict,
+                              save_function=accelerator.save)
     if accelerator.is_main_process:
         if processor is not None:
             processor.save_pretrained(args.output_dir)

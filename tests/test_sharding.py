@@ -18,6 +18,7 @@ would not be pointed at its sharded parameters), with what to launch instead.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -138,9 +139,13 @@ def test_fsdp2_resumes_exactly_also_under_shard_grad_op(accelerate_runs):
 
 
 def test_fsdp2_saved_model_loads_exactly(accelerate_runs):
-    """train's save_pretrained of the gathered state -> from_pretrained: the trained state bit for bit."""
+    """train's save_pretrained of the gathered state -> from_pretrained: the trained state bit for bit; saved as a
+    CalMRLModel (fully_shard made its class torch's FSDPCalMRLModel), so its remote code is the model's own."""
     out, result = accelerate_runs
-    loaded = CalMRLModel.from_pretrained(out / "run_fsdp2").state_dict()
+    folder = out / "run_fsdp2"
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_calmrl.CalMRLModel"
+    assert (folder / "modeling_calmrl.py").is_file() and not list(folder.glob("_fsdp*.py"))
+    loaded = CalMRLModel.from_pretrained(folder).state_dict()
     assert loaded.keys() == result["fsdp2"]["state"].keys()
     for key, value in loaded.items():
         assert torch.equal(value, result["fsdp2"]["state"][key]), key
@@ -156,6 +161,29 @@ def test_ddp_across_two_machines_is_one_run_of_the_world(accelerate_runs):
     assert ddp["processes"] == 2 and ddp["distributed_type"] == "DistributedType.MULTI_CPU"
     for name, buffer in ddp["buffers"][0].items():
         assert torch.equal(ddp["buffers"][1][name], buffer), name
+
+
+def test_the_two_stage_recipe_runs_under_fsdp2(tmp_path):
+    """`accelerate launch --config_file fsdp2.yaml recipes/train_vast.py` on a tiny corpus: stage 2 takes the model
+    stage 1 sharded (prepared again as it is), checkpoints, and both stages save a model whose code and auto_map
+    are CalMRL's."""
+    sizes = {"stage1": 32, "video_text": 32, "audio_text": 32, "test": 16}
+    argv = ["--output_dir", str(tmp_path / "run"), "--set", f"data.generate_mini_vast.root={tmp_path / 'data'}"]
+    for key, value in sizes.items():
+        argv += ["--set", f"data.generate_mini_vast.{key}={value}"]
+    for stage in ("stage1", "stage2"):
+        argv += ["--set", f"{stage}.max_steps=2", "--set", f"{stage}.per_device_train_batch_size=8"]
+    argv += ["--set", "stage2.save_steps=1"]
+    command = ["accelerate", "launch", *FLAGS["fsdp2"], "--main_process_port", _port(),
+               str(HERE.parent / "recipes" / "train_vast.py"), *argv]
+    result = subprocess.run(command, env=_environment(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert set(json.loads((tmp_path / "run" / "results.json").read_text())) == {"stage1", "stage2"}
+    assert (tmp_path / "run" / "stage2" / "checkpoints" / "step_2" / "manifest.json").is_file()
+    for stage in ("stage1", "stage2"):
+        config = json.loads((tmp_path / "run" / stage / "config.json").read_text())
+        assert config["auto_map"]["AutoModel"] == "modeling_calmrl.CalMRLModel", stage
+    CalMRLModel.from_pretrained(tmp_path / "run" / "stage2")
 
 
 def test_fsdp1_is_refused_with_what_to_launch(tmp_path, monkeypatch):
