@@ -102,8 +102,8 @@ def _decode_frames(container, wanted: set[int]) -> tuple[dict[int, np.ndarray], 
     """The wanted frames (by presentation index) of an opened container's first video stream as RGB arrays, and
     how many frames were decoded."""
     frames, count, last = {}, 0, max(wanted)
-    stream = container.streams.video[0]  # no frame threads: on 2 cores slower from 32x32 to 640x480 and no faster
-    # at 1280x720 (benchmarks.bench_input), and a loader's workers already decode in parallel
+    stream = container.streams.video[0]  # no frame threads: on 2 cores slower at every size tried, 32x32 to
+    # 1280x720 (benchmarks.bench_input), and a loader's workers already decode in parallel
     for count, frame in enumerate(container.decode(stream), start=1):
         if count - 1 in wanted:
             frames[count - 1] = frame.to_ndarray(format="rgb24")
