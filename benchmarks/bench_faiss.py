@@ -1,5 +1,5 @@
-"""Retrieval at scale: 🤗 datasets' FAISS index (`calmrl_hf.faiss_index.FaissIndex`) against the brute-force
-`calmrl_hf.retrieval.EmbeddingIndex`, on galleries of 100,000 and 1,000,000 unit-norm embeddings.
+"""Retrieval at scale: 🤗 datasets' FAISS index (`calmrl_hf.evaluation.faiss_index.FaissIndex`) against the brute-force
+`calmrl_hf.evaluation.retrieval.EmbeddingIndex`, on galleries of 100,000 and 1,000,000 unit-norm embeddings.
 
     python -m benchmarks.bench_faiss                       # 100k and 1M items, D=64, 1,000 queries, top-10
     python -m benchmarks.bench_faiss --sizes 10000 --quick
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from calmrl_hf.faiss_index import FaissIndex
-from calmrl_hf.retrieval import EmbeddingIndex
+from calmrl_hf.evaluation.faiss_index import FaissIndex
+from calmrl_hf.evaluation.retrieval import EmbeddingIndex
 
 from ._timing import machine
 

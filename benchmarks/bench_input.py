@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks._timing import machine
 from calmrl_hf.data import CalMRLCollator, model_inputs, with_media_decoding
-from calmrl_hf.recipe import build_processor, load_data, load_recipe, parse_args, resolve_tower
+from calmrl_hf.recipe.run import build_processor, load_data, load_recipe, parse_args, resolve_tower
 from calmrl_hf.training import TrainingArguments, build_dataloaders
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from calmrl_hf import CalMRLModel, CalMRLProcessor, PPCAImputer
 from calmrl_hf.data import CalMRLCollator, load_vast, model_inputs, with_media_decoding
-from calmrl_hf.evaluation import anchor_shift_report, imputation_error
+from calmrl_hf.evaluation.metrics import anchor_shift_report, imputation_error
 
 
 PATTERNS = {"video-text": ("audio", "subtitle"), "audio-text": ("vision", "subtitle")}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from calmrl_hf import CalMRLModel
-from calmrl_hf.evaluation import anchor_shift_report, imputation_error
+from calmrl_hf.evaluation.metrics import anchor_shift_report, imputation_error
 
 
 # The matched pairs whose cosines the benchmarks report, and the columns that holds.
@@ -126,7 +126,7 @@ def reranked_recall(model: CalMRLModel, embeddings: torch.Tensor, tokens: dict, 
     re-ranked by the matching head (`model.rerank` at its default score, and the head alone: `_head_only`, top 10).
     `embeddings` [N, k, D] of N test instances with every modality, `tokens` {modality: (states, mask)} of the same
     rows; with `labels`, class-level recall (`class_R@K`)."""
-    from calmrl_hf.evaluation import recall_at_k
+    from calmrl_hf.evaluation.metrics import recall_at_k
 
     recall = "R" if labels is None else "class_R"
     text = list(modalities).index("text")

@@ -20,7 +20,7 @@ class CommandError(Exception):
 
 def check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
     """Before any work: `path` ends in one of `suffixes`, is not a folder, and its folder takes writes."""
-    from .checkpointing import ensure_writable_directory
+    from .training.checkpoints import ensure_writable_directory
 
     if path.suffix not in suffixes:
         raise CommandError(f"--output must end in {' or '.join(suffixes)}, got {path.name!r}.")
@@ -81,7 +81,7 @@ def _batches(processor, dataset, batch_size: int, ids: list | None = None):
 def _embed(model, processor, dataset, batch_size: int):
     """(ids, labels or None, embeddings [N, k, D], modality_mask [N, k]) of a dataset, through the library's one
     embedding loop (`training.embed_dataset`); examples observing no modality are left out."""
-    from .training import embed_dataset
+    from .training.loop import embed_dataset
 
     ids = []
     data = embed_dataset(model, _batches(processor, dataset, batch_size, ids))
@@ -94,8 +94,8 @@ def _reranked_metrics(model, processor, dataset, batch_size: int, embeddings, ma
     """Recall@K of caption -> every other modality with each query's top `top_k` re-ranked by the matching head
     (`model.rerank`), over the rows observing both; keys `{caption}->{other}/R@K_reranked{top_k}` (and
     `class_R@K_reranked{top_k}` with labels)."""
-    from .evaluation import recall_at_k
-    from .reranking import collect_matching_tokens
+    from .evaluation.metrics import recall_at_k
+    from .evaluation.reranking import collect_matching_tokens
 
     modalities = model.config.modalities
     tokens = collect_matching_tokens(model, _batches(processor, dataset, batch_size), modalities)  # a second pass
@@ -121,13 +121,13 @@ def _reranked_metrics(model, processor, dataset, batch_size: int, embeddings, ma
 
 
 def command_train(args) -> None:
-    from .recipe import run
+    from .recipe.run import run
 
     run(args)
 
 
 def command_evaluate(args) -> None:
-    from .evaluation import retrieval_metrics
+    from .evaluation.metrics import retrieval_metrics
 
     model, processor = _load_model(args.model)
     if args.rerank is not None and args.rerank < 1:
@@ -152,8 +152,8 @@ def command_embed(args) -> None:
 
         save_file({"embeddings": embeddings.contiguous(), "modality_mask": mask.contiguous()}, str(args.output),
                   metadata={"ids": json.dumps(ids), "modalities": json.dumps(model.config.modalities)})
-    else:  # .parquet (checked before any work): an embedding dataset, `calmrl_hf.faiss_index.FaissIndex` indexes it
-        from .faiss_index import embedding_dataset
+    else:  # .parquet (checked before any work): an embedding dataset, `calmrl_hf.evaluation.faiss_index.FaissIndex` indexes it
+        from .evaluation.faiss_index import embedding_dataset
 
         embedding_dataset(ids, embeddings, mask, model.config.modalities).to_parquet(str(args.output))
     print(f"Wrote {len(ids)} embeddings of {model.config.modalities} to {args.output}")
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calmrl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from .recipe import add_arguments
+    from .recipe.run import add_arguments
 
     train = commands.add_parser("train", help="train with a recipe (default: the built-in offline one)")
     add_arguments(train)

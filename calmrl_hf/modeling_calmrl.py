@@ -32,13 +32,12 @@ from .alignment import OBJECTIVES, clamp_temperature, gram_singular_values
 from .collective import world_size
 from .configuration_calmrl import DEFAULT_MODALITIES, DEFAULT_SHARED_ENCODERS, CalMRLConfig
 from .feature_encoder import FeatureEncoderConfig, FeatureEncoderModel
-from .fusion import FusionEncoder
+from .matching_head import FusionEncoder, rerank_with_head
 from .imputer import PPCAImputer
 from .loading import load_strictly, load_tower, saved_tensor
 from .lora import add_lora, freeze_lora_towers, is_lora_layer
 from .modality_features import CalMRLFeaturesMixin, CalMRLModalityOutput
 from .modality_inputs import group_inputs, resolve_modality_mask, split_tower_flags
-from .reranking import rerank_with_head
 from .towers import build_towers, placeholder_inputs, towers_support
 from .validation import check_embeddings
 
@@ -306,13 +305,13 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
         return model
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Upload the model as `calmrl_hf.hub.push_to_hub` uploads a saved run: weights, code, the processor (the
+        """Upload the model as `calmrl_hf.sharing.hub.push_to_hub` uploads a saved run: weights, code, the processor (the
         `processor=` given, or the one saved next to the checkpoint it was loaded from), the model card filled for
-        `repo_id`, training args; one commit. Keyword arguments: those of `calmrl_hf.hub.push_model` (`processor`,
+        `repo_id`, training args; one commit. Keyword arguments: those of `calmrl_hf.sharing.hub.push_model` (`processor`,
         `metrics`, `training_args`, `token`, `endpoint`, `private`, `commit_message`, `revision`).
         """
         try:  # the card template ships with the package; remote code without it pushes as transformers does
-            from calmrl_hf.hub import push_model
+            from calmrl_hf.sharing.hub import push_model
         except ImportError:
             return super().push_to_hub(repo_id, **kwargs)
         return push_model(self, repo_id, **kwargs)

@@ -1,7 +1,7 @@
 """A sentence-transformers module over a CalMRL checkpoint: `SentenceTransformer(folder, trust_remote_code=True)`
 embeds texts with one text-kind modality's tower and projection head (`CalMRLModel.get_text_features`).
 
-`calmrl_hf.sentence_transformers.save_sentence_transformers` copies this file into the checkpoint, next to the
+`calmrl_hf.sharing.sentence_transformers.save_sentence_transformers` copies this file into the checkpoint, next to the
 model's own files, and lists it in `modules.json`; sentence-transformers imports it from the folder (transformers'
 dynamic modules), and it loads the model with `AutoModel.from_pretrained(folder, trust_remote_code=True)` and the
 tokenizer with `AutoTokenizer`. Imports only the standard library, torch, transformers and sentence_transformers:

@@ -4,7 +4,7 @@
     accelerate launch recipes/train_vast.py --config recipes/configs/vast.yaml
     python recipes/train_vast.py --set stage2.max_steps=500 --set model.config.imputer_method=none
 
-The recipe itself lives in `calmrl_hf.recipe`; this script is `calmrl train` (errors are one line, exit status 2).
+The recipe itself lives in `calmrl_hf.recipe.run`; this script is `calmrl train` (errors are one line, exit status 2).
 Its configs are in `recipes/configs/`.
 """
 

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).parents[1]))  # the checkout's calmrl_hf, installed or not
 
-import calmrl_hf.checkpointing as checkpointing  # noqa: E402
+import calmrl_hf.training.checkpoints as checkpointing  # noqa: E402
 from training_fixtures import resumable_run  # noqa: E402
 
 

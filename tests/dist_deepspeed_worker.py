@@ -20,7 +20,7 @@ sys.path.insert(1, str(Path(__file__).parents[1]))  # the checkout's calmrl_hf, 
 from training_fixtures import MIXED_PATTERNS, collate, make_dataset, training_config  # noqa: E402
 
 from calmrl_hf import CalMRLModel  # noqa: E402
-from calmrl_hf import training  # noqa: E402
+from calmrl_hf.training import loop as training  # noqa: E402
 from calmrl_hf.training import TrainingArguments, build_accelerator, train  # noqa: E402
 
 SCHEDULES, RUNS, CAST = [], [], []

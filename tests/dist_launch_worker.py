@@ -14,7 +14,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the checkout's calmrl_hf, installed or not
 
-from calmrl_hf.launch import LaunchError, check_shared_output_dir  # noqa: E402
+from calmrl_hf.training.launch import LaunchError, check_shared_output_dir  # noqa: E402
 from calmrl_hf.training import TrainingArguments, build_accelerator, resolve_launch_settings  # noqa: E402
 
 

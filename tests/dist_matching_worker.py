@@ -13,7 +13,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).parents[1]))  # the checkout's calmrl_hf, installed or not
 
-import calmrl_hf.fusion as fusion  # noqa: E402
+import calmrl_hf.matching_head as fusion  # noqa: E402
 import calmrl_hf.modeling_calmrl as modeling  # noqa: E402
 from tiny_models import tiny_batch, tiny_config  # noqa: E402
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from training_fixtures import resumable_run
 
-from calmrl_hf.checkpointing import (
+from calmrl_hf.training.checkpoints import (
     CheckpointError, decode_state, encode_state, file_sha256, find_checkpoints, manifest_differences,
     prune_checkpoints, restore_rng_state,
 )

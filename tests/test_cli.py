@@ -63,7 +63,7 @@ def test_embed_to_parquet_and_safetensors_then_impute(trained, tmp_path):
     stored = load_file(str(out))
     assert stored["embeddings"].shape == (12, 4, 64)
     torch.testing.assert_close(torch.tensor(table[3]["text"]), stored["embeddings"][3, 2])
-    from calmrl_hf.faiss_index import FaissIndex  # the parquet file is an embedding dataset a FAISS index queries
+    from calmrl_hf.evaluation.faiss_index import FaissIndex  # the parquet file is an embedding dataset a FAISS index queries
 
     _, rows = FaissIndex(table, "vision").search(stored["embeddings"][:, 2], k=1)  # text -> vision
     assert torch.equal(rows[:, 0], (stored["embeddings"][:, 2] @ stored["embeddings"][:, 0].T).argmax(dim=1))

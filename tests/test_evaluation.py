@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from calmrl_hf import PPCAImputer
-from calmrl_hf.evaluation import (
+from calmrl_hf.evaluation.metrics import (
     anchor_shift_report,
     imputation_error,
     recall_at_k,
@@ -63,7 +63,7 @@ def test_imputation_error_and_anchor_shift_report_on_a_planted_model():
 
 def test_retrieval_recall_metric_equals_retrieval_metrics_over_batches():
     """The evaluate metric, fed batch by batch, gives exactly `retrieval_metrics` of the whole set."""
-    from calmrl_hf.evaluation import RetrievalRecall
+    from calmrl_hf.evaluation.metrics import RetrievalRecall
 
     generator = torch.Generator().manual_seed(0)
     embeddings = torch.nn.functional.normalize(torch.randn(40, 3, 8, generator=generator), dim=-1)

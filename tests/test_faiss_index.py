@@ -9,8 +9,8 @@ pytest.importorskip("faiss", reason="retrieval at scale needs faiss-cpu")
 
 from datasets import Dataset  # noqa: E402
 
-from calmrl_hf.faiss_index import FaissIndex, embedding_dataset  # noqa: E402
-from calmrl_hf.retrieval import EmbeddingIndex  # noqa: E402
+from calmrl_hf.evaluation.faiss_index import FaissIndex, embedding_dataset  # noqa: E402
+from calmrl_hf.evaluation.retrieval import EmbeddingIndex  # noqa: E402
 
 MODALITIES = ["vision", "audio", "text"]
 

@@ -10,7 +10,7 @@ from fake_hub import FakeHub  # noqa: E402
 from tiny_models import MIXED_MASK, tiny_batch, tiny_config  # noqa: E402
 
 from calmrl_hf import CalMRLModel  # noqa: E402
-from calmrl_hf.hub import push_to_hub  # noqa: E402
+from calmrl_hf.sharing.hub import push_to_hub  # noqa: E402
 
 
 def saved_model(folder):
@@ -63,7 +63,7 @@ def test_push_refuses_pickles_and_folders_without_config(tmp_path):
 def test_model_card_carries_the_runs_numbers(tmp_path):
     from huggingface_hub import ModelCard
 
-    from calmrl_hf.hub import write_model_card
+    from calmrl_hf.sharing.hub import write_model_card
 
     folder = tmp_path / "model"
     saved_model(folder)
@@ -87,7 +87,7 @@ def run_folder(folder, repo_id):
     from transformers import BertTokenizer, ViTImageProcessor
 
     from calmrl_hf import CalMRLProcessor
-    from calmrl_hf.hub import write_model_card
+    from calmrl_hf.sharing.hub import write_model_card
 
     model = saved_model(folder)
     processor = CalMRLProcessor(BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "a", "dog"])}),
@@ -135,7 +135,7 @@ def test_model_push_to_hub_gives_the_folder_pushs_repository(tmp_path, monkeypat
 def test_checkpoint_pushes_run_in_the_background_one_at_a_time(tmp_path):
     import threading
 
-    from calmrl_hf.hub import CheckpointPusher
+    from calmrl_hf.sharing.hub import CheckpointPusher
 
     model = saved_model(tmp_path / "model")
     gate = threading.Event()

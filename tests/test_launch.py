@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from calmrl_hf.launch import LaunchError, check_launch, requested_processes
+from calmrl_hf.training.launch import LaunchError, check_launch, requested_processes
 from calmrl_hf.training import TrainingArguments, build_accelerator, resolve_launch_settings
 
 

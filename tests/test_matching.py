@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from calmrl_hf import CalMRLModel
-from calmrl_hf.evaluation import recall_at_k, rerank_top_k
-from calmrl_hf.fusion import sample_hard_negatives
+from calmrl_hf.evaluation import recall_at_k
+from calmrl_hf.matching_head import rerank_top_k
+from calmrl_hf.matching_head import sample_hard_negatives
 
 from tiny_models import MIXED_MASK, NUM_FRAMES, tiny_batch, tiny_config
 
@@ -239,7 +240,7 @@ def test_matching_term_with_k_negatives_equals_its_weighted_cross_entropy():
     """(2k + 1) n pairs; positives weighted k : 1 against negatives; k = 1 is the plain mean of the 3n pairs."""
     import torch.nn.functional as F
 
-    from calmrl_hf import fusion
+    from calmrl_hf import matching_head as fusion
 
     model = matching_model(matching_num_negatives=3).train()
     batch = tiny_batch(MIXED_MASK)
@@ -294,7 +295,7 @@ def test_rerank_equals_head_scores_plus_the_contrastive_logit_in_any_batch_size(
 
 
 def test_collected_tokens_of_several_batches_equal_one_batch():
-    from calmrl_hf.reranking import collect_matching_tokens
+    from calmrl_hf.evaluation.reranking import collect_matching_tokens
 
     model = matching_model().eval()
     whole = tiny_batch(torch.ones(5, 4, dtype=torch.bool))

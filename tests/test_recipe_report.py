@@ -7,8 +7,8 @@ import sys
 import pytest
 from tqdm.auto import tqdm
 
-from calmrl_hf.progress import LoggedProgress, step_progress
-from calmrl_hf.recipe_report import DIRECTION_GROUPS, observed_pairs_mean, plot_training, results_table
+from calmrl_hf.training.progress import LoggedProgress, step_progress
+from calmrl_hf.recipe.report import DIRECTION_GROUPS, observed_pairs_mean, plot_training, results_table
 
 
 def fake_results(with_subtitle=True):
@@ -53,7 +53,7 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(monkeypatch, ca
     assert isinstance(progress, LoggedProgress)
     silent = step_progress(10, 0, "training", enabled=False)  # the other processes
     assert isinstance(silent, tqdm) and silent.disable
-    with caplog.at_level(logging.INFO, logger="calmrl_hf.progress"):
+    with caplog.at_level(logging.INFO, logger="calmrl_hf.training.progress"):
         for step in range(8):
             progress.update(1)
             if (step + 1) % 4 == 0:

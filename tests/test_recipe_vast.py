@@ -14,7 +14,7 @@ from transformers import (ASTConfig, ASTFeatureExtractor, ASTModel, BertConfig, 
 pytest.importorskip("sklearn", reason="the corpus draws scikit-learn's handwritten digits")
 
 from calmrl_hf import CalMRLModel  # noqa: E402
-from calmrl_hf import recipe as train_vast  # noqa: E402
+from calmrl_hf.recipe import run as train_vast  # noqa: E402
 from calmrl_hf.data.mini_vast import MiniVastSizes, generate_mini_vast  # noqa: E402
 from calmrl_hf.data.mini_vast import number_to_words  # noqa: E402
 

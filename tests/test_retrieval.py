@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calmrl_hf.retrieval import EmbeddingIndex
+from calmrl_hf.evaluation.retrieval import EmbeddingIndex
 
 
 def test_search_returns_the_nearest_items_with_their_ids():

@@ -19,7 +19,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import AutoTokenizer, BertConfig, ViTImageProcessor, Wav2Vec2FeatureExtractor
 
 from calmrl_hf import CalMRLModel, CalMRLProcessor
-from calmrl_hf.sentence_transformers import save_sentence_transformers
+from calmrl_hf.sharing.sentence_transformers import save_sentence_transformers
 
 from blocked_imports import blocking_prelude
 from tiny_models import IMAGE_SIZE, tiny_ast, tiny_config, tiny_vit

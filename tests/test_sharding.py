@@ -31,8 +31,8 @@ from test_collective import torchrun
 from training_fixtures import tiny_recipe_argv
 
 from calmrl_hf import CalMRLModel
-from calmrl_hf import launch as launch_module
-from calmrl_hf.launch import LaunchError
+from calmrl_hf.training import launch as launch_module
+from calmrl_hf.training.launch import LaunchError
 from calmrl_hf.training import TrainingArguments, build_accelerator
 
 

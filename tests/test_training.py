@@ -365,7 +365,7 @@ def test_an_fsdp_checkpoint_is_refused_by_a_ddp_run_whatever_changes_are_allowed
     refused, even with allow_resume_changes=["*"] (it would load a state the optimizer cannot take)."""
     from types import SimpleNamespace
 
-    from calmrl_hf.checkpointing import CheckpointError
+    from calmrl_hf.training.checkpoints import CheckpointError
     from calmrl_hf.training import check_resumed_run
 
     ddp_run = {"world_size": 2, "training": {}}

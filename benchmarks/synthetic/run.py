@@ -33,7 +33,7 @@ import torch
 from datasets import Dataset
 
 from calmrl_hf import CalMRLConfig, CalMRLModel, FeatureEncoderConfig
-from calmrl_hf.evaluation import retrieval_metrics
+from calmrl_hf.evaluation.metrics import retrieval_metrics
 
 from ..cli import Benchmark
 from ..cli import main as benchmark_main
@@ -133,7 +133,7 @@ def build_model(sizes: Sizes, **architecture) -> CalMRLModel:
 def fused_query_recall(model: CalMRLModel, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """Retrieve vision items with text + subtitle queries (vision and audio missing from the query): each single
     observed modality alone vs the fused query (observed + imputed, the leading singular vector)."""
-    from calmrl_hf.retrieval import EmbeddingIndex
+    from calmrl_hf.evaluation.retrieval import EmbeddingIndex
 
     gallery = model.encode(**{k: v for k, v in batch.items() if k.startswith("vision_")})
     index = EmbeddingIndex(gallery.embeddings[:, MODALITIES.index("vision")])

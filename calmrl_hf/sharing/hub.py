@@ -16,7 +16,7 @@ import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .loading import PICKLE_SUFFIXES
+from ..loading import PICKLE_SUFFIXES
 
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def stage_model(model, folder: Path, repo_id: str, *, processor=None, metrics: d
         for name in shareable_files(source):
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / name, folder / name)
-    from .sharding import as_its_own_class
+    from ..training.fsdp import as_its_own_class
 
     with as_its_own_class(model):
         model.save_pretrained(folder, state_dict=state_dict)

@@ -1,6 +1,6 @@
 """Export a CalMRL checkpoint for sentence-transformers: text embeddings through `SentenceTransformer`.
 
-    from calmrl_hf.sentence_transformers import save_sentence_transformers
+    from calmrl_hf.sharing.sentence_transformers import save_sentence_transformers
     save_sentence_transformers(model, processor, "ckpt")                  # or modality="subtitle"
     SentenceTransformer("ckpt", trust_remote_code=True).encode(["a dog barks"])
     # == model.get_text_features(**processor(text=["a dog barks"])).pooler_output
@@ -18,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-MODULE_FILE = Path(__file__).with_name("sentence_transformers_calmrl.py")
+MODULE_FILE = Path(__file__).resolve().parents[1] / "sentence_transformers_calmrl.py"  # model-side: copied as remote code
 MODULE_CLASS = "CalMRLSentenceEmbedder"
 CONFIG_FILE_NAME = "calmrl_sentence_transformers.json"
 

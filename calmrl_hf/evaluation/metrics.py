@@ -19,9 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .alignment import anchor_shift, calibrated_anchor_shift
-from .reranking import rerank_top_k
-from .validation import check_embeddings
+from ..alignment import anchor_shift, calibrated_anchor_shift
+from ..validation import check_embeddings
 
 
 def _check(embeddings: torch.Tensor, modality_mask: torch.Tensor, modalities: Sequence[str]) -> None:
@@ -182,5 +181,5 @@ class RetrievalRecall(evaluate.Metric):
             labels=torch.tensor(np.asarray(labels)) if labels is not None else None)
 
 
-__all__ = ["RetrievalRecall", "anchor_shift_report", "imputation_error", "recall_at_k", "rerank_top_k", "retrieval_metrics",
+__all__ = ["RetrievalRecall", "anchor_shift_report", "imputation_error", "recall_at_k", "retrieval_metrics",
            "zero_shot_accuracy"]

@@ -30,28 +30,28 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from .checkpointing import (
+from .checkpoints import (
     INCOMPLETE_SUFFIX, MANIFEST_FORMAT, CheckpointError, capture_rng_state, commit_checkpoint,
     ensure_writable_directory, find_checkpoints, load_state_file, manifest_differences, prune_checkpoints,
     read_manifest, restore_rng_state, start_checkpoint, state_file_bytes, write_checkpoint_files,
 )
-from .configuration_calmrl import CalMRLConfig
+from ..configuration_calmrl import CalMRLConfig
 
-from .data.collator import model_inputs
-from .data.loaders import dataset_modalities
-from .evaluation import RetrievalRecall
-from .hub import TRACKER_PROJECT, CheckpointPusher
-from .imputer import PPCAStatistics
+from ..data.collator import model_inputs
+from ..data.loaders import dataset_modalities
+from ..evaluation.metrics import RetrievalRecall
+from ..sharing.hub import TRACKER_PROJECT, CheckpointPusher
+from ..imputer import PPCAStatistics
 from .launch import (
     build_accelerator, check_checkpoint_folders, refuse_unsupported_engine_settings, resolve_launch_settings,
 )
-from .modeling_calmrl import CalMRLModel
+from ..modeling_calmrl import CalMRLModel
 from .progress import step_progress
-from .sharding import (
+from .fsdp import (
     as_its_own_class, full_optimizer_state, is_sharded, load_full_model_state, load_full_optimizer_state,
     set_shard_groups,
 )
-from .training_args import CalMRLTrainingArguments, TrainingArguments
+from .arguments import CalMRLTrainingArguments, TrainingArguments
 
 
 logger = get_logger(__name__)
@@ -661,14 +661,14 @@ def finish(run: _Run, processor=None) -> dict[str, float]:
         Path(args.output_dir, "train_results.json").write_text(json.dumps(results, indent=2))
         recorded_args = recorded_arguments(args)
         Path(args.output_dir, "training_args.json").write_text(json.dumps(recorded_args, indent=2, default=str))
-        from .hub import write_model_card
+        from ..sharing.hub import write_model_card
 
         write_model_card(args.output_dir, repo_id=args.hub_model_id, metrics=metrics, training_args=recorded_args)
     accelerator.wait_for_everyone()
     if run.hub_pusher is not None:
         run.hub_pusher.wait()  # the last checkpoint's upload lands before the final model's
     if args.push_to_hub and accelerator.is_main_process:
-        from .hub import push_to_hub  # only needed when pushing
+        from ..sharing.hub import push_to_hub  # only needed when pushing
 
         push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, endpoint=args.hub_endpoint,
                     private=args.hub_private_repo)

@@ -11,11 +11,13 @@ self-attention causal; a fusion encoder must see the whole caption, so its layer
 
 The plumbing between the model and the head lives here too: which rows are paired, their condition tokens
 (`condition_memory`), the hard negatives drawn across processes (`matching_step`) and re-ranking scores
-(`match_probability`). Imports torch only (and same-folder files): this file is copied into checkpoints as
+(`match_probability`, `rerank_with_head`). Imports torch only (and same-folder files): this file is copied into checkpoints as
 remote code.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -240,4 +242,56 @@ def matching_loss(logits: torch.Tensor, labels: torch.Tensor, share: float = 1.0
     return (per_pair * weights).sum() / weights.sum() * share
 
 
-__all__ = ["FusionEncoder", "matching_loss", "sample_hard_negatives"]
+def rerank_top_k(similarity: torch.Tensor, score_fn: Callable, k: int) -> torch.Tensor:
+    """Re-rank each query's top-`k` gallery items by `score_fn` (e.g. a matching head), as VAST does with K = 50.
+
+    `score_fn(query_indices, gallery_indices) -> scores` scores the Q x k candidate pairs (flat index tensors).
+    Returns a [Q, G] score matrix whose ranking puts the top-k candidates first, ordered by their scores, and the
+    other items after them in their original order; feed it to `recall_at_k`.
+    """
+    num_queries, gallery = similarity.shape
+    k = min(k, gallery)
+    top = similarity.topk(k, dim=1).indices  # [Q, k]
+    queries = torch.arange(num_queries, device=similarity.device).unsqueeze(1).expand(-1, k)
+    scores = score_fn(queries.reshape(-1), top.reshape(-1)).reshape(num_queries, k).to(similarity.dtype)
+    # everything outside the top-k goes below every re-ranked candidate, keeping its own order
+    reranked = scores.min() - 1.0 - (similarity.max() - similarity)
+    return reranked.scatter(1, top, scores)
+
+
+
+def rerank_with_head(fusion, similarity: torch.Tensor, query_tokens: tuple[torch.Tensor, torch.Tensor],
+                     gallery_tokens: dict[str, tuple[torch.Tensor, torch.Tensor]], top_k: int, batch_size: int,
+                     similarity_weight: float, logit_scale: torch.Tensor) -> torch.Tensor:
+    """[Q, G] scores whose ranking re-orders each query's top-`top_k` by
+    score(q, g) = match log-odds(q, g) + similarity_weight * exp(logit_scale) * similarity(q, g)
+    (the head alone with weight 0, VAST's re-ranking; the contrastive logit added as a second expert otherwise)."""
+    query_states, query_mask = query_tokens
+    if query_states.shape[0] != similarity.shape[0]:
+        raise ValueError(f"similarity has {similarity.shape[0]} queries but the query tokens hold "
+                         f"{query_states.shape[0]} rows.")
+    for name, (states, _) in gallery_tokens.items():
+        if states.shape[0] != similarity.shape[1]:
+            raise ValueError(f"similarity has {similarity.shape[1]} gallery items but the {name!r} tokens hold "
+                             f"{states.shape[0]} rows.")
+    if batch_size < 1 or top_k < 1:
+        raise ValueError(f"batch_size and top_k must be >= 1, got {batch_size} and {top_k}.")
+    device = fusion.head.weight.device
+    contrastive_scale = float(logit_scale.exp()) * similarity_weight
+
+    def score(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        scores = []
+        for start in range(0, queries.numel(), batch_size):
+            q, g = queries[start:start + batch_size], candidates[start:start + batch_size]
+            caption = query_states[q.to(query_states.device)].to(device)
+            caption_mask = query_mask[q.to(query_mask.device)].to(device)
+            tokens = {name: (states[g.to(states.device)].to(device), mask[g.to(mask.device)].to(device))
+                      for name, (states, mask) in gallery_tokens.items()}
+            scores.append(fusion.match_logits(caption, caption_mask, tokens).to(similarity.device))
+        logits = torch.cat(scores) if scores else similarity.new_zeros(0)
+        return logits + contrastive_scale * similarity[queries, candidates].float()
+
+    return rerank_top_k(similarity, score, top_k)
+
+
+__all__ = ["FusionEncoder", "matching_loss", "rerank_top_k", "rerank_with_head", "sample_hard_negatives"]

