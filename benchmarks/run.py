@@ -5,8 +5,8 @@
     python -m benchmarks.run --quick    # CI size, written under outputs/benchmarks_quick
 
 Each benchmark writes its markdown table (with the command that made it), JSON and PNG plot next to its code
-(`benchmarks/synthetic/results.*`, `benchmarks/avdigits/results.*`). At the default size, the tables are also
-copied into README.md and model_card.md between their `<!-- benchmarks:... -->` markers.
+(`benchmarks/synthetic/results.*`, `benchmarks/avdigits/results.*`). At the default size, the summaries are also
+copied into model_card.md between its `<!-- benchmarks:... -->` markers (README.md and docs/ link the tables).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .synthetic import run_av as synthetic_av
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = {"synthetic": synthetic, "synthetic_av": synthetic_av, "avdigits": avdigits}
-DOCUMENTS = ("README.md", "model_card.md")
+DOCUMENTS = ("model_card.md",)
 
 
 def update_document(path: Path, name: str, results: Path) -> bool:
