@@ -34,6 +34,8 @@ RESERVED_NAMES = frozenset({"id", "ids", "index", "label", "labels", "modality",
 # which component serves each kind, and the fields of its output the model takes (None: every tensor)
 _COMPONENT_OF_KIND = {"text": "tokenizer", "vision": "image_processor", "audio": "feature_extractor"}
 _TEXT_FIELDS = ("input_ids", "attention_mask")
+# stands for a component recorded as absent while transformers resolves the others (`_resolve_subprocessors`)
+_ABSENT = object()
 
 
 def normalize_modalities(modalities=None) -> list[tuple[str, str]]:
@@ -86,6 +88,24 @@ def sample_frame_indices(num_available: int, num_frames: int) -> list[int]:
     return [min(int((2 * i + 1) * num_available / (2 * num_frames)), num_available - 1) for i in range(num_frames)]
 
 
+class _HeldComponents:
+    """`CalMRLProcessor.get_attributes`, the list of components `ProcessorMixin` works through. Read on the class (as
+    `from_pretrained`, `from_dict` and `to_dict` do): every component `__init__` takes. Read on an instance (as
+    `save_pretrained` and `__repr__` do): the components it holds, so that an absent (None) one is neither saved
+    nor shown. A component not set yet counts as held: `ProcessorMixin.__init__` checks its arguments against this
+    list before it sets them."""
+
+    def __get__(self, instance, owner):
+        def every() -> list[str]:
+            return ProcessorMixin.get_attributes.__func__(owner)
+
+        def held() -> list[str]:
+            values = vars(instance)
+            return [name for name in every() if name not in values or values[name] is not None]
+
+        return every if instance is None else held
+
+
 class CalMRLProcessor(ProcessorMixin):
     r"""
     Wraps a tokenizer (every text-kind modality: caption, subtitle, ...), an image processor (images and the sampled
@@ -110,7 +130,8 @@ class CalMRLProcessor(ProcessorMixin):
             (`floor_dynamic_range`; padding frames read as that floor), so that the quiet parts of clean and noisy
             clips look alike. Needs a feature extractor with `mean` and `std` (AST's normalisation).
 
-    A component may be None when no modality of its kind is used; calling with such a modality raises.
+    A component may be None when no modality of its kind is used; calling with such a modality raises. Such a
+    component is recorded as null in `processor_config.json`, and `from_pretrained` gives None for it.
 
     Inputs (`__call__`): one keyword per modality, each a list with one entry per example, None where the modality
     is missing for that example; a modality not passed at all is missing for every example. Items are:
@@ -303,6 +324,9 @@ class CalMRLProcessor(ProcessorMixin):
         return {"pixel_values": spectrogram.unsqueeze(1)}  # [n, 1, T, mel]
 
     # ------------------------------------------------------------------ save / load with absent components
+    # on an instance, the components it holds: `save_pretrained` saves those only (`_HeldComponents`)
+    get_attributes = _HeldComponents()
+
     def check_argument_for_proper_class(self, argument_name, argument):
         """Components may be None (no modality of that kind); others are checked as transformers does."""
         if argument is None:
@@ -315,17 +339,6 @@ class CalMRLProcessor(ProcessorMixin):
             if getattr(self, attribute) is None:
                 output[attribute] = None  # recorded, so from_pretrained does not look for it
         return output
-
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        present = [name for name in type(self).get_attributes() if getattr(self, name) is not None]
-        if len(present) == len(type(self).get_attributes()):
-            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        # the base class saves every component it lists; list the present ones only, for this call
-        self.get_attributes = lambda: present
-        try:
-            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        finally:
-            del self.get_attributes
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, token: str | None = None,
                     revision: str | None = None, create_pr: bool = False, private: bool | None = None, **kwargs) -> str:
@@ -342,9 +355,25 @@ class CalMRLProcessor(ProcessorMixin):
                                                token=token, create_pr=create_pr, revision=revision)
 
     @classmethod
+    def _absent_components(cls, processor_dict: dict) -> list[str]:
+        """The components a saved `processor_config.json` (as a dict) records as null."""
+        return [name for name in cls.get_attributes() if name in processor_dict and processor_dict[name] is None]
+
+    @classmethod
+    def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
+        """Load the components the folder holds; those recorded as null are None (the hook transformers >= 5.25
+        calls). transformers loads every component not given as a keyword argument, so each absent one is given as
+        a placeholder, then set to None; a component the caller gives is used as given."""
+        absent = [name for name in cls._absent_components(processor_dict) if kwargs.get(name) is None]
+        processor_dict, kwargs = super()._resolve_subprocessors(
+            pretrained_model_name_or_path, processor_dict, **{**kwargs, **dict.fromkeys(absent, _ABSENT)})
+        return {**processor_dict, **dict.fromkeys(absent)}, kwargs
+
+    @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        processor_dict = processor_dict or {}
-        absent = {name for name in cls.get_attributes() if name in processor_dict and processor_dict[name] is None}
+        """The components in `get_attributes` order, None for those recorded as null (the hook transformers 5.0 to
+        5.24 call instead of `_resolve_subprocessors`)."""
+        absent = cls._absent_components(processor_dict or {})
         if not absent:
             return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
         from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
