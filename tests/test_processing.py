@@ -18,12 +18,8 @@ from transformers import (
 )
 
 from calmrl_hf import CalMRLConfig, CalMRLModel
-from calmrl_hf.processing_calmrl import (
-    CalMRLProcessor,
-    normalize_modalities,
-    register_auto_processor,
-    sample_frame_indices,
-)
+from calmrl_hf.processing_calmrl import CalMRLProcessor, normalize_modalities, register_auto_processor
+from calmrl_hf.processing_inputs import sample_frame_indices
 
 from tiny_models import tiny_config
 
@@ -32,7 +28,7 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "barks", "cat
 
 
 def tokenizer():
-    # transformers 5: a BERT tokenizer takes its vocabulary as a dict (`vocab_file=` is no longer read)
+    # a BERT tokenizer takes its vocabulary as a dict: transformers 5 does not read `vocab_file=`
     return BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)})
 
 
