@@ -22,6 +22,8 @@ ZERO_SHOT_TASK = "zero-shot-multimodal-classification"
 EMBEDDING_TASK = "multimodal-feature-extraction"
 # the getter of each modality kind (CalMRLFeaturesMixin)
 _FEATURE_GETTERS = {"vision": "get_image_features", "audio": "get_audio_features", "text": "get_text_features"}
+# the parameters `pipeline(...)` and a call take, all of them `preprocess`'s
+_PARAMETERS = ("candidate_labels", "hypothesis_template", "modality", "label_modality", "sampling_rate")
 
 
 class CalMRLPipeline(Pipeline):
@@ -34,11 +36,12 @@ class CalMRLPipeline(Pipeline):
     _load_image_processor = False
     _load_feature_extractor = False
 
-    def _sanitize_parameters(self, candidate_labels=None, hypothesis_template="{}", modality=None,
-                             label_modality="text", sampling_rate=None, **kwargs):
-        preprocess = {"candidate_labels": candidate_labels, "hypothesis_template": hypothesis_template,
-                      "modality": modality, "label_modality": label_modality, "sampling_rate": sampling_rate}
-        return preprocess, {}, {}
+    def _sanitize_parameters(self, **parameters):
+        """The parameters given, only: those of a call override those given to `pipeline(...)`, the others stay."""
+        unknown = sorted(set(parameters) - set(_PARAMETERS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown parameters {unknown}; it takes {list(_PARAMETERS)}.")
+        return parameters, {}, {}
 
     def _zero_shot(self, candidate_labels) -> bool:
         return self.task == ZERO_SHOT_TASK or (self.task != EMBEDDING_TASK and candidate_labels is not None)

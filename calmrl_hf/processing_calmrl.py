@@ -5,35 +5,30 @@
 [B, k] (bool, in the processor's modality order): exactly what `CalMRLModel.forward` takes. A modality absent from
 the whole batch has no keys, so towers never run on placeholder inputs.
 
-This module imports from the rest of the package only `log_mel` and `pixel_batch` (copied with it), and besides
-only the standard library, torch, numpy and transformers, so `save_pretrained` can copy it next to a checkpoint
-for `trust_remote_code=True` loading (see `register_auto_processor`). transformers' image processors need Pillow
-(or torchvision).
+Each kind's tensors come from `processing_inputs`. This module imports from the rest of the package only
+`processing_inputs` (and through it `log_mel` and `pixel_batch`, copied with it), and besides only the standard
+library, torch, numpy and transformers, so `save_pretrained` can copy it next to a checkpoint for
+`trust_remote_code=True` loading (see `register_auto_processor`). transformers' image processors need Pillow (or
+torchvision).
 """
 
 from __future__ import annotations
 
-import logging
-import math
-from collections.abc import Sequence
-
 import torch
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
 
-from .log_mel import ast_log_mel, computes_like
-from .pixel_batch import accepts, pixel_values
+from .processing_inputs import TEXT_FIELDS, audio_features, text_features, vision_features
 
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_MODALITY_KINDS = {"vision": "vision", "audio": "audio", "text": "text", "subtitle": "text"}
 MODALITY_KINDS = ("vision", "audio", "text")
 # names a modality may not take: they are batch keys, dataset columns or keywords of `__call__`
 RESERVED_NAMES = frozenset({"id", "ids", "index", "label", "labels", "modality", "modality_mask", "sampling_rate",
                             "return_tensors"})
-# which component serves each kind, and the fields of its output the model takes (None: every tensor)
+# which component serves each kind
 _COMPONENT_OF_KIND = {"text": "tokenizer", "vision": "image_processor", "audio": "feature_extractor"}
-_TEXT_FIELDS = ("input_ids", "attention_mask")
+# stands for a component recorded as absent while transformers resolves the others (`_resolve_subprocessors`)
+_ABSENT = object()
 
 
 def normalize_modalities(modalities=None) -> list[tuple[str, str]]:
@@ -74,16 +69,22 @@ def normalize_modalities(modalities=None) -> list[tuple[str, str]]:
     return pairs
 
 
-def sample_frame_indices(num_available: int, num_frames: int) -> list[int]:
-    """`num_frames` indices spread evenly over `num_available` frames: the centre of each of `num_frames` equal
-    segments (8 frames, 4 samples -> [1, 3, 5, 7]). Shorter videos repeat frames (3 frames, 4 samples ->
-    [0, 1, 1, 2])."""
-    if num_available < 1:
-        raise ValueError(f"A video needs at least one frame, got num_available={num_available}.")
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be positive, got {num_frames}.")
-    # centre of segment i of [0, num_available) cut in num_frames: (i + 1/2) * num_available / num_frames
-    return [min(int((2 * i + 1) * num_available / (2 * num_frames)), num_available - 1) for i in range(num_frames)]
+class _HeldComponents:
+    """`CalMRLProcessor.get_attributes`, the list of components `ProcessorMixin` works through. Read on the class (as
+    `from_pretrained`, `from_dict` and `to_dict` do): every component `__init__` takes. Read on an instance (as
+    `save_pretrained` and `__repr__` do): the components it holds, so that an absent (None) one is neither saved
+    nor shown. A component not set yet counts as held: `ProcessorMixin.__init__` checks its arguments against this
+    list before it sets them."""
+
+    def __get__(self, instance, owner):
+        def every() -> list[str]:
+            return ProcessorMixin.get_attributes.__func__(owner)
+
+        def held() -> list[str]:
+            values = vars(instance)
+            return [name for name in every() if name not in values or values[name] is not None]
+
+        return every if instance is None else held
 
 
 class CalMRLProcessor(ProcessorMixin):
@@ -100,17 +101,18 @@ class CalMRLProcessor(ProcessorMixin):
             `"text"`) in the model's modality order (the k axis of `modality_mask`); also a list of `[name, kind]`
             pairs or of default names. Defaults to vision, audio, text, subtitle (subtitle is text-kind).
         num_frames (`int`, *optional*, defaults to 4): frames sampled evenly from each video
-            (`sample_frame_indices`).
+            (`processing_inputs.sample_frame_indices`).
         max_length (`int`, *optional*, defaults to 64): token budget of text inputs (longer ones are truncated).
         audio_as_image (`bool`, *optional*, defaults to False): hand a spectrogram feature extractor's output
             [n, T, mel] (e.g. `ASTFeatureExtractor`'s log-mel map) to the audio tower as a 1-channel image
             `{name}_pixel_values` [n, 1, T, mel], for convolutional audio towers (a ResNet config with
             `num_channels=1`).
         audio_dynamic_range_db (`float`, *optional*): floor each clip's log-mel map this many dB below its own peak
-            (`floor_dynamic_range`; padding frames read as that floor), so that the quiet parts of clean and noisy
-            clips look alike. Needs a feature extractor with `mean` and `std` (AST's normalisation).
+            (`processing_inputs.floor_dynamic_range`; padding frames read as that floor), so that the quiet parts of
+            clean and noisy clips look alike. Needs a feature extractor with `mean` and `std` (AST's normalisation).
 
-    A component may be None when no modality of its kind is used; calling with such a modality raises.
+    A component may be None when no modality of its kind is used; calling with such a modality raises. Such a
+    component is recorded as null in `processor_config.json`, and `from_pretrained` gives None for it.
 
     Inputs (`__call__`): one keyword per modality, each a list with one entry per example, None where the modality
     is missing for that example; a modality not passed at all is missing for every example. Items are:
@@ -170,7 +172,7 @@ class CalMRLProcessor(ProcessorMixin):
             if component is None:
                 continue
             if kind == "text":
-                fields = [f for f in _TEXT_FIELDS if f in component.model_input_names]
+                fields = [f for f in TEXT_FIELDS if f in component.model_input_names]
             elif kind == "vision" or self.audio_as_image:
                 fields = ["pixel_values"]
             else:
@@ -185,6 +187,20 @@ class CalMRLProcessor(ProcessorMixin):
         if return_tensors not in ("pt", None):
             raise ValueError(f"CalMRLProcessor returns PyTorch tensors only: return_tensors must be 'pt', got "
                              f"{return_tensors!r}.")
+        given = self._given_inputs(modality_inputs)
+        mask = self._modality_mask(given)
+        data: dict[str, torch.Tensor] = {}
+        for name, kind in self.modalities:
+            rows = [i for i, item in enumerate(given.get(name, ())) if item is not None]
+            if not rows:
+                continue
+            features = self._features(name, kind, [given[name][i] for i in rows], rows, sampling_rate)
+            data.update({f"{name}_{field}": value for field, value in features.items()})
+        data["modality_mask"] = mask
+        return BatchFeature(data=data)
+
+    def _given_inputs(self, modality_inputs: dict) -> dict[str, list]:
+        """The modalities passed (not None), checked: known names, one list per modality, one length for all."""
         unknown = sorted(set(modality_inputs) - set(self.modality_names))
         if unknown:
             raise ValueError(f"Unknown modalities {unknown}; this processor knows {self.modality_names}.")
@@ -199,10 +215,13 @@ class CalMRLProcessor(ProcessorMixin):
         if len(set(lengths.values())) != 1:
             raise ValueError(f"Every modality's list must have one entry per example (None where missing); got "
                              f"lengths {lengths}.")
-        batch_size = next(iter(lengths.values()))
-        if batch_size == 0:
+        if next(iter(lengths.values())) == 0:
             raise ValueError("The batch is empty: the modality lists have no entries.")
+        return given
 
+    def _modality_mask(self, given: dict[str, list]) -> torch.Tensor:
+        """[B, k] bool: which rows observe which modality; every row must observe one."""
+        batch_size = len(next(iter(given.values())))
         mask = torch.zeros(batch_size, len(self.modalities), dtype=torch.bool)  # [B, k]
         for index, name in enumerate(self.modality_names):
             if name in given:
@@ -211,98 +230,27 @@ class CalMRLProcessor(ProcessorMixin):
         if empty:
             raise ValueError(f"Rows {empty[:10]} of the batch have no observed modality (every entry is None); every "
                              f"example needs at least one of {self.modality_names}.")
+        return mask
 
-        data: dict[str, torch.Tensor] = {}
-        for name, kind in self.modalities:
-            items = given.get(name)
-            if items is None:
-                continue
-            rows = [i for i, item in enumerate(items) if item is not None]
-            if not rows:
-                continue
-            present = [items[i] for i in rows]
-            self._require_component(name, kind)
-            if kind == "text":
-                features = self._text(name, present, rows)
-            elif kind == "vision":
-                features = self._vision(name, present, rows)
-            else:
-                features = self._audio(name, present, rows, sampling_rate)
-            data.update({f"{name}_{field}": value for field, value in features.items()})
-        data["modality_mask"] = mask
-        return BatchFeature(data=data)
-
-    def _require_component(self, name: str, kind: str) -> None:
+    def _features(self, name: str, kind: str, items: list, rows: list[int],
+                  sampling_rate: int | None) -> dict[str, torch.Tensor]:
+        """The tensors of modality `name` for its observed `items` (from batch rows `rows`), by the component of its
+        kind (`processing_inputs`)."""
         component = _COMPONENT_OF_KIND[kind]
         if getattr(self, component) is None:
             raise ValueError(f"Modality {name!r} is {kind}-kind and needs a {component}, but this processor was built "
                              f"with {component}=None.")
-
-    def _text(self, name: str, texts: Sequence, rows: list[int]) -> dict[str, torch.Tensor]:
-        bad = [(row, type(t).__name__) for row, t in zip(rows, texts) if not isinstance(t, str)]
-        if bad:
-            raise TypeError(f"Modality {name!r} expects strings; rows {[r for r, _ in bad[:5]]} hold "
-                            f"{[t for _, t in bad[:5]]}.")
-        encoded = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt")
-        return {key: encoded[key] for key in _TEXT_FIELDS if key in encoded}  # [n, L]
-
-    def _vision(self, name: str, items: Sequence, rows: list[int]) -> dict[str, torch.Tensor]:
-        is_video = [_is_video(item) for item in items]
-        if any(is_video) and not all(is_video):
-            videos = [row for row, v in zip(rows, is_video) if v]
-            images = [row for row, v in zip(rows, is_video) if not v]
-            raise ValueError(f"Modality {name!r} mixes videos (rows {videos[:5]}) and images (rows {images[:5]}) in "
-                             f"one batch; pass an image as a 1-frame video ([1, H, W, C]) or keep them apart.")
-        if not any(is_video):
-            images = [_as_image(item, name, row) for item, row in zip(items, rows)]
-            return {"pixel_values": self._pixel_values(images)}  # [n, C, H, W]
-        frames = []
-        for item, row in zip(items, rows):
-            video = [_as_image(frame, name, row) for frame in item]  # T_i frames [H, W, C]
-            if not video:
-                raise ValueError(f"Modality {name!r}, row {row}: the video has no frames.")
-            frames += [video[i] for i in sample_frame_indices(len(video), self.num_frames)]
-        pixels = self._pixel_values(frames)
-        return {"pixel_values": pixels.unflatten(0, (len(items), self.num_frames))}  # [n, T, C, H, W]
-
-    def _pixel_values(self, images: list) -> torch.Tensor:
-        if accepts(self.image_processor, images):  # already the output size: all at once, no PIL round trip
-            return pixel_values(self.image_processor, images)
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-
-    def _audio(self, name: str, items: Sequence, rows: list[int], sampling_rate: int | None) -> dict[str, torch.Tensor]:
-        expected = self.feature_extractor.sampling_rate
-        if sampling_rate is not None and sampling_rate != expected:
-            raise ValueError(f"Audio for {name!r} is at sampling_rate={sampling_rate} Hz but the feature extractor "
-                             f"expects {expected} Hz; resample first (calmrl_hf.data.resample_audio, or decode with "
-                             f"calmrl_hf.data.decode_audio(path, {expected})).")
-        waves = []
-        for item, row in zip(items, rows):
-            wave = (item.detach() if isinstance(item, torch.Tensor) else torch.tensor(item)).float().numpy()
-            if wave.ndim != 1 or wave.size == 0:
-                raise ValueError(f"Audio for {name!r}, row {row}: expected 1-D mono samples, got shape "
-                                 f"{list(wave.shape)}.")
-            waves.append(wave)
-        if computes_like(self.feature_extractor):  # AST's log-mel map without its per-frame Python loop
-            features = {"input_values": ast_log_mel(waves, self.feature_extractor)}
-        else:
-            encoded = self.feature_extractor(waves, sampling_rate=expected, padding=True, return_tensors="pt")
-            features = {key: value for key, value in encoded.items() if isinstance(value, torch.Tensor)}
-        if self.audio_dynamic_range_db is None and not self.audio_as_image:
-            return features
-        spectrogram = features.get("input_values")
-        if spectrogram is None or spectrogram.dim() != 3:
-            raise ValueError(f"audio_as_image / audio_dynamic_range_db need a spectrogram feature extractor (input_values "
-                             f"[n, T, mel], e.g. ASTFeatureExtractor); {type(self.feature_extractor).__name__} gave "
-                             f"{ {k: list(v.shape) for k, v in features.items()} }.")
-        if self.audio_dynamic_range_db is not None:
-            spectrogram = floor_dynamic_range(spectrogram, self.audio_dynamic_range_db, self.feature_extractor)
-        if not self.audio_as_image:
-            return {**features, "input_values": spectrogram}
-        return {"pixel_values": spectrogram.unsqueeze(1)}  # [n, 1, T, mel]
+        if kind == "text":
+            return text_features(self.tokenizer, name, items, rows, self.max_length)
+        if kind == "vision":
+            return vision_features(self.image_processor, name, items, rows, self.num_frames)
+        return audio_features(self.feature_extractor, name, items, rows, sampling_rate,
+                              dynamic_range_db=self.audio_dynamic_range_db, as_image=self.audio_as_image)
 
     # ------------------------------------------------------------------ save / load with absent components
+    # on an instance, the components it holds: `save_pretrained` saves those only (`_HeldComponents`)
+    get_attributes = _HeldComponents()
+
     def check_argument_for_proper_class(self, argument_name, argument):
         """Components may be None (no modality of that kind); others are checked as transformers does."""
         if argument is None:
@@ -315,17 +263,6 @@ class CalMRLProcessor(ProcessorMixin):
             if getattr(self, attribute) is None:
                 output[attribute] = None  # recorded, so from_pretrained does not look for it
         return output
-
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        present = [name for name in type(self).get_attributes() if getattr(self, name) is not None]
-        if len(present) == len(type(self).get_attributes()):
-            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        # the base class saves every component it lists; list the present ones only, for this call
-        self.get_attributes = lambda: present
-        try:
-            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        finally:
-            del self.get_attributes
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, token: str | None = None,
                     revision: str | None = None, create_pr: bool = False, private: bool | None = None, **kwargs) -> str:
@@ -342,9 +279,25 @@ class CalMRLProcessor(ProcessorMixin):
                                                token=token, create_pr=create_pr, revision=revision)
 
     @classmethod
+    def _absent_components(cls, processor_dict: dict) -> list[str]:
+        """The components a saved `processor_config.json` (as a dict) records as null."""
+        return [name for name in cls.get_attributes() if name in processor_dict and processor_dict[name] is None]
+
+    @classmethod
+    def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
+        """Load the components the folder holds; those recorded as null are None (the hook transformers >= 5.25
+        calls). transformers loads every component not given as a keyword argument, so each absent one is given as
+        a placeholder, then set to None; a component the caller gives is used as given."""
+        absent = [name for name in cls._absent_components(processor_dict) if kwargs.get(name) is None]
+        processor_dict, kwargs = super()._resolve_subprocessors(
+            pretrained_model_name_or_path, processor_dict, **{**kwargs, **dict.fromkeys(absent, _ABSENT)})
+        return {**processor_dict, **dict.fromkeys(absent)}, kwargs
+
+    @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        processor_dict = processor_dict or {}
-        absent = {name for name in cls.get_attributes() if name in processor_dict and processor_dict[name] is None}
+        """The components in `get_attributes` order, None for those recorded as null (the hook transformers 5.0 to
+        5.24 call instead of `_resolve_subprocessors`)."""
+        absent = cls._absent_components(processor_dict or {})
         if not absent:
             return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
         from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
@@ -353,44 +306,6 @@ class CalMRLProcessor(ProcessorMixin):
                    "feature_extractor": AutoFeatureExtractor}
         return [None if name in absent else loaders[name].from_pretrained(pretrained_model_name_or_path, **kwargs)
                 for name in cls.get_attributes()]
-
-
-def floor_dynamic_range(log_mel: torch.Tensor, range_db: float, feature_extractor) -> torch.Tensor:
-    """[n, T, mel] log-mel maps, normalised as `feature_extractor` (AST's: (log power - mean) / (2 std), padded
-    with 0 before normalising) does, with every value below (the clip's peak - `range_db`) raised to it, and the
-    padding frames set to it: the quiet parts of clean and noisy clips then look alike, and padding reads as
-    silence."""
-    mean, std = getattr(feature_extractor, "mean", None), getattr(feature_extractor, "std", None)
-    if mean is None or std is None:
-        raise ValueError(f"audio_dynamic_range_db needs a feature extractor with AST's normalisation (`mean`, `std`); "
-                         f"{type(feature_extractor).__name__} has none.")
-    scale = 2 * std if getattr(feature_extractor, "do_normalize", True) else 1.0
-    shift = mean if getattr(feature_extractor, "do_normalize", True) else 0.0
-    padding = (log_mel == (0.0 - shift) / scale).all(dim=-1, keepdim=True)  # [n, T, 1]
-    peak = log_mel.masked_fill(padding, float("-inf")).amax(dim=(1, 2), keepdim=True)  # [n, 1, 1]
-    floor = peak - range_db / 10 * math.log(10) / scale  # dB of power in natural-log units, normalised
-    return torch.where(padding, floor, torch.maximum(log_mel, floor))
-
-
-def _is_video(item) -> bool:
-    if isinstance(item, (list, tuple)):
-        return True
-    return getattr(item, "ndim", None) == 4
-
-
-def _as_image(item, name: str, row: int):
-    """An image as an array the image processor takes: [H, W, C] (grey [H, W] gets 3 channels); PIL passes as is."""
-    if hasattr(item, "convert") and hasattr(item, "size"):  # PIL image
-        return item
-    array = torch.as_tensor(item) if isinstance(item, (list, tuple)) else item
-    if isinstance(array, torch.Tensor):
-        array = array.numpy()
-    if array.ndim == 2:  # grey: three equal channels
-        array = torch.tensor(array).unsqueeze(-1).repeat(1, 1, 3).numpy()
-    if array.ndim != 3:
-        raise ValueError(f"Modality {name!r}, row {row}: expected an image [H, W, C] (or a video [T, H, W, C] / a list "
-                         f"of frames), got shape {list(array.shape)}.")
-    return array
 
 
 def register_auto_processor(config_class, remote_code: bool = True) -> None:
@@ -406,5 +321,5 @@ def register_auto_processor(config_class, remote_code: bool = True) -> None:
         CalMRLProcessor.register_for_auto_class("AutoProcessor")
 
 
-__all__ = ["CalMRLProcessor", "DEFAULT_MODALITY_KINDS", "floor_dynamic_range", "normalize_modalities", "register_auto_processor",
-           "sample_frame_indices"]
+__all__ = ["CalMRLProcessor", "DEFAULT_MODALITY_KINDS", "MODALITY_KINDS", "normalize_modalities",
+           "register_auto_processor"]

@@ -77,6 +77,13 @@ def test_zero_shot_classification_of_audio(checkpoint):
         labels = model.get_text_features(**processor(text=LABELS)).pooler_output
     expected = (model.logit_scale.exp() * F.normalize(audio, dim=-1) @ F.normalize(labels, dim=-1).T)[0].softmax(-1)
     assert {r["label"]: r["score"] for r in result} == pytest.approx(dict(zip(LABELS, expected.tolist())), abs=1e-6)
+    # parameters given to pipeline(...) hold for every call that does not give them
+    preset = pipeline(ZERO_SHOT_TASK, model=model, processor=processor, candidate_labels=LABELS)
+    assert preset(wave) == result
+    assert [r["label"] for r in preset(wave, candidate_labels=LABELS[:2])] == \
+        [r["label"] for r in result if r["label"] in LABELS[:2]]
+    with pytest.raises(TypeError, match=r"unknown parameters \['candidate_label'\]"):
+        classifier(wave, candidate_label=LABELS)
 
 
 def test_embedding_any_subset_is_model_encode(checkpoint):

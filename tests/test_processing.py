@@ -18,12 +18,8 @@ from transformers import (
 )
 
 from calmrl_hf import CalMRLConfig, CalMRLModel
-from calmrl_hf.processing_calmrl import (
-    CalMRLProcessor,
-    normalize_modalities,
-    register_auto_processor,
-    sample_frame_indices,
-)
+from calmrl_hf.processing_calmrl import CalMRLProcessor, normalize_modalities, register_auto_processor
+from calmrl_hf.processing_inputs import sample_frame_indices
 
 from tiny_models import tiny_config
 
@@ -32,7 +28,7 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "barks", "cat
 
 
 def tokenizer():
-    # transformers 5: a BERT tokenizer takes its vocabulary as a dict (`vocab_file=` is no longer read)
+    # a BERT tokenizer takes its vocabulary as a dict: transformers 5 does not read `vocab_file=`
     return BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)})
 
 
@@ -203,11 +199,19 @@ def test_round_trip_with_absent_components_and_a_real_tokenizer(tmp_path):
     assert batch["caption_input_ids"][0].tolist() == real("A dog barks at the mailman.")["input_ids"]
 
     images_only = CalMRLProcessor(image_processor=raw_pixels(), modalities=["vision"])
+    # the class lists every component; an instance the ones it holds, which are the ones saved
+    assert CalMRLProcessor.get_attributes() == ["tokenizer", "image_processor", "feature_extractor"]
+    assert images_only.get_attributes() == ["image_processor"] and "get_attributes" not in vars(images_only)
+    assert "- image_processor: ViTImageProcessor" in repr(images_only)
     images_only.save_pretrained(tmp_path / "images_only")
+    assert not (tmp_path / "images_only" / "tokenizer_config.json").exists()
     loaded = CalMRLProcessor.from_pretrained(tmp_path / "images_only")
     assert loaded.tokenizer is None and loaded.model_input_names == ["vision_pixel_values", "modality_mask"]
     assert torch.equal(loaded(vision=[video()])["vision_pixel_values"],
                        images_only(vision=[video()])["vision_pixel_values"])
+    # a component given to from_pretrained is used, also where the folder records it as absent
+    with_text = CalMRLProcessor.from_pretrained(tmp_path / "images_only", tokenizer=real)
+    assert with_text.tokenizer is real and with_text.feature_extractor is None
 
 
 def test_auto_processor(processor, tmp_path):

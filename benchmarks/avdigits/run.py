@@ -38,7 +38,7 @@ from transformers import (ASTConfig, ASTFeatureExtractor, AutoTokenizer, ConvNex
 
 from calmrl_hf import CalMRLModel, CalMRLProcessor
 from calmrl_hf.evaluation.metrics import retrieval_metrics, zero_shot_accuracy
-from calmrl_hf.processing_calmrl import floor_dynamic_range
+from calmrl_hf.processing_inputs import floor_dynamic_range
 from calmrl_hf.evaluation.reranking import collect_matching_tokens
 from calmrl_hf.training import embed_dataset
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..processing_calmrl import DEFAULT_MODALITY_KINDS, MODALITY_KINDS, sample_frame_indices
+from ..processing_calmrl import DEFAULT_MODALITY_KINDS, MODALITY_KINDS
+from ..processing_inputs import sample_frame_indices
 from .counters import SharedCounts
 from .schema import dataset_modalities
 
