@@ -92,32 +92,14 @@ def _embed(model, processor, dataset, batch_size: int):
 
 def _reranked_metrics(model, processor, dataset, batch_size: int, embeddings, mask, labels, top_k: int) -> dict:
     """Recall@K of caption -> every other modality with each query's top `top_k` re-ranked by the matching head
-    (`model.rerank`), over the rows observing both; keys `{caption}->{other}/R@K_reranked{top_k}` (and
+    (`evaluation.reranking.reranked_recall`); keys `{caption}->{other}/R@K_reranked{top_k}` (and
     `class_R@K_reranked{top_k}` with labels)."""
-    from .evaluation.metrics import recall_at_k
-    from .evaluation.reranking import collect_matching_tokens
+    from .evaluation.reranking import collect_matching_tokens, reranked_recall
 
-    modalities = model.config.modalities
-    tokens = collect_matching_tokens(model, _batches(processor, dataset, batch_size), modalities)  # a second pass
-    caption = model.config.matching_modality
-    c = modalities.index(caption)
-    position = mask.long().cumsum(0) - 1  # dataset row -> row among its modality's observed ones
-    metrics = {}
-    for other in (m for m in modalities if m != caption and m in tokens and caption in tokens):
-        o = modalities.index(other)
-        rows = (mask[:, c] & mask[:, o]).nonzero().flatten()
-        if rows.numel() < 2:
-            continue
-        similarity = embeddings[rows, c] @ embeddings[rows, o].T
-        query = tuple(t[position[rows, c]] for t in tokens[caption])
-        gallery = {other: tuple(t[position[rows, o]] for t in tokens[other])}
-        reranked = model.rerank(similarity, query, gallery, top_k=top_k, batch_size=batch_size * 8)
-        for k, value in recall_at_k(reranked).items():  # instance level: the query's own item is the hit
-            metrics[f"{caption}->{other}/R@{k}_reranked{top_k}"] = value
-        if labels is not None:  # class level, as retrieval_metrics reports it next to the instance level
-            for k, value in recall_at_k(reranked, labels=labels[rows]).items():
-                metrics[f"{caption}->{other}/class_R@{k}_reranked{top_k}"] = value
-    return metrics
+    tokens = collect_matching_tokens(model, _batches(processor, dataset, batch_size),  # a second pass
+                                     model.config.modalities)
+    recall = reranked_recall(model, embeddings, mask, tokens, top_k=top_k, labels=labels, batch_size=batch_size * 8)
+    return {f"{key}_reranked{top_k}": value for key, value in recall.items()}
 
 
 def command_train(args) -> None:
