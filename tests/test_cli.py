@@ -124,6 +124,19 @@ def test_console_script_help():
     assert result.returncode == 0 and "evaluate" in result.stdout and "impute" in result.stdout
 
 
+def test_the_other_commands_parse_without_importing_the_recipe():
+    import sys
+
+    code = ("import sys\n"
+            "from calmrl_hf.cli import parse_arguments\n"
+            "args = parse_arguments(['evaluate', 'model', '--annotations', 'a.json', '--rerank', '5'])\n"
+            "assert args.command == 'evaluate' and args.rerank == 5, args\n"
+            "print(sorted(m for m in ('calmrl_hf.recipe.run', 'calmrl_hf.training.loop', 'datasets', 'evaluate')\n"
+            "             if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 def test_every_error_is_one_line_found_before_any_work(trained, tmp_path, capsys, monkeypatch):
     import calmrl_hf.cli as cli
 
