@@ -13,7 +13,7 @@ from calmrl_hf.evaluation.metrics import anchor_shift_report, imputation_error, 
 from calmrl_hf.evaluation.reranking import reranked_recall
 
 
-# The matched pairs whose cosines the benchmarks report, and the columns that holds.
+# The matched pairs whose cosines the benchmarks report, and the table columns of those cosines.
 MATCHED_PAIRS = (("vision", "text"), ("audio", "text"), ("vision", "audio"))
 COSINE_COLUMNS = [f"cos({first},{second})" for first, second in MATCHED_PAIRS]
 

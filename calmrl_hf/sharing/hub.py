@@ -33,10 +33,11 @@ LAST_CHECKPOINT = "last-checkpoint"
 HUB_STRATEGIES = ("end", "every_save", "checkpoint")
 
 
-TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"  # the repo's model_card.md
+TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"  # the template of a pushed README.md
 
 
 def _eval_results(metrics: dict[str, float], dataset_name: str, dataset_type: str):
+    """The card's `model-index` results: the Recall@1 values of `metrics`."""
     from huggingface_hub import EvalResult
 
     results = []
