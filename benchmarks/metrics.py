@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from calmrl_hf import CalMRLModel
-from calmrl_hf.evaluation.metrics import anchor_shift_report, imputation_error
+from calmrl_hf.evaluation.metrics import anchor_shift_report, imputation_error, recall_at_k
+from calmrl_hf.evaluation.reranking import reranked_recall
 
 
-# The matched pairs whose cosines the benchmarks report, and the columns that holds.
+# The matched pairs whose cosines the benchmarks report, and the table columns of those cosines.
 MATCHED_PAIRS = (("vision", "text"), ("audio", "text"), ("vision", "audio"))
 COSINE_COLUMNS = [f"cos({first},{second})" for first, second in MATCHED_PAIRS]
 
@@ -120,25 +121,28 @@ def rerank_columns(recall: str = "R") -> list[str]:
 
 
 @torch.no_grad()
-def reranked_recall(model: CalMRLModel, embeddings: torch.Tensor, tokens: dict, modalities: Sequence[str],
-                    labels: torch.Tensor | None = None) -> dict[str, float]:
-    """text -> vision and text -> audio Recall@1 and @5 of the embedding ranking and with each query's top K
-    re-ranked by the matching head (`model.rerank` at its default score, and the head alone: `_head_only`, top 10).
-    `embeddings` [N, k, D] of N test instances with every modality, `tokens` {modality: (states, mask)} of the same
-    rows; with `labels`, class-level recall (`class_R@K`)."""
-    from calmrl_hf.evaluation.metrics import recall_at_k
-
-    recall = "R" if labels is None else "class_R"
+def rerank_table(model: CalMRLModel, embeddings: torch.Tensor, tokens: dict, modalities: Sequence[str],
+                 labels: torch.Tensor | None = None) -> dict[str, float]:
+    """The re-ranking table's values (`rerank_columns`): text -> vision and text -> audio Recall@1 and @5 of the
+    embedding ranking and with each query's top K re-ranked by the matching head (`reranked_recall` at the head's
+    default score, and the head alone: `_head_only`, top 10). `embeddings` [N, k, D] of N test instances with every
+    modality, `tokens` {modality: (states, mask)} of the same rows; with `labels`, class-level recall
+    (`class_R@K`)."""
+    level = "R" if labels is None else "class_R"
+    every = torch.ones(embeddings.shape[:2], dtype=torch.bool, device=embeddings.device)  # every modality observed
+    reranked = {suffix: reranked_recall(model, embeddings, every, tokens, top_k=top_k, galleries=RERANK_GALLERIES,
+                                        ks=(1, 5), labels=labels)
+                for suffix, top_k in RERANK_TOP_K.items()}
+    reranked["_head_only"] = reranked_recall(model, embeddings, every, tokens, top_k=RERANK_TOP_K["_reranked"],
+                                             galleries=RERANK_GALLERIES, ks=(1, 5), labels=labels,
+                                             similarity_weight=0.0)
     text = list(modalities).index("text")
     result = {}
     for gallery in RERANK_GALLERIES:
         similarity = embeddings[:, text] @ embeddings[:, list(modalities).index(gallery)].T
-        rankings = {"": similarity}
-        for suffix, top_k in RERANK_TOP_K.items():
-            rankings[suffix] = model.rerank(similarity, tokens["text"], {gallery: tokens[gallery]}, top_k=top_k)
-        rankings["_head_only"] = model.rerank(similarity, tokens["text"], {gallery: tokens[gallery]},
-                                              top_k=RERANK_TOP_K["_reranked"], similarity_weight=0.0)
-        for suffix, scores in rankings.items():
-            for k, value in recall_at_k(scores, (1, 5), labels=labels).items():
-                result[f"text->{gallery}_{recall}@{k}{suffix}"] = value
+        for k, value in recall_at_k(similarity, (1, 5), labels=labels).items():
+            result[f"text->{gallery}_{level}@{k}"] = value
+        for suffix, recall in reranked.items():
+            for k in (1, 5):
+                result[f"text->{gallery}_{level}@{k}{suffix}"] = recall[f"text->{gallery}/{level}@{k}"]
     return result

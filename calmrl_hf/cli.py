@@ -92,32 +92,14 @@ def _embed(model, processor, dataset, batch_size: int):
 
 def _reranked_metrics(model, processor, dataset, batch_size: int, embeddings, mask, labels, top_k: int) -> dict:
     """Recall@K of caption -> every other modality with each query's top `top_k` re-ranked by the matching head
-    (`model.rerank`), over the rows observing both; keys `{caption}->{other}/R@K_reranked{top_k}` (and
+    (`evaluation.reranking.reranked_recall`); keys `{caption}->{other}/R@K_reranked{top_k}` (and
     `class_R@K_reranked{top_k}` with labels)."""
-    from .evaluation.metrics import recall_at_k
-    from .evaluation.reranking import collect_matching_tokens
+    from .evaluation.reranking import collect_matching_tokens, reranked_recall
 
-    modalities = model.config.modalities
-    tokens = collect_matching_tokens(model, _batches(processor, dataset, batch_size), modalities)  # a second pass
-    caption = model.config.matching_modality
-    c = modalities.index(caption)
-    position = mask.long().cumsum(0) - 1  # dataset row -> row among its modality's observed ones
-    metrics = {}
-    for other in (m for m in modalities if m != caption and m in tokens and caption in tokens):
-        o = modalities.index(other)
-        rows = (mask[:, c] & mask[:, o]).nonzero().flatten()
-        if rows.numel() < 2:
-            continue
-        similarity = embeddings[rows, c] @ embeddings[rows, o].T
-        query = tuple(t[position[rows, c]] for t in tokens[caption])
-        gallery = {other: tuple(t[position[rows, o]] for t in tokens[other])}
-        reranked = model.rerank(similarity, query, gallery, top_k=top_k, batch_size=batch_size * 8)
-        for k, value in recall_at_k(reranked).items():  # instance level: the query's own item is the hit
-            metrics[f"{caption}->{other}/R@{k}_reranked{top_k}"] = value
-        if labels is not None:  # class level, as retrieval_metrics reports it next to the instance level
-            for k, value in recall_at_k(reranked, labels=labels[rows]).items():
-                metrics[f"{caption}->{other}/class_R@{k}_reranked{top_k}"] = value
-    return metrics
+    tokens = collect_matching_tokens(model, _batches(processor, dataset, batch_size),  # a second pass
+                                     model.config.modalities)
+    recall = reranked_recall(model, embeddings, mask, tokens, top_k=top_k, labels=labels, batch_size=batch_size * 8)
+    return {f"{key}_reranked{top_k}": value for key, value in recall.items()}
 
 
 def command_train(args) -> None:
@@ -152,7 +134,7 @@ def command_embed(args) -> None:
 
         save_file({"embeddings": embeddings.contiguous(), "modality_mask": mask.contiguous()}, str(args.output),
                   metadata={"ids": json.dumps(ids), "modalities": json.dumps(model.config.modalities)})
-    else:  # .parquet (checked before any work): an embedding dataset, `calmrl_hf.evaluation.faiss_index.FaissIndex` indexes it
+    else:  # .parquet (checked before any work): an embedding dataset, which `evaluation.faiss_index.FaissIndex` indexes
         from .evaluation.faiss_index import embedding_dataset
 
         embedding_dataset(ids, embeddings, mask, model.config.modalities).to_parquet(str(args.output))
@@ -194,15 +176,17 @@ def command_impute(args) -> None:
           f"{args.output}")
 
 
+TRAIN_HELP = "train with a recipe (default: the built-in offline one)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser. `train` takes the recipe's options, which `train_arguments` parses: its
+    subparser only names the command, so that `calmrl --help` and the other commands never import the recipe (and
+    with it datasets, accelerate and the training loop)."""
     parser = argparse.ArgumentParser(prog="calmrl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from .recipe.run import add_arguments
-
-    train = commands.add_parser("train", help="train with a recipe (default: the built-in offline one)")
-    add_arguments(train)
-    train.set_defaults(handler=command_train)
+    commands.add_parser("train", help=TRAIN_HELP, add_help=False).set_defaults(handler=command_train)
     for name, handler, text in (("evaluate", command_evaluate, "retrieval Recall@K of a saved model on a dataset"),
                                 ("embed", command_embed, "write a dataset's embeddings to parquet or safetensors")):
         sub = commands.add_parser(name, help=text)
@@ -223,6 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def train_arguments(argv: list[str]) -> argparse.Namespace:
+    """`calmrl train`'s arguments, parsed by the recipe's options (`recipe.run.add_arguments`, `-h` included)."""
+    from .recipe.run import add_arguments
+
+    parser = argparse.ArgumentParser(prog="calmrl train", description=TRAIN_HELP)
+    return add_arguments(parser).parse_args(argv)
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    """The command and its arguments (argparse's usage message and exit status 2 for what does not parse)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        return argparse.Namespace(**vars(train_arguments(rest)), command="train", handler=command_train)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def error_message(error: Exception, command: str) -> str:
     """One line saying what went wrong (and, for unreadable media, the option that skips it)."""
     from .data.media import MediaDecodingError
@@ -236,7 +239,7 @@ def error_message(error: Exception, command: str) -> str:
 
 def main(argv=None) -> int:
     """Run a command; any error is one `calmrl COMMAND: error: ...` line on stderr and exit status 2."""
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     try:
         args.handler(args)
     except Exception as error:  # the command line reports, it does not crash

@@ -124,6 +124,19 @@ def test_console_script_help():
     assert result.returncode == 0 and "evaluate" in result.stdout and "impute" in result.stdout
 
 
+def test_the_other_commands_parse_without_importing_the_recipe():
+    import sys
+
+    code = ("import sys\n"
+            "from calmrl_hf.cli import parse_arguments\n"
+            "args = parse_arguments(['evaluate', 'model', '--annotations', 'a.json', '--rerank', '5'])\n"
+            "assert args.command == 'evaluate' and args.rerank == 5, args\n"
+            "print(sorted(m for m in ('calmrl_hf.recipe.run', 'calmrl_hf.training.loop', 'datasets', 'evaluate')\n"
+            "             if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 def test_every_error_is_one_line_found_before_any_work(trained, tmp_path, capsys, monkeypatch):
     import calmrl_hf.cli as cli
 
@@ -133,11 +146,15 @@ def test_every_error_is_one_line_found_before_any_work(trained, tmp_path, capsys
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     monkeypatch.setattr(cli, "_load_model", no_work)
-    for command, output in (("embed", a_file / "e.parquet"), ("impute", a_file / "o.safetensors"),
-                            ("impute", tmp_path / "o.parquet")):
+    # every output format of each command, under a folder that is a file; and a format the command does not write
+    unwritable = f"--output's folder {str(a_file)!r} is not writable"
+    for command, output, refusal in (("embed", a_file / "e.parquet", unwritable),
+                                     ("embed", a_file / "e.safetensors", unwritable),
+                                     ("impute", a_file / "o.safetensors", unwritable),
+                                     ("impute", tmp_path / "o.parquet", "--output must end in .safetensors, got")):
         extra = dataset_args(trained) if command == "embed" else ["--embeddings", str(a_file)]
         assert main([command, str(trained["model"]), *extra, "--output", str(output)]) == 2
-        assert "not writable" in one_error_line(capsys, command) or output.suffix == ".parquet"
+        assert refusal in one_error_line(capsys, command)
     monkeypatch.undo()
     broken = tmp_path / "broken.yaml"
     broken.write_text("stage1: {max_steps: 2\n")

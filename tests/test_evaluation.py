@@ -83,3 +83,46 @@ def test_retrieval_recall_metric_equals_retrieval_metrics_over_batches():
         embeddings, mask, modalities, pairs=[("text", "vision")]).items()})
     with pytest.raises(ValueError, match="config_name"):
         RetrievalRecall(modalities, config_name="classes")
+
+
+def test_reranked_recall_reranks_the_rows_observing_both_with_their_own_tokens():
+    from tiny_models import MIXED_MASK, tiny_batch, tiny_config
+
+    from calmrl_hf import CalMRLModel
+    from calmrl_hf.evaluation.reranking import collect_matching_tokens, reranked_recall
+
+    torch.manual_seed(0)
+    model = CalMRLModel(tiny_config(fusion_num_layers=1)).eval()
+    mask = MIXED_MASK.repeat(3, 1)  # 18 rows: text+vision on 9, text+audio on 6, text+subtitle on 6
+    batch = tiny_batch(mask, seed=2)
+    with torch.no_grad():
+        embeddings, _ = model.embed_modalities(**batch)
+    modalities = list(model.config.modalities)
+    tokens = collect_matching_tokens(model, [batch], modalities)
+    labels = torch.arange(18) % 3
+    recall = reranked_recall(model, embeddings, mask, tokens, top_k=3, labels=labels, ks=(1, 3, 18))
+    plain = retrieval_metrics(embeddings, mask, modalities, ks=(1, 3, 18), labels=labels)
+    for gallery in ("vision", "audio", "subtitle"):
+        # re-ordering inside each query's top 3 keeps the top 3 as they were
+        assert recall[f"text->{gallery}/R@3"] == plain[f"text->{gallery}/R@3"]
+        assert recall[f"text->{gallery}/class_R@3"] == plain[f"text->{gallery}/class_R@3"]
+        assert recall[f"text->{gallery}/R@18"] == 100.0
+    # the same as re-ranking the text -> audio rows alone, with tokens computed from their own inputs
+    rows = (mask[:, 1] & mask[:, 2]).nonzero().flatten()
+    text_rows, audio_rows = mask[:, 2].cumsum(0)[rows] - 1, mask[:, 1].cumsum(0)[rows] - 1
+    query = model.get_matching_tokens("text", input_ids=batch["text_input_ids"][text_rows],
+                                      attention_mask=batch["text_attention_mask"][text_rows])
+    audio = model.get_matching_tokens("audio", input_values=batch["audio_input_values"][audio_rows])
+    similarity = embeddings[rows, 2] @ embeddings[rows, 1].T
+    expected = model.rerank(similarity, query, {"audio": audio}, top_k=3)
+    scores, rerank = [], model.rerank
+    model.rerank = lambda *args, **kwargs: scores.append(rerank(*args, **kwargs)) or scores[-1]
+    audio_recall = reranked_recall(model, embeddings, mask, tokens, top_k=3, galleries=["audio"], labels=labels,
+                                   ks=(1, 3, 18))
+    torch.testing.assert_close(scores[0], expected, rtol=1e-5, atol=1e-5)
+    assert len(scores) == 1 and audio_recall == {key: value for key, value in recall.items() if "->audio/" in key}
+    assert audio_recall["text->audio/R@1"] == recall_at_k(scores[0], (1,))[1]
+    with pytest.raises(ValueError, match="'audio' token states hold 2 rows but 9 rows observe 'audio'"):
+        reranked_recall(model, embeddings, mask, {**tokens, "audio": tuple(t[:2] for t in tokens["audio"])}, top_k=3)
+    with pytest.raises(ValueError, match="galleries must be modalities of the model other than the caption"):
+        reranked_recall(model, embeddings, mask, tokens, top_k=3, galleries=["text"])

@@ -10,7 +10,7 @@ from fake_hub import FakeHub  # noqa: E402
 from tiny_models import MIXED_MASK, tiny_batch, tiny_config  # noqa: E402
 
 from calmrl_hf import CalMRLModel  # noqa: E402
-from calmrl_hf.sharing.hub import push_to_hub  # noqa: E402
+from calmrl_hf.sharing import push_model, push_to_hub  # noqa: E402
 
 
 def saved_model(folder):
@@ -107,13 +107,13 @@ def test_model_push_to_hub_gives_the_folder_pushs_repository(tmp_path, monkeypat
     _, processor = run_folder(folder, "team/calmrl")
     with FakeHub() as hub:
         push_to_hub(folder, "team/calmrl", token="hf_fake", endpoint=hub.endpoint)
-        CalMRLModel.from_pretrained(folder).push_to_hub("team/calmrl", token="hf_fake", endpoint=hub.endpoint)
+        push_model(CalMRLModel.from_pretrained(folder), "team/calmrl", token="hf_fake", endpoint=hub.endpoint)
         # a model built in memory with its processor: the same files but the run's records
         fresh = CalMRLModel.from_pretrained(folder)
         fresh.name_or_path = ""
-        fresh.push_to_hub("team/fresh", processor=processor, token="hf_fake", endpoint=hub.endpoint,
-                          metrics={"text->vision/R@1": 50.0, "mean_R@1": 40.0},
-                          training_args={"learning_rate": 0.001, "max_steps": 6})
+        push_model(fresh, "team/fresh", processor=processor, token="hf_fake", endpoint=hub.endpoint,
+                   metrics={"text->vision/R@1": 50.0, "mean_R@1": 40.0},
+                   training_args={"learning_rate": 0.001, "max_steps": 6})
         # processor.push_to_hub, as after a CLIP-style model push: its files only, never a generic card
         from huggingface_hub import HfApi
 
@@ -182,3 +182,28 @@ def test_hub_strategy_checkpoint_resumes_on_another_machine(tmp_path):
     assert [c["summary"] for c in hub.commits[1:]] == ["Training in progress, step 6", "Upload CalMRL model"]
     final = hub.commits[-1]["files"]
     assert "training_args.json" in final and not any(f.startswith("last-checkpoint/") for f in final)
+
+
+def test_every_push_goes_through_one_upload(tmp_path, monkeypatch):
+    import calmrl_hf.sharing.hub as hub_module
+
+    folder = tmp_path / "run"
+    model, processor = run_folder(folder, "team/calmrl")
+    uploads, upload = [], hub_module.upload_folder
+
+    def recording_upload(api, staged, repo_id, **kwargs):
+        uploads.append((repo_id, kwargs.get("training_state")))
+        return upload(api, staged, repo_id, **kwargs)
+
+    monkeypatch.setattr(hub_module, "upload_folder", recording_upload)
+    with FakeHub() as hub:
+        push_to_hub(folder, "team/folder", token="hf_fake", endpoint=hub.endpoint)
+        push_model(model, "team/model", processor=processor, token="hf_fake", endpoint=hub.endpoint)
+        pusher = hub_module.CheckpointPusher("team/run", "checkpoint", token="hf_fake", endpoint=hub.endpoint)
+        pusher.push(model, folder / "checkpoints" / "step_1", step=1)
+        pusher.wait()
+    assert uploads == [("team/folder", None), ("team/model", None), ("team/run", folder / "checkpoints" / "step_1")]
+    assert [c["repo"] for c in hub.commits] == ["team/folder", "team/model", "team/run"]
+    # the checkpoint's training state goes under last-checkpoint/, pickles of the optimizer included
+    assert hub.commits[2]["files"]["last-checkpoint/optimizer.bin"] == b"training state"
+    assert not any(name.startswith("checkpoints/") for commit in hub.commits for name in commit["files"])

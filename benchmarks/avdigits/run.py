@@ -46,7 +46,7 @@ from ..cli import Benchmark
 from ..cli import main as benchmark_main
 from ..methods import MATCHING_HEAD, METHODS
 from ..metrics import (COSINE_COLUMNS, MATCHED_PAIRS, RERANK_TOP_K, direction_families, imputation_metrics,
-                       paired_cosines, rerank_columns, reranked_recall)
+                       paired_cosines, rerank_columns, rerank_table)
 from ..protocol import Experiment, Splits, StageSettings
 from ..report import calibration_markdown, hyperparameter_markdown, markdown_table
 from .data import NUMBERS, AVDigits, Instance, class_prompts
@@ -249,7 +249,7 @@ def evaluate(model: CalMRLModel, processor: CalMRLProcessor, test: EncodedSplit,
     result.update(imputation_metrics(model, truth, PATTERNS))
     if model.fusion is not None:
         tokens = collect_matching_tokens(model, DataLoader(test, batch_size=256, collate_fn=collate_fn), MODALITIES)
-        result.update(reranked_recall(model, truth, tokens, MODALITIES, labels=test.labels))
+        result.update(rerank_table(model, truth, tokens, MODALITIES, labels=test.labels))
     return result
 
 

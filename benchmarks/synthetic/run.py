@@ -38,7 +38,7 @@ from calmrl_hf.evaluation.metrics import retrieval_metrics
 from ..cli import Benchmark
 from ..cli import main as benchmark_main
 from ..metrics import (COSINE_COLUMNS, MATCHED_PAIRS, RERANK_TOP_K, direction_families, imputation_metrics,
-                       paired_cosines, rerank_columns, reranked_recall, volume_discrimination)
+                       paired_cosines, rerank_columns, rerank_table, volume_discrimination)
 from ..protocol import Experiment, Splits, StageSettings
 from ..report import calibration_markdown, hyperparameter_markdown, markdown_table
 
@@ -161,7 +161,7 @@ def evaluate(model: CalMRLModel, split: Dataset, *, full: bool = True) -> dict[s
     if model.fusion is not None:
         tokens = {name: model.get_matching_tokens(name, input_features=batch[f"{name}_input_features"])
                   for name in ("text", "vision", "audio")}
-        result.update(reranked_recall(model, truth, tokens, MODALITIES))
+        result.update(rerank_table(model, truth, tokens, MODALITIES))
     result.update(fused_query_recall(model, batch))
     result.update(paired_cosines(truth, list(MODALITIES), MATCHED_PAIRS))
     # hide audio+subtitle (video-text instances) and vision+subtitle (audio-text), as stage 2 does

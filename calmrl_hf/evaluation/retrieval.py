@@ -37,6 +37,7 @@ class EmbeddingIndex:
         return similarity.topk(min(k, len(self)), dim=1)
 
     def ids_of(self, indices: torch.Tensor) -> list[list]:
+        """The id of each gallery item in `indices` [Q, k] (the indices themselves for a gallery without ids)."""
         if self.ids is None:
             return indices.tolist()
         return [[self.ids[i] for i in row] for row in indices.tolist()]

@@ -1,9 +1,11 @@
 """Sharing trained models on the Hugging Face Hub (or any endpoint speaking its API).
 
-One repository layout, whichever way a model is pushed: `push_to_hub(folder, repo_id)` (a saved run's output
-folder), `CalMRLModel.push_to_hub(repo_id)` (`push_model`), and the pushes during training that
-`TrainingArguments.hub_strategy` asks for (`CheckpointPusher`): weights, code, processor, the filled model card,
-training args and results; never training state (except a resumable `last-checkpoint/`) or tracker logs.
+One upload path, `upload_folder` (the shareable files of a saved model folder, checked, in one commit), and one
+repository layout, whichever way a model is pushed: `push_to_hub(folder, repo_id)` (a saved run's output folder),
+`push_model(model, repo_id, processor=...)` (a model in memory, staged into a temporary folder first), and the
+pushes during training that `TrainingArguments.hub_strategy` asks for (`CheckpointPusher`, staging each checkpoint's
+model): weights, code, processor, the filled model card, training args and results; never training state (except a
+resumable `last-checkpoint/`) or tracker logs.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ LAST_CHECKPOINT = "last-checkpoint"
 HUB_STRATEGIES = ("end", "every_save", "checkpoint")
 
 
-TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"  # the repo's model_card.md
+TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"  # the template of a pushed README.md
 
 
 def _eval_results(metrics: dict[str, float], dataset_name: str, dataset_type: str):
+    """The card's `model-index` results: the Recall@1 values of `metrics`."""
     from huggingface_hub import EvalResult
 
     results = []
@@ -98,6 +101,7 @@ def shareable_files(folder: Path) -> list[str]:
 
 
 def _check_shareable(folder: Path) -> list[str]:
+    """`shareable_files(folder)`, or a ValueError for a folder without `config.json` or with pickle files."""
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} has no config.json: save the model with save_pretrained first.")
     files = shareable_files(folder)
@@ -108,22 +112,33 @@ def _check_shareable(folder: Path) -> list[str]:
     return files
 
 
-def _commit(api, folder: Path, repo_id: str, files: list[str], message: str, revision: str | None,
-            extra: dict[str, Path] | None = None) -> str:
-    """ONE commit of `files` of `folder` plus `extra` {path in repo: local file}; returns the commit URL."""
+def upload_folder(api, folder: str | Path, repo_id: str, *, commit_message: str, private: bool = False,
+                  revision: str | None = None, training_state: str | Path | None = None) -> str:
+    """The upload every push makes, through `api` (an `HfApi`): the shareable files of a saved model folder
+    (`shareable_files`), checked before any request (a `config.json`, no pickle files), and, where given, every file
+    of the checkpoint folder `training_state` under `last-checkpoint/` (optimizer and RNG states included: a run
+    resumes from it), in ONE commit to `repo_id` (created where it does not exist). Returns the commit URL."""
     from huggingface_hub import CommitOperationAdd
 
-    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
-    operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-                   for name, path in (extra or {}).items()]
-    commit = api.create_commit(repo_id=repo_id, operations=operations, commit_message=message, revision=revision)
+    folder = Path(folder)
+    uploads = {name: folder / name for name in _check_shareable(folder)}
+    if training_state is not None:
+        checkpoint = Path(training_state)
+        uploads.update({f"{LAST_CHECKPOINT}/{p.relative_to(checkpoint).as_posix()}": p
+                        for p in sorted(checkpoint.rglob("*")) if p.is_file()})
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in uploads.items()]
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message,
+                               revision=revision)
+    logger.info("Pushed %s to %s: %s", folder, repo_id, commit.commit_url)
     return commit.commit_url
 
 
 def push_to_hub(output_dir: str | Path, repo_id: str, *, token: str | None = None, endpoint: str | None = None,
                 private: bool = False, commit_message: str = "Upload CalMRL model",
                 revision: str | None = None) -> str:
-    """Upload a saved model folder (weights, config, custom code, processor, card, training args) in ONE commit.
+    """Upload a saved model folder (weights, config, custom code, processor, card, training args) in ONE commit
+    (`upload_folder`).
 
     Refuses folders without `config.json` or with pickle files (`.bin`, `.pt`, ...): checkpoints are shared as
     safetensors only. Training-state subfolders (`checkpoints/`, optimizer / RNG states) and tracker logs are left
@@ -131,13 +146,8 @@ def push_to_hub(output_dir: str | Path, repo_id: str, *, token: str | None = Non
     """
     from huggingface_hub import HfApi
 
-    folder = Path(output_dir)
-    files = _check_shareable(folder)
-    api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    url = _commit(api, folder, repo_id, files, commit_message, revision)
-    logger.info("Pushed %s to %s: %s", folder, repo_id, url)
-    return url
+    return upload_folder(HfApi(endpoint=endpoint, token=token), output_dir, repo_id, commit_message=commit_message,
+                         private=private, revision=revision)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -173,8 +183,12 @@ def stage_model(model, folder: Path, repo_id: str, *, processor=None, metrics: d
 def push_model(model, repo_id: str, *, processor=None, metrics: dict | None = None,
                training_args: dict | None = None, token: str | None = None, endpoint: str | None = None,
                private: bool = False, commit_message: str = "Upload CalMRL model", revision: str | None = None) -> str:
-    """`CalMRLModel.push_to_hub`: the repository `push_to_hub(folder)` makes of the folder the model was loaded
-    from (`stage_model`), in one commit. Returns the commit URL."""
+    """Push a model with its processor and filled card: the repository `push_to_hub(folder)` makes of the folder
+    the model was loaded from, staged in a temporary folder (`stage_model`), in one commit. Returns the commit URL.
+
+    `processor`: the one to upload (default: the one saved in the folder the model was loaded from); `metrics`
+    (keys like `"text->vision/R@1"`) and `training_args` fill the card (default: those recorded in that folder).
+    """
     with tempfile.TemporaryDirectory() as staging:
         folder = stage_model(model, Path(staging), repo_id, processor=processor, metrics=metrics,
                              training_args=training_args)
@@ -185,48 +199,49 @@ def push_model(model, repo_id: str, *, processor=None, metrics: dict | None = No
 class CheckpointPusher:
     """Pushes during training, as Trainer's `hub_strategy` does: `"every_save"` uploads the model at each
     checkpoint, `"checkpoint"` also the checkpoint itself under `last-checkpoint/` (a run resumes from it on another
-    machine). The model is staged at once (its state at that step); the upload runs in a background thread, so the
-    training step does not wait. While an upload is in flight, later checkpoints are not pushed (Trainer's rule).
+    machine). The model is staged at once (its state at that step); the upload (`upload_folder`) runs in a
+    background thread, so the training step does not wait. While an upload is in flight, later checkpoints are not
+    pushed (Trainer's rule).
     """
 
     def __init__(self, repo_id: str, strategy: str, *, processor=None, token: str | None = None,
                  endpoint: str | None = None, private: bool = False):
-        from huggingface_hub import HfApi
-
         if strategy not in HUB_STRATEGIES[1:]:
             raise ValueError(f"CheckpointPusher pushes for hub_strategy 'every_save' or 'checkpoint', got "
                              f"{strategy!r}.")
-        self.repo_id, self.strategy, self.processor = repo_id, strategy, processor
+        from huggingface_hub import HfApi
+
+        self.repo_id, self.strategy, self.processor, self.private = repo_id, strategy, processor, private
         self.api = HfApi(endpoint=endpoint, token=token)
+        # the repository exists before training starts: a wrong token or repo id stops the run at once
         self.api.create_repo(repo_id, private=private, exist_ok=True)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calmrl-hub")
         self.in_flight: Future | None = None
 
     def push(self, model, checkpoint_dir: str | Path, step: int, training_args: dict | None = None,
              state_dict: dict | None = None) -> Future | None:
-        """Stage the model (its `state_dict` where given: a sharded model's, gathered) and, for `"checkpoint"`, the
-        checkpoint folder, and upload it in the background; None when an earlier upload is still running (this
+        """Stage the model (its `state_dict` where given: a sharded model's, gathered) and upload it, with the
+        checkpoint folder for `"checkpoint"`, in the background; None when an earlier upload is still running (this
         checkpoint is then not pushed)."""
         if self.in_flight is not None and not self.in_flight.done():
             logger.info("Hub upload still in progress: checkpoint %d is not pushed.", step)
             return None
         staging = Path(tempfile.mkdtemp(prefix="calmrl-push-"))
-        # mid-run: no evaluation yet, and the folder the model was loaded from (an earlier stage) is not this run
-        stage_model(model, staging, self.repo_id, processor=self.processor, metrics={}, training_args=training_args,
-                    from_source=False, state_dict=state_dict)
-        files = _check_shareable(staging)
-        extra = {}
-        if self.strategy == "checkpoint":  # the whole training state, pickles of the optimizer included
-            checkpoint = Path(checkpoint_dir)
-            extra = {f"{LAST_CHECKPOINT}/{p.relative_to(checkpoint).as_posix()}": p
-                     for p in sorted(checkpoint.rglob("*")) if p.is_file()}
-        message = f"Training in progress, step {step}"
-        self.in_flight = self.executor.submit(self._upload, staging, files, message, extra)
+        try:  # mid-run: no evaluation yet, and the folder the model was loaded from (an earlier stage) is not this run
+            stage_model(model, staging, self.repo_id, processor=self.processor, metrics={},
+                        training_args=training_args, from_source=False, state_dict=state_dict)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        training_state = checkpoint_dir if self.strategy == "checkpoint" else None
+        self.in_flight = self.executor.submit(self._upload, staging, f"Training in progress, step {step}",
+                                              training_state)
         return self.in_flight
 
-    def _upload(self, staging: Path, files: list[str], message: str, extra: dict) -> str:
+    def _upload(self, staging: Path, message: str, training_state: str | Path | None) -> str:
         try:
-            return _commit(self.api, staging, self.repo_id, files, message, None, extra)
+            return upload_folder(self.api, staging, self.repo_id, commit_message=message, private=self.private,
+                                 training_state=training_state)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -237,4 +252,5 @@ class CheckpointPusher:
 
 
 __all__ = ["CheckpointPusher", "EXCLUDED_PATTERNS", "HUB_STRATEGIES", "LAST_CHECKPOINT", "TRACKER_PROJECT",
-           "push_model", "push_to_hub", "shareable_files", "stage_model", "write_model_card"]
+           "push_model", "push_to_hub", "shareable_files", "stage_model", "upload_folder",
+           "write_model_card"]

@@ -18,7 +18,8 @@ import json
 import shutil
 from pathlib import Path
 
-MODULE_FILE = Path(__file__).resolve().parents[1] / "sentence_transformers_calmrl.py"  # model-side: copied as remote code
+# the module sentence-transformers loads, a model-side file: copied into the folder as remote code
+MODULE_FILE = Path(__file__).resolve().parents[1] / "sentence_transformers_calmrl.py"
 MODULE_CLASS = "CalMRLSentenceEmbedder"
 CONFIG_FILE_NAME = "calmrl_sentence_transformers.json"
 
