@@ -21,7 +21,7 @@ from training_fixtures import MIXED_PATTERNS, collate, make_dataset, training_co
 
 from calmrl_hf import CalMRLModel  # noqa: E402
 from calmrl_hf.training import loop as training  # noqa: E402
-from calmrl_hf.training import TrainingArguments, build_accelerator, train  # noqa: E402
+from calmrl_hf.training import CalMRLTrainingArguments, build_accelerator, train  # noqa: E402
 
 SCHEDULES, RUNS, CAST = [], [], []
 
@@ -60,7 +60,7 @@ def main(out_dir: str, mode: str, *settings: str) -> None:
     torch.manual_seed(0)  # the same weights on every process and in every mode
     model = CalMRLModel(training_config(dropout=False))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    args = TrainingArguments(
+    args = CalMRLTrainingArguments(
         output_dir=str(Path(out_dir) / f"run_{mode}"), max_steps=3, per_device_train_batch_size=8,
         learning_rate=1e-3, warmup_steps=1, logging_steps=1, imputer_min_rows=8, seed=7, **values,
     )
