@@ -200,28 +200,18 @@ def test_bad_setups_fail_before_training(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_training_arguments_take_trainer_names_and_accept_the_old_ones():
-    """Fields that mean what a transformers Trainer field means have its name; the old names still work, warned."""
+def test_training_arguments_take_trainer_names():
+    """Fields that mean what a transformers Trainer field means have its name; a repo id goes in hub_model_id."""
     import transformers
-
-    from calmrl_hf.training import CalMRLTrainingArguments
 
     ours = {f for f in CalMRLTrainingArguments.__dataclass_fields__}
     shared = {"use_cpu", "report_to", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo"}
     assert shared <= ours & set(transformers.TrainingArguments.__dataclass_fields__)
-    with pytest.warns(FutureWarning) as warned:
-        old = CalMRLTrainingArguments(log_with="tensorboard", cpu=True, hub_private=True)
-    assert [str(w.message).split(":")[0] for w in warned] == [
-        f"Training argument '{name}' is deprecated" for name in ("log_with", "cpu", "hub_private")]
-    assert (old.report_to, old.use_cpu, old.hub_private_repo) == ("tensorboard", True, True)
-    with pytest.warns(FutureWarning, match="push_to_hub=REPO_ID is deprecated"):
-        old = CalMRLTrainingArguments.from_dict({"push_to_hub": "team/run"})
-    assert (old.push_to_hub, old.hub_model_id) == (True, "team/run")
     with pytest.raises(ValueError, match="needs hub_model_id"):
         CalMRLTrainingArguments(push_to_hub=True)
-    from dataclasses import asdict
-
-    assert not {"log_with", "cpu", "hub_private"} & set(asdict(old))  # training_args.json records the new names
+    with pytest.raises(ValueError, match="push_to_hub must be True or False, got 'team/run'; the repo id goes in "
+                                         "hub_model_id"):
+        CalMRLTrainingArguments.from_dict({"push_to_hub": "team/run"})
 
 
 def test_training_pushes_the_final_model_to_the_hub(tmp_path):

@@ -51,7 +51,7 @@ from .fsdp import (
     as_its_own_class, full_optimizer_state, is_sharded, load_full_model_state, load_full_optimizer_state,
     set_shard_groups,
 )
-from .arguments import CalMRLTrainingArguments, TrainingArguments
+from .arguments import CalMRLTrainingArguments
 
 
 logger = get_logger(__name__)
@@ -677,12 +677,12 @@ def finish(run: _Run, processor=None) -> dict[str, float]:
     return metrics
 
 
-def recorded_arguments(args: TrainingArguments) -> dict[str, Any]:
+def recorded_arguments(args: CalMRLTrainingArguments) -> dict[str, Any]:
     """The training arguments as written to `training_args.json` and the model card (never the Hub token)."""
     return {k: v for k, v in asdict(args).items() if k != "hub_token"}
 
 
-def build_hub_pusher(args: TrainingArguments, accelerator: Accelerator, processor=None) -> CheckpointPusher | None:
+def build_hub_pusher(args: CalMRLTrainingArguments, accelerator: Accelerator, processor=None) -> CheckpointPusher | None:
     """The main process's `CheckpointPusher` for `hub_strategy` "every_save" / "checkpoint" (None otherwise)."""
     if not args.push_to_hub or args.hub_strategy == "end" or not accelerator.is_main_process:
         return None
@@ -734,7 +734,7 @@ def train(
                        losses=run.losses)
 
 
-__all__ = ["CalMRLTrainingArguments", "ImputerUpdater", "TrainOutput", "TrainingArguments", "build_accelerator",
+__all__ = ["CalMRLTrainingArguments", "ImputerUpdater", "TrainOutput", "build_accelerator",
            "build_dataloaders", "build_hub_pusher", "build_optimizer", "dataset_modalities", "embed_dataset",
            "evaluate", "finish", "freeze_modules", "is_sharded", "keep_imputer_float32", "latest_checkpoint", "load_checkpoint", "prepare_run",
            "recorded_arguments", "resume_or_warm_start", "run_epoch", "run_epochs", "run_manifest", "save_checkpoint",
