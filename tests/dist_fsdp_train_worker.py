@@ -23,19 +23,20 @@ sys.path.insert(1, str(Path(__file__).parents[1]))  # the checkout's calmrl_hf, 
 from training_fixtures import MIXED_PATTERNS, collate, make_dataset, training_config  # noqa: E402
 
 from calmrl_hf import CalMRLModel  # noqa: E402
-from calmrl_hf.training import loop as training  # noqa: E402
+from calmrl_hf.training import loop  # noqa: E402
 from calmrl_hf.training import CalMRLTrainingArguments, build_accelerator, train  # noqa: E402
 
-RUNS = []
+PREPARED = []
 
 
-def recording_prepare_run(*args, **kwargs):
-    """`training.prepare_run`, keeping the run (its prepared model, for the final state)."""
-    RUNS.append(PREPARE_RUN(*args, **kwargs))
-    return RUNS[-1]
+def recording_prepare_training(*args, **kwargs):
+    """`prepare_training` as `train` calls it, keeping the prepared model (for the final state)."""
+    prepared = PREPARE_TRAINING(*args, **kwargs)
+    PREPARED.append(prepared[0])
+    return prepared
 
 
-PREPARE_RUN, training.prepare_run = training.prepare_run, recording_prepare_run
+PREPARE_TRAINING, loop.prepare_training = loop.prepare_training, recording_prepare_training
 
 
 def collate64(examples):
@@ -61,7 +62,7 @@ def main(out_dir: str, mode: str, *settings: str) -> None:
     imputer = accelerator.unwrap_model(model).imputer
     buffers = [None] * accelerator.num_processes
     dist.all_gather_object(buffers, {k: v.detach().clone() for k, v in imputer.state_dict().items()})
-    state = accelerator.get_state_dict(RUNS[-1].model)  # every process (FSDP gathers: rank 0 gets the state)
+    state = accelerator.get_state_dict(PREPARED[-1])  # every process (FSDP gathers: rank 0 gets the state)
     if accelerator.is_main_process:
         torch.save({"losses": result.losses, "metrics": result.metrics, "processes": accelerator.num_processes,
                     "distributed_type": str(accelerator.distributed_type), "buffers": buffers,

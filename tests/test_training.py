@@ -352,16 +352,14 @@ def test_engine_settings_that_cannot_run_are_refused_before_training():
 def test_an_fsdp_checkpoint_is_refused_by_a_ddp_run_whatever_changes_are_allowed(tmp_path):
     """FSDP checkpoints hold the optimizer state by parameter name, DDP ones by position: resuming across them is
     refused, even with allow_resume_changes=["*"] (it would load a state the optimizer cannot take)."""
-    from types import SimpleNamespace
-
     from calmrl_hf.training.checkpoints import CheckpointError
     from calmrl_hf.training import check_resumed_run
 
     ddp_run = {"world_size": 2, "training": {}}
     fsdp_run = {**ddp_run, "optimizer_state_layout": "by parameter name (FSDP)"}
+    anything = CalMRLTrainingArguments(allow_resume_changes=["*"])
     for saved, current in ((fsdp_run, ddp_run), (ddp_run, fsdp_run)):
-        run = SimpleNamespace(manifest=current, args=CalMRLTrainingArguments(allow_resume_changes=["*"]))
         with pytest.raises(CheckpointError, match="resume a DDP checkpoint with DDP and an FSDP one with FSDP"):
-            check_resumed_run(run, {"run": saved, "position": {"global_step": 1}}, str(tmp_path))
-    check_resumed_run(SimpleNamespace(manifest=fsdp_run, args=CalMRLTrainingArguments()),
-                      {"run": fsdp_run, "position": {"global_step": 1}}, str(tmp_path))
+            check_resumed_run({"run": saved, "position": {"global_step": 1}}, current, anything, str(tmp_path))
+    check_resumed_run({"run": fsdp_run, "position": {"global_step": 1}}, fsdp_run, CalMRLTrainingArguments(),
+                      str(tmp_path))

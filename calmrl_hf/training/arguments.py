@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..sharing.hub import HUB_STRATEGIES
@@ -143,4 +143,9 @@ def _number_type(f) -> type | None:
     return float if "float" in kinds else int if "int" in kinds else None
 
 
-__all__ = ["CalMRLTrainingArguments"]
+def recorded_arguments(args: CalMRLTrainingArguments) -> dict[str, Any]:
+    """The training arguments as written to `training_args.json` and the model card (never the Hub token)."""
+    return {k: v for k, v in asdict(args).items() if k != "hub_token"}
+
+
+__all__ = ["CalMRLTrainingArguments", "recorded_arguments"]
