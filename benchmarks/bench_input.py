@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from benchmarks._timing import machine
 from calmrl_hf.data import CalMRLCollator, model_inputs, with_media_decoding
 from calmrl_hf.recipe.run import build_processor, load_data, load_recipe, parse_args, resolve_tower
-from calmrl_hf.training import TrainingArguments, build_dataloaders
+from calmrl_hf.training import CalMRLTrainingArguments, build_dataloaders
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH_SIZE = 32
@@ -119,8 +119,8 @@ def frame_thread_table(corpus_paths: list[str]) -> str:
 
 def loader(dataset, collator, workers: int, persistent: bool = True) -> DataLoader:
     """The training loop's train loader (`calmrl_hf.training.build_dataloaders`) with `workers` workers."""
-    args = TrainingArguments(output_dir="unused", dataloader_num_workers=workers,
-                             dataloader_persistent_workers=persistent)
+    args = CalMRLTrainingArguments(output_dir="unused", dataloader_num_workers=workers,
+                                   dataloader_persistent_workers=persistent)
     return build_dataloaders(dataset, None, None, collator, BATCH_SIZE, args)[0]
 
 

@@ -19,7 +19,7 @@ import tempfile
 
 import torch
 
-from calmrl_hf.training import ImputerUpdater, TrainingArguments, build_accelerator, train
+from calmrl_hf.training import ImputerUpdater, CalMRLTrainingArguments, build_accelerator, train
 
 from .metrics import imputation_metrics
 from .synthetic.run import AUDIO_TEXT, FULL, PATTERNS, VISION_TEXT, Sizes, World, build_model, collate
@@ -34,8 +34,8 @@ def main() -> list[tuple[str, dict]]:
     torch.manual_seed(0)
     model = build_model(sizes)
     with tempfile.TemporaryDirectory() as workdir:
-        args = TrainingArguments(output_dir=workdir, max_steps=sizes.stage1_steps, seed=0, learning_rate=1e-3,
-                                 per_device_train_batch_size=sizes.batch_size, logging_steps=10 ** 6)
+        args = CalMRLTrainingArguments(output_dir=workdir, max_steps=sizes.stage1_steps, seed=0, learning_rate=1e-3,
+                                       per_device_train_batch_size=sizes.batch_size, logging_steps=10 ** 6)
         accelerator = build_accelerator(args)
         train(model, stage1, args, collate_fn=collate, accelerator=accelerator)
     model.eval()
@@ -56,8 +56,8 @@ def main() -> list[tuple[str, dict]]:
     for decay in (0.95, 0.995):
         for prior in (True, False):
             model.imputer.load_state_dict(warm_state)
-            updater = ImputerUpdater(model, accelerator, TrainingArguments(output_dir="unused",
-                                                                           imputer_ema_decay=decay))
+            updater = ImputerUpdater(model, accelerator, CalMRLTrainingArguments(output_dir="unused",
+                                                                                 imputer_ema_decay=decay))
             if prior:  # as the training loop seeds it: one EMA window of warm-start statistics
                 updater.seed(warm_statistics, sizes.batch_size / (1.0 - decay))
             generator = torch.Generator().manual_seed(0)

@@ -42,10 +42,10 @@ LEARNING_RATES = (1e-4, 3e-4)
 class Method:
     """One stage-2 setting. `objective`: a key of OBJECTIVES (None: no stage 2, the stage-1 model is evaluated);
     `imputer`: `CalMRLConfig.imputer_method`; `oracle`: stage 2 sees every modality of its instances; `overrides`:
-    more config keys; `training`: more stage-2 TrainingArguments; `tuned_as`: a diagnostic takes the tuned
+    more config keys; `training`: more stage-2 CalMRLTrainingArguments; `tuned_as`: a diagnostic takes the tuned
     hyperparameters of that method instead of being tuned itself; `architecture`: config keys that shape the
     model (a matching head): such a method trains its own stage 1 with them (the head learns where every modality
-    is present, as the recipe trains it), with `head_training` (TrainingArguments of the head) in both stages."""
+    is present, as the recipe trains it), with `head_training` (CalMRLTrainingArguments of the head) in both stages."""
 
     objective: str | None
     imputer: str = "none"

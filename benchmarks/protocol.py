@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from calmrl_hf import CalMRLModel
-from calmrl_hf.training import TrainingArguments, build_accelerator, train
+from calmrl_hf.training import CalMRLTrainingArguments, build_accelerator, train
 
 from .methods import ALL_METHODS, BASE, hyperparameters_of
 
@@ -43,7 +43,7 @@ class StageSettings:
     steps: int
     learning_rate: float  # stage 2: replaced by each method's tuned learning rate
     batch_size: int
-    extra: dict = field(default_factory=dict)  # more TrainingArguments (e.g. freeze_modalities)
+    extra: dict = field(default_factory=dict)  # more CalMRLTrainingArguments (e.g. freeze_modalities)
 
 
 @dataclass
@@ -59,13 +59,13 @@ class Experiment:
     seed: int
     workdir: Path
 
-    def arguments(self, name: str, stage: StageSettings, **extra) -> TrainingArguments:
+    def arguments(self, name: str, stage: StageSettings, **extra) -> CalMRLTrainingArguments:
         values = dict(output_dir=str(self.workdir / f"seed{self.seed}" / name), max_steps=stage.steps,
                       seed=self.seed, per_device_train_batch_size=stage.batch_size,
                       learning_rate=stage.learning_rate, warmup_steps=max(1, stage.steps // 20),
                       logging_steps=10 ** 6, save_steps=10 ** 6, **stage.extra)
         values.update(extra)
-        return TrainingArguments(**values)
+        return CalMRLTrainingArguments(**values)
 
     def train_stage1(self, architecture: dict | None = None, head_training: dict | None = None):
         """The stage-1 model (pairwise InfoNCE on the full-modality split) and the run's Accelerator; with

@@ -81,7 +81,7 @@ def _batches(processor, dataset, batch_size: int, ids: list | None = None):
 def _embed(model, processor, dataset, batch_size: int):
     """(ids, labels or None, embeddings [N, k, D], modality_mask [N, k]) of a dataset, through the library's one
     embedding loop (`training.embed_dataset`); examples observing no modality are left out."""
-    from .training.loop import embed_dataset
+    from .training import embed_dataset
 
     ids = []
     data = embed_dataset(model, _batches(processor, dataset, batch_size, ids))

@@ -20,38 +20,39 @@ sys.path.insert(1, str(Path(__file__).parents[1]))  # the checkout's calmrl_hf, 
 from training_fixtures import MIXED_PATTERNS, collate, make_dataset, training_config  # noqa: E402
 
 from calmrl_hf import CalMRLModel  # noqa: E402
-from calmrl_hf.training import loop as training  # noqa: E402
-from calmrl_hf.training import TrainingArguments, build_accelerator, train  # noqa: E402
+from calmrl_hf.training import loop, setup  # noqa: E402
+from calmrl_hf.training import CalMRLTrainingArguments, build_accelerator, train  # noqa: E402
 
-SCHEDULES, RUNS, CAST = [], [], []
+SCHEDULES, PREPARED, CAST = [], [], []
 
 
 def recording_build_optimizer(*args, **kwargs):
-    """`training.build_optimizer`, keeping the scheduler (where the schedule ended: accelerate steps it once per
-    process per step, DeepSpeed's engine does not step a LambdaLR)."""
+    """`build_optimizer` as `train` calls it, keeping the scheduler (where the schedule ended: accelerate steps it
+    once per process per step, DeepSpeed's engine does not step a LambdaLR)."""
     optimizer, scheduler = BUILD_OPTIMIZER(*args, **kwargs)
     SCHEDULES.append(scheduler)
     return optimizer, scheduler
 
 
-def recording_prepare_run(*args, **kwargs):
-    """`training.prepare_run`, keeping the run (its prepared model: the DeepSpeed engine) and noting the imputer
-    buffers' dtypes after `keep_imputer_float32`."""
-    RUNS.append(PREPARE_RUN(*args, **kwargs))
-    imputer = RUNS[-1].accelerator.unwrap_model(RUNS[-1].model).imputer
-    CAST.append(sorted({str(buffer.dtype) for buffer in imputer.buffers()}))
-    return RUNS[-1]
+def recording_prepare_training(accelerator, *args, **kwargs):
+    """`prepare_training` as `train` calls it, keeping the prepared model (the DeepSpeed engine) and noting the
+    imputer buffers' dtypes after `keep_imputer_float32`."""
+    prepared = PREPARE_TRAINING(accelerator, *args, **kwargs)
+    PREPARED.append(prepared[0])
+    CAST.append(sorted({str(buffer.dtype) for buffer in accelerator.unwrap_model(prepared[0]).imputer.buffers()}))
+    return prepared
 
 
 def recording_keep_imputer_float32(model, saved):
-    """`training.keep_imputer_float32`, noting the imputer buffers' dtypes the engine left (before the fix-up)."""
+    """`keep_imputer_float32` as `prepare_training` calls it, noting the imputer buffers' dtypes the engine left
+    (before the fix-up)."""
     CAST.append(sorted({str(buffer.dtype) for buffer in model.imputer.buffers()}))
     KEEP_IMPUTER_FLOAT32(model, saved)
 
 
-BUILD_OPTIMIZER, training.build_optimizer = training.build_optimizer, recording_build_optimizer
-PREPARE_RUN, training.prepare_run = training.prepare_run, recording_prepare_run
-KEEP_IMPUTER_FLOAT32, training.keep_imputer_float32 = training.keep_imputer_float32, recording_keep_imputer_float32
+BUILD_OPTIMIZER, loop.build_optimizer = loop.build_optimizer, recording_build_optimizer
+PREPARE_TRAINING, loop.prepare_training = loop.prepare_training, recording_prepare_training
+KEEP_IMPUTER_FLOAT32, setup.keep_imputer_float32 = setup.keep_imputer_float32, recording_keep_imputer_float32
 
 
 def main(out_dir: str, mode: str, *settings: str) -> None:
@@ -60,7 +61,7 @@ def main(out_dir: str, mode: str, *settings: str) -> None:
     torch.manual_seed(0)  # the same weights on every process and in every mode
     model = CalMRLModel(training_config(dropout=False))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    args = TrainingArguments(
+    args = CalMRLTrainingArguments(
         output_dir=str(Path(out_dir) / f"run_{mode}"), max_steps=3, per_device_train_batch_size=8,
         learning_rate=1e-3, warmup_steps=1, logging_steps=1, imputer_min_rows=8, seed=7, **values,
     )
@@ -73,7 +74,7 @@ def main(out_dir: str, mode: str, *settings: str) -> None:
               "final_lr": SCHEDULES[-1].get_last_lr()[0], "scheduler_steps": SCHEDULES[-1].last_epoch,
               "buffer_dtypes_after_prepare": CAST[0], "buffer_dtypes_after_the_fix": CAST[1],
               "buffers": {k: v.detach().clone() for k, v in imputer.state_dict().items()}}
-    state = accelerator.get_state_dict(RUNS[-1].model)  # every process (ZeRO-3 gathers: rank 0 gets the state)
+    state = accelerator.get_state_dict(PREPARED[-1])  # every process (ZeRO-3 gathers: rank 0 gets the state)
     if accelerator.is_main_process:
         record.update(initial=initial, state={k: v.detach().clone() for k, v in state.items()})
     torch.save(record, Path(out_dir) / f"{mode}_rank_{accelerator.process_index}.pt")

@@ -23,19 +23,20 @@ sys.path.insert(1, str(Path(__file__).parents[1]))  # the checkout's calmrl_hf, 
 from training_fixtures import MIXED_PATTERNS, collate, make_dataset, training_config  # noqa: E402
 
 from calmrl_hf import CalMRLModel  # noqa: E402
-from calmrl_hf.training import loop as training  # noqa: E402
-from calmrl_hf.training import TrainingArguments, build_accelerator, train  # noqa: E402
+from calmrl_hf.training import loop  # noqa: E402
+from calmrl_hf.training import CalMRLTrainingArguments, build_accelerator, train  # noqa: E402
 
-RUNS = []
-
-
-def recording_prepare_run(*args, **kwargs):
-    """`training.prepare_run`, keeping the run (its prepared model, for the final state)."""
-    RUNS.append(PREPARE_RUN(*args, **kwargs))
-    return RUNS[-1]
+PREPARED = []
 
 
-PREPARE_RUN, training.prepare_run = training.prepare_run, recording_prepare_run
+def recording_prepare_training(*args, **kwargs):
+    """`prepare_training` as `train` calls it, keeping the prepared model (for the final state)."""
+    prepared = PREPARE_TRAINING(*args, **kwargs)
+    PREPARED.append(prepared[0])
+    return prepared
+
+
+PREPARE_TRAINING, loop.prepare_training = loop.prepare_training, recording_prepare_training
 
 
 def collate64(examples):
@@ -48,8 +49,8 @@ def main(out_dir: str, mode: str, *settings: str) -> None:
     values.setdefault("output_dir", str(Path(out_dir) / f"run_{mode}"))
     torch.manual_seed(0)  # the same weights on every process and in every mode
     model = CalMRLModel(training_config(dropout=True, fusion_num_layers=1)).double()
-    args = TrainingArguments(max_steps=4, per_device_train_batch_size=8, learning_rate=1e-3, warmup_steps=1,
-                             logging_steps=1, imputer_min_rows=8, seed=7, save_steps=2, **values)
+    args = CalMRLTrainingArguments(max_steps=4, per_device_train_batch_size=8, learning_rate=1e-3, warmup_steps=1,
+                                   logging_steps=1, imputer_min_rows=8, seed=7, save_steps=2, **values)
     accelerator = build_accelerator(args)
 
     def snapshot(step):
@@ -61,7 +62,7 @@ def main(out_dir: str, mode: str, *settings: str) -> None:
     imputer = accelerator.unwrap_model(model).imputer
     buffers = [None] * accelerator.num_processes
     dist.all_gather_object(buffers, {k: v.detach().clone() for k, v in imputer.state_dict().items()})
-    state = accelerator.get_state_dict(RUNS[-1].model)  # every process (FSDP gathers: rank 0 gets the state)
+    state = accelerator.get_state_dict(PREPARED[-1])  # every process (FSDP gathers: rank 0 gets the state)
     if accelerator.is_main_process:
         torch.save({"losses": result.losses, "metrics": result.metrics, "processes": accelerator.num_processes,
                     "distributed_type": str(accelerator.distributed_type), "buffers": buffers,

@@ -15,7 +15,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the checkout's calmrl_hf, installed or not
 
 from calmrl_hf.training.launch import LaunchError, check_shared_output_dir  # noqa: E402
-from calmrl_hf.training import TrainingArguments, build_accelerator, resolve_launch_settings  # noqa: E402
+from calmrl_hf.training import CalMRLTrainingArguments, build_accelerator, resolve_launch_settings  # noqa: E402
 
 
 def output_dir_checks(accelerator, out_dir: str) -> dict[str, str]:
@@ -35,7 +35,7 @@ def output_dir_checks(accelerator, out_dir: str) -> dict[str, str]:
 def main(out_dir: str, *settings: str) -> None:
     values = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in settings)}
     check_output_dir = values.pop("check_output_dir", False)
-    args = TrainingArguments(output_dir=str(Path(out_dir) / "run"), **values)
+    args = CalMRLTrainingArguments(output_dir=str(Path(out_dir) / "run"), **values)
     accelerator = build_accelerator(args)
     args = resolve_launch_settings(args, accelerator)
     total = accelerator.reduce(torch.ones(1, device=accelerator.device), reduction="sum")

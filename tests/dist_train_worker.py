@@ -19,7 +19,7 @@ sys.path.insert(1, str(Path(__file__).parents[1]))  # the checkout's calmrl_hf, 
 from training_fixtures import MIXED_PATTERNS, collate, make_dataset, training_config  # noqa: E402
 
 from calmrl_hf import CalMRLModel  # noqa: E402
-from calmrl_hf.training import TrainingArguments, build_accelerator, train  # noqa: E402
+from calmrl_hf.training import CalMRLTrainingArguments, build_accelerator, train  # noqa: E402
 
 
 def collate64(examples):
@@ -30,7 +30,7 @@ def collate64(examples):
 def main(out_path: str, per_device_batch: int, mode: str = "full") -> None:
     torch.manual_seed(0)
     model = CalMRLModel(training_config(dropout=mode != "full")).double()
-    args = TrainingArguments(
+    args = CalMRLTrainingArguments(
         output_dir=str(Path(out_path).parent / f"run_{Path(out_path).stem}"), max_steps=4,
         per_device_train_batch_size=per_device_batch, learning_rate=1e-3, warmup_steps=1, use_cpu=True,
         logging_steps=1, imputer_min_rows=8, seed=7, save_steps=2,

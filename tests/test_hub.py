@@ -154,17 +154,17 @@ def test_checkpoint_pushes_run_in_the_background_one_at_a_time(tmp_path):
 def test_hub_strategy_checkpoint_resumes_on_another_machine(tmp_path):
     from training_fixtures import MIXED_PATTERNS, make_dataset, run_until
 
-    from calmrl_hf.training import TrainingArguments
+    from calmrl_hf.training import CalMRLTrainingArguments
 
     data = make_dataset(96, MIXED_PATTERNS)
 
     def run(output_dir, hub=None, strategy="end", stop_after=None, resume=None):
-        args = TrainingArguments(output_dir=str(output_dir), max_steps=8, save_steps=3, save_total_limit=None,
-                                 per_device_train_batch_size=8, learning_rate=1e-3, imputer_min_rows=8, seed=3,
-                                 logging_steps=1, resume_from_checkpoint=resume, hub_strategy=strategy,
-                                 push_to_hub=hub is not None, hub_model_id="team/run" if hub else None,
-                                 hub_endpoint=hub and hub.endpoint,
-                                 hub_token="hf_fake")
+        args = CalMRLTrainingArguments(output_dir=str(output_dir), max_steps=8, save_steps=3, save_total_limit=None,
+                                       per_device_train_batch_size=8, learning_rate=1e-3, imputer_min_rows=8, seed=3,
+                                       logging_steps=1, resume_from_checkpoint=resume, hub_strategy=strategy,
+                                       push_to_hub=hub is not None, hub_model_id="team/run" if hub else None,
+                                       hub_endpoint=hub and hub.endpoint,
+                                       hub_token="hf_fake")
         return run_until(data, args, stop_after)  # stop_after: the machine goes away after that checkpoint
 
     uninterrupted = run(tmp_path / "a")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from calmrl_hf.training.launch import LaunchError, check_launch, requested_processes
-from calmrl_hf.training import TrainingArguments, build_accelerator, resolve_launch_settings
+from calmrl_hf.training import CalMRLTrainingArguments, build_accelerator, resolve_launch_settings
 
 
 HERE = Path(__file__).parent
@@ -62,15 +62,15 @@ def test_launcher_settings_apply_unless_the_arguments_set_them(tmp_path, monkeyp
     """None takes the launcher's (accelerate's environment variables), a value set wins over it."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "3")
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    args = CalMRLTrainingArguments(output_dir=str(tmp_path), use_cpu=True)
     resolved = resolve_launch_settings(args, build_accelerator(args))
     assert (resolved.mixed_precision, resolved.gradient_accumulation_steps) == ("bf16", 3)
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, mixed_precision="no",
-                             gradient_accumulation_steps=2)
+    args = CalMRLTrainingArguments(output_dir=str(tmp_path), use_cpu=True, mixed_precision="no",
+                                   gradient_accumulation_steps=2)
     accelerator = build_accelerator(args)  # a second Accelerator in the process, with other settings
     assert (accelerator.mixed_precision, accelerator.gradient_accumulation_steps) == ("no", 2)
     with pytest.raises(ValueError, match="gradient_accumulation_steps=4 but the Accelerator passed to train uses 2"):
-        resolve_launch_settings(TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=4),
+        resolve_launch_settings(CalMRLTrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=4),
                                 accelerator)
 
 

@@ -314,11 +314,11 @@ def test_collected_tokens_of_several_batches_equal_one_batch():
 
 
 def test_the_matching_head_trains_at_its_own_rate_and_warm_up():
-    from calmrl_hf.training import TrainingArguments, build_optimizer
+    from calmrl_hf.training import CalMRLTrainingArguments, build_optimizer
 
     model = matching_model()
-    args = TrainingArguments(learning_rate=1e-4, warmup_steps=2, matching_learning_rate=1e-3, matching_warmup_steps=4,
-                             max_steps=10, lr_scheduler_type="linear")
+    args = CalMRLTrainingArguments(learning_rate=1e-4, warmup_steps=2, matching_learning_rate=1e-3,
+                                   matching_warmup_steps=4, max_steps=10, lr_scheduler_type="linear")
     optimizer, scheduler = build_optimizer(model, args, num_processes=1)
     head = {id(p) for p in model.fusion.parameters()}
     assert [all(id(p) in head for p in g["params"]) for g in optimizer.param_groups] == [False, True]
@@ -331,7 +331,7 @@ def test_the_matching_head_trains_at_its_own_rate_and_warm_up():
     linear = lambda step, warmup, base: base * (step / warmup if step < warmup else (10 - step) / (10 - warmup))  # noqa
     for step, (body, fusion_rate) in enumerate(rates):
         assert body == pytest.approx(linear(step, 2, 1e-4)) and fusion_rate == pytest.approx(linear(step, 4, 1e-3))
-    single, _ = build_optimizer(model, TrainingArguments(learning_rate=1e-4), num_processes=1)
+    single, _ = build_optimizer(model, CalMRLTrainingArguments(learning_rate=1e-4), num_processes=1)
     assert len(single.param_groups) == 1  # without the head's own settings: one group, as before
     with pytest.raises(ValueError, match="matching_learning_rate"):
-        TrainingArguments(matching_learning_rate=0.0)
+        CalMRLTrainingArguments(matching_learning_rate=0.0)

@@ -55,13 +55,13 @@ def test_training_updates_only_what_is_configured(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from training_fixtures import MIXED_PATTERNS, collate, make_dataset, training_config
 
-    from calmrl_hf.training import TrainingArguments, train
+    from calmrl_hf.training import CalMRLTrainingArguments, train
 
     torch.manual_seed(0)
     model = CalMRLModel(training_config(lora=LORA))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
-                             learning_rate=1e-2, freeze_projections=["audio"], freeze_modalities=["vision"])
+    args = CalMRLTrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
+                                   learning_rate=1e-2, freeze_projections=["audio"], freeze_modalities=["vision"])
     train(model, make_dataset(32, MIXED_PATTERNS), args, collate_fn=collate)
     after = model.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}

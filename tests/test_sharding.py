@@ -33,7 +33,7 @@ from training_fixtures import tiny_recipe_argv
 from calmrl_hf import CalMRLModel
 from calmrl_hf.training import launch as launch_module
 from calmrl_hf.training.launch import LaunchError
-from calmrl_hf.training import TrainingArguments, build_accelerator
+from calmrl_hf.training import CalMRLTrainingArguments, build_accelerator
 
 
 pytest.importorskip("torch.distributed.fsdp", reason="needs torch's FSDP2")
@@ -195,10 +195,10 @@ def test_fsdp1_is_refused_with_what_to_launch(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(LaunchError, match=r"FSDP1 .* is not supported.*--fsdp_version 2"):
-        build_accelerator(TrainingArguments(output_dir=str(tmp_path)))
+        build_accelerator(CalMRLTrainingArguments(output_dir=str(tmp_path)))
     fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False, num_processes=2)
     with pytest.raises(ValueError, match="FSDP1"):
-        launch_module.refuse_unsupported_engine_settings(TrainingArguments(), fsdp1)
+        launch_module.refuse_unsupported_engine_settings(CalMRLTrainingArguments(), fsdp1)
 
 
 @pytest.fixture(scope="module")

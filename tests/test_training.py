@@ -11,17 +11,17 @@ import torch
 from training_fixtures import FULL, MIXED_PATTERNS, collate, make_dataset, run_until, training_config
 
 from calmrl_hf import CalMRLModel, PPCAStatistics
-from calmrl_hf.training import ImputerUpdater, TrainingArguments, build_accelerator, train, validate_setup
+from calmrl_hf.training import ImputerUpdater, CalMRLTrainingArguments, build_accelerator, train, validate_setup
 
 
 HERE = Path(__file__).parent
 
 
-def small_args(tmp_path, **overrides) -> TrainingArguments:
+def small_args(tmp_path, **overrides) -> CalMRLTrainingArguments:
     values = dict(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-3,
                   logging_steps=1, imputer_min_rows=8, seed=3)
     values.update(overrides)
-    return TrainingArguments(**values)
+    return CalMRLTrainingArguments(**values)
 
 
 def test_imputer_step_sums_statistics_and_runs_the_m_step(tmp_path):
@@ -190,7 +190,7 @@ def test_bad_setups_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="fewer than one global batch"):
         validate_setup(full_model, {"train": make_dataset(4, [FULL])}, small_args(tmp_path), num_processes=1)
     with pytest.raises(ValueError, match="Unknown training arguments 'learning_rat' \\(did you mean 'learning_rate'"):
-        TrainingArguments.from_dict({"learning_rat": 2})
+        CalMRLTrainingArguments.from_dict({"learning_rat": 2})
     with pytest.raises(ValueError, match="freeze_modalities"):
         validate_setup(full_model, {"train": data}, small_args(tmp_path, freeze_modalities=["smell"]), 1)
     # train() itself refuses before touching the model
@@ -200,29 +200,18 @@ def test_bad_setups_fail_before_training(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_training_arguments_take_trainer_names_and_accept_the_old_ones():
-    """Fields that mean what a transformers Trainer field means have its name; the old names still work, warned."""
+def test_training_arguments_take_trainer_names():
+    """Fields that mean what a transformers Trainer field means have its name; a repo id goes in hub_model_id."""
     import transformers
 
-    from calmrl_hf.training import CalMRLTrainingArguments
-
-    assert TrainingArguments is CalMRLTrainingArguments
     ours = {f for f in CalMRLTrainingArguments.__dataclass_fields__}
     shared = {"use_cpu", "report_to", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo"}
     assert shared <= ours & set(transformers.TrainingArguments.__dataclass_fields__)
-    with pytest.warns(FutureWarning) as warned:
-        old = CalMRLTrainingArguments(log_with="tensorboard", cpu=True, hub_private=True)
-    assert [str(w.message).split(":")[0] for w in warned] == [
-        f"Training argument '{name}' is deprecated" for name in ("log_with", "cpu", "hub_private")]
-    assert (old.report_to, old.use_cpu, old.hub_private_repo) == ("tensorboard", True, True)
-    with pytest.warns(FutureWarning, match="push_to_hub=REPO_ID is deprecated"):
-        old = CalMRLTrainingArguments.from_dict({"push_to_hub": "team/run"})
-    assert (old.push_to_hub, old.hub_model_id) == (True, "team/run")
     with pytest.raises(ValueError, match="needs hub_model_id"):
         CalMRLTrainingArguments(push_to_hub=True)
-    from dataclasses import asdict
-
-    assert not {"log_with", "cpu", "hub_private"} & set(asdict(old))  # training_args.json records the new names
+    with pytest.raises(ValueError, match="push_to_hub must be True or False, got 'team/run'; the repo id goes in "
+                                         "hub_model_id"):
+        CalMRLTrainingArguments.from_dict({"push_to_hub": "team/run"})
 
 
 def test_training_pushes_the_final_model_to_the_hub(tmp_path):
@@ -302,15 +291,15 @@ def test_dataloader_worker_settings_reach_the_train_loader(tmp_path):
     from calmrl_hf.training import build_dataloaders
 
     dataset = make_dataset(8, [FULL])
-    args = TrainingArguments(output_dir=str(tmp_path), dataloader_num_workers=1, dataloader_prefetch_factor=3,
-                             dataloader_persistent_workers=True)
+    args = CalMRLTrainingArguments(output_dir=str(tmp_path), dataloader_num_workers=1, dataloader_prefetch_factor=3,
+                                   dataloader_persistent_workers=True)
     train_loader, _, _ = build_dataloaders(dataset, None, None, collate, 4, args, on_gpu=False)
     assert (train_loader.num_workers, train_loader.prefetch_factor, train_loader.persistent_workers) == (1, 3, True)
     assert not train_loader.pin_memory  # pinned pages only help a copy to a GPU
     assert build_dataloaders(dataset, None, None, collate, 4, args, on_gpu=True)[0].pin_memory
     # without workers torch refuses prefetch_factor / persistent_workers: they are left out
-    plain = TrainingArguments(output_dir=str(tmp_path), dataloader_prefetch_factor=3,
-                              dataloader_persistent_workers=True)
+    plain = CalMRLTrainingArguments(output_dir=str(tmp_path), dataloader_prefetch_factor=3,
+                                    dataloader_persistent_workers=True)
     loader = build_dataloaders(dataset, None, None, collate, 4, plain)[0]
     assert loader.num_workers == 0 and not loader.persistent_workers and len(list(loader)) == 2
 
@@ -336,13 +325,13 @@ def test_an_engine_that_casts_buffers_gives_the_imputer_back_its_float32_state()
 
 def test_recipe_numbers_given_as_strings_become_numbers_also_in_optional_fields():
     """YAML reads 1e-3 (no dot) as a string: from_dict converts it, for fields defaulting to None too."""
-    args = TrainingArguments.from_dict({"learning_rate": "2e-5", "matching_learning_rate": "1e-3",
-                                        "matching_warmup_steps": "10", "eval_steps": "5"})
+    args = CalMRLTrainingArguments.from_dict({"learning_rate": "2e-5", "matching_learning_rate": "1e-3",
+                                              "matching_warmup_steps": "10", "eval_steps": "5"})
     assert (args.learning_rate, args.matching_learning_rate, args.matching_warmup_steps, args.eval_steps) == \
         (2e-5, 1e-3, 10, 5)
     assert isinstance(args.matching_warmup_steps, int)
     with pytest.raises(ValueError, match="matching_learning_rate must be a number"):
-        TrainingArguments.from_dict({"matching_learning_rate": "fast"})
+        CalMRLTrainingArguments.from_dict({"matching_learning_rate": "fast"})
 
 
 def test_engine_settings_that_cannot_run_are_refused_before_training():
@@ -353,26 +342,24 @@ def test_engine_settings_that_cannot_run_are_refused_before_training():
     from calmrl_hf.training import refuse_unsupported_engine_settings
 
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True, num_processes=2)
-    refuse_unsupported_engine_settings(TrainingArguments(save_steps=10), fsdp)  # FSDP2: head, checkpoints
+    refuse_unsupported_engine_settings(CalMRLTrainingArguments(save_steps=10), fsdp)  # FSDP2: head, checkpoints
     deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2)
     with pytest.raises(ValueError, match="not supported under DeepSpeed"):
-        refuse_unsupported_engine_settings(TrainingArguments(save_steps=10), deepspeed)
-    refuse_unsupported_engine_settings(TrainingArguments(), deepspeed)
+        refuse_unsupported_engine_settings(CalMRLTrainingArguments(save_steps=10), deepspeed)
+    refuse_unsupported_engine_settings(CalMRLTrainingArguments(), deepspeed)
 
 
 def test_an_fsdp_checkpoint_is_refused_by_a_ddp_run_whatever_changes_are_allowed(tmp_path):
     """FSDP checkpoints hold the optimizer state by parameter name, DDP ones by position: resuming across them is
     refused, even with allow_resume_changes=["*"] (it would load a state the optimizer cannot take)."""
-    from types import SimpleNamespace
-
     from calmrl_hf.training.checkpoints import CheckpointError
     from calmrl_hf.training import check_resumed_run
 
     ddp_run = {"world_size": 2, "training": {}}
     fsdp_run = {**ddp_run, "optimizer_state_layout": "by parameter name (FSDP)"}
+    anything = CalMRLTrainingArguments(allow_resume_changes=["*"])
     for saved, current in ((fsdp_run, ddp_run), (ddp_run, fsdp_run)):
-        run = SimpleNamespace(manifest=current, args=TrainingArguments(allow_resume_changes=["*"]))
         with pytest.raises(CheckpointError, match="resume a DDP checkpoint with DDP and an FSDP one with FSDP"):
-            check_resumed_run(run, {"run": saved, "position": {"global_step": 1}}, str(tmp_path))
-    check_resumed_run(SimpleNamespace(manifest=fsdp_run, args=TrainingArguments()),
-                      {"run": fsdp_run, "position": {"global_step": 1}}, str(tmp_path))
+            check_resumed_run({"run": saved, "position": {"global_step": 1}}, current, anything, str(tmp_path))
+    check_resumed_run({"run": fsdp_run, "position": {"global_step": 1}}, fsdp_run, CalMRLTrainingArguments(),
+                      str(tmp_path))

@@ -101,8 +101,8 @@ def resumable_run(output_dir, resume=None, stop_after=None, model_overrides=None
 
 
 def run_until(data, arguments, stop_after: int | None = None, model_overrides=None):
-    """Train a fresh seeded model (dropout on) with `arguments` (a `TrainingArguments`); with `stop_after`, the run
-    is killed right after its first checkpoint at or past that step (returns None), else returns the trained
+    """Train a fresh seeded model (dropout on) with `arguments` (a `CalMRLTrainingArguments`); with `stop_after`, the
+    run is killed right after its first checkpoint at or past that step (returns None), else returns the trained
     model."""
     from calmrl_hf import CalMRLModel
     from calmrl_hf.training import train

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from benchmarks._timing import machine
-from calmrl_hf.training import TrainingArguments, build_accelerator, train
+from calmrl_hf.training import CalMRLTrainingArguments, build_accelerator, train
 
 from .data import AVDigits
 from .run import (AUDIO_TOWERS, DIRECTIONS, QUICK, VISION_TOWERS, Sizes, build_model, build_processor, encode_splits,
@@ -39,12 +39,12 @@ STAGE2_LEARNING_RATES = (1e-4, 3e-4)
 
 
 def arguments(workdir: Path, name: str, steps: int, learning_rate: float, batch_size: int, seed: int,
-              **extra) -> TrainingArguments:
+              **extra) -> CalMRLTrainingArguments:
     """As `benchmarks.protocol.run_methods` sets them (warm-up 5% of the steps, text tower frozen)."""
-    return TrainingArguments(output_dir=str(workdir / name), max_steps=steps, seed=seed,
-                             per_device_train_batch_size=batch_size, learning_rate=learning_rate,
-                             warmup_steps=max(1, steps // 20), logging_steps=10 ** 6, save_steps=10 ** 6,
-                             freeze_modalities=["text"], **extra)
+    return CalMRLTrainingArguments(output_dir=str(workdir / name), max_steps=steps, seed=seed,
+                                   per_device_train_batch_size=batch_size, learning_rate=learning_rate,
+                                   warmup_steps=max(1, steps // 20), logging_steps=10 ** 6, save_steps=10 ** 6,
+                                   freeze_modalities=["text"], **extra)
 
 
 def measure(candidate: str, splits, test, processor, sizes: Sizes, seed: int, workdir: Path,

@@ -30,14 +30,13 @@ from transformers import (ASTFeatureExtractor, AutoConfig, AutoImageProcessor, A
 from transformers.utils import logging as hf_logging
 
 from .. import CalMRLConfig, CalMRLModel, CalMRLProcessor
-from ..training.checkpoints import ensure_writable_directory
 from ..data import CalMRLCollator, load_audiocaps, load_msrvtt, load_vast, with_media_decoding
 from ..data.mini_vast import MiniVastSizes
+from ..training import CalMRLTrainingArguments, build_accelerator, train
+from ..training.checkpoints import ensure_writable_directory
 from ..training.progress import on_terminal
-from .report import plot_training, results_table
-from ..training.loop import build_accelerator, train
-from ..training.arguments import RENAMED_ARGUMENTS, CalMRLTrainingArguments
 from ..validation import unknown_name_message
+from .report import plot_training, results_table
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "mini_vast.yaml"
@@ -80,8 +79,7 @@ def check_recipe_keys(recipe: dict) -> None:
     for name, loader in DATA_LOADERS.items():
         if name in data:
             _check_keys(f"data.{name} section", data[name], inspect.signature(loader).parameters)
-    stage_keys = [f.name for f in dataclasses.fields(CalMRLTrainingArguments)] + [*RENAMED_ARGUMENTS,
-                                                                                  "alignment_objective"]
+    stage_keys = [f.name for f in dataclasses.fields(CalMRLTrainingArguments)] + ["alignment_objective"]
     for stage in ("stage1", "stage2"):
         _check_keys(f"{stage} section", recipe[stage], stage_keys)
 
@@ -220,7 +218,7 @@ def main(argv=None) -> dict:
 
 
 def stage_arguments(recipe: dict, stage: str, args: argparse.Namespace) -> tuple[CalMRLTrainingArguments, str]:
-    """The TrainingArguments of one stage, and the alignment objective it trains with."""
+    """The CalMRLTrainingArguments of one stage, and the alignment objective it trains with."""
     settings = copy.deepcopy(recipe[stage])
     # a stage may train with its own objective (e.g. InfoNCE pre-training of towers learned from scratch)
     objective = settings.pop("alignment_objective",

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
-from dataclasses import InitVar, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..sharing.hub import HUB_STRATEGIES
 from ..validation import unknown_name_message
-
-
-# Old name -> Trainer's name: still accepted, with a FutureWarning.
-RENAMED_ARGUMENTS = {"log_with": "report_to", "cpu": "use_cpu", "hub_private": "hub_private_repo"}
 
 
 @dataclass
@@ -43,9 +38,6 @@ class CalMRLTrainingArguments:
       (a head trained from scratch next to pretrained towers wants a larger rate than they do).
     - `imputer_*`, `freeze_modalities`, `freeze_projections`, `eval_pairs`, `hub_endpoint`: ours (CalMRL's bi-step,
       frozen towers, evaluation directions, a Hub API endpoint other than huggingface.co).
-
-    The old names `log_with`, `cpu`, `hub_private` and a repo id given as `push_to_hub` are still accepted, with a
-    `FutureWarning`.
     """
 
     output_dir: str = "outputs/calmrl"
@@ -89,17 +81,13 @@ class CalMRLTrainingArguments:
     hub_token: str | None = None
     hub_private_repo: bool = False
     eval_pairs: Sequence[Sequence[str]] | None = None  # e.g. [["text", "vision"], ["vision", "text"]]
-    # deprecated names (FutureWarning), mapped onto the fields above
-    log_with: InitVar[str | None] = None
-    cpu: InitVar[bool | None] = None
-    hub_private: InitVar[bool | None] = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CalMRLTrainingArguments":
         """From a recipe section: unknown names are an error (with a suggestion), numbers given as strings (YAML
         reads "1e-3" as one) are converted."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known - set(RENAMED_ARGUMENTS))
+        unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(unknown_name_message("training arguments", unknown, known))
         coerced = dict(values)
@@ -113,17 +101,7 @@ class CalMRLTrainingArguments:
                     raise ValueError(f"Training argument {f.name} must be a number, got {value!r}.") from None
         return cls(**coerced)
 
-    def __post_init__(self, log_with, cpu, hub_private):
-        for old, value in (("log_with", log_with), ("cpu", cpu), ("hub_private", hub_private)):
-            if value is not None:
-                new = RENAMED_ARGUMENTS[old]
-                warnings.warn(f"Training argument {old!r} is deprecated: use {new!r} (transformers Trainer's name).",
-                              FutureWarning, stacklevel=3)
-                setattr(self, new, value)
-        if isinstance(self.push_to_hub, str):
-            warnings.warn("push_to_hub=REPO_ID is deprecated: use push_to_hub=True, hub_model_id=REPO_ID "
-                          "(transformers Trainer's names).", FutureWarning, stacklevel=3)
-            self.push_to_hub, self.hub_model_id = True, self.push_to_hub
+    def __post_init__(self):
         if self.mixed_precision is False:  # YAML reads `mixed_precision: no` as false
             self.mixed_precision = "no"
         if self.report_to == "none" or self.report_to == ["none"]:
@@ -147,6 +125,9 @@ class CalMRLTrainingArguments:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.hub_strategy not in HUB_STRATEGIES:
             raise ValueError(f"hub_strategy = {self.hub_strategy!r}; expected one of {HUB_STRATEGIES}.")
+        if not isinstance(self.push_to_hub, bool):
+            raise ValueError(f"push_to_hub must be True or False, got {self.push_to_hub!r}; the repo id goes in "
+                             f"hub_model_id.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub=True needs hub_model_id (the repo id to upload to).")
         if isinstance(self.allow_resume_changes, str):
@@ -162,8 +143,9 @@ def _number_type(f) -> type | None:
     return float if "float" in kinds else int if "int" in kinds else None
 
 
-# The class used to share transformers' name; kept as an alias.
-TrainingArguments = CalMRLTrainingArguments
+def recorded_arguments(args: CalMRLTrainingArguments) -> dict[str, Any]:
+    """The training arguments as written to `training_args.json` and the model card (never the Hub token)."""
+    return {k: v for k, v in asdict(args).items() if k != "hub_token"}
 
 
-__all__ = ["CalMRLTrainingArguments", "RENAMED_ARGUMENTS", "TrainingArguments"]
+__all__ = ["CalMRLTrainingArguments", "recorded_arguments"]

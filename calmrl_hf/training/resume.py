@@ -1,0 +1,230 @@
+"""Resuming a run: what the run is (`run_manifest`), its checkpoints (`RunCheckpoints`: saved at the loop's position,
+loaded into the prepared objects), which one to resume (`checkpoint_to_resume`, `latest_checkpoint`), and what a
+resume checks and allows to change (`check_resumed_run`, `apply_changed_hyperparameters`).
+
+Checkpoints are the package's own (`checkpoints`: safetensors and JSON, atomic, verified, with the run's manifest),
+not accelerate's `save_state`, whose pickled custom states `load_state` would unpickle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file, save
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..configuration_calmrl import CalMRLConfig
+from ..modeling_calmrl import CalMRLModel
+from ..sharing.hub import CheckpointPusher
+from .arguments import CalMRLTrainingArguments, recorded_arguments
+from .checkpoints import (
+    INCOMPLETE_SUFFIX, MANIFEST_FORMAT, CheckpointError, capture_rng_state, commit_checkpoint, find_checkpoints,
+    load_state_file, manifest_differences, prune_checkpoints, read_manifest, restore_rng_state, start_checkpoint,
+    state_file_bytes, write_checkpoint_files,
+)
+from .fsdp import full_optimizer_state, load_full_model_state, load_full_optimizer_state
+from .imputer_step import ImputerUpdater
+
+if TYPE_CHECKING:
+    from .loop import TrainPosition
+
+
+logger = get_logger(__name__)
+
+# Arguments that do not change what a resumed run computes: they may differ from the checkpoint's run.
+ARGUMENTS_OUTSIDE_THE_TRAJECTORY = frozenset({
+    "output_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume_from_checkpoint",
+    "allow_resume_changes", "report_to", "dataloader_num_workers", "use_cpu", "dataloader_prefetch_factor",
+    "dataloader_persistent_workers", "dataloader_pin_memory", "per_device_eval_batch_size", "eval_pairs",
+    "push_to_hub", "hub_strategy", "hub_model_id", "hub_endpoint", "hub_token", "hub_private_repo",
+})
+
+
+def run_manifest(model: CalMRLModel, args: CalMRLTrainingArguments, dataset,
+                 accelerator: Accelerator) -> dict[str, Any]:
+    """What a run is, as far as resuming goes: the model config, the training arguments that shape the trajectory,
+    the train dataset (datasets' fingerprint where it has one, its length where known), the process count and,
+    under FSDP, the optimizer state's layout (by parameter name, DDP's by position)."""
+    config = model.config
+    model_fields = {name: getattr(config, name) for name in vars(CalMRLConfig).get("__annotations__", {})}
+    training = {name: value for name, value in asdict(args).items() if name not in ARGUMENTS_OUTSIDE_THE_TRAJECTORY}
+    try:
+        length = len(dataset)
+    except TypeError:
+        length = None
+    manifest = {"model": model_fields, "training": training,
+                "dataset": {"fingerprint": getattr(dataset, "_fingerprint", None), "length": length},
+                "world_size": accelerator.num_processes}
+    if accelerator.distributed_type == DistributedType.FSDP:
+        manifest["optimizer_state_layout"] = "by parameter name (FSDP)"
+    return manifest
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint in output_dir/checkpoints; interrupted or partial ones are skipped, with a
+    warning naming them."""
+    complete, incomplete = find_checkpoints(output_dir)
+    newest = complete[-1][0] if complete else -1
+    skipped = [path.name for path in incomplete if int(path.name.split("_")[1].split(".")[0]) > newest]
+    if skipped:
+        logger.warning("Skipped incomplete checkpoints %s in %s/checkpoints (a save was interrupted, or a folder was "
+                       "copied in part); resuming from %s.", skipped, output_dir,
+                       complete[-1][1].name if complete else "scratch", main_process_only=False)
+    return str(complete[-1][1]) if complete else None
+
+
+def checkpoint_to_resume(args: CalMRLTrainingArguments) -> str | None:
+    """The checkpoint `resume_from_checkpoint` names ("latest": the newest complete one in output_dir/checkpoints,
+    None when there is none), or None."""
+    resume = args.resume_from_checkpoint
+    if resume == "latest":
+        resume = latest_checkpoint(args.output_dir)
+        if resume is None:
+            logger.info("No complete checkpoint in %s/checkpoints: starting from scratch.", args.output_dir)
+    return resume
+
+
+def check_resumed_run(checkpoint_manifest: dict[str, Any], manifest: dict[str, Any], args: CalMRLTrainingArguments,
+                      folder: str) -> None:
+    """Refuse to continue a different run (`manifest`, this run's, against the checkpoint's): the differing manifest
+    fields are named, unless `allow_resume_changes` lists them; a finished run (nothing left to train) only warns."""
+    layouts = [m.get("optimizer_state_layout", "by position (DDP)") for m in (checkpoint_manifest["run"], manifest)]
+    if layouts[0] != layouts[1]:  # not a setting that allow_resume_changes can let through: the states differ
+        raise CheckpointError(f"{folder} holds its optimizer state {layouts[0]}, and this run needs it "
+                              f"{layouts[1]}: resume a DDP checkpoint with DDP and an FSDP one with FSDP.")
+    differences = manifest_differences(checkpoint_manifest["run"], manifest,
+                                       [*args.allow_resume_changes, "optimizer_state_layout"])
+    if not differences:
+        return
+    listed = "; ".join(differences)
+    if checkpoint_manifest["position"]["global_step"] >= args.max_steps:
+        logger.warning("Resuming the finished run of %s (nothing left to train) with other settings: %s.", folder,
+                       listed)
+        return
+    names = sorted({difference.split(":")[0] for difference in differences})
+    raise CheckpointError(f"{folder} was saved by a different run: {listed}. Resume with the same settings, or pass "
+                          f"allow_resume_changes={names} to continue with the new ones.")
+
+
+def apply_changed_hyperparameters(args: CalMRLTrainingArguments, optimizer, scheduler, saved: dict[str, Any],
+                                  step: int) -> None:
+    """A learning rate or weight decay that differs from the checkpoint's training arguments `saved` (allowed by
+    `allow_resume_changes`) takes effect from the resumed `step` on: the loaded optimizer and schedule would
+    otherwise keep the old ones."""
+    if saved.get("weight_decay") != args.weight_decay:
+        for group in optimizer.param_groups:
+            group["weight_decay"] = args.weight_decay
+    if saved.get("learning_rate") == args.learning_rate:
+        return
+    schedule = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper
+    if not isinstance(schedule, LambdaLR):
+        raise CheckpointError(f"Cannot apply the new learning rate {args.learning_rate} to a resumed "
+                              f"{type(schedule).__name__} schedule; resume with "
+                              f"learning_rate={saved['learning_rate']}.")
+    # lr_t = base_lr * factor(t): the same schedule position, the new base
+    # the matching head's group (second, when it has its own schedule) keeps matching_learning_rate if set
+    head_rate = args.matching_learning_rate or args.learning_rate
+    schedule.base_lrs = [args.learning_rate if index == 0 else head_rate for index in range(len(schedule.base_lrs))]
+    rates = [base * factor(schedule.last_epoch) for factor, base in zip(schedule.lr_lambdas, schedule.base_lrs)]
+    for group, rate, base in zip(optimizer.param_groups, rates, schedule.base_lrs):
+        group["lr"], group["initial_lr"] = rate, base
+    schedule._last_lr = rates
+    logger.info("Learning rate changed on resume: %s -> %s (now %s at step %d).", saved.get("learning_rate"),
+                args.learning_rate, rates[0], step)
+
+
+class RunCheckpoints:
+    """The checkpoints of one run, in output_dir/checkpoints/step_N: `save` writes the prepared model, optimizer,
+    schedule and imputer statistics at the loop's position, `load` restores them (and the position) from a
+    checkpoint of the same run. Every process calls both: sharded states are gathered and scattered collectively.
+    """
+
+    def __init__(self, accelerator: Accelerator, args: CalMRLTrainingArguments, manifest: dict[str, Any], model,
+                 optimizer, scheduler, imputer_step: ImputerUpdater, *, hub_pusher: CheckpointPusher | None = None,
+                 on_checkpoint: Callable[[int], None] | None = None):
+        self.accelerator = accelerator
+        self.args = args
+        self.manifest = manifest  # what the run is (`run_manifest`): recorded in checkpoints, compared on resume
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.imputer_step = imputer_step
+        self.hub_pusher = hub_pusher  # pushes at each checkpoint (hub_strategy every_save / checkpoint)
+        self.on_checkpoint = on_checkpoint
+
+    def save(self, position: TrainPosition) -> None:
+        """Checkpoint to output_dir/checkpoints/step_N (`checkpoints`: safetensors and JSON, no pickle; written as
+        step_N.incomplete and renamed when complete): model, optimizer, schedule, imputer statistics, every
+        process's RNG states, and the manifest (loop position, run, checksums). Keeps the newest
+        `save_total_limit`, pushes it where `hub_strategy` asks, then calls `on_checkpoint(step)`."""
+        accelerator, args, step = self.accelerator, self.args, position.global_step
+        folder = Path(args.output_dir) / "checkpoints" / f"step_{step}"
+        staging = folder.with_name(folder.name + INCOMPLETE_SUFFIX)
+        if accelerator.is_main_process:
+            start_checkpoint(folder)
+        accelerator.wait_for_everyone()
+        # every process: collectives under sharded training (the main process gets the full states)
+        model_state = accelerator.get_state_dict(self.model)
+        write_checkpoint_files(staging, self._files(model_state))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            commit_checkpoint(staging, {"format": MANIFEST_FORMAT, "position": position.state_dict(),
+                                        "run": self.manifest})
+            prune_checkpoints(args.output_dir, args.save_total_limit)
+            if self.hub_pusher is not None:  # staged now, uploaded in the background
+                self.hub_pusher.push(accelerator.unwrap_model(self.model), folder, step, recorded_arguments(args),
+                                     state_dict=model_state)
+        accelerator.wait_for_everyone()
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(step)
+
+    def _files(self, model_state: dict[str, Any]) -> dict[str, Callable[[], bytes]]:
+        """This process's checkpoint files, each as the function that gives its bytes: its RNG states, and on the
+        main process the model, optimizer (gathered on every process), schedule and imputer statistics."""
+        accelerator = self.accelerator
+        optimizer_state = full_optimizer_state(accelerator, self.model, self.optimizer)
+        files = {f"rng_state_{accelerator.process_index}.safetensors": lambda: state_file_bytes(capture_rng_state())}
+        if accelerator.is_main_process:
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            files.update({
+                "model.safetensors": lambda: save(model_state, metadata={"format": "pt"}),
+                "optimizer.safetensors": lambda: state_file_bytes({"optimizer": optimizer_state, "scaler": scaler}),
+                "scheduler.safetensors": lambda: state_file_bytes(self.scheduler.state_dict()),
+                "imputer_statistics.safetensors": lambda: state_file_bytes(self.imputer_step.state_dict()),
+            })
+        return files
+
+    def load(self, folder: str, position: TrainPosition) -> None:
+        """Restore a checkpoint written by `save` (checksums verified, run compared: `check_resumed_run`) into the
+        prepared objects and `position`."""
+        accelerator = self.accelerator
+        manifest = read_manifest(folder)
+        check_resumed_run(manifest, self.manifest, self.args, folder)
+        root = Path(folder)
+        load_full_model_state(accelerator, self.model, load_file(str(root / "model.safetensors")))
+        optimizer_state = load_state_file(root / "optimizer.safetensors")
+        load_full_optimizer_state(accelerator, self.model, self.optimizer, optimizer_state["optimizer"])
+        if accelerator.scaler is not None and optimizer_state["scaler"] is not None:
+            accelerator.scaler.load_state_dict(optimizer_state["scaler"])
+        self.scheduler.load_state_dict(load_state_file(root / "scheduler.safetensors"))
+        self.imputer_step.load_state_dict(load_state_file(root / "imputer_statistics.safetensors"))
+        position.load_state_dict(manifest["position"])
+        apply_changed_hyperparameters(self.args, self.optimizer, self.scheduler, manifest["run"]["training"],
+                                      position.global_step)
+        rng_file = root / f"rng_state_{accelerator.process_index}.safetensors"
+        if rng_file.is_file():
+            restore_rng_state(load_state_file(rng_file), str(rng_file))
+        else:  # only reachable when the number of processes changed and that was allowed
+            logger.warning("%s has no random states for process %d: its dropout continues from the seed.", folder,
+                           accelerator.process_index, main_process_only=False)
+        logger.info("Resumed from %s at step %d.", folder, position.global_step)
+
+
+__all__ = ["ARGUMENTS_OUTSIDE_THE_TRAJECTORY", "RunCheckpoints", "apply_changed_hyperparameters",
+           "check_resumed_run", "checkpoint_to_resume", "latest_checkpoint", "run_manifest"]

@@ -1,0 +1,177 @@
+"""What `train` builds before its loop: checks, frozen modules, data loaders, optimizer and schedule, and
+`accelerator.prepare` (with the imputer kept in float32 and FSDP2's shard groups set)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from ..data.loaders import dataset_modalities
+from ..modeling_calmrl import CalMRLModel
+from ..sharing.hub import TRACKER_PROJECT, CheckpointPusher
+from .arguments import CalMRLTrainingArguments
+from .fsdp import set_shard_groups
+
+
+def validate_setup(model: CalMRLModel, datasets: dict[str, Any], args: CalMRLTrainingArguments,
+                   num_processes: int) -> int:
+    """Fail before training starts, with a message that says what to change. Returns the per-device batch size."""
+    modalities = model.config.modalities
+    for role, dataset in datasets.items():
+        if dataset is None:
+            continue
+        lacking = [m for m in dataset_modalities(dataset) if m not in modalities]
+        if lacking:
+            raise ValueError(
+                f"The {role} dataset has modalities {lacking} that the model lacks (model modalities: {modalities}). "
+                f"Add them to CalMRLConfig.modalities with an encoder, or drop those columns "
+                f"(dataset.remove_columns({lacking}))."
+            )
+    unknown_frozen = [m for m in (*args.freeze_modalities, *args.freeze_projections) if m not in modalities]
+    if unknown_frozen:
+        raise ValueError(f"freeze_modalities / freeze_projections name unknown modalities {unknown_frozen}; the "
+                         f"modalities are {modalities}.")
+    per_device = args.per_device_train_batch_size
+    if args.train_batch_size is not None:
+        divisor = num_processes * args.gradient_accumulation_steps
+        if args.train_batch_size % divisor:
+            raise ValueError(
+                f"train_batch_size={args.train_batch_size} is not divisible by processes ({num_processes}) x "
+                f"gradient_accumulation_steps ({args.gradient_accumulation_steps}) = {divisor}; choose a multiple "
+                f"of {divisor}."
+            )
+        per_device = args.train_batch_size // divisor
+    if model.config.alignment_objective != "pmrl" and per_device < 2:
+        raise ValueError(f"A contrastive objective needs at least 2 rows per device batch, got {per_device}.")
+    train = datasets.get("train")
+    if train is not None and hasattr(train, "__len__") and len(train) < per_device * num_processes:
+        raise ValueError(
+            f"The train dataset has {len(train)} rows, fewer than one global batch ({per_device} x {num_processes} "
+            f"processes); lower the batch size."
+        )
+    return per_device
+
+
+def freeze_modules(model: CalMRLModel, args: CalMRLTrainingArguments) -> None:
+    """Keep the towers of `freeze_modalities` and the heads of `freeze_projections` fixed."""
+    for name in args.freeze_modalities:
+        model.encoders[model.config.encoder_owner(name)].requires_grad_(False)
+    for name in args.freeze_projections:
+        model.projections[name].requires_grad_(False)
+
+
+def build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_fn: Callable, per_device: int,
+                      args: CalMRLTrainingArguments, on_gpu: bool = False,
+                      ) -> tuple[DataLoader, DataLoader | None, DataLoader | None]:
+    """(train, eval, warm-start) loaders; eval and warm start are None where there is no dataset (or no warm
+    start asked for). Train batches are whole (`drop_last`); a map-style train set is shuffled by the loader,
+    a streaming one shuffles itself (e.g. `dataset.shuffle(seed, buffer_size)`), reshuffled every epoch."""
+    streaming = isinstance(train_dataset, torch.utils.data.IterableDataset)
+    # the loader's own generator (reseeded every epoch, `loop.epoch_batches`): its draws never touch the global RNG,
+    # whose state at a checkpoint is then exactly what dropout continues from after a resume
+    train_loader = DataLoader(train_dataset, batch_size=per_device, shuffle=not streaming, drop_last=True,
+                              collate_fn=collate_fn, num_workers=args.dataloader_num_workers,
+                              pin_memory=args.dataloader_pin_memory and on_gpu, **worker_settings(args),
+                              generator=torch.Generator().manual_seed(args.seed))
+    eval_loader = warm_loader = None
+    if eval_dataset is not None:
+        eval_loader = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn)
+    if warm_start_dataset is not None and args.imputer_warm_start:
+        warm_loader = DataLoader(warm_start_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn)
+    return train_loader, eval_loader, warm_loader
+
+
+def worker_settings(args: CalMRLTrainingArguments) -> dict[str, Any]:
+    """The DataLoader options that only exist with workers (torch refuses them with `num_workers=0`)."""
+    if not args.dataloader_num_workers:
+        return {}
+    return {"persistent_workers": args.dataloader_persistent_workers,
+            "prefetch_factor": args.dataloader_prefetch_factor}
+
+
+def build_optimizer(model: CalMRLModel, args: CalMRLTrainingArguments, num_processes: int):
+    """AdamW over the trainable parameters and the learning-rate schedule: `(optimizer, scheduler)`.
+
+    The matching head's parameters form a second group with its own rate and warm-up when
+    `matching_learning_rate` or `matching_warmup_steps` is set (each group follows its own schedule)."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    own_schedule = args.matching_learning_rate is not None or args.matching_warmup_steps is not None
+    head = [p for name, p in trainable if own_schedule and name.startswith("fusion.")]
+    head_ids = {id(p) for p in head}
+    groups = [{"params": [p for _, p in trainable if id(p) not in head_ids]}]
+    warmups = [args.warmup_steps]
+    if head:
+        groups.append({"params": head, "lr": args.matching_learning_rate or args.learning_rate})
+        warmups.append(args.warmup_steps if args.matching_warmup_steps is None else args.matching_warmup_steps)
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
+    if len(groups) == 1:
+        return optimizer, get_scheduler(args.lr_scheduler_type, optimizer, **schedule_steps(args, args.warmup_steps,
+                                                                                            num_processes))
+    # lr_g(t) = base_lr_g * factor_g(t): each group its own warm-up, in the run's schedule type
+    return optimizer, LambdaLR(optimizer, [schedule_factor(args, warmup, num_processes) for warmup in warmups])
+
+
+def schedule_steps(args: CalMRLTrainingArguments, warmup_steps: int, num_processes: int) -> dict[str, int]:
+    # accelerate steps a prepared scheduler once per process per optimizer step: scale the schedule to match
+    return {"num_warmup_steps": warmup_steps * num_processes, "num_training_steps": args.max_steps * num_processes}
+
+
+def schedule_factor(args: CalMRLTrainingArguments, warmup_steps: int, num_processes: int) -> Callable[[int], float]:
+    """The learning-rate factor of step t of `lr_scheduler_type` with `warmup_steps` of warm-up."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # only its schedule's factor is kept
+    schedule = get_scheduler(args.lr_scheduler_type, probe, **schedule_steps(args, warmup_steps, num_processes))
+    if not isinstance(schedule, LambdaLR):
+        raise ValueError(f"matching_learning_rate / matching_warmup_steps need a step-wise schedule; "
+                         f"lr_scheduler_type={args.lr_scheduler_type!r} is not one.")
+    return schedule.lr_lambdas[0]
+
+
+def keep_imputer_float32(model: CalMRLModel, saved: dict[str, torch.Tensor]) -> None:
+    """Give the imputer back its float32 buffers `saved` before `accelerator.prepare` if the engine cast them
+    (older DeepSpeed bf16 / fp16 engines cast the whole module; 0.19.8 casts buffers with `data_types.buffer_dtype`
+    set, the imputer's too with `keep_in_fp32_modules` []; FSDP's and accelerate's mixed precision leave buffers
+    alone): its closed-form statistics would not survive half precision, nor its modality codes."""
+    if any(buffer.dtype in (torch.bfloat16, torch.float16) for buffer in model.imputer.buffers()):
+        # as the engine cast them (`buffer.data = ...`): the imputer's `_apply` refuses dtype changes, so
+        # `imputer.float()` would leave them in half precision and load_state_dict would round `saved` into them
+        for name, value in saved.items():
+            buffer = model.imputer.get_buffer(name)
+            buffer.data = value.to(buffer.device)
+
+
+def prepare_training(accelerator: Accelerator, model: CalMRLModel, optimizer, train_loader: DataLoader, scheduler):
+    """`accelerator.prepare` of what trains: `(model, optimizer, train_loader, scheduler)`, prepared, with the
+    imputer's float32 buffers as they were (`keep_imputer_float32`) and, under FSDP2, the model's shard groups."""
+    imputer_state = {name: buffer.clone() for name, buffer in model.imputer.state_dict().items()}
+    set_shard_groups(accelerator, model)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    keep_imputer_float32(accelerator.unwrap_model(model), imputer_state)
+    return model, optimizer, train_loader, scheduler
+
+
+def start_trackers(accelerator: Accelerator, args: CalMRLTrainingArguments) -> None:
+    """The trackers of `report_to` (none without), with the run's scalar arguments as their config."""
+    if args.report_to:
+        accelerator.init_trackers(TRACKER_PROJECT, config={k: v for k, v in asdict(args).items()
+                                                           if isinstance(v, (int, float, str, bool))})
+
+
+def build_hub_pusher(args: CalMRLTrainingArguments, accelerator: Accelerator,
+                     processor=None) -> CheckpointPusher | None:
+    """The main process's `CheckpointPusher` for `hub_strategy` "every_save" / "checkpoint" (None otherwise)."""
+    if not args.push_to_hub or args.hub_strategy == "end" or not accelerator.is_main_process:
+        return None
+    return CheckpointPusher(args.hub_model_id, args.hub_strategy, processor=processor, token=args.hub_token,
+                            endpoint=args.hub_endpoint, private=args.hub_private_repo)
+
+
+__all__ = ["build_dataloaders", "build_hub_pusher", "build_optimizer", "freeze_modules", "keep_imputer_float32",
+           "prepare_training", "schedule_factor", "schedule_steps", "start_trackers", "validate_setup",
+           "worker_settings"]
