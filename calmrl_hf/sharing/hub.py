@@ -3,7 +3,7 @@
 One upload path, `upload_folder` (the shareable files of a saved model folder, checked, in one commit), and one
 repository layout, whichever way a model is pushed: `push_to_hub(folder, repo_id)` (a saved run's output folder),
 `push_model(model, repo_id, processor=...)` (a model in memory, staged into a temporary folder first), and the
-pushes during training that `TrainingArguments.hub_strategy` asks for (`CheckpointPusher`, staging each checkpoint's
+pushes during training that `CalMRLTrainingArguments.hub_strategy` asks for (`CheckpointPusher`, staging each checkpoint's
 model): weights, code, processor, the filled model card, training args and results; never training state (except a
 resumable `last-checkpoint/`) or tracker logs.
 """

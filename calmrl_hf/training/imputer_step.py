@@ -74,8 +74,7 @@ class ImputerUpdater:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.statistics.load_state_dict(state["statistics"])
-        if "prior_statistics" in state:  # absent from checkpoints of runs without a warm start prior
-            self.prior_statistics.load_state_dict(state["prior_statistics"])
+        self.prior_statistics.load_state_dict(state["prior_statistics"])
 
 
 def warm_start_imputer(

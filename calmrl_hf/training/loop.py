@@ -67,8 +67,8 @@ class TrainPosition:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_step = int(state["global_step"])
-        self.epoch = int(state.get("epoch", 0))
-        self.batches_in_epoch = int(state.get("batches_in_epoch", 0))
+        self.epoch = int(state["epoch"])
+        self.batches_in_epoch = int(state["batches_in_epoch"])
 
 
 def train(
