@@ -21,8 +21,8 @@ Objectives (each written the way its authors' public training code computes it):
 - `pairwise_infonce_loss`: symmetric InfoNCE over every pair of modalities.
 
 Diagnostics (CalMRL, arXiv 2511.12034, Theorem 1: how far the leading left singular vector, the "anchor", moves
-when columns are missing, and how far it stays after calibration): `anchor_shift`, `anchor_shift_bounds`,
-`calibrated_anchor_shift`. Building block: `gram_singular_values`.
+when columns are missing, and how far it stays after calibration): `anchor_shift`, `calibrated_anchor_shift`.
+Building block: `gram_singular_values`.
 
 Deviations from the authors' code, all deliberate:
 - PMRL's singular values and vector come from the k x k Gram eigendecomposition (exact, and far cheaper than
@@ -111,9 +111,15 @@ def _full_precision(function):
     return wrapper
 
 
-def _check(embeddings: torch.Tensor, modality_mask: torch.Tensor | None, name: str = "embeddings") -> torch.Tensor:
-    """Validate at the door (`validation.check_embeddings`); returns a bool mask [B, k] (all True when None)."""
+def _check(embeddings: torch.Tensor, modality_mask: torch.Tensor | None, name: str = "embeddings") -> None:
+    """Validate at the door (`validation.check_embeddings`): the public functions check their batch once, then run
+    their unchecked implementation (`_pmrl_loss`, ...), which the model and `OBJECTIVES` call directly on the
+    embeddings the model validated where they entered it."""
     check_embeddings(embeddings, modality_mask, name=name)
+
+
+def _observed(embeddings: torch.Tensor, modality_mask: torch.Tensor | None) -> torch.Tensor:
+    """The bool mask [B, k]: as given, or all True when None."""
     if modality_mask is None:
         return torch.ones(embeddings.shape[:2], dtype=torch.bool, device=embeddings.device)
     return modality_mask
@@ -264,7 +270,6 @@ def _leading(columns: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
     return singular, u
 
 
-@_full_precision
 def gram_singular_values(
     embeddings: torch.Tensor, modality_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,12 +280,17 @@ def gram_singular_values(
     with w_b the top eigenvector; sign canonical: sum_m <u_b, z_b^m> >= 0. Differentiable, with finite gradients
     at repeated singular values. Returned in at least float32.
     """
-    mask = _check(embeddings, modality_mask)
-    return _leading(_masked(embeddings, modality_mask), mask)
+    _check(embeddings, modality_mask)
+    return _gram_singular_values(embeddings, modality_mask)
+
+
+@_full_precision
+def _gram_singular_values(embeddings: torch.Tensor, modality_mask: torch.Tensor | None):
+    """`gram_singular_values` on a batch validated before."""
+    return _leading(_masked(embeddings, modality_mask), _observed(embeddings, modality_mask))
 
 
 # ---------------------------------------------------------------------------- PMRL
-@_full_precision
 def pmrl_loss(
     embeddings: torch.Tensor,
     modality_mask: torch.Tensor | None = None,
@@ -300,7 +310,14 @@ def pmrl_loss(
     row b is column offset + b. Without it the columns are the local batch. With it, the loss is this process's
     share, world size x sum over local rows / N: the mean over processes is the loss of the concatenated batch.
     """
-    mask = _check(embeddings, modality_mask)
+    _check(embeddings, modality_mask)
+    return _pmrl_loss(embeddings, modality_mask, tau1, tau2, gather_fn)
+
+
+@_full_precision
+def _pmrl_loss(embeddings, modality_mask, tau1, tau2, gather_fn: GatherFn | None) -> torch.Tensor:
+    """`pmrl_loss` on a batch validated before."""
+    mask = _observed(embeddings, modality_mask)
     tau1, tau2 = clamp_temperature(tau1, "tau1"), clamp_temperature(tau2, "tau2")
     singular, u = _leading(_masked(embeddings, modality_mask), mask)
     # row b has min(|Omega_b|, d) singular values: the leading ones of the descending list
@@ -316,14 +333,6 @@ def pmrl_loss(
 
 
 # ---------------------------------------------------------------------------- GRAM and TRIANGLE
-def _symmetric_cross_entropy(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    # (CE_eps(logits, arange) + CE_eps(logits^T, arange)) / 2
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-            + F.cross_entropy(logits.T, targets, label_smoothing=label_smoothing)) / 2
-
-
-@_full_precision
 def gram_volume(
     embeddings: torch.Tensor, modality_mask: torch.Tensor | None = None, *, anchor: int = 0
 ) -> torch.Tensor:
@@ -333,7 +342,14 @@ def gram_volume(
     determinant equal to that of the observed sub-Gram (expand along that row). A row whose anchor is masked
     has a zero anchor, hence zero volumes: leave such rows out before calling (as `gram_loss` does).
     """
-    mask = _check(embeddings, modality_mask)
+    _check(embeddings, modality_mask)
+    return _gram_volume(embeddings, modality_mask, anchor)
+
+
+@_full_precision
+def _gram_volume(embeddings: torch.Tensor, modality_mask: torch.Tensor | None, anchor: int) -> torch.Tensor:
+    """`gram_volume` on a batch validated before."""
+    mask = _observed(embeddings, modality_mask)
     anchor = _anchor_index(anchor, embeddings.shape[1])
     columns = _masked(embeddings, modality_mask)
     return _volume_between(columns[:, anchor], columns, mask, anchor)
@@ -356,7 +372,25 @@ def _volume_between(anchors: torch.Tensor, columns: torch.Tensor, mask: torch.Te
     return torch.linalg.det(gram).abs().clamp_min(_TINY).sqrt()
 
 
-@_full_precision
+def _anchor_contrast(local, packed: torch.Tensor, unpack: Callable, score: Callable, *, temperature,
+                     label_smoothing: float, gather_fn: GatherFn | None, nobody: str) -> torch.Tensor:
+    """GRAM's and TRIANGLE's loss (CE_eps(-S/T, arange) + CE_eps(-S^T/T, arange)) / 2, this process's share, of the
+    scores S [N, N] (volumes, areas) between the anchor of instance i and the other modalities of instance j.
+
+    `local` holds this process's instances as `score` takes them; `packed` [n, ...] is what travels to the other
+    processes (`gather_fn`) and `unpack` turns the gathered rows back into `score`'s form. `score(anchors_of,
+    columns_of)` gives [n_a, n_c]. Raises `nobody` when no process has an instance.
+    """
+    gathered, offset, world = _gather(gather_fn, packed)
+    if gathered.shape[0] == 0:
+        raise ValueError(nobody)
+    everyone = unpack(gathered)
+    rows = score(local, everyone)  # local anchors x all  [n, N]
+    local_columns = rows.T if gather_fn is None else score(everyone, local).T  # all anchors x local  [n, N]
+    return _local_symmetric_cross_entropy(-rows / temperature, -local_columns / temperature, offset, world,
+                                          label_smoothing)
+
+
 def gram_loss(
     embeddings: torch.Tensor,
     modality_mask: torch.Tensor | None = None,
@@ -372,7 +406,15 @@ def gram_loss(
     then spans its observed modalities only. Raises if no instance qualifies (on every process). `gather_fn`
     (as `pmrl_loss`'s): the instances of every process are the negatives; the loss is this process's share.
     """
-    mask = _check(embeddings, modality_mask)
+    _check(embeddings, modality_mask)
+    return _gram_loss(embeddings, modality_mask, temperature, label_smoothing, anchor, gather_fn)
+
+
+@_full_precision
+def _gram_loss(embeddings, modality_mask, temperature, label_smoothing: float, anchor: int,
+               gather_fn: GatherFn | None) -> torch.Tensor:
+    """`gram_loss` on a batch validated before."""
+    mask = _observed(embeddings, modality_mask)
     anchor = _anchor_index(anchor, mask.shape[1])
     temperature, label_smoothing = clamp_temperature(temperature), _label_smoothing(label_smoothing)
     if mask.shape[1] < 2:
@@ -381,34 +423,25 @@ def gram_loss(
     keep = mask[:, anchor] & mask[:, others].any(dim=1)
     columns = _masked(embeddings, modality_mask)[keep]  # [n, k, d]
     packed = torch.cat([columns, mask[keep].unsqueeze(-1).to(columns.dtype)], dim=-1)  # the mask travels along
-    gathered, offset, world = _gather(gather_fn, packed)
-    if gathered.shape[0] == 0:
-        raise ValueError(f"gram_loss: no instance observes the anchor modality {anchor} together with another "
-                         f"modality.")
-    all_columns, all_mask = gathered[..., :-1], gathered[..., -1].detach() > 0.5  # [N, k, d], [N, k]
-    rows = _volume_between(columns[:, anchor], all_columns, all_mask, anchor)  # local anchors x all  [n, N]
-    local_columns = rows.T if gather_fn is None else \
-        _volume_between(all_columns[:, anchor], columns, mask[keep], anchor).T  # all anchors x local  [n, N]
-    return _local_symmetric_cross_entropy(-rows / temperature, -local_columns / temperature, offset, world,
-                                          label_smoothing)
 
+    def unpack(gathered):  # [N, k, d], [N, k]
+        return gathered[..., :-1], gathered[..., -1].detach() > 0.5
 
-@_full_precision
-def triangle_area(
-    embeddings: torch.Tensor, *, anchor: int, first: int, second: int, true_area: bool = False
-) -> torch.Tensor:
-    """A [B, B] between the anchor of row i and modalities `first`, `second` of column j.
+    def volumes(anchors_of, columns_of):
+        return _volume_between(anchors_of[0][:, anchor], columns_of[0], columns_of[1], anchor)
 
-    With u = z_i^anchor - z_j^first, w = z_i^anchor - z_j^second: (|u|^2 |w|^2 - <u, w>^2) / 2 as in the
-    authors' training code (2 area^2), or the true area sqrt(|u|^2 |w|^2 - <u, w>^2) / 2.
-    """
-    _check(embeddings, None)
-    columns = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
-    return _area_between(columns[:, anchor], columns[:, first], columns[:, second], true_area)
+    return _anchor_contrast((columns, mask[keep]), packed, unpack, volumes, temperature=temperature,
+                            label_smoothing=label_smoothing, gather_fn=gather_fn,
+                            nobody=f"gram_loss: no instance observes the anchor modality {anchor} together with "
+                                   f"another modality.")
 
 
 def _area_between(a: torch.Tensor, p: torch.Tensor, r: torch.Tensor, true_area: bool) -> torch.Tensor:
-    """A [n, m] of row anchors a [n, d] with the columns' vertices p, r [m, d] (see `triangle_area`)."""
+    """A [n, m] between row anchors a [n, d] and the columns' vertices p, r [m, d].
+
+    With u = a_i - p_j, w = a_i - r_j: (|u|^2 |w|^2 - <u, w>^2) / 2 as in the authors' training code (2 area^2),
+    or the true area sqrt(|u|^2 |w|^2 - <u, w>^2) / 2.
+    """
     aa = (a * a).sum(-1).unsqueeze(1)  # |a_i|^2  [n, 1]
     ap, ar = a @ p.T, a @ r.T  # <a_i, p_j>, <a_i, r_j>  [n, m]
     pp, rr, pr = (p * p).sum(-1), (r * r).sum(-1), (p * r).sum(-1)  # [m]
@@ -437,7 +470,6 @@ def _triangle_modalities(k: int, anchor: int, modalities: list[int] | None) -> t
     return modalities, first, second
 
 
-@_full_precision
 def triangle_loss(
     embeddings: torch.Tensor,
     modality_mask: torch.Tensor | None = None,
@@ -450,25 +482,34 @@ def triangle_loss(
     gather_fn: GatherFn | None = None,
 ) -> torch.Tensor:
     """TRIANGLE area contrastive loss over three modalities (`modalities`, or all k when k == 3):
-    (CE_eps(-A/T, arange) + CE_eps(-A^T/T, arange)) / 2 with A from `triangle_area`.
+    (CE_eps(-A/T, arange) + CE_eps(-A^T/T, arange)) / 2, A_ij the area of the triangle of the anchor of row i and
+    the two other modalities of column j (`true_area=False`: 2 area^2, as the authors' training code).
 
     Observed only: the instances observing all three modalities take part (a triangle needs its three
     vertices); raises if none does (on every process). `gather_fn` (as `pmrl_loss`'s): the instances of every
     process are the negatives; the loss is this process's share.
     """
-    mask = _check(embeddings, modality_mask)
+    _check(embeddings, modality_mask)
+    return _triangle_loss(embeddings, modality_mask, temperature, label_smoothing, anchor, modalities, true_area,
+                          gather_fn)
+
+
+@_full_precision
+def _triangle_loss(embeddings, modality_mask, temperature, label_smoothing: float, anchor: int,
+                   modalities: list[int] | None, true_area: bool, gather_fn: GatherFn | None) -> torch.Tensor:
+    """`triangle_loss` on a batch validated before."""
+    mask = _observed(embeddings, modality_mask)
     temperature, label_smoothing = clamp_temperature(temperature), _label_smoothing(label_smoothing)
     modalities, first, second = _triangle_modalities(mask.shape[1], anchor, modalities)
     keep = mask[:, modalities].all(dim=1)
     local = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))[keep][:, [anchor, first, second]]
-    gathered, offset, world = _gather(gather_fn, local)  # [N, 3, d]
-    if gathered.shape[0] == 0:
-        raise ValueError(f"triangle_loss: no instance observes all three modalities {modalities}.")
-    rows = _area_between(local[:, 0], gathered[:, 1], gathered[:, 2], true_area)  # local anchors x all  [n, N]
-    local_columns = rows.T if gather_fn is None else \
-        _area_between(gathered[:, 0], local[:, 1], local[:, 2], true_area).T  # all anchors x local  [n, N]
-    return _local_symmetric_cross_entropy(-rows / temperature, -local_columns / temperature, offset, world,
-                                          label_smoothing)
+
+    def areas(anchors_of, columns_of):  # instances [n, 3, d]: anchor, first, second
+        return _area_between(anchors_of[:, 0], columns_of[:, 1], columns_of[:, 2], true_area)
+
+    return _anchor_contrast(local, local, lambda gathered: gathered, areas, temperature=temperature,
+                            label_smoothing=label_smoothing, gather_fn=gather_fn,
+                            nobody=f"triangle_loss: no instance observes all three modalities {modalities}.")
 
 
 # ---------------------------------------------------------------------------- InfoNCE baselines
@@ -490,24 +531,37 @@ def _pair_infonce(columns, mask, pairs, temperature, gather_fn: GatherFn | None 
     return torch.stack(losses).mean()
 
 
-@_full_precision
 def anchor_infonce_loss(embeddings: torch.Tensor, modality_mask: torch.Tensor | None = None, *, anchor: int,
                         temperature=0.07, gather_fn: GatherFn | None = None) -> torch.Tensor:
     """ImageBind-style: symmetric InfoNCE between the anchor and each other modality m, over the rows observing
     both (modalities with fewer than two such rows are skipped), averaged over the modalities that remain.
     `gather_fn` (as `pmrl_loss`'s): the rows of every process are the negatives; the loss is this process's share."""
-    mask = _check(embeddings, modality_mask)
+    _check(embeddings, modality_mask)
+    return _anchor_infonce_loss(embeddings, modality_mask, anchor, temperature, gather_fn)
+
+
+@_full_precision
+def _anchor_infonce_loss(embeddings, modality_mask, anchor: int, temperature,
+                         gather_fn: GatherFn | None) -> torch.Tensor:
+    """`anchor_infonce_loss` on a batch validated before."""
+    mask = _observed(embeddings, modality_mask)
     anchor = _anchor_index(anchor, mask.shape[1])
     pairs = [(anchor, m) for m in range(mask.shape[1]) if m != anchor]
     return _pair_infonce(_masked(embeddings, modality_mask), mask, pairs, clamp_temperature(temperature), gather_fn)
 
 
-@_full_precision
 def pairwise_infonce_loss(embeddings: torch.Tensor, modality_mask: torch.Tensor | None = None, *,
                           temperature=0.07, gather_fn: GatherFn | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over every pair of modalities a < b, each over the rows observing both (pairs with fewer
     than two such rows are skipped), averaged over the pairs that remain. `gather_fn` as `anchor_infonce_loss`'s."""
-    mask = _check(embeddings, modality_mask)
+    _check(embeddings, modality_mask)
+    return _pairwise_infonce_loss(embeddings, modality_mask, temperature, gather_fn)
+
+
+@_full_precision
+def _pairwise_infonce_loss(embeddings, modality_mask, temperature, gather_fn: GatherFn | None) -> torch.Tensor:
+    """`pairwise_infonce_loss` on a batch validated before."""
+    mask = _observed(embeddings, modality_mask)
     k = mask.shape[1]
     pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
     return _pair_infonce(_masked(embeddings, modality_mask), mask, pairs, clamp_temperature(temperature), gather_fn)
@@ -524,40 +578,10 @@ def _aligned(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 def anchor_shift(embeddings: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
     """||u1 - u1^Omega|| [B]: shift of the leading left singular vector of the full Z (`embeddings`, every column
     given) when only the columns of `modality_mask` are observed; u1^Omega sign-aligned to u1."""
-    mask = _check(embeddings, modality_mask)
-    _, full = gram_singular_values(embeddings)
-    _, observed = gram_singular_values(embeddings, mask)
+    _check(embeddings, modality_mask)
+    _, full = _gram_singular_values(embeddings, None)
+    _, observed = _gram_singular_values(embeddings, modality_mask)
     return (full - _aligned(full, observed)).norm(dim=-1)
-
-
-@torch.no_grad()
-@_full_precision
-def anchor_shift_bounds(embeddings: torch.Tensor, modality_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Theorem 1's bounds [B] on the anchor shift, with plain (not squared) singular values:
-
-        lower = sqrt(2 (1 - (sigma_1^Omega + eta^2) / sigma_1)),  eta^2 = sum_{m missing} <u1^Omega, z^m>^2
-        upper = sqrt(2) ||Z^missing||_2 / (sigma_1 - sigma_2)     (inf where sigma_1 = sigma_2)
-
-    `embeddings` is the full Z (every column given); `modality_mask` marks the observed columns.
-    """
-    mask = _check(embeddings, modality_mask)
-    full_singular, _ = gram_singular_values(embeddings)
-    observed_singular, observed_u = gram_singular_values(embeddings, mask)
-    columns = embeddings.to(observed_u.dtype)
-    missing = ~mask
-    projections = (columns @ observed_u.unsqueeze(-1)).squeeze(-1)  # <u1^Omega, z^m>  [B, k]
-    eta_sq = torch.where(missing, projections**2, torch.zeros_like(projections)).sum(dim=1)
-    ratio = (observed_singular[:, 0] + eta_sq) / full_singular[:, 0].clamp_min(_TINY)
-    lower = (2 * (1 - ratio)).clamp_min(0.0).sqrt()
-    has_missing = missing.any(dim=1)
-    missing_norm = torch.zeros_like(lower)  # ||Z^missing||_2, the largest singular value of the missing columns
-    if bool(has_missing.any()):
-        missing_singular, _ = gram_singular_values(embeddings[has_missing], missing[has_missing])
-        missing_norm[has_missing] = missing_singular[:, 0]
-    second = full_singular[:, 1] if full_singular.shape[1] > 1 else torch.zeros_like(lower)
-    gap = full_singular[:, 0] - second  # sigma_1 - sigma_2
-    upper = torch.where(gap > 0, (2**0.5) * missing_norm / gap.clamp_min(_TINY), torch.full_like(gap, float("inf")))
-    return lower, upper
 
 
 @torch.no_grad()
@@ -569,8 +593,8 @@ def calibrated_anchor_shift(true_embeddings: torch.Tensor, calibrated_embeddings
     if true_embeddings.shape != calibrated_embeddings.shape:
         raise ValueError(f"true_embeddings and calibrated_embeddings must have the same shape [B, k, d], got "
                          f"{list(true_embeddings.shape)} and {list(calibrated_embeddings.shape)}.")
-    _, true_u = gram_singular_values(true_embeddings)
-    _, calibrated_u = gram_singular_values(calibrated_embeddings)
+    _, true_u = _gram_singular_values(true_embeddings, None)
+    _, calibrated_u = _gram_singular_values(calibrated_embeddings, None)
     calibrated_u = calibrated_u.to(true_u.dtype)
     return (true_u - _aligned(true_u, calibrated_u)).norm(dim=-1)
 
@@ -580,7 +604,8 @@ def calibrated_anchor_shift(true_embeddings: torch.Tensor, calibrated_embeddings
 class Objective:
     """An entry of `OBJECTIVES`: `loss(embeddings, modality_mask, config, temperature)` is the objective with its
     settings read from a `CalMRLConfig` (the fields named in `config_keys`); `temperature` is the model's
-    (learnable) contrastive temperature, clamped inside the loss."""
+    (learnable) contrastive temperature, clamped inside the loss. The batch is not validated again: the model
+    validated it where it entered (the public `*_loss` functions check theirs)."""
 
     loss: Callable[..., torch.Tensor]
     config_keys: tuple[str, ...]
@@ -596,13 +621,12 @@ def _gather_fn(config) -> GatherFn | None:
 
 
 def _pmrl_objective(embeddings, modality_mask, config, temperature):
-    return pmrl_loss(embeddings, modality_mask, tau1=config.pmrl_tau1, tau2=config.pmrl_tau2,
-                     gather_fn=_gather_fn(config))
+    return _pmrl_loss(embeddings, modality_mask, config.pmrl_tau1, config.pmrl_tau2, _gather_fn(config))
 
 
 def _gram_objective(embeddings, modality_mask, config, temperature):
-    return gram_loss(embeddings, modality_mask, temperature=temperature, label_smoothing=config.label_smoothing,
-                     anchor=_anchor_of(config), gather_fn=_gather_fn(config))
+    return _gram_loss(embeddings, modality_mask, temperature, config.label_smoothing, _anchor_of(config),
+                      _gather_fn(config))
 
 
 def _triangle_objective(embeddings, modality_mask, config, temperature):
@@ -610,21 +634,20 @@ def _triangle_objective(embeddings, modality_mask, config, temperature):
     if config.triangle_modalities is not None:  # the three named modalities, the first one the anchor
         modalities = [config.modality_index(m) for m in config.triangle_modalities]
         anchor = modalities[0]
-    return triangle_loss(embeddings, modality_mask, temperature=temperature, label_smoothing=config.label_smoothing,
-                         anchor=anchor, modalities=modalities, gather_fn=_gather_fn(config))
+    return _triangle_loss(embeddings, modality_mask, temperature, config.label_smoothing, anchor, modalities,
+                          False, _gather_fn(config))
 
 
 def _anchor_infonce_objective(embeddings, modality_mask, config, temperature):
-    return anchor_infonce_loss(embeddings, modality_mask, anchor=_anchor_of(config), temperature=temperature,
-                               gather_fn=_gather_fn(config))
+    return _anchor_infonce_loss(embeddings, modality_mask, _anchor_of(config), temperature, _gather_fn(config))
 
 
 def _pairwise_infonce_objective(embeddings, modality_mask, config, temperature):
-    return pairwise_infonce_loss(embeddings, modality_mask, temperature=temperature, gather_fn=_gather_fn(config))
+    return _pairwise_infonce_loss(embeddings, modality_mask, temperature, _gather_fn(config))
 
 
 _CONTRASTIVE_KEYS = ("temperature", "learnable_temperature")
-# `CalMRLConfig.alignment_objective` -> the objective; its names are `configuration_calmrl.ALIGNMENT_OBJECTIVES`.
+# `CalMRLConfig.alignment_objective` -> the objective (the config accepts exactly these names).
 OBJECTIVES: dict[str, Objective] = {
     "pmrl": Objective(_pmrl_objective, ("pmrl_tau1", "pmrl_tau2", "gather_across_processes")),
     "gram": Objective(_gram_objective,
@@ -643,7 +666,6 @@ __all__ = [
     "Objective",
     "anchor_infonce_loss",
     "anchor_shift",
-    "anchor_shift_bounds",
     "calibrated_anchor_shift",
     "clamp_temperature",
     "gram_loss",
@@ -651,6 +673,5 @@ __all__ = [
     "gram_volume",
     "pairwise_infonce_loss",
     "pmrl_loss",
-    "triangle_area",
     "triangle_loss",
 ]

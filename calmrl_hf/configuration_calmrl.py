@@ -16,6 +16,7 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.utils import logging
 
+from .alignment import OBJECTIVES
 from .feature_encoder import FeatureEncoderConfig
 from .validation import unknown_name_message
 
@@ -54,7 +55,6 @@ TRANSFORMERS_CONFIG_KEYS = frozenset({
 # True while `from_dict` builds a config from a file: unknown keys are then a warning, not an error.
 _LOADING_FROM_DICT: ContextVar[bool] = ContextVar("calmrl_loading_from_dict", default=False)
 IMPUTER_METHODS = ("ppca", "mean", "zero", "none")
-ALIGNMENT_OBJECTIVES = ("pmrl", "gram", "triangle", "anchor_infonce", "pairwise_infonce")
 
 
 def _as_config(config: PreTrainedConfig | dict) -> PreTrainedConfig:
@@ -307,9 +307,9 @@ class CalMRLConfig(PreTrainedConfig):
                 raise ValueError(f"pooling[{name!r}] = {mode!r}; expected one of {POOLING_MODES}.")
         if self.imputer_method not in IMPUTER_METHODS:
             raise ValueError(f"imputer_method = {self.imputer_method!r}; expected one of {IMPUTER_METHODS}.")
-        if self.alignment_objective not in ALIGNMENT_OBJECTIVES:
+        if self.alignment_objective not in OBJECTIVES:
             raise ValueError(
-                f"alignment_objective = {self.alignment_objective!r}; expected one of {ALIGNMENT_OBJECTIVES}."
+                f"alignment_objective = {self.alignment_objective!r}; expected one of {tuple(OBJECTIVES)}."
             )
         if self.anchor_modality not in modalities:
             raise ValueError(f"anchor_modality = {self.anchor_modality!r} is not one of the modalities {modalities}.")

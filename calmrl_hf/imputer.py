@@ -131,6 +131,117 @@ class _EStep:
     observed: torch.Tensor  # z with 0 in missing slots [N, k, d] (compute dtype)
 
 
+def _compute_dtype(z: torch.Tensor) -> torch.dtype:
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+def _posterior_by_pattern(z: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                          noise_var: torch.Tensor) -> _EStep:
+    """The E-step: posterior of the shared latent of each row of z [N, k, d] given its observed modalities, with the
+    parameters W [k, d, q], mu [k, d], s2 [k] in the compute dtype."""
+    dtype = weight.dtype
+    n, k, d = z.shape
+    # torch.where (not * 0) so that NaN in a missing slot cannot leak
+    observed = torch.where(mask.unsqueeze(-1), z.to(dtype), torch.zeros((), dtype=dtype, device=z.device))
+    scaled_weight = weight / noise_var[:, None, None]  # W_m / s2_m  [k, d, q]
+    # b_i = sum_{m in Omega_i} W_m^T (z_i^m - mu_m) / s2_m
+    #     = [z_i^1 .. z_i^k] @ [W_1 / s2_1; ..; W_k / s2_k] - sum_{m in Omega_i} W_m^T mu_m / s2_m
+    mean_offset = torch.einsum("kd,kdq->kq", mean, scaled_weight)  # [k, q]
+    precision_times_mean = observed.reshape(n, k * d) @ scaled_weight.reshape(k * d, -1)
+    precision_times_mean = precision_times_mean - mask.to(dtype) @ mean_offset
+    # one Cholesky per missingness pattern: P_p = I + sum_{m in p} W_m^T W_m / s2_m
+    powers = 2 ** torch.arange(k, device=mask.device)
+    codes = (mask.long() * powers).sum(dim=1)
+    pattern_codes, pattern_index = torch.unique(codes, return_inverse=True)
+    pattern_masks = (pattern_codes.unsqueeze(1) & powers) > 0  # [p, k]
+    gram = torch.einsum("kdq,kdr->kqr", weight, scaled_weight)  # W_m^T W_m / s2_m  [k, q, q]
+    eye = torch.eye(weight.shape[-1], dtype=dtype, device=z.device)
+    precision = eye + torch.einsum("pk,kqr->pqr", pattern_masks.to(dtype), gram)
+    cholesky = torch.linalg.cholesky(precision)
+    pattern_cov = torch.cholesky_inverse(cholesky)  # V_p  [p, q, q]
+    logdet = 2.0 * cholesky.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    # m_i = V_p b_i, solved per pattern (rows of one pattern share V_p)
+    if pattern_codes.numel() == 1:
+        latent_mean = precision_times_mean @ pattern_cov[0]
+    else:
+        latent_mean = torch.empty_like(precision_times_mean)
+        for p in range(pattern_codes.numel()):
+            rows = (pattern_index == p).nonzero().flatten()
+            latent_mean = latent_mean.index_copy(0, rows, precision_times_mean[rows] @ pattern_cov[p])
+    return _EStep(latent_mean, pattern_index, pattern_masks, pattern_cov, logdet, precision_times_mean, observed)
+
+
+def _accumulate_statistics(e: _EStep, mask: torch.Tensor, dim: int) -> PPCAStatistics:
+    """The M-step's sufficient statistics of the rows of an E-step, accumulated in float64."""
+    device, k, q = e.observed.device, mask.shape[1], e.mean.shape[1]
+    # A_m = sum_i [[V_i + m_i m_i^T, m_i], [m_i^T, 1]] over rows observing m: V_i summed per pattern
+    pattern_counts = torch.zeros(e.pattern_cov.shape[0], k, dtype=torch.float64, device=device)
+    pattern_counts.index_add_(0, e.pattern_index, mask.to(torch.float64))
+    A = torch.zeros(k, q + 1, q + 1, dtype=torch.float64, device=device)
+    A[:, :q, :q] = torch.einsum("pk,pqr->kqr", pattern_counts, e.pattern_cov.to(torch.float64))
+    B = torch.zeros(k, dim, q + 1, dtype=torch.float64, device=device)
+    sum_sq_norm = torch.zeros(k, dtype=torch.float64, device=device)
+    maskf = mask.to(e.mean.dtype)
+    for start in range(0, mask.shape[0], _CHUNK_ROWS):  # compute dtype within a chunk, float64 across
+        rows = slice(start, start + _CHUNK_ROWS)
+        latent, observed = e.mean[rows], e.observed[rows]  # [n, q], [n, k, d]
+        for m in range(k):
+            # rows missing m hold zeros in `observed`, so plain products sum over rows observing m only
+            B[m, :, :q] += (observed[:, m].T @ latent).to(torch.float64)  # sum_i z_i^m m_i^T
+            A[m, :q, :q] += ((latent * maskf[rows, m, None]).T @ latent).to(torch.float64)
+        A[:, :q, q] += (maskf[rows].T @ latent).to(torch.float64)  # sum_i m_i
+        B[:, :, q] += observed.sum(dim=0).to(torch.float64)  # sum_i z_i^m
+        sum_sq_norm += observed.square().sum(dim=(0, 2)).to(torch.float64)
+    A[:, q, :q] = A[:, :q, q]
+    count = mask.sum(dim=0).to(torch.float64)
+    A[:, q, q] = count
+    return PPCAStatistics(A, B, sum_sq_norm, count)
+
+
+def _solve_m_step(A: torch.Tensor, B: torch.Tensor, c: torch.Tensor, count: torch.Tensor, ridge: float,
+                  noise_var_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form [W_m, mu_m] [a, d, q+1] and s2_m [a] of the modalities whose float64 statistics are given."""
+    d, q1 = B.shape[1], B.shape[2]
+    eye = torch.eye(q1, dtype=torch.float64, device=A.device)
+    ridge = ridge * count.clamp_min(1.0)[:, None, None] * eye  # solve, don't invert; tiny relative ridge
+    # [W_m, mu_m] = B_m A_m^{-1}  (A symmetric: solve A X = B^T, then transpose)
+    loading = torch.linalg.solve(A + ridge, B.transpose(1, 2)).transpose(1, 2)  # [a, d, q+1]
+    # s2_m = (c_m - 2 <[W_m, mu_m], B_m> + tr([W_m, mu_m]^T [W_m, mu_m] A_m)) / (N_m d)
+    cross = (loading * B).sum(dim=(1, 2))
+    quadratic = torch.einsum("adq,adr,aqr->a", loading, loading, A)
+    noise_var = ((c - 2.0 * cross + quadratic) / (count * d)).clamp_min(noise_var_floor)
+    return loading, noise_var
+
+
+def _joint_pca(z: torch.Tensor, mask: torch.Tensor, latent_dim: int, seed: int):
+    """(W [k, d, q], mu [k, d], s2 [k], rows per modality [k]) in float64 from a PCA of the mean-filled
+    concatenation of all modalities: every W_m in the same latent basis, s2_m the residual variance per coordinate
+    (at least 10% of the modality's total)."""
+    n, k, d = z.shape
+    q = latent_dim
+    data = torch.where(mask.unsqueeze(-1), z.detach(), torch.zeros((), dtype=z.dtype, device=z.device)).double()
+    counts = mask.sum(dim=0).double()
+    mean = data.sum(dim=0) / counts.clamp_min(1.0)[:, None]  # [k, d]
+    centered = torch.where(mask.unsqueeze(-1), data - mean, torch.zeros((), dtype=data.dtype, device=z.device))
+    flat = centered.reshape(n, k * d)
+    rank = min(q, *flat.shape)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # pca_lowrank draws a random projection: keep fit deterministic
+    try:
+        _, singular, basis = torch.pca_lowrank(flat, q=min(rank + 8, *flat.shape), center=False, niter=6)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    eigenvalues = singular[:rank] ** 2 / max(n - 1, 1)
+    total_var = (centered**2).sum(dim=0).sum(dim=-1) / counts.clamp_min(1.0)  # per modality, summed over d
+    weight = torch.zeros(k, d, q, dtype=torch.float64, device=z.device)
+    loading = basis[:, :rank] * eigenvalues.sqrt()  # [k d, rank]
+    weight[:, :, :rank] = loading.reshape(k, d, rank)
+    explained = (weight**2).sum(dim=(1, 2))
+    # residual variance per coordinate, at least 10% of the total (the PCA may over-explain a modality)
+    noise_var = torch.maximum(total_var - explained, 0.1 * total_var) / d
+    return weight, mean, noise_var, counts
+
+
 class PPCAImputer(nn.Module):
     """Multi-view PPCA imputer of missing modality embeddings (see the module docstring).
 
@@ -215,15 +326,21 @@ class PPCAImputer(nn.Module):
 
     # ------------------------------------------------------------------ validation
     def _validate(self, z: torch.Tensor, mask: torch.Tensor) -> None:
+        """The door of every public method taking a batch: shapes, then `check_values`."""
         check_embeddings(z, mask, name="z", mask_name="mask", rows="N", num_modalities=self.num_modalities,
                          dim=self.dim, min_rows=0, mask_optional=False)
+        self.check_values(z, mask)
+
+    def check_values(self, z: torch.Tensor, mask: torch.Tensor) -> None:
+        """Refuse NaN, inf, or entries too large for the statistics (`max_abs_value`) in the slots of z [N, k, d]
+        that `mask` [N, k] observes (missing slots may hold anything)."""
         limit = self.max_abs_value(z.dtype)
         if z.numel():
             low, high = torch.aminmax(z.detach())  # one pass; NaN anywhere fails the test: the slow path
             if max(-float(low), float(high)) <= limit:
                 return
-        # where exactly (missing slots may hold anything): the largest |entry| of each row and modality, NaN or inf
-        # where an entry is, without an [N, k, d] temporary
+        # where exactly: the largest |entry| of each row and modality, NaN or inf where an entry is, without an
+        # [N, k, d] temporary
         peak = torch.maximum(z.amax(dim=-1), -z.amin(dim=-1)) if z.numel() else z.sum(dim=-1)  # [N, k]
         bad = (mask & ~torch.isfinite(peak)).nonzero()
         if bad.numel():
@@ -235,7 +352,7 @@ class PPCAImputer(nn.Module):
             row, modality = large[0].tolist()
             raise ValueError(
                 f"z has entries up to {float(peak[mask].max()):.3g} in observed slots (row {row}, modality "
-                f"{modality}); the imputer's {self._compute_dtype(z)} statistics (sums of squares over {self.dim} "
+                f"{modality}); the imputer's {_compute_dtype(z)} statistics (sums of squares over {self.dim} "
                 f"coordinates and up to {_CHUNK_ROWS} rows) overflow beyond {limit:.3g}. Rescale the embeddings "
                 f"(CalMRL's are unit-norm) or pass float64.")
 
@@ -249,50 +366,12 @@ class PPCAImputer(nn.Module):
         return (self.weight.to(device=device, dtype=dtype), self.mean.to(device=device, dtype=dtype),
                 self.noise_var.to(device=device, dtype=dtype))
 
-    @staticmethod
-    def _compute_dtype(z: torch.Tensor) -> torch.dtype:
-        return torch.float64 if z.dtype == torch.float64 else torch.float32
-
-    # ------------------------------------------------------------------ E-step
     def _e_step(self, z: torch.Tensor, mask: torch.Tensor) -> _EStep:
-        dtype = self._compute_dtype(z)
-        weight, mean, noise_var = self._parameters_as(dtype, z.device)
-        n, k, d = z.shape
-        # torch.where (not * 0) so that NaN in a missing slot cannot leak
-        observed = torch.where(mask.unsqueeze(-1), z.to(dtype), torch.zeros((), dtype=dtype, device=z.device))
-        scaled_weight = weight / noise_var[:, None, None]  # W_m / s2_m  [k, d, q]
-        # b_i = sum_{m in Omega_i} W_m^T (z_i^m - mu_m) / s2_m
-        #     = [z_i^1 .. z_i^k] @ [W_1 / s2_1; ..; W_k / s2_k] - sum_{m in Omega_i} W_m^T mu_m / s2_m
-        mean_offset = torch.einsum("kd,kdq->kq", mean, scaled_weight)  # [k, q]
-        precision_times_mean = observed.reshape(n, k * d) @ scaled_weight.reshape(k * d, -1)
-        precision_times_mean = precision_times_mean - mask.to(dtype) @ mean_offset
-        # one Cholesky per missingness pattern: P_p = I + sum_{m in p} W_m^T W_m / s2_m
-        powers = 2 ** torch.arange(k, device=mask.device)
-        codes = (mask.long() * powers).sum(dim=1)
-        pattern_codes, pattern_index = torch.unique(codes, return_inverse=True)
-        pattern_masks = (pattern_codes.unsqueeze(1) & powers) > 0  # [p, k]
-        gram = torch.einsum("kdq,kdr->kqr", weight, scaled_weight)  # W_m^T W_m / s2_m  [k, q, q]
-        eye = torch.eye(self.latent_dim, dtype=dtype, device=z.device)
-        precision = eye + torch.einsum("pk,kqr->pqr", pattern_masks.to(dtype), gram)
-        cholesky = torch.linalg.cholesky(precision)
-        pattern_cov = torch.cholesky_inverse(cholesky)  # V_p  [p, q, q]
-        logdet = 2.0 * cholesky.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        # m_i = V_p b_i, solved per pattern (rows of one pattern share V_p)
-        if pattern_codes.numel() == 1:
-            latent_mean = precision_times_mean @ pattern_cov[0]
-        else:
-            latent_mean = torch.empty_like(precision_times_mean)
-            for p in range(pattern_codes.numel()):
-                rows = (pattern_index == p).nonzero().flatten()
-                latent_mean = latent_mean.index_copy(0, rows, precision_times_mean[rows] @ pattern_cov[p])
-        return _EStep(latent_mean, pattern_index, pattern_masks, pattern_cov, logdet, precision_times_mean, observed)
+        return _posterior_by_pattern(z, mask, *self._parameters_as(_compute_dtype(z), z.device))
 
-    def posterior(self, z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior of the shared latent: mean m_i [N, q] and covariance V_i [N, q, q] (in z's dtype)."""
-        self._validate(z, mask)
-        e = self._e_step(z, mask)
-        return e.mean.to(z.dtype), e.pattern_cov[e.pattern_index].to(z.dtype)
-
+    # ------------------------------------------------------------------ inference
+    # Each public method validates its batch once and runs its unchecked `_` twin, which the model calls on the
+    # embeddings it validated where they entered it.
     def impute(self, z: torch.Tensor, mask: torch.Tensor, *, return_covariance: bool = False):
         """Fill the missing slots of z [N, k, d] with their posterior mean W_{m'} m_i + mu_{m'}.
 
@@ -301,6 +380,9 @@ class PPCAImputer(nn.Module):
         O(N k d^2) memory, so ask for it on small batches.
         """
         self._validate(z, mask)
+        return self._impute(z, mask, return_covariance)
+
+    def _impute(self, z: torch.Tensor, mask: torch.Tensor, return_covariance: bool = False):
         e = self._e_step(z, mask)
         weight, mean, noise_var = self._parameters_as(e.mean.dtype, z.device)
         predicted = torch.einsum("nq,kdq->nkd", e.mean, weight) + mean  # [N, k, d]
@@ -318,6 +400,9 @@ class PPCAImputer(nn.Module):
         """Posterior variance per coordinate [N, k] of each imputed slot (0 at observed slots): the mean diagonal
         of W_{m'} V_i W_{m'}^T + noise_var_{m'} I, computed without forming the d x d matrices."""
         self._validate(z, mask)
+        return self._imputation_variance(z, mask)
+
+    def _imputation_variance(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         e = self._e_step(z, mask)
         weight, _, noise_var = self._parameters_as(e.mean.dtype, z.device)
         # diag(W V W^T)_d = sum_{q,r} W_dq V_qr W_dr, per pattern and modality: [p, k]
@@ -328,6 +413,9 @@ class PPCAImputer(nn.Module):
     def log_likelihood(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Marginal log-likelihood [N] of each row's observed entries (in float64 for float64 input)."""
         self._validate(z, mask)
+        return self._log_likelihood(z, mask)
+
+    def _log_likelihood(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         e = self._e_step(z, mask)
         _, _, noise_var = self._parameters_as(e.mean.dtype, z.device)
         _, mean, _ = self._parameters_as(e.mean.dtype, z.device)
@@ -346,31 +434,11 @@ class PPCAImputer(nn.Module):
     def sufficient_statistics(self, z: torch.Tensor, mask: torch.Tensor) -> PPCAStatistics:
         """E-step statistics of the rows of z (observed entries only), accumulated in float64."""
         self._validate(z, mask)
-        with torch.no_grad():
-            e = self._e_step(z.detach(), mask)
-            k, q = self.num_modalities, self.latent_dim
-            # A_m = sum_i [[V_i + m_i m_i^T, m_i], [m_i^T, 1]] over rows observing m: V_i summed per pattern
-            pattern_counts = torch.zeros(e.pattern_cov.shape[0], k, dtype=torch.float64, device=z.device)
-            pattern_counts.index_add_(0, e.pattern_index, mask.to(torch.float64))
-            A = torch.zeros(k, q + 1, q + 1, dtype=torch.float64, device=z.device)
-            A[:, :q, :q] = torch.einsum("pk,pqr->kqr", pattern_counts, e.pattern_cov.to(torch.float64))
-            B = torch.zeros(k, self.dim, q + 1, dtype=torch.float64, device=z.device)
-            sum_sq_norm = torch.zeros(k, dtype=torch.float64, device=z.device)
-            maskf = mask.to(e.mean.dtype)
-            for start in range(0, z.shape[0], _CHUNK_ROWS):  # compute dtype within a chunk, float64 across
-                rows = slice(start, start + _CHUNK_ROWS)
-                latent, observed = e.mean[rows], e.observed[rows]  # [n, q], [n, k, d]
-                for m in range(k):
-                    # rows missing m hold zeros in `observed`, so plain products sum over rows observing m only
-                    B[m, :, :q] += (observed[:, m].T @ latent).to(torch.float64)  # sum_i z_i^m m_i^T
-                    A[m, :q, :q] += ((latent * maskf[rows, m, None]).T @ latent).to(torch.float64)
-                A[:, :q, q] += (maskf[rows].T @ latent).to(torch.float64)  # sum_i m_i
-                B[:, :, q] += observed.sum(dim=0).to(torch.float64)  # sum_i z_i^m
-                sum_sq_norm += observed.square().sum(dim=(0, 2)).to(torch.float64)
-            A[:, q, :q] = A[:, :q, q]
-            count = mask.sum(dim=0).to(torch.float64)
-            A[:, q, q] = count
-        return PPCAStatistics(A, B, sum_sq_norm, count)
+        return self._sufficient_statistics(z, mask)
+
+    @torch.no_grad()
+    def _sufficient_statistics(self, z: torch.Tensor, mask: torch.Tensor) -> PPCAStatistics:
+        return _accumulate_statistics(self._e_step(z.detach(), mask), mask, self.dim)
 
     @torch.no_grad()
     def m_step(self, stats: PPCAStatistics, modalities: torch.Tensor | None = None) -> None:
@@ -379,6 +447,10 @@ class PPCAImputer(nn.Module):
         `modalities` (bool [k]) restricts the update to some modalities (a streaming caller waiting for enough
         rows); a selected modality without rows is reported.
         """
+        self._check_statistics(stats)
+        self._m_step(stats, modalities)
+
+    def _check_statistics(self, stats: PPCAStatistics) -> None:
         k, d, q = self.num_modalities, self.dim, self.latent_dim
         expected = {"latent_second_moment": (k, q + 1, q + 1), "cross_moment": (k, d, q + 1), "sum_sq_norm": (k,),
                     "count": (k,)}
@@ -392,12 +464,16 @@ class PPCAImputer(nn.Module):
                 raise ValueError(f"stats.{name} has NaN or inf (modalities {(~finite).nonzero().flatten().tolist()}); "
                                  f"the M-step would write non-finite parameters. The embeddings they were summed from "
                                  f"were not finite, or too large.")
+
+    @torch.no_grad()
+    def _m_step(self, stats: PPCAStatistics, modalities: torch.Tensor | None = None) -> None:
         device = self.weight.device
         A = stats.latent_second_moment.to(device=device, dtype=torch.float64)
         B = stats.cross_moment.to(device=device, dtype=torch.float64)
         c = stats.sum_sq_norm.to(device=device, dtype=torch.float64)
         count = stats.count.to(device=device, dtype=torch.float64)
-        selected = torch.ones(k, dtype=torch.bool, device=device) if modalities is None else modalities.to(device)
+        selected = torch.ones(self.num_modalities, dtype=torch.bool, device=device) if modalities is None else \
+            modalities.to(device)
         active = (count > 0) & selected
         unobserved = (selected & ~active).nonzero().flatten().tolist()
         if unobserved:
@@ -405,16 +481,10 @@ class PPCAImputer(nn.Module):
                           f"current parameters and are not imputed until observed.", stacklevel=2)
         if not active.any():
             return
-        A, B, c, count = A[active], B[active], c[active], count[active]
-        eye = torch.eye(q + 1, dtype=torch.float64, device=device)
-        ridge = self.ridge * count.clamp_min(1.0)[:, None, None] * eye  # solve, don't invert; tiny relative ridge
-        # [W_m, mu_m] = B_m A_m^{-1}  (A symmetric: solve A X = B^T, then transpose)
-        loading = torch.linalg.solve(A + ridge, B.transpose(1, 2)).transpose(1, 2)  # [a, d, q+1]
-        # s2_m = (c_m - 2 <[W_m, mu_m], B_m> + tr([W_m, mu_m]^T [W_m, mu_m] A_m)) / (N_m d)
-        cross = (loading * B).sum(dim=(1, 2))
-        quadratic = torch.einsum("adq,adr,aqr->a", loading, loading, A)
-        noise_var = ((c - 2.0 * cross + quadratic) / (count * d)).clamp_min(self.noise_var_floor)
+        loading, noise_var = _solve_m_step(A[active], B[active], c[active], count[active], self.ridge,
+                                           self.noise_var_floor)
         index = active.nonzero().flatten()
+        q = self.latent_dim
         self._write_parameters(index, loading[:, :, :q], loading[:, :, q], noise_var)
         self.fitted[index] = 1.0
 
@@ -427,30 +497,13 @@ class PPCAImputer(nn.Module):
         already shared; each modality's noise variance starts at its residual variance per coordinate.
         """
         self._validate(z, mask)
-        k, d, q = self.num_modalities, self.dim, self.latent_dim
+        self._initialize_from_data(z, mask, modalities)
+
+    def _initialize_from_data(self, z: torch.Tensor, mask: torch.Tensor, modalities=None) -> None:
         modalities = (~self.fitted_modalities).nonzero().flatten().tolist() if modalities is None else modalities
         if not modalities:
             return
-        data = torch.where(mask.unsqueeze(-1), z.detach(), torch.zeros((), dtype=z.dtype, device=z.device)).double()
-        counts = mask.sum(dim=0).double()
-        mean = data.sum(dim=0) / counts.clamp_min(1.0)[:, None]  # [k, d]
-        centered = torch.where(mask.unsqueeze(-1), data - mean, torch.zeros((), dtype=data.dtype, device=z.device))
-        flat = centered.reshape(z.shape[0], k * d)
-        rank = min(q, *flat.shape)
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)  # pca_lowrank draws a random projection: keep fit deterministic
-        try:
-            _, singular, basis = torch.pca_lowrank(flat, q=min(rank + 8, *flat.shape), center=False, niter=6)
-        finally:
-            torch.random.set_rng_state(generator_state)
-        eigenvalues = singular[:rank] ** 2 / max(z.shape[0] - 1, 1)
-        total_var = (centered**2).sum(dim=0).sum(dim=-1) / counts.clamp_min(1.0)  # per modality, summed over d
-        weight = torch.zeros(k, d, q, dtype=torch.float64, device=z.device)
-        loading = basis[:, :rank] * eigenvalues.sqrt()  # [k d, rank]
-        weight[:, :, :rank] = loading.reshape(k, d, rank)
-        explained = (weight**2).sum(dim=(1, 2))
-        # residual variance per coordinate, at least 10% of the total (the PCA may over-explain a modality)
-        noise_var = torch.maximum(total_var - explained, 0.1 * total_var) / d
+        weight, mean, noise_var, counts = _joint_pca(z, mask, self.latent_dim, self.seed)
         index = torch.tensor([m for m in modalities if counts[m] > 0], dtype=torch.long, device=z.device)
         # shrink W: leave room for the noise
         self._write_parameters(index, weight[index] * 0.9, mean[index], noise_var[index].clamp_min(self.noise_var_floor))
@@ -474,11 +527,11 @@ class PPCAImputer(nn.Module):
         if max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {max_iter}.")
         if init_from_data:
-            self.initialize_from_data(z, mask)
-        history = [float(self.log_likelihood(z, mask).sum())]
+            self._initialize_from_data(z, mask)
+        history = [float(self._log_likelihood(z, mask).sum())]
         for _ in range(max_iter):
-            self.m_step(self.sufficient_statistics(z, mask))
-            history.append(float(self.log_likelihood(z, mask).sum()))
+            self._m_step(self._sufficient_statistics(z, mask))
+            history.append(float(self._log_likelihood(z, mask).sum()))
             if abs(history[-1] - history[-2]) <= tol * abs(history[-2]):
                 break
         logger.info("PPCA EM: %d iterations, log-likelihood %.4g -> %.4g", len(history) - 1, history[0], history[-1])

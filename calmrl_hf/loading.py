@@ -2,26 +2,22 @@
 
 transformers only logs missing or unexpected keys (and leaves freshly initialised values in the missing ones); a
 CalMRL checkpoint must load completely, imputer buffers included, or it is an error that says what differs.
-Pickle files are never unpickled. Imports torch, transformers and safetensors only: this file is copied into
-checkpoints as remote code.
+Pickle files are never unpickled. `config_from_towers` assembles the config of a model built around pretrained
+towers. Imports transformers and safetensors only (and same-folder files): this file is copied into checkpoints as
+remote code.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
+from .configuration_calmrl import DEFAULT_MODALITIES, DEFAULT_SHARED_ENCODERS, CalMRLConfig
 from .towers import tower_class
 
-
-logger = logging.getLogger(__name__)
 
 # Files that hold pickled weights: refused when loading a model (`load_strictly`) and when sharing one (`hub`).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -36,15 +32,14 @@ def _refuse_pickles(location) -> None:
                          f"CalMRL refuses to unpickle checkpoints. Convert them to safetensors first.")
 
 
-def load_strictly(from_pretrained: Callable, *args, optional_keys: tuple[str, ...] = (), **kwargs):
+def load_strictly(from_pretrained: Callable, *args, **kwargs):
     """`(model, loading_info)` from transformers' `from_pretrained(*args, **kwargs)`, refusing pickles, safetensors
     files that do not parse (a truncated file, a damaged header) and any checkpoint that does not match the config
     (missing, unexpected or reshaped tensors). Tensor values are not checksummed: a changed value inside a
     well-formed file loads (training checkpoints are verified, `checkpointing.read_manifest`).
 
     Tensors of another shape are reported by transformers in `mismatched_keys` (`ignore_mismatched_sizes=True`)
-    and refused here with the others, instead of surfacing as transformers' own RuntimeError. `optional_keys` may
-    be missing (checkpoints saved before they existed): a warning, and the model's initial values.
+    and refused here with the others, instead of surfacing as transformers' own RuntimeError.
     """
     if kwargs.get("use_safetensors") is False:
         raise ValueError("CalMRL checkpoints load from safetensors only (pickle files are never unpickled).")
@@ -56,11 +51,7 @@ def load_strictly(from_pretrained: Callable, *args, optional_keys: tuple[str, ..
     except SafetensorError as error:
         raise ValueError(f"The safetensors weights of {args[0] if args else 'the checkpoint'} are corrupt or "
                          f"truncated: {error}") from error
-    absent_optional = sorted(set(map(str, info.get("missing_keys") or [])) & set(optional_keys))
-    if absent_optional:
-        logger.warning("The checkpoint predates %s; loading it with their initial values.", absent_optional)
     problems = {key: sorted(map(str, info.get(key) or [])) for key in _LOADING_PROBLEMS}
-    problems["missing_keys"] = [key for key in problems["missing_keys"] if key not in absent_optional]
     problems = {key: value for key, value in problems.items() if value}
     if problems:
         details = "; ".join(f"{key}: {value[:8]}{' ...' if len(value) > 8 else ''}" for key, value in problems.items())
@@ -81,16 +72,6 @@ def load_sub_model(name: str, spec: str, model_class: type) -> PreTrainedModel:
     return tower
 
 
-def saved_tensor(location, key: str, kwargs: dict) -> torch.Tensor:
-    """Tensor `key` as stored in the safetensors weights of a checkpoint (a folder or a Hub repo id, `kwargs` those
-    of `from_pretrained`: revision, cache_dir, token, ...), sharded or not."""
-    hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
-    index = cached_file(str(location), SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False, **hub)
-    name = json.loads(Path(index).read_text())["weight_map"][key] if index else SAFE_WEIGHTS_NAME
-    with safe_open(cached_file(str(location), name, **hub), framework="pt") as weights:
-        return weights.get_tensor(key)
-
-
 def load_tower(name: str, spec) -> PreTrainedModel | PreTrainedConfig:
     """The tower of modality `name` for `CalMRLModel.from_encoders`: a model or config as given, or a folder /
     Hub repo id loaded with `AutoModel.from_pretrained`; from a composite checkpoint whose config has a
@@ -108,4 +89,30 @@ def load_tower(name: str, spec) -> PreTrainedModel | PreTrainedConfig:
     )
 
 
-__all__ = ["PICKLE_SUFFIXES", "load_strictly", "load_tower", "saved_tensor"]
+def config_from_towers(modalities: list[str] | None, shared_encoders: dict[str, str] | None,
+                       kwargs: dict) -> tuple[CalMRLConfig, dict[str, PreTrainedModel]]:
+    """The config of `CalMRLModel.from_encoders` and the tower models to build it with: `kwargs` named after a
+    modality give its tower (`load_tower`), the others go to `CalMRLConfig`. Without `modalities`, the default
+    modalities whose tower is given (or shared) are used."""
+    known = list(modalities) if modalities is not None else list(DEFAULT_MODALITIES)
+    towers = {name: kwargs.pop(name) for name in list(kwargs) if name in known}
+    if not towers:
+        raise ValueError(f"from_encoders needs at least one tower, given as a keyword argument named after a "
+                         f"modality ({known}).")
+    if shared_encoders is None:
+        shared_encoders = {m: t for m, t in DEFAULT_SHARED_ENCODERS.items() if t in towers and m in known}
+    if modalities is None:
+        modalities = [m for m in DEFAULT_MODALITIES if m in towers or m in shared_encoders]
+    loaded = {name: load_tower(name, spec) for name, spec in towers.items()}
+    config = CalMRLConfig(
+        modalities=modalities,
+        encoder_configs={
+            name: tower.config if isinstance(tower, PreTrainedModel) else tower for name, tower in loaded.items()
+        },
+        shared_encoders=shared_encoders,
+        **kwargs,
+    )
+    return config, {name: tower for name, tower in loaded.items() if isinstance(tower, PreTrainedModel)}
+
+
+__all__ = ["PICKLE_SUFFIXES", "config_from_towers", "load_strictly", "load_tower"]

@@ -10,9 +10,10 @@ transformers 5's `BertLayer` builds cross-attention only for `is_decoder=True`, 
 self-attention causal; a fusion encoder must see the whole caption, so its layers are built here.
 
 The plumbing between the model and the head lives here too: which rows are paired, their condition tokens
-(`condition_memory`), the hard negatives drawn across processes (`matching_step`) and re-ranking scores
-(`match_probability`, `rerank_with_head`). Imports torch only (and same-folder files): this file is copied into checkpoints as
-remote code.
+(`condition_memory`), the hard negatives drawn across processes (`matching_step`), re-ranking scores
+(`match_probability`, `rerank_with_head`) and the model's matching API (`MatchingHeadMixin`: `matching_step`,
+`get_matching_tokens`, `rerank`). Imports torch only (and same-folder files): this file is copied into checkpoints
+as remote code.
 """
 
 from __future__ import annotations
@@ -259,7 +260,6 @@ def rerank_top_k(similarity: torch.Tensor, score_fn: Callable, k: int) -> torch.
     return reranked.scatter(1, top, scores)
 
 
-
 def rerank_with_head(fusion, similarity: torch.Tensor, query_tokens: tuple[torch.Tensor, torch.Tensor],
                      gallery_tokens: dict[str, tuple[torch.Tensor, torch.Tensor]], top_k: int, batch_size: int,
                      similarity_weight: float, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -294,4 +294,47 @@ def rerank_with_head(fusion, similarity: torch.Tensor, query_tokens: tuple[torch
     return rerank_top_k(similarity, score, top_k)
 
 
-__all__ = ["FusionEncoder", "matching_loss", "rerank_top_k", "rerank_with_head", "sample_hard_negatives"]
+class MatchingHeadMixin:
+    """The matching head's API of `CalMRLModel`: the training term (`matching_step`) and re-ranking
+    (`get_matching_tokens`, `rerank`), over the model's `fusion` encoder (None without a head), its towers
+    (`_run_modality`) and its temperature."""
+
+    def matching_step(self, embeddings: torch.Tensor, modality_mask: torch.Tensor, tokens: dict):
+        """The matching term with hard negatives (`FusionEncoder.matching_step`), drawn from the batch of every
+        process when `config.gather_across_processes`; None when fewer than two rows qualify."""
+        return self.fusion.matching_step(embeddings, modality_mask, tokens, self.temperature,
+                                         gather=self.config.gather_across_processes,
+                                         num_negatives=self.config.matching_num_negatives)
+
+    def _require_matching_head(self) -> None:
+        if self.fusion is None:
+            raise ValueError("This model has no matching head: set fusion_num_layers > 0 in its config.")
+
+    @torch.no_grad()
+    def get_matching_tokens(self, modality: str, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states [n, L, H] and bool mask [n, L] of `modality`'s tower on `inputs` (e.g. input_ids,
+        attention_mask): what the matching head reads, to cache for `rerank`."""
+        self._require_matching_head()
+        out = self._run_modality(modality, inputs, {})
+        return out.last_hidden_state, out.token_mask
+
+    @torch.no_grad()
+    def rerank(self, similarity: torch.Tensor, query_tokens: tuple[torch.Tensor, torch.Tensor],
+               gallery_tokens: dict[str, tuple[torch.Tensor, torch.Tensor]], top_k: int = 50,
+               batch_size: int = 256, similarity_weight: float = 1.0) -> torch.Tensor:
+        """Re-rank each query's top-`top_k` gallery items with the matching head (VAST / PMRL: top 50).
+
+        `similarity` [Q, G] ranks the gallery (e.g. `logits_per_text_vision`, or cosines); `query_tokens` are the
+        caption modality's (states [Q, L, H], mask [Q, L]) and `gallery_tokens` {modality: (states [G, M, H],
+        mask [G, M])}, both from `get_matching_tokens` (or `reranking.collect_matching_tokens` over a dataset).
+        Candidates are scored by match log-odds + `similarity_weight` x exp(logit_scale) x similarity (weight 0:
+        the head alone), `batch_size` pairs at a time on the model's device. Returns [Q, G] scores: the top-k in
+        their new order, every other item below them in its old order (give it to `evaluation.recall_at_k`).
+        """
+        self._require_matching_head()
+        return rerank_with_head(self.fusion, similarity, query_tokens, gallery_tokens, top_k, batch_size,
+                                similarity_weight, self.clamped_logit_scale())
+
+
+__all__ = ["FusionEncoder", "MatchingHeadMixin", "matching_loss", "rerank_top_k", "rerank_with_head",
+           "sample_hard_negatives"]

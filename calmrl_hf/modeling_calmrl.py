@@ -5,9 +5,11 @@ brackets):
 
     inputs ──embed_modalities──> embeddings [B, k, D] + modality_mask [B, k]   (modality_inputs, towers)
            ──impute_missing────> imputed_embeddings [B, k, D] + aligned_mask [B, k]   (imputer)
-           ──alignment_loss────> loss   (alignment.OBJECTIVES; plus the matching head's term: fusion)
+           ──alignment_loss────> loss   (alignment.OBJECTIVES; plus the matching head's term: matching_head)
 
-Loading rules live in `loading.py`, LoRA adapters in `lora.py`.
+A batch is validated once, where it enters the model (`forward`, `encode`, `embed_modalities`, and each public
+step given embeddings of its own); the steps of a forward pass run unchecked on what the door let in. Loading
+rules live in `loading.py`, LoRA adapters in `lora.py`, the matching / re-ranking API in `matching_head.py`.
 
 Reference: Liu et al., "Calibrated Multimodal Representation Learning with Missing Modalities", ICML 2026
 (arXiv 2511.12034).
@@ -15,6 +17,7 @@ Reference: Liu et al., "Calibrated Multimodal Representation Learning with Missi
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -28,24 +31,21 @@ from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
-from .alignment import OBJECTIVES, clamp_temperature, gram_singular_values
+from .alignment import OBJECTIVES, _gram_singular_values, clamp_temperature
 from .collective import world_size
-from .configuration_calmrl import DEFAULT_MODALITIES, DEFAULT_SHARED_ENCODERS, CalMRLConfig
+from .configuration_calmrl import CalMRLConfig
 from .feature_encoder import FeatureEncoderConfig, FeatureEncoderModel
-from .matching_head import FusionEncoder, rerank_with_head
 from .imputer import PPCAImputer
-from .loading import load_strictly, load_tower, saved_tensor
+from .loading import config_from_towers, load_strictly
 from .lora import add_lora, freeze_lora_towers, is_lora_layer
+from .matching_head import FusionEncoder, MatchingHeadMixin
 from .modality_features import CalMRLFeaturesMixin, CalMRLModalityOutput
 from .modality_inputs import group_inputs, resolve_modality_mask, split_tower_flags
-from .towers import build_towers, placeholder_inputs, towers_support
+from .towers import build_towers, run_on_placeholder, towers_support
 from .validation import check_embeddings
 
 
 AutoModel.register(FeatureEncoderConfig, FeatureEncoderModel, exist_ok=True)
-# Saved before the imputer recorded its modality order: such checkpoints still load (the order is not checked).
-# Saved before the temperature became `logit_scale` [1]: their 0-dim `temperature` is read instead.
-LEGACY_OPTIONAL_KEYS = ("imputer.modality_codes", "logit_scale")
 
 
 @dataclass
@@ -128,14 +128,6 @@ class CalMRLEncoding(ModelOutput):
     fused_embeddings: torch.FloatTensor | None = None
 
 
-def _temperature_to_logit_scale(state_dict, prefix, *_):
-    """Load hook: a state saved before the temperature became `logit_scale` [1] holds a 0-dim `temperature` T;
-    it loads as logit_scale = [log(1 / T)]."""
-    old = state_dict.pop(prefix + "temperature", None)
-    if old is not None and prefix + "logit_scale" not in state_dict:
-        state_dict[prefix + "logit_scale"] = -torch.log(old.reshape(1).to(torch.float32))
-
-
 class CalMRLPreTrainedModel(PreTrainedModel):
     config: CalMRLConfig
     config_class = CalMRLConfig
@@ -146,8 +138,6 @@ class CalMRLPreTrainedModel(PreTrainedModel):
     # for fp16; the strict variant keeps them float32 under bf16 too (it also makes the module's integer buffers
     # float32, which is why the imputer's bookkeeping buffers are float).
     _keep_in_fp32_modules_strict = ["imputer"]
-    # Checkpoints saved before the imputer dropped its write-only `num_observed` buffer still load.
-    _keys_to_ignore_on_load_unexpected = [r"^imputer\.num_observed$", r"^temperature$"]
 
     # The attention implementations a CalMRL model supports are those all its towers support (the model has no
     # attention of its own but the matching head's, which runs on torch's scaled_dot_product_attention).
@@ -190,22 +180,16 @@ class CalMRLPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.from_pretrained`, but strict: safetensors only, and a checkpoint that does not match
         the config is an error (`loading.load_strictly`), imputer buffers included, and so is a config whose
         modality order differs from the one the imputer was saved with."""
-        model, info = load_strictly(super().from_pretrained, *args, optional_keys=LEGACY_OPTIONAL_KEYS, **kwargs)
-        if "logit_scale" in info.get("missing_keys", ()):  # a checkpoint with the 0-dim `temperature` of old
-            state = {"temperature": saved_tensor(args[0] if args else kwargs["pretrained_model_name_or_path"],
-                                                 "temperature", kwargs)}
-            _temperature_to_logit_scale(state, "")
-            with torch.no_grad():
-                model.logit_scale.copy_(state["logit_scale"])
-        if "imputer.modality_codes" not in info.get("missing_keys", ()):
-            model.imputer.check_modality_order()
+        model, info = load_strictly(super().from_pretrained, *args, **kwargs)
+        model.imputer.check_modality_order()
         freeze_lora_towers(model.encoders, model.config.lora)  # loading re-creates the parameters
         return (model, info) if output_loading_info else model
 
 
-class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
+class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel):
     """Towers for each modality, a projection head each, the PPCA imputer and the alignment objective; the CLIP-style
-    `get_text_features` / `get_image_features` / `get_audio_features` come from `CalMRLFeaturesMixin`."""
+    `get_text_features` / `get_image_features` / `get_audio_features` come from `CalMRLFeaturesMixin`, the matching
+    head's `matching_step` / `get_matching_tokens` / `rerank` from `MatchingHeadMixin`."""
 
     def __init__(self, config: CalMRLConfig, encoders: dict[str, PreTrainedModel] | None = None):
         r"""
@@ -232,7 +216,6 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
         # log(1 / temperature), shape [1] as SigLIP's (FSDP refuses 0-dim parameters); `temperature` reads it
         self.logit_scale = nn.Parameter(torch.full((1,), -math.log(config.temperature)),
                                         requires_grad=config.learnable_temperature)
-        self._register_load_state_dict_pre_hook(_temperature_to_logit_scale)
         if config.lora is not None:
             add_lora(self.encoders, config.lora)
         self.fusion = None
@@ -278,43 +261,14 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
         >>> model = CalMRLModel.from_encoders(text="sentence-transformers/all-MiniLM-L6-v2", vision=vit_folder)
         ```
         """
-        known = list(modalities) if modalities is not None else list(DEFAULT_MODALITIES)
-        towers = {name: kwargs.pop(name) for name in list(kwargs) if name in known}
-        if not towers:
-            raise ValueError(f"from_encoders needs at least one tower, given as a keyword argument named after a "
-                             f"modality ({known}).")
-        if shared_encoders is None:
-            shared_encoders = {m: t for m, t in DEFAULT_SHARED_ENCODERS.items() if t in towers and m in known}
-        if modalities is None:
-            modalities = [m for m in DEFAULT_MODALITIES if m in towers or m in shared_encoders]
         lora = kwargs.pop("lora", None)  # injected once the pretrained towers are in (keys change, B = 0)
-        loaded = {name: load_tower(name, spec) for name, spec in towers.items()}
-        config = CalMRLConfig(
-            modalities=modalities,
-            encoder_configs={
-                name: tower.config if isinstance(tower, PreTrainedModel) else tower for name, tower in loaded.items()
-            },
-            shared_encoders=shared_encoders,
-            **kwargs,
-        )
-        model = cls(config, encoders={name: t for name, t in loaded.items() if isinstance(t, PreTrainedModel)})
+        config, pretrained = config_from_towers(modalities, shared_encoders, kwargs)
+        model = cls(config, encoders=pretrained)
         if lora is not None:
             model.config.lora = lora
             model.config._validate_calmrl()
             add_lora(model.encoders, lora)  # peft starts each adapter at B = 0: the tower is unchanged until trained
         return model
-
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Upload the model as `calmrl_hf.sharing.hub.push_to_hub` uploads a saved run: weights, code, the processor (the
-        `processor=` given, or the one saved next to the checkpoint it was loaded from), the model card filled for
-        `repo_id`, training args; one commit. Keyword arguments: those of `calmrl_hf.sharing.hub.push_model` (`processor`,
-        `metrics`, `training_args`, `token`, `endpoint`, `private`, `commit_message`, `revision`).
-        """
-        try:  # the card template ships with the package; remote code without it pushes as transformers does
-            from calmrl_hf.sharing.hub import push_model
-        except ImportError:
-            return super().push_to_hub(repo_id, **kwargs)
-        return push_model(self, repo_id, **kwargs)
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -359,7 +313,9 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
                 outputs[name] = self._run_modality(name, grouped[name], tower_flags)
                 features = F.normalize(outputs[name].pooler_output, dim=-1)  # [n_m, D]
             elif world_size() > 1:
-                outputs[name], features = self._run_placeholder(name, modality_mask.device)  # [0, D]
+                outputs[name], features = run_on_placeholder(  # [0, D]
+                    functools.partial(self._run_modality, name, tower_kwargs={}),
+                    self.encoders[self.config.encoder_owner(name)], modality_mask.device)
             else:
                 continue
             index = self.config.modality_index(name)
@@ -370,16 +326,14 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
             embeddings = embeddings.index_put((rows, column), features)  # [B, k, D], observed rows of modality
         return embeddings, modality_mask, outputs
 
-    def _run_placeholder(self, name: str, device: torch.device) -> tuple[CalMRLModalityOutput, torch.Tensor]:
-        """Modality `name`'s tower and head on a placeholder row (`towers.placeholder_inputs`), for a batch without
-        that modality under DDP / FSDP / ZeRO-3: its output with zero rows (it observes none), and its zero-row
-        features [0, D], still in the graph of the tower (a zero gradient reaches every parameter)."""
-        tower = self.encoders[self.config.encoder_owner(name)]
-        placeholder = self._run_modality(name, placeholder_inputs(tower, device), {})
-        output = CalMRLModalityOutput(last_hidden_state=placeholder.last_hidden_state[:0],
-                                      pooler_output=placeholder.pooler_output[:0],
-                                      token_mask=placeholder.token_mask[:0])
-        return output, F.normalize(placeholder.pooler_output, dim=-1)[:0]
+    def _check_embeddings(self, embeddings: torch.Tensor, modality_mask: torch.Tensor) -> None:
+        """The door of embeddings [B, k, D] given to a step (not from `embed_modalities`): their shape and mask, and
+        with a PPCA imputer the values it reads (`PPCAImputer.check_values`)."""
+        check_embeddings(embeddings, modality_mask, num_modalities=self.config.num_modalities,
+                         dim=self.config.projection_dim, mask_optional=False)
+        if self.config.imputer_method == "ppca":
+            fitted = self.imputer.fitted_modalities.to(modality_mask.device)
+            self.imputer.check_values(embeddings, modality_mask & fitted)
 
     # ------------------------------------------------------------------ step 2: impute
     def impute_missing(
@@ -392,6 +346,10 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
         `exclude_anchor`: PPCA imputations are conditioned on the observed modalities other than the anchor
         (`config.impute_from_anchor = False`).
         """
+        self._check_embeddings(embeddings, modality_mask)
+        return self._impute_missing(embeddings, modality_mask, exclude_anchor)
+
+    def _impute_missing(self, embeddings: torch.Tensor, modality_mask: torch.Tensor, exclude_anchor: bool = False):
         method = self.config.imputer_method
         if method == "none":
             return embeddings, modality_mask
@@ -409,7 +367,7 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
             source = embeddings if self.config.impute_with_grad else embeddings.detach()
             # z^_{m'} = W_{m'} m_i + mu_{m'}, m_i the posterior mean of the shared latent (imputer.py)
             imputed = torch.zeros_like(embeddings)
-            imputed[imputable_rows] = self.imputer.impute(source[imputable_rows], conditioning_mask[imputable_rows])
+            imputed[imputable_rows] = self.imputer._impute(source[imputable_rows], conditioning_mask[imputable_rows])
         else:  # "mean": the marginal mean mu_{m'} of the modality
             imputed = self.imputer.mean.to(embeddings.dtype).unsqueeze(0).expand_as(embeddings)
         if self.config.renormalize_imputed:
@@ -421,6 +379,11 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
     def alignment_loss(self, embeddings: torch.Tensor, aligned_mask: torch.Tensor) -> torch.Tensor:
         """The configured objective (`alignment.OBJECTIVES[config.alignment_objective]`) on [B, k, D] embeddings
         over the columns of `aligned_mask`; contrastive objectives use the model's (clamped) temperature."""
+        check_embeddings(embeddings, aligned_mask, mask_name="aligned_mask", num_modalities=self.config.num_modalities,
+                         dim=self.config.projection_dim, mask_optional=False)
+        return self._alignment_loss(embeddings, aligned_mask)
+
+    def _alignment_loss(self, embeddings: torch.Tensor, aligned_mask: torch.Tensor) -> torch.Tensor:
         mask = None if bool(aligned_mask.all()) else aligned_mask
         return OBJECTIVES[self.config.alignment_objective].loss(embeddings, mask, self.config, self.temperature)
 
@@ -436,78 +399,29 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
         ```
         """
         embeddings, modality_mask = self.embed_modalities(modality_mask, **modality_inputs)
-        return self.encode_embeddings(embeddings, modality_mask)
+        return self._encode_embeddings(embeddings, modality_mask)
 
     @torch.no_grad()
     def encode_embeddings(self, embeddings: torch.Tensor, modality_mask: torch.Tensor) -> CalMRLEncoding:
         """What `encode` gives, from embeddings [B, k, D] computed before (`embed_modalities`, `calmrl embed`):
         the missing ones imputed as the config says (fitted modalities only, renormalised), their posterior
         variance, and the fused embedding. `calmrl impute` runs this."""
-        check_embeddings(embeddings, modality_mask, num_modalities=self.config.num_modalities,
-                         dim=self.config.projection_dim, mask_optional=False)
-        imputed, aligned_mask = self.impute_missing(embeddings, modality_mask)
+        self._check_embeddings(embeddings, modality_mask)
+        return self._encode_embeddings(embeddings, modality_mask)
+
+    def _encode_embeddings(self, embeddings: torch.Tensor, modality_mask: torch.Tensor) -> CalMRLEncoding:
+        imputed, aligned_mask = self._impute_missing(embeddings, modality_mask)
         imputed_mask = aligned_mask & ~modality_mask
         variance = torch.zeros(modality_mask.shape, dtype=embeddings.dtype, device=embeddings.device)
         conditioning = modality_mask & self.imputer.fitted_modalities.to(modality_mask.device)
         rows = conditioning.any(dim=1) & imputed_mask.any(dim=1)
         if self.config.imputer_method == "ppca" and bool(rows.any()):
-            variance[rows] = self.imputer.imputation_variance(embeddings[rows], conditioning[rows]).to(variance.dtype)
+            variance[rows] = self.imputer._imputation_variance(embeddings[rows], conditioning[rows]).to(variance.dtype)
             variance = torch.where(imputed_mask, variance, torch.zeros_like(variance))
-        _, fused = gram_singular_values(imputed, aligned_mask)
+        _, fused = _gram_singular_values(imputed, aligned_mask)
         return CalMRLEncoding(embeddings=embeddings, modality_mask=modality_mask, imputed_embeddings=imputed,
                               imputed_mask=imputed_mask, imputation_variance=variance,
                               fused_embeddings=F.normalize(fused, dim=-1))
-
-    # ------------------------------------------------------------------ matching head (fusion.py)
-    def matching_step(self, embeddings: torch.Tensor, modality_mask: torch.Tensor, tokens: dict):
-        """The matching term with hard negatives (`FusionEncoder.matching_step`), drawn from the batch of every
-        process when `config.gather_across_processes`; None when fewer than two rows qualify."""
-        return self.fusion.matching_step(embeddings, modality_mask, tokens, self.temperature,
-                                         gather=self.config.gather_across_processes,
-                                         num_negatives=self.config.matching_num_negatives)
-
-    def _require_matching_head(self) -> None:
-        if self.fusion is None:
-            raise ValueError("This model has no matching head: set fusion_num_layers > 0 in its config.")
-
-    @torch.no_grad()
-    def get_matching_tokens(self, modality: str, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token states [n, L, H] and bool mask [n, L] of `modality`'s tower on `inputs` (e.g. input_ids,
-        attention_mask): what the matching head reads, to cache for `rerank`."""
-        self._require_matching_head()
-        out = self._run_modality(modality, inputs, {})
-        return out.last_hidden_state, out.token_mask
-
-    @torch.no_grad()
-    def matching_scores(self, caption_inputs: dict[str, torch.Tensor],
-                        condition_inputs: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-        """P(match) [n] of n (caption, condition) pairs, row by row, for re-ranking retrieval candidates.
-
-        `caption_inputs` are the caption modality's inputs (e.g. input_ids, attention_mask) with n rows;
-        `condition_inputs` maps each condition modality to its inputs with n rows (all observed).
-        """
-        self._require_matching_head()
-        caption = self._run_modality(self.config.matching_modality, caption_inputs, {})
-        conditions = {name: self._run_modality(name, inputs, {}) for name, inputs in condition_inputs.items()}
-        tokens = {name: (out.last_hidden_state, out.token_mask) for name, out in conditions.items()}
-        return self.fusion.match_probability(caption.last_hidden_state, caption.token_mask, tokens)
-
-    @torch.no_grad()
-    def rerank(self, similarity: torch.Tensor, query_tokens: tuple[torch.Tensor, torch.Tensor],
-               gallery_tokens: dict[str, tuple[torch.Tensor, torch.Tensor]], top_k: int = 50,
-               batch_size: int = 256, similarity_weight: float = 1.0) -> torch.Tensor:
-        """Re-rank each query's top-`top_k` gallery items with the matching head (VAST / PMRL: top 50).
-
-        `similarity` [Q, G] ranks the gallery (e.g. `logits_per_text_vision`, or cosines); `query_tokens` are the
-        caption modality's (states [Q, L, H], mask [Q, L]) and `gallery_tokens` {modality: (states [G, M, H],
-        mask [G, M])}, both from `get_matching_tokens` (or `reranking.collect_matching_tokens` over a dataset).
-        Candidates are scored by match log-odds + `similarity_weight` x exp(logit_scale) x similarity (weight 0:
-        the head alone), `batch_size` pairs at a time on the model's device. Returns [Q, G] scores: the top-k in
-        their new order, every other item below them in its old order (give it to `evaluation.recall_at_k`).
-        """
-        self._require_matching_head()
-        return rerank_with_head(self.fusion, similarity, query_tokens, gallery_tokens, top_k, batch_size,
-                                similarity_weight, self.clamped_logit_scale())
 
     @can_return_tuple
     def forward(
@@ -542,12 +456,12 @@ class CalMRLModel(CalMRLFeaturesMixin, CalMRLPreTrainedModel):
         embeddings, modality_mask, tower_outputs = self._embed_batch(modality_mask, kwargs)
         if imputer_update_fn is not None:
             imputer_update_fn(embeddings.detach(), modality_mask)
-        imputed, aligned_mask = self.impute_missing(embeddings, modality_mask,
-                                                    exclude_anchor=not self.config.impute_from_anchor)
-        singular_values, anchor_embeddings = gram_singular_values(imputed, aligned_mask)
+        # the batch was validated where it entered (`_embed_batch`): the steps run unchecked
+        imputed, aligned_mask = self._impute_missing(embeddings, modality_mask, not self.config.impute_from_anchor)
+        singular_values, anchor_embeddings = _gram_singular_values(imputed, aligned_mask)
         loss = alignment = matching = None
         if return_loss:
-            loss = alignment = self.alignment_loss(imputed, aligned_mask)
+            loss = alignment = self._alignment_loss(imputed, aligned_mask)
             if with_matching:  # on observed modalities only (imputed embeddings have no tokens)
                 tokens = {name: (out.last_hidden_state, out.token_mask) for name, out in tower_outputs.items()}
                 matching = self.matching_step(embeddings, modality_mask, tokens)

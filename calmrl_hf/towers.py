@@ -9,8 +9,10 @@ transformers only: this file is copied into checkpoints as remote code.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 
@@ -128,6 +130,17 @@ def placeholder_inputs(tower: nn.Module, device: torch.device | None = None) -> 
                      f"in multi-process training every process needs a batch with a row of each modality.")
 
 
+def run_on_placeholder(run_modality: Callable, tower: nn.Module, device: torch.device | None = None):
+    """A modality's tower and projection head (`run_modality(inputs)`, its `CalMRLModalityOutput`) on a placeholder
+    row (`placeholder_inputs`), for a batch without that modality under DDP / FSDP / ZeRO-3: its output with zero
+    rows (it observes none), and its zero-row unit-norm features [0, D], still in the graph of the tower (a zero
+    gradient reaches every parameter)."""
+    placeholder = run_modality(placeholder_inputs(tower, device))
+    output = type(placeholder)(last_hidden_state=placeholder.last_hidden_state[:0],
+                               pooler_output=placeholder.pooler_output[:0], token_mask=placeholder.token_mask[:0])
+    return output, F.normalize(placeholder.pooler_output, dim=-1)[:0]
+
+
 def tower_input_names(tower: nn.Module) -> frozenset[str]:
     """The inputs a tower's `forward` names (`input_ids`, `pixel_values`, ...): transformers towers also take
     `**kwargs`, which would swallow a misspelt input without a word."""
@@ -141,5 +154,5 @@ def frames_as_tokens(per_frame: torch.Tensor, num_frames: int) -> torch.Tensor:
     return per_frame.unflatten(0, (-1, num_frames)).flatten(1, 2)
 
 
-__all__ = ["build_towers", "frames_as_tokens", "masked_mean", "placeholder_inputs", "pool", "run_tower", "tower_class", "tower_input_names",
-           "towers_support"]
+__all__ = ["build_towers", "frames_as_tokens", "masked_mean", "placeholder_inputs", "pool", "run_on_placeholder",
+           "run_tower", "tower_class", "tower_input_names", "towers_support"]

@@ -6,7 +6,7 @@ from calmrl_hf.evaluation import recall_at_k
 from calmrl_hf.matching_head import rerank_top_k
 from calmrl_hf.matching_head import sample_hard_negatives
 
-from tiny_models import MIXED_MASK, NUM_FRAMES, tiny_batch, tiny_config
+from tiny_models import MIXED_MASK, NUM_FRAMES, match_probability, tiny_batch, tiny_config
 
 
 def matching_model(**overrides) -> CalMRLModel:
@@ -122,20 +122,20 @@ def test_reranking_with_the_similarity_itself_changes_nothing():
     assert recall_at_k(oracle)[1] == 100.0
 
 
-def test_matching_scores_and_round_trip(tmp_path):
+def test_match_probability_and_round_trip(tmp_path):
     model = matching_model().eval()
     batch = tiny_batch(torch.ones(3, 4, dtype=torch.bool))
     caption = {"input_ids": batch["text_input_ids"], "attention_mask": batch["text_attention_mask"]}
     condition = {"vision": {"pixel_values": batch["vision_pixel_values"]},
                  "audio": {"input_values": batch["audio_input_values"]}}
-    scores = model.matching_scores(caption, condition)
+    scores = match_probability(model, caption, condition)
     assert scores.shape == (3,) and torch.all((scores > 0) & (scores < 1))
     model.save_pretrained(tmp_path)
     loaded = CalMRLModel.from_pretrained(tmp_path).eval()
-    torch.testing.assert_close(loaded.matching_scores(caption, condition), scores)
+    torch.testing.assert_close(match_probability(loaded, caption, condition), scores)
     without_head = CalMRLModel(tiny_config())
     with pytest.raises(ValueError, match="no matching head"):
-        without_head.matching_scores(caption, condition)
+        without_head.get_matching_tokens("text", **caption)
 
 
 def test_hard_negatives_from_a_gathered_pool_respect_offsets_and_padding():
@@ -213,8 +213,8 @@ def test_fusion_encoder_keeps_pytorch_init_and_learns_matching_quickly():
         optimizer.step()
     model.eval()
     vision, text = sample(64)
-    positive = model.matching_scores({"input_features": text}, {"vision": {"input_features": vision}})
-    negative = model.matching_scores({"input_features": text}, {"vision": {"input_features": vision.roll(1, 0)}})
+    positive = match_probability(model, {"input_features": text}, {"vision": {"input_features": vision}})
+    negative = match_probability(model, {"input_features": text}, {"vision": {"input_features": vision.roll(1, 0)}})
     assert (positive > negative).float().mean() > 0.8  # N(0, 0.02) init: 0.64
     assert positive.mean() - negative.mean() > 0.2  # N(0, 0.02) init: 0.06
 
@@ -281,13 +281,13 @@ def test_rerank_equals_head_scores_plus_the_contrastive_logit_in_any_batch_size(
     torch.testing.assert_close(model.rerank(similarity, query, gallery, top_k=4, batch_size=1000), reranked)
 
     def reference_score(q, g):  # another way: the head's probabilities, as log-odds, plus exp(logit_scale) x cos
-        p = model.matching_scores({k: v[q] for k, v in text.items()}, {"audio": {k: v[g] for k, v in audio.items()}})
+        p = match_probability(model, {k: v[q] for k, v in text.items()}, {"audio": {k: v[g] for k, v in audio.items()}})
         return torch.log(p) - torch.log1p(-p) + model.logit_scale.exp() * similarity[q, g]
 
     torch.testing.assert_close(reranked, rerank_top_k(similarity, reference_score, 4), atol=1e-4, rtol=1e-4)
     head_only = model.rerank(similarity, query, gallery, top_k=4, similarity_weight=0.0)
-    probability = lambda q, g: model.matching_scores({k: v[q] for k, v in text.items()},  # noqa: E731
-                                                     {"audio": {k: v[g] for k, v in audio.items()}})
+    probability = lambda q, g: match_probability(model, {k: v[q] for k, v in text.items()},  # noqa: E731
+                                                 {"audio": {k: v[g] for k, v in audio.items()}})
     assert torch.equal(head_only.argsort(dim=1, descending=True),
                        rerank_top_k(similarity, probability, 4).argsort(dim=1, descending=True))
     with pytest.raises(ValueError, match="6 queries but the query tokens hold 2"):

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -14,7 +15,6 @@ from calmrl_hf.alignment import (
     pmrl_loss,
     triangle_loss,
 )
-from calmrl_hf.configuration_calmrl import ALIGNMENT_OBJECTIVES
 from calmrl_hf.towers import run_tower
 
 from tiny_models import MIXED_MASK, tiny_batch, tiny_bert, tiny_config
@@ -183,11 +183,13 @@ def test_gradients_through_imputation_are_configurable():
     assert not torch.allclose(with_grad, without_grad)
 
 
-def test_objective_registry_matches_the_config():
-    assert set(OBJECTIVES) == set(ALIGNMENT_OBJECTIVES)
+def test_objective_registry_reads_config_fields_and_is_what_the_config_accepts():
     fields = tiny_config().to_dict()
     for name, objective in OBJECTIVES.items():
         assert objective.config_keys and all(key in fields for key in objective.config_keys), name
+        assert tiny_config(alignment_objective=name).alignment_objective == name
+    with pytest.raises(ValueError, match=r"alignment_objective = 'clip'; expected one of \('pmrl', 'gram'"):
+        tiny_config(alignment_objective="clip")
 
 
 @pytest.mark.parametrize("objective", ["gram", "anchor_infonce", "pairwise_infonce"])
@@ -291,6 +293,26 @@ def test_bad_inputs_raise_clear_errors():
         model.get_modality_features("smell", input_ids=batch["text_input_ids"])
 
 
+def test_embeddings_given_to_the_steps_are_validated_where_they_enter():
+    model = fitted_model().eval()
+    out = model(**tiny_batch(MIXED_MASK), return_loss=True)
+    embeddings, mask = out.embeddings.detach(), out.modality_mask
+    for step in (model.impute_missing, model.alignment_loss, model.encode_embeddings):
+        with pytest.raises(ValueError, match=r"embeddings must have shape \[B, 4, 16\], got \[6, 3, 16\]"):
+            step(embeddings[:, :3], mask[:, :3])
+        with pytest.raises(TypeError, match="must be a bool tensor"):
+            step(embeddings, mask.long())
+    bad = embeddings.clone()
+    bad[1, 0, 3] = float("nan")  # row 1 observes vision
+    for step in (model.impute_missing, model.encode_embeddings):
+        with pytest.raises(ValueError, match=r"NaN or inf in an observed entry \(row 1, modality 0"):
+            step(bad, mask)
+    # the public steps are the forward pass's (which runs them unchecked on the batch validated at its door)
+    imputed, aligned_mask = model.impute_missing(out.embeddings, mask)
+    assert torch.equal(imputed, out.imputed_embeddings) and torch.equal(aligned_mask, out.aligned_mask)
+    assert torch.equal(model.alignment_loss(imputed, aligned_mask), out.alignment_loss)
+
+
 def test_non_finite_tower_outputs_are_an_error_in_every_entry_point():
     """Huge finite inputs overflow inside a tower: a clear error naming the modality, not NaN embeddings."""
     model = fitted_model().eval()
@@ -316,17 +338,19 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
         CalMRLModel.from_pretrained(tmp_path, config=tiny_config(modalities=["vision", "audio", "text"]))
 
 
-def test_checkpoints_with_the_former_num_observed_buffer_still_load(tmp_path):
+def test_checkpoints_with_extra_or_missing_tensors_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    model = fitted_model()
-    model.save_pretrained(tmp_path)
+    fitted_model().save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     tensors = load_file(weights)
     save_file({**tensors, "imputer.num_observed": torch.full((4,), 24.0)}, weights, metadata={"format": "pt"})
-    loaded = CalMRLModel.from_pretrained(tmp_path)
-    for name, buffer in model.imputer.named_buffers():
-        assert torch.equal(dict(loaded.imputer.named_buffers())[name], buffer), name
+    with pytest.raises(ValueError, match=r"does not match the model config \(unexpected_keys: \['imputer.num_obs"):
+        CalMRLModel.from_pretrained(tmp_path)
+    for key in ("imputer.modality_codes", "logit_scale"):  # every buffer and parameter is required
+        save_file({k: v for k, v in tensors.items() if k != key}, weights, metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=rf"does not match the model config \(missing_keys: \['{key}'\]"):
+            CalMRLModel.from_pretrained(tmp_path)
 
 
 def test_unknown_config_keys_are_refused_and_warned_when_loaded(tmp_path, caplog):
@@ -343,8 +367,6 @@ def test_unknown_config_keys_are_refused_and_warned_when_loaded(tmp_path, caplog
 
 def test_a_reordered_config_is_refused(tmp_path):
     """The imputer's rows are positional: config.json listing the modalities in another order must not load."""
-    from safetensors.torch import load_file, save_file
-
     model = fitted_model()
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -352,13 +374,8 @@ def test_a_reordered_config_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "modalities": saved_order[::-1]}))
     with pytest.raises(ValueError, match=rf"fitted for the modalities in the order {saved_order}".replace("[", r"\[")):
         CalMRLModel.from_pretrained(tmp_path)
-    # checkpoints saved before the order was recorded still load (unchecked), with a warning
     (tmp_path / "config.json").write_text(json.dumps(config))
-    weights = tmp_path / "model.safetensors"
-    save_file({k: v for k, v in load_file(weights).items() if k != "imputer.modality_codes"}, weights,
-              metadata={"format": "pt"})
-    loaded = CalMRLModel.from_pretrained(tmp_path)
-    assert torch.equal(loaded.imputer.weight, model.imputer.weight)
+    assert torch.equal(CalMRLModel.from_pretrained(tmp_path).imputer.weight, model.imputer.weight)
 
 
 def test_feature_towers_over_precomputed_embeddings(tmp_path):
@@ -446,23 +463,12 @@ def test_convolutional_vision_tower(kind, tmp_path):
                                model.get_modality_features("vision", pixel_values=pixels))
 
 
-def test_temperature_is_a_logit_scale_of_shape_one_and_old_checkpoints_load(tmp_path):
-    """FSDP refuses 0-dim parameters: the temperature is `logit_scale` [1] = log(1 / T). A checkpoint saved with
-    the old 0-dim `temperature` T loads (from_pretrained, and a state dict through the module's load hook) as
-    logit_scale = [log(1 / T)]."""
-    from safetensors.torch import load_file, save_file
-
+def test_temperature_is_a_logit_scale_of_shape_one(tmp_path):
+    """FSDP refuses 0-dim parameters: the temperature is `logit_scale` [1] = log(1 / T), saved and loaded as such."""
     model = CalMRLModel(tiny_config(temperature=0.2))
     assert model.logit_scale.shape == (1,) and [p.dim() for p in model.parameters()].count(0) == 0
     torch.testing.assert_close(model.temperature, torch.tensor(0.2))
+    with torch.no_grad():
+        model.logit_scale.fill_(-math.log(0.3))  # as training leaves it
     model.save_pretrained(tmp_path)
-    weights = load_file(tmp_path / "model.safetensors")
-    weights["temperature"] = torch.tensor(0.3)  # as saved before: 0-dim, the temperature itself
-    del weights["logit_scale"]
-    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    loaded = CalMRLModel.from_pretrained(tmp_path)
-    torch.testing.assert_close(loaded.logit_scale, -torch.log(torch.tensor([0.3])))
-    state = {k: v for k, v in model.state_dict().items() if k != "logit_scale"}
-    state["temperature"] = torch.tensor(0.4)
-    model.load_state_dict(state)  # a training checkpoint of old (`training.load_checkpoint` loads this way)
-    torch.testing.assert_close(model.temperature, torch.tensor(0.4))
+    torch.testing.assert_close(CalMRLModel.from_pretrained(tmp_path).temperature, torch.tensor(0.3))

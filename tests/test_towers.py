@@ -10,7 +10,7 @@ from transformers import BertModel
 
 from calmrl_hf import CalMRLConfig, CalMRLModel, FeatureEncoderConfig
 
-from tiny_models import MIXED_MASK, tiny_batch, tiny_bert, tiny_config
+from tiny_models import MIXED_MASK, match_probability, tiny_batch, tiny_bert, tiny_config
 
 
 def test_from_encoders_keeps_the_given_towers_and_their_configs(tmp_path):
@@ -132,8 +132,8 @@ def test_casting_a_loaded_model_keeps_the_imputer_float32(checkpoint):
     assert_low_precision_model(cast, model, torch.bfloat16)
     with torch.no_grad():
         encoding = cast.encode(**incomplete_inputs(processor))
-        scores = cast.matching_scores({"input_ids": torch.tensor([[101, 2474, 102]])},
-                                      {"vision": {"pixel_values": torch.zeros(1, 4, 3, 32, 32)}})
+        scores = match_probability(cast, {"input_ids": torch.tensor([[101, 2474, 102]])},
+                                   {"vision": {"pixel_values": torch.zeros(1, 4, 3, 32, 32)}})
     torch.testing.assert_close(encoding.imputed_embeddings.float(), reference.imputed_embeddings, atol=0.05, rtol=0)
     assert scores.shape == (1,) and torch.isfinite(scores.float()).all()
     cast.to(torch.float32)  # back: the towers are float32 again, the imputer never left it

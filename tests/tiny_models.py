@@ -71,3 +71,12 @@ MIXED_MASK = torch.tensor(
         [True, False, True, True],
     ]
 )
+
+
+def match_probability(model, caption_inputs: dict, condition_inputs: dict[str, dict]) -> torch.Tensor:
+    """P(match) [n] of n (caption, condition) pairs, row by row, through the public path: each tower's tokens
+    (`get_matching_tokens`) and the matching head (`fusion.match_probability`)."""
+    caption = model.get_matching_tokens(model.config.matching_modality, **caption_inputs)
+    conditions = {name: model.get_matching_tokens(name, **inputs) for name, inputs in condition_inputs.items()}
+    with torch.no_grad():
+        return model.fusion.match_probability(*caption, conditions)
