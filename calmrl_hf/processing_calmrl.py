@@ -5,8 +5,8 @@
 [B, k] (bool, in the processor's modality order): exactly what `CalMRLModel.forward` takes. A modality absent from
 the whole batch has no keys, so towers never run on placeholder inputs.
 
-Each kind's tensors come from `processing_inputs`. This module imports from the rest of the package only
-`processing_inputs` (and through it `log_mel` and `pixel_batch`, copied with it), and besides only the standard
+Each kind's tensors come from `processing_inputs`; the default modalities from `configuration_calmrl`. This module
+imports from the rest of the package only model-side files (copied with it), and besides only the standard
 library, torch, numpy and transformers, so `save_pretrained` can copy it next to a checkpoint for
 `trust_remote_code=True` loading (see `register_auto_processor`). transformers' image processors need Pillow (or
 torchvision).
@@ -17,10 +17,12 @@ from __future__ import annotations
 import torch
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
 
+from .configuration_calmrl import DEFAULT_MODALITIES, DEFAULT_SHARED_ENCODERS
 from .processing_inputs import TEXT_FIELDS, audio_features, text_features, vision_features
 
 
-DEFAULT_MODALITY_KINDS = {"vision": "vision", "audio": "audio", "text": "text", "subtitle": "text"}
+# a default modality that shares another's tower is of that modality's kind (subtitles are text)
+DEFAULT_MODALITY_KINDS = {name: DEFAULT_SHARED_ENCODERS.get(name, name) for name in DEFAULT_MODALITIES}
 MODALITY_KINDS = ("vision", "audio", "text")
 # names a modality may not take: they are batch keys, dataset columns or keywords of `__call__`
 RESERVED_NAMES = frozenset({"id", "ids", "index", "label", "labels", "modality", "modality_mask", "sampling_rate",
