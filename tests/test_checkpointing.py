@@ -122,7 +122,7 @@ def test_damaged_or_old_checkpoints_are_named(tmp_path):
     old = tmp_path / "old_checkpoint"
     old.mkdir()
     (old / "custom_checkpoint_0.pkl").write_bytes(b"\x80\x04N.")
-    with pytest.raises(CheckpointError, match=r"pickle files \['custom_checkpoint_0.pkl'\].*no longer unpickles"):
+    with pytest.raises(CheckpointError, match=r"pickle files \['custom_checkpoint_0.pkl'\].*never unpickles"):
         resumable_run(tmp_path, resume=str(old))
 
 

@@ -250,7 +250,7 @@ def commit_checkpoint(staging: Path, manifest: dict[str, Any]) -> Path:
     files = {path.name: file_sha256(path) for path in sorted(staging.iterdir()) if path.is_file()}
     write_file(staging / MANIFEST_NAME, json.dumps({**manifest, "files": files}, indent=2, default=str).encode())
     final = staging.with_name(staging.name[: -len(INCOMPLETE_SUFFIX)])
-    if final.exists():  # re-saving a step (a resume from an older checkpoint): replace it
+    if final.exists():  # re-saving a step (a resume from an earlier step): replace it
         replaced = final.with_name(final.name + ".replaced")
         shutil.rmtree(replaced, ignore_errors=True)
         final.rename(replaced)
@@ -267,8 +267,8 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
         pickles = sorted(p.name for p in folder.glob("*.pkl")) if folder.is_dir() else []
-        why = (f"it holds pickle files {pickles} (a checkpoint of an older calmrl_hf, which resuming no longer "
-               f"unpickles)" if pickles else "a save was interrupted, or the folder is not a checkpoint")
+        why = (f"it holds pickle files {pickles} (resuming never unpickles: a checkpoint "
+               f"holds safetensors and JSON only)" if pickles else "a save was interrupted, or the folder is not a checkpoint")
         raise CheckpointError(f"{folder} has no {MANIFEST_NAME}: {why}. Resume from another checkpoint.")
     try:
         manifest = json.loads(manifest_path.read_text())
