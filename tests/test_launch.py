@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -14,24 +12,18 @@ import pytest
 from calmrl_hf.training.launch import LaunchError, check_launch, requested_processes
 from calmrl_hf.training import TrainingArguments, build_accelerator, resolve_launch_settings
 
+from launching import free_port as _port, launch_environment, run_launch
+
 
 HERE = Path(__file__).parent
 ACCELERATE_LAUNCH = ["python", "/usr/bin/accelerate", "launch"]
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def launch(command: list[str], out: Path, *settings: str, timeout: int = 180) -> subprocess.CompletedProcess:
     """Run the launch worker under `command` (a hang fails after `timeout` seconds)."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "ACCELERATE_", "WORLD_SIZE"))}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HOME=str(out / "hf_home"))
-    return subprocess.run([*command, str(HERE / "dist_launch_worker.py"), str(out), *settings], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_launch([*command, str(HERE / "dist_launch_worker.py"), str(out), *settings],
+                      env=launch_environment(out), timeout=timeout, check=False)
 
 
 def records(out: Path) -> list[dict]:

