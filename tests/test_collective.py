@@ -9,6 +9,9 @@ from collective_fixtures import SPLIT, objective_batches, objective_losses
 from launching import torchrun
 
 
+pytestmark = pytest.mark.slow  # every test reads a 2-process torchrun
+
+
 @pytest.fixture(scope="module")
 def objective_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("objectives")

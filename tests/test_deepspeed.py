@@ -25,6 +25,7 @@ from calmrl_hf import CalMRLModel
 from launching import free_port, launch_environment, run_launch
 
 
+pytestmark = pytest.mark.slow  # every test reads the 2-process accelerate launches
 pytest.importorskip("deepspeed", reason="needs deepspeed (pip install deepspeed; not a dependency)")
 if shutil.which("accelerate") is None:
     pytest.skip("needs the accelerate CLI", allow_module_level=True)

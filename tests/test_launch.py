@@ -66,6 +66,7 @@ def test_launcher_settings_apply_unless_the_arguments_set_them(tmp_path, monkeyp
                                 accelerator)
 
 
+@pytest.mark.slow
 @needs_accelerate_cli
 def test_a_config_file_launch_gives_one_gloo_run_and_checks_the_output_dir(tmp_path):
     """A config file (MULTI_GPU, bf16) on a machine without GPUs: 2 processes in one group (the all-reduce sums to
@@ -84,6 +85,7 @@ def test_a_config_file_launch_gives_one_gloo_run_and_checks_the_output_dir(tmp_p
     assert all("is not the main process's folder" in r["an_output_dir_per_process"] for r in seen)
 
 
+@pytest.mark.slow
 @needs_accelerate_cli
 def test_accelerate_launch_flags_apply_unless_the_arguments_set_them(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: one 2-process gloo run (the
@@ -100,6 +102,7 @@ def test_accelerate_launch_flags_apply_unless_the_arguments_set_them(tmp_path):
     assert [r["mixed_precision"] for r in records(tmp_path / "set")] == ["no", "no"]
 
 
+@pytest.mark.slow
 @needs_accelerate_cli
 def test_accelerate_launch_without_multi_gpu_refuses_with_what_to_run(tmp_path):
     """`--num_processes 2` without --multi_gpu starts one process on a CPU machine: refused, with the command."""

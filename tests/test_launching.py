@@ -26,6 +26,7 @@ def _alive(pid: int) -> bool:
         return stat.read().split(")")[-1].split()[0] != "Z"
 
 
+@pytest.mark.slow  # waits out its 3 s timeout
 def test_a_hung_launch_fails_and_its_workers_are_killed(tmp_path):
     output = tmp_path / "pid.txt"
     script = HANGING_LAUNCHER.format(output=str(output))

@@ -150,6 +150,7 @@ def test_hard_negatives_from_a_gathered_pool_respect_offsets_and_padding():
     assert (draws < 4).any()  # other processes' rows are drawn too
 
 
+@pytest.mark.slow
 def test_negatives_are_drawn_across_processes(tmp_path):
     out = tmp_path / "draws.pt"
     torchrun("dist_matching_worker.py", str(out), timeout=300)

@@ -210,6 +210,7 @@ def test_round_trip_with_absent_components_and_a_real_tokenizer(tmp_path):
                        images_only(vision=[video()])["vision_pixel_values"])
 
 
+@pytest.mark.slow
 def test_auto_processor(processor, tmp_path):
     register_auto_processor(CalMRLConfig)
     folder = tmp_path / "model"

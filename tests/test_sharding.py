@@ -94,6 +94,7 @@ def assert_same_training(run: dict, reference: dict, tolerance: float = 1e-15) -
         torch.testing.assert_close(run["state"][key], value, rtol=0, atol=tolerance, msg=key)
 
 
+@pytest.mark.slow
 def test_fsdp2_through_accelerate_trains_like_ddp(accelerate_runs):
     """4 steps with the matching head and dropout (float64), FULL_SHARD with per-layer shard groups (the config
     file): DDP's loss curve and final weights (to 1e-15), its eval recalls, and the same imputer on
@@ -111,6 +112,7 @@ def test_fsdp2_through_accelerate_trains_like_ddp(accelerate_runs):
         torch.testing.assert_close(buffer, ddp["buffers"][0][name], rtol=0, atol=1e-12, msg=name)
 
 
+@pytest.mark.slow
 def test_fsdp2_resumes_exactly_also_under_shard_grad_op(accelerate_runs):
     """Resumed from FULL_SHARD's step-2 checkpoint (the full model and optimizer states, gathered at save and
     sharded again at load) by a SHARD_GRAD_OP run (`--fsdp_reshard_after_forward false`), with dropout: the
@@ -124,6 +126,7 @@ def test_fsdp2_resumes_exactly_also_under_shard_grad_op(accelerate_runs):
     assert resumed["metrics"] == whole["metrics"]
 
 
+@pytest.mark.slow
 def test_fsdp2_saved_model_loads_exactly(accelerate_runs):
     """train's save_pretrained of the gathered state -> from_pretrained: the trained state bit for bit; saved as a
     CalMRLModel (fully_shard made its class torch's FSDPCalMRLModel), so its remote code is the model's own."""
@@ -137,6 +140,7 @@ def test_fsdp2_saved_model_loads_exactly(accelerate_runs):
         assert torch.equal(value, result["fsdp2"]["state"][key]), key
 
 
+@pytest.mark.slow
 def test_ddp_across_two_machines_is_one_run_of_the_world(accelerate_runs):
     """The DDP reference above ran as 2 machines x 1 process (`--num_machines 2`): one 2-process world (the
     imputer's statistics all-reduced over it, whatever machine a process is on), identical on both processes, and
@@ -149,6 +153,7 @@ def test_ddp_across_two_machines_is_one_run_of_the_world(accelerate_runs):
         assert torch.equal(ddp["buffers"][1][name], buffer), name
 
 
+@pytest.mark.slow
 def test_the_two_stage_recipe_runs_under_fsdp2(tmp_path):
     """`accelerate launch --config_file fsdp2.yaml recipes/train_vast.py` on a tiny corpus: stage 2 takes the model
     stage 1 sharded (prepared again as it is), checkpoints, and both stages save a model whose code and auto_map
@@ -192,6 +197,7 @@ def torch_runs(tmp_path_factory):
     return out, {mode: torch.load(out / f"{mode}.pt") for mode in ("ddp", "fsdp")}
 
 
+@pytest.mark.slow
 def test_fully_shard_trains_like_ddp_with_a_modality_missing_from_one_process(torch_runs):
     """3 AdamW steps, rank 1 without any vision row and with one matching-head row: every parameter of the head
     gets a gradient on both processes (a zero one where the batch uses none), so the processes' shard groups
@@ -206,6 +212,7 @@ def test_fully_shard_trains_like_ddp_with_a_modality_missing_from_one_process(to
         torch.testing.assert_close(fsdp["state"][key], value, rtol=1e-10, atol=1e-12, msg=key)
 
 
+@pytest.mark.slow
 def test_fully_shard_full_state_saves_and_loads_exactly(torch_runs):
     out, result = torch_runs
     loaded = CalMRLModel.from_pretrained(out / "model_fsdp")

@@ -141,6 +141,7 @@ def _torchrun(nproc: int, out: Path, batch: int, mode: str = "full"):
     return torch.load(out)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     """Same global batches: 1 process x 16 rows == 2 processes x 8 rows (statistics all-reduced, u gathered)."""
     single = _torchrun(1, tmp_path / "one.pt", 16)
@@ -151,6 +152,7 @@ def test_two_processes_match_one_process(tmp_path):
     torch.testing.assert_close(torch.tensor(double["losses"]), torch.tensor(single["losses"]), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_resume_exactly(tmp_path):
     """With dropout: two processes resumed from their first checkpoint end as two uninterrupted ones (each
     process's RNG states saved and restored, every collective entered by both)."""
