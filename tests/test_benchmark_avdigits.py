@@ -104,6 +104,7 @@ def test_conditions_backbone_is_clean_and_narrow_target_and_test_are_noisy_and_h
         world.sample(5, rng, condition="validation")
 
 
+@pytest.mark.slow
 @needs_espeak
 def test_quick_avdigits_benchmark(tmp_path):
     """At CI size: stage 2 is worth doing (the oracle beats the stage-1 model on the target condition), and each

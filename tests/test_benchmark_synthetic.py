@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -16,6 +17,7 @@ BASE, ORACLE = "base (stage 1 only)", "oracle (stage 2, all modalities)"
 METHODS_RUN = [BASE, "PMRL (observed only)", "CalMRL (PPCA)", ORACLE]
 
 
+@pytest.mark.slow
 def test_quick_controlled_benchmark(tmp_path):
     output = tmp_path / "results.md"
     summary = main(["--quick", "--seeds", "2", "--methods", *METHODS_RUN, "--output", str(output)])
@@ -56,6 +58,7 @@ def test_every_objective_is_tuned_with_the_same_budget():
         assert family.calibrated in METHODS and family.oracle in METHODS
 
 
+@pytest.mark.slow
 def test_seeds_run_apart_and_merged_equal_one_run(tmp_path):
     """Seeds run in two worker processes (one torch thread each), and `--merge` of seeds run one by one in this
     process at one thread, give the same summary."""
@@ -74,6 +77,7 @@ def test_seeds_run_apart_and_merged_equal_one_run(tmp_path):
     assert "--merge" in (tmp_path / "merged.md").read_text().splitlines()[0]
 
 
+@pytest.mark.slow
 def test_benchmarks_run_writes_each_benchmark_with_its_command(tmp_path):
     """`python -m benchmarks.run` pools the seeds of the benchmarks it runs and writes each one's results with the
     command that made them."""
@@ -92,6 +96,7 @@ def test_benchmarks_run_writes_each_benchmark_with_its_command(tmp_path):
     assert "Re-ranking with the matching head" in written.read_text()
 
 
+@pytest.mark.slow
 def test_tuning_split_between_processes_keeps_every_grid(tmp_path):
     """`--tune` with the methods split between two worker processes scores every method's whole grid on the
     validation split and chooses each grid's best point."""

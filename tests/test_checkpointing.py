@@ -220,6 +220,7 @@ def killed_runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", KILL_POINTS)
 def test_killed_in_a_checkpoint_write_resumes_from_latest_exactly(killed_runs, kill_at, uninterrupted):
     output_dir = killed_runs / f"kill_{kill_at}"

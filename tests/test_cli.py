@@ -116,6 +116,7 @@ def test_errors_are_messages_not_tracebacks(trained, tmp_path, capsys):
     assert "Embeddings file not found" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_console_script_help():
     executable = shutil.which("calmrl")
     if executable is None:

@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from collective_fixtures import SPLIT, objective_batches, objective_losses
+from launching import torchrun
 
 
-HERE = Path(__file__).parent
-
-
-def torchrun(worker: str, *args: str, nproc: int = 2, timeout: int = 240) -> None:
-    """Run a worker under torchrun on CPU processes; a hang fails the test after `timeout` seconds."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # workers put the checkout first themselves
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-               str(HERE / worker), *args]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
+pytestmark = pytest.mark.slow  # every test reads a 2-process torchrun
 
 
 @pytest.fixture(scope="module")

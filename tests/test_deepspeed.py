@@ -14,10 +14,7 @@ LossScaler object and only one process's partition): test_training's
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,10 @@ import torch
 
 from calmrl_hf import CalMRLModel
 
+from launching import free_port, launch_environment, run_launch
 
+
+pytestmark = pytest.mark.slow  # every test reads the 2-process accelerate launches
 pytest.importorskip("deepspeed", reason="needs deepspeed (pip install deepspeed; not a dependency)")
 if shutil.which("accelerate") is None:
     pytest.skip("needs the accelerate CLI", allow_module_level=True)
@@ -62,22 +62,13 @@ GRADIENT_LESS = {"logit_scale", "encoders.vision.pooler.dense.weight", "encoders
                  "encoders.text.pooler.dense.weight", "encoders.text.pooler.dense.bias"}
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def launch(mode: str, out: Path, timeout: int = 420, settings: tuple[str, ...] = ("eval_rows=16",)) -> None:
     """One 2-process run of the worker (a hang fails after `timeout` seconds: the first DeepSpeed run on a machine
     compiles DeepSpeed's CPU comm op)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "ACCELERATE_", "WORLD_SIZE"))}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HOME=str(out / "hf_home"))
     flags = FLAGS[mode] or ["--config_file", str(bf16_config(out))]
-    command = ["accelerate", "launch", *flags, "--main_process_port", _port(),
+    command = ["accelerate", "launch", *flags, "--main_process_port", free_port(),
                str(HERE / "dist_deepspeed_worker.py"), str(out), mode, *settings]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_launch(command, env=launch_environment(out), timeout=timeout)
 
 
 @pytest.fixture(scope="module")

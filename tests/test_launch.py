@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -14,24 +12,18 @@ import pytest
 from calmrl_hf.training.launch import LaunchError, check_launch, requested_processes
 from calmrl_hf.training import CalMRLTrainingArguments, build_accelerator, resolve_launch_settings
 
+from launching import free_port as _port, launch_environment, run_launch
+
 
 HERE = Path(__file__).parent
 ACCELERATE_LAUNCH = ["python", "/usr/bin/accelerate", "launch"]
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def launch(command: list[str], out: Path, *settings: str, timeout: int = 180) -> subprocess.CompletedProcess:
     """Run the launch worker under `command` (a hang fails after `timeout` seconds)."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "ACCELERATE_", "WORLD_SIZE"))}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HOME=str(out / "hf_home"))
-    return subprocess.run([*command, str(HERE / "dist_launch_worker.py"), str(out), *settings], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_launch([*command, str(HERE / "dist_launch_worker.py"), str(out), *settings],
+                      env=launch_environment(out), timeout=timeout, check=False)
 
 
 def records(out: Path) -> list[dict]:
@@ -74,6 +66,7 @@ def test_launcher_settings_apply_unless_the_arguments_set_them(tmp_path, monkeyp
                                 accelerator)
 
 
+@pytest.mark.slow
 @needs_accelerate_cli
 def test_a_config_file_launch_gives_one_gloo_run_and_checks_the_output_dir(tmp_path):
     """A config file (MULTI_GPU, bf16) on a machine without GPUs: 2 processes in one group (the all-reduce sums to
@@ -92,6 +85,7 @@ def test_a_config_file_launch_gives_one_gloo_run_and_checks_the_output_dir(tmp_p
     assert all("is not the main process's folder" in r["an_output_dir_per_process"] for r in seen)
 
 
+@pytest.mark.slow
 @needs_accelerate_cli
 def test_accelerate_launch_flags_apply_unless_the_arguments_set_them(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: one 2-process gloo run (the
@@ -108,6 +102,7 @@ def test_accelerate_launch_flags_apply_unless_the_arguments_set_them(tmp_path):
     assert [r["mixed_precision"] for r in records(tmp_path / "set")] == ["no", "no"]
 
 
+@pytest.mark.slow
 @needs_accelerate_cli
 def test_accelerate_launch_without_multi_gpu_refuses_with_what_to_run(tmp_path):
     """`--num_processes 2` without --multi_gpu starts one process on a CPU machine: refused, with the command."""

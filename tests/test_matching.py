@@ -6,6 +6,7 @@ from calmrl_hf.evaluation import recall_at_k
 from calmrl_hf.matching_head import rerank_top_k
 from calmrl_hf.matching_head import sample_hard_negatives
 
+from launching import torchrun
 from tiny_models import MIXED_MASK, NUM_FRAMES, match_probability, tiny_batch, tiny_config
 
 
@@ -149,24 +150,10 @@ def test_hard_negatives_from_a_gathered_pool_respect_offsets_and_padding():
     assert (draws < 4).any()  # other processes' rows are drawn too
 
 
+@pytest.mark.slow
 def test_negatives_are_drawn_across_processes(tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "draws.pt"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = "1"
-    worker = Path(__file__).parent / "dist_matching_worker.py"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master_port={port}", str(worker), str(out)], env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    torchrun("dist_matching_worker.py", str(out), timeout=300)
     record = torch.load(out, weights_only=False)
     assert record["finite"]
     for draw in record["draws"]:

@@ -214,6 +214,7 @@ def test_round_trip_with_absent_components_and_a_real_tokenizer(tmp_path):
     assert with_text.tokenizer is real and with_text.feature_extractor is None
 
 
+@pytest.mark.slow
 def test_auto_processor(processor, tmp_path):
     register_auto_processor(CalMRLConfig)
     folder = tmp_path / "model"

@@ -19,6 +19,7 @@ from calmrl_hf import CalMRLModel, CalMRLProcessor  # noqa: E402
 from calmrl_hf.training.checkpoints import load_state_file  # noqa: E402
 
 
+@pytest.mark.slow
 def test_train_vast_default_recipe_runs_end_to_end(tmp_path, capsys):
     argv = tiny_recipe_argv(tmp_path)
     for stage in ("stage1", "stage2"):

@@ -33,12 +33,31 @@ def test_table_groups_directions_with_both_stages_side_by_side():
     assert "subtitle" not in without and "never paired" in without
 
 
-def test_plot_has_both_stages(tmp_path):
+def test_plot_has_both_stages(tmp_path, monkeypatch):
+    """The figure plot_training writes: the loss of each stage's recorded steps on one step axis (stage 2's after
+    stage 1's; stage 2 resumed at step 2 of 4, so its steps 3 and 4 only), and each stage's class Recall@1 bars."""
     pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda figure=None: figures.append(figure) or close(figure))
+    results = fake_results()
     path = plot_training(tmp_path / "training.png", {"stage1": (5, [3.0, 2.5, 2.0, 1.8, 1.7]),
-                                                     "stage2": (4, [1.0, 0.9])}, fake_results())
+                                                     "stage2": (4, [1.0, 0.9])}, results)
     assert path == tmp_path / "training.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    (figure,) = figures
+    loss_axes, recall_axes = figure.axes[:2]
+    assert loss_axes.get_ylabel() == "training loss"
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in loss_axes.get_lines()}
+    assert lines == {"stage1": ([1, 2, 3, 4, 5], [3.0, 2.5, 2.0, 1.8, 1.7]), "stage2": ([8, 9], [1.0, 0.9])}
+    assert [text.get_text() for text in loss_axes.get_legend().get_texts()] == ["stage1", "stage2"]
+    directions = [tick.get_text() for tick in recall_axes.get_xticklabels()]
+    assert len(directions) == len({d for _, group in DIRECTION_GROUPS for d in group}) == 12
+    assert [container.get_label() for container in recall_axes.containers] == ["stage1", "stage2"]
+    for container in recall_axes.containers:
+        stage = container.get_label()
+        assert [bar.get_height() for bar in container] == [results[stage][f"{d}/class_R@1"] for d in directions]
 
 
 def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(monkeypatch, caplog):

@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import BertTokenizer, ViTImageProcessor, Wav2Vec2FeatureExtractor
@@ -132,6 +133,7 @@ def test_the_card_names_what_loading_needs_and_the_package_depends_on_it():
     assert any(d.lower().startswith("pillow") for d in dependencies)
 
 
+@pytest.mark.slow
 def test_remote_code_loads_and_embeds_without_the_package_or_its_extras(tmp_path):
     folder = tmp_path / "checkpoint"
     model, processor = _saved_checkpoint(folder)

