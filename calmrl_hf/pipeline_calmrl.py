@@ -12,7 +12,6 @@ only: this file is copied into checkpoints as remote code.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY

@@ -5,7 +5,6 @@ import logging
 import os
 import pickle
 import random
-import signal
 import subprocess
 import sys
 from pathlib import Path

@@ -1,7 +1,6 @@
 """The README's main job, end to end at a tiny size: generated corpus -> real loaders -> two stages -> saved model."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

@@ -8,11 +8,10 @@ import torch
 from launching import torchrun
 from training_fixtures import FULL, MIXED_PATTERNS, collate, make_dataset, run_until, training_config
 
-from calmrl_hf import CalMRLModel, PPCAStatistics
+from calmrl_hf import CalMRLModel
 from calmrl_hf.training import ImputerUpdater, CalMRLTrainingArguments, build_accelerator, train, validate_setup
 
 
-HERE = Path(__file__).parent
 
 
 def small_args(tmp_path, **overrides) -> CalMRLTrainingArguments:

@@ -49,7 +49,7 @@ from ..metrics import (COSINE_COLUMNS, MATCHED_PAIRS, RERANK_TOP_K, direction_fa
                        paired_cosines, rerank_columns, rerank_table)
 from ..protocol import Experiment, Splits, StageSettings
 from ..report import calibration_markdown, hyperparameter_markdown, markdown_table
-from .data import NUMBERS, AVDigits, Instance, class_prompts
+from .data import AVDigits, Instance, class_prompts
 
 
 MODALITIES = ["vision", "audio", "text"]
