@@ -47,7 +47,8 @@ class ImputerUpdater:
         if not self.enabled:
             return
         embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))  # bf16 -> float32
-        batch_stats = self.imputer.sufficient_statistics(embeddings, modality_mask)
+        # forward validated this batch where it entered the model: no second check (and host round trip) per step
+        batch_stats = self.imputer._sufficient_statistics(embeddings, modality_mask)
         flat = self.accelerator.reduce(batch_stats.to_flat(), reduction="sum")  # one all-reduce
         imputer = self.imputer
         batch_stats = PPCAStatistics.from_flat(flat, imputer.num_modalities, imputer.dim, imputer.latent_dim)
