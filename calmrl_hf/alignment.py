@@ -567,6 +567,33 @@ def _pairwise_infonce_loss(embeddings, modality_mask, temperature, gather_fn: Ga
     return _pair_infonce(_masked(embeddings, modality_mask), mask, pairs, clamp_temperature(temperature), gather_fn)
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, modality_mask: torch.Tensor | None = None, *,
+                      temperature=0.07, gather_fn: GatherFn | None = None) -> torch.Tensor:
+    """Contrastive distillation: for each modality, the symmetric InfoNCE between the student's embeddings z_i^m
+    and the teacher's t_j^m of the rows observing m (positive: the same row), averaged over the modalities with at
+    least two such rows. `student`, `teacher` [B, k, D] (the teacher's detached), `modality_mask` [B, k].
+
+        loss_m = CLIP(z^m, t^m) = mean_i [ -log softmax_j(<z_i^m, t_j^m> / T)_i ] / 2 + (the same with t as rows)
+    """
+    _check(student, modality_mask, "student")
+    _check(teacher, modality_mask, "teacher")
+    if student.shape != teacher.shape:
+        raise ValueError(f"student and teacher embeddings must have the same shape [B, k, D], got "
+                         f"{list(student.shape)} and {list(teacher.shape)}.")
+    return _distillation_loss(student, teacher, modality_mask, temperature, gather_fn)
+
+
+@_full_precision
+def _distillation_loss(student, teacher, modality_mask, temperature, gather_fn: GatherFn | None) -> torch.Tensor:
+    """`distillation_loss` on embeddings validated before."""
+    mask = _observed(student, modality_mask)
+    k = mask.shape[1]
+    columns = torch.cat([_masked(student, modality_mask), _masked(teacher.detach().to(student.dtype), modality_mask)],
+                        dim=1)  # [B, 2k, D]: column m the student's, column k + m the teacher's
+    pairs = [(m, k + m) for m in range(k)]
+    return _pair_infonce(columns, torch.cat([mask, mask], dim=1), pairs, clamp_temperature(temperature), gather_fn)
+
+
 # ---------------------------------------------------------------------------- anchor shift (Theorem 1)
 def _aligned(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """`other` with its sign flipped where it points away from `reference` (singular vectors have no sign)."""
@@ -668,6 +695,7 @@ __all__ = [
     "anchor_shift",
     "calibrated_anchor_shift",
     "clamp_temperature",
+    "distillation_loss",
     "gram_loss",
     "gram_singular_values",
     "gram_volume",

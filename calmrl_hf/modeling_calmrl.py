@@ -349,7 +349,8 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
         self._check_embeddings(embeddings, modality_mask)
         return self._impute_missing(embeddings, modality_mask, exclude_anchor)
 
-    def _impute_missing(self, embeddings: torch.Tensor, modality_mask: torch.Tensor, exclude_anchor: bool = False):
+    def _impute_missing(self, embeddings: torch.Tensor, modality_mask: torch.Tensor, exclude_anchor: bool = False,
+                        imputations: torch.Tensor | None = None, impute_modalities: torch.Tensor | None = None):
         method = self.config.imputer_method
         if method == "none":
             return embeddings, modality_mask
@@ -360,10 +361,13 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
         if exclude_anchor and method == "ppca":
             conditioning_mask[:, self.config.modality_index(self.config.anchor_modality)] = False
         imputable_rows = conditioning_mask.any(dim=1)  # rows with at least one fitted observed modality
-        aligned_mask = modality_mask | (fitted & imputable_rows.unsqueeze(1))
+        imputed_columns = fitted if impute_modalities is None else fitted & impute_modalities.to(fitted.device)
+        aligned_mask = modality_mask | (imputed_columns & imputable_rows.unsqueeze(1))
         if bool((aligned_mask == modality_mask).all()):
             return embeddings, modality_mask
-        if method == "ppca":
+        if imputations is not None:  # made outside the model (a teacher's), never from the row's own embeddings
+            imputed = imputations.detach().to(embeddings.dtype)
+        elif method == "ppca":
             source = embeddings if self.config.impute_with_grad else embeddings.detach()
             # z^_{m'} = W_{m'} m_i + mu_{m'}, m_i the posterior mean of the shared latent (imputer.py)
             imputed = torch.zeros_like(embeddings)
@@ -429,6 +433,8 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
         modality_mask: torch.Tensor | None = None,
         return_loss: bool | None = None,
         imputer_update_fn: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+        imputations: torch.Tensor | None = None,
+        impute_modalities: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CalMRLOutput:
         r"""
@@ -441,6 +447,14 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
             imputer_update_fn (`Callable`, *optional*):
                 Called with the detached embeddings [B, k, D] and the mask before imputation: the imputer step of
                 CalMRL's bi-step (the training loop passes one that accumulates statistics and runs the M-step).
+            imputations (`torch.FloatTensor` of shape `[B, k, D]`, *optional*):
+                Values for the missing slots made outside the model, e.g. a teacher's PPCA posterior from its own
+                embeddings of the row (`CalMRLTrainingArguments.imputation_source="teacher"`); used detached instead
+                of the model's imputation of the row from its own embeddings (which the towers could learn to agree
+                with). The slots imputed are the same: missing, fitted, and in `impute_modalities`.
+            impute_modalities (`torch.BoolTensor` of shape `[k]`, *optional*):
+                The modalities that may get imputed columns (default: every modality the imputer is fitted on, the
+                paper's); the training loop passes those whose towers train on the run's data.
             **kwargs: `{modality}_{field}` tensors holding the observed rows of each modality, e.g.
                 `text_input_ids`, `text_attention_mask`, `vision_pixel_values` ([n, C, H, W] or video
                 [n, T, C, H, W]), `audio_input_values`; and `output_hidden_states` / `output_attentions` for the
@@ -457,7 +471,8 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
         if imputer_update_fn is not None:
             imputer_update_fn(embeddings.detach(), modality_mask)
         # the batch was validated where it entered (`_embed_batch`): the steps run unchecked
-        imputed, aligned_mask = self._impute_missing(embeddings, modality_mask, not self.config.impute_from_anchor)
+        imputed, aligned_mask = self._impute_missing(embeddings, modality_mask, not self.config.impute_from_anchor,
+                                                     imputations, impute_modalities)
         singular_values, anchor_embeddings = _gram_singular_values(imputed, aligned_mask)
         loss = alignment = matching = None
         if return_loss:

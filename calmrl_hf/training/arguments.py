@@ -36,6 +36,18 @@ class CalMRLTrainingArguments:
       weight decay are applied from the resumed step on.
     - `matching_learning_rate`, `matching_warmup_steps`: ours, the matching head's own learning rate and warm-up
       (a head trained from scratch next to pretrained towers wants a larger rate than they do).
+    - `teacher`, `teacher_ema_decay`, `teacher_weight`, `teacher_form`, `teacher_dtype`: ours, a copy of the model
+      whose detached embeddings enter the objective (`teacher.py`): `"frozen"` (the model as the run starts) or
+      `"ema"` (an exponential moving average of the model's weights), added as `loss = alignment + teacher_weight x
+      teacher term`; the term is the objective on the row's columns plus the teacher's embeddings of its observed
+      modalities (`teacher_form="columns"`) or an InfoNCE between each student embedding and the teacher's of the
+      same row and modality (`"distillation"`).
+    - `imputation_source`: ours. `"student"` (the paper's): the missing embeddings are imputed from the row's own
+      embeddings, with gradient; `"teacher"`: from the teacher's detached embeddings of the row (its PPCA
+      posterior), so the imputed columns are targets the towers cannot move.
+    - `impute_modalities`: ours, which modalities get imputed columns in the objective: `"trained"` (the default:
+      those the train data observes whose towers train), `"all"` (the paper's: every modality the imputer is
+      fitted on), or a list of names.
     - `imputer_*`, `freeze_modalities`, `freeze_projections`, `eval_pairs`, `hub_endpoint`: ours (CalMRL's bi-step,
       frozen towers, evaluation directions, a Hub API endpoint other than huggingface.co).
     """
@@ -67,6 +79,13 @@ class CalMRLTrainingArguments:
     imputer_min_rows: int | None = None  # rows a modality needs before its first M-step; default 2 (q + 1)
     imputer_warm_start: bool = False  # full EM on the embeddings of `warm_start_dataset` before training
     imputer_warm_start_max_iter: int = 50
+    teacher: str = "none"  # "none" | "frozen" (the model as the run starts) | "ema" (a moving average of its weights)
+    teacher_ema_decay: float = 0.99  # teacher <- decay * teacher + (1 - decay) * model, after every optimizer step
+    teacher_weight: float = 1.0  # loss = alignment + teacher_weight * teacher term
+    teacher_form: str = "columns"  # "columns" | "distillation"
+    teacher_dtype: str | None = None  # None: the model's; "bfloat16": a half-size teacher (its imputer stays float32)
+    imputation_source: str = "student"  # "student" (the paper's, with gradient) | "teacher" (detached)
+    impute_modalities: str | Sequence[str] = "trained"  # "trained" | "all" (the paper's) | a list of modalities
     freeze_modalities: Sequence[str] = ()  # towers to keep frozen (e.g. a pretrained text tower)
     freeze_projections: Sequence[str] = ()  # projection heads to keep frozen
     report_to: str | list[str] | None = None  # trackers, e.g. "tensorboard" ("none" or None: no tracker)
@@ -113,6 +132,7 @@ class CalMRLTrainingArguments:
             raise ValueError(f"imputer_statistics = {self.imputer_statistics!r}; expected 'ema', 'epoch' or 'frozen'.")
         if not 0.0 <= self.imputer_ema_decay < 1.0:
             raise ValueError(f"imputer_ema_decay must be in [0, 1), got {self.imputer_ema_decay}.")
+        self._validate_teacher()
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision = {self.mixed_precision!r}; expected 'no', 'bf16', 'fp16' or None (the "
                              f"launcher's).")
@@ -132,6 +152,25 @@ class CalMRLTrainingArguments:
             raise ValueError("push_to_hub=True needs hub_model_id (the repo id to upload to).")
         if isinstance(self.allow_resume_changes, str):
             self.allow_resume_changes = [self.allow_resume_changes]
+
+    def _validate_teacher(self) -> None:
+        choices = {"teacher": ("none", "frozen", "ema"), "teacher_form": ("columns", "distillation"),
+                   "teacher_dtype": (None, "float32", "bfloat16"), "imputation_source": ("student", "teacher")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} = {getattr(self, name)!r}; expected one of {list(allowed)}.")
+        if not 0.0 <= self.teacher_ema_decay < 1.0:
+            raise ValueError(f"teacher_ema_decay must be in [0, 1), got {self.teacher_ema_decay}.")
+        if not self.teacher_weight >= 0.0:  # also refuses NaN
+            raise ValueError(f"teacher_weight must be >= 0, got {self.teacher_weight}.")
+        if self.imputation_source == "teacher" and self.teacher == "none":
+            raise ValueError("imputation_source='teacher' needs a teacher: set teacher='frozen' or 'ema'.")
+        if isinstance(self.impute_modalities, str):
+            if self.impute_modalities not in ("trained", "all"):
+                raise ValueError(f"impute_modalities = {self.impute_modalities!r}; expected 'trained', 'all' or a "
+                                 f"list of modality names.")
+        else:
+            self.impute_modalities = list(self.impute_modalities)
 
 
 def _number_type(f) -> type | None:

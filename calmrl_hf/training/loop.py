@@ -25,10 +25,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from ..data.collator import model_inputs
 from ..modeling_calmrl import CalMRLModel
 from ..sharing.hub import CheckpointPusher, push_to_hub, write_model_card
 from .arguments import CalMRLTrainingArguments, recorded_arguments
+from .calibration import Calibration, ImputationFn
 from .checkpoints import ensure_writable_directory
 from .evaluation import evaluate
 from .fsdp import as_its_own_class
@@ -82,11 +82,14 @@ def train(
     processor=None,
     accelerator: Accelerator | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
+    imputation_fn: ImputationFn | None = None,
 ) -> TrainOutput:
     """Train `model` with CalMRL's bi-step; save model (and processor) to `args.output_dir` at the end.
 
     `train_dataset` yields examples that `collate_fn` turns into model inputs (`{modality}_{field}` tensors and
     `modality_mask`). `on_checkpoint(step)` is called after each checkpoint (tests use it to stop a run).
+    `imputation_fn(model, batch) -> (imputations, batch)` supplies the imputed columns from elsewhere (diagnostics:
+    the true embeddings of the hidden modalities); the teacher and `imputation_source` are `args`' (`calibration`).
     """
     accelerator = accelerator or build_accelerator(args)
     args = resolve_launch_settings(args, accelerator)
@@ -99,6 +102,7 @@ def train(
     check_checkpoint_folders(accelerator, args)
     set_seed(args.seed)
     freeze_modules(model, args)
+    calibration = Calibration(model, args, train_dataset, accelerator, imputation_fn)
     train_loader, eval_loader, warm_loader = build_dataloaders(
         train_dataset, eval_dataset, warm_start_dataset, collate_fn, per_device, args,
         on_gpu=accelerator.device.type == "cuda",
@@ -116,17 +120,21 @@ def train(
     start_trackers(accelerator, args)
     hub_pusher = build_hub_pusher(args, accelerator, processor)
     checkpoints = RunCheckpoints(accelerator, args, manifest, model, optimizer, scheduler, imputer_step,
-                                 hub_pusher=hub_pusher, on_checkpoint=on_checkpoint)
+                                 calibration=calibration, hub_pusher=hub_pusher, on_checkpoint=on_checkpoint)
     position = TrainPosition()
     try:
         resume = checkpoint_to_resume(args)
         if resume:
+            calibration.start(accelerator.unwrap_model(model))  # its teacher's weights come from the checkpoint
             checkpoints.load(resume, position)
-        elif warm_loader is not None:  # the imputer's fit on full-modality data stays as a prior
-            window_rows = warm_start_window(args, per_device * accelerator.num_processes, train_loader, streaming)
-            warm_start(imputer_step, model, warm_loader, accelerator, args.imputer_warm_start_max_iter, window_rows)
+        else:
+            if warm_loader is not None:  # the imputer's fit on full-modality data stays as a prior
+                window_rows = warm_start_window(args, per_device * accelerator.num_processes, train_loader, streaming)
+                warm_start(imputer_step, model, warm_loader, accelerator, args.imputer_warm_start_max_iter,
+                           window_rows)
+            calibration.start(accelerator.unwrap_model(model))  # the teacher: the model as the run starts
         losses = run_epochs(accelerator, args, model, optimizer, scheduler, train_loader, imputer_step, position,
-                            eval_loader=eval_loader, checkpoints=checkpoints)
+                            calibration, eval_loader=eval_loader, checkpoints=checkpoints)
         metrics = finish(accelerator, args, model, eval_loader, position.global_step, losses, processor=processor,
                          hub_pusher=hub_pusher)
     finally:
@@ -136,8 +144,8 @@ def train(
 
 
 def run_epochs(accelerator: Accelerator, args: CalMRLTrainingArguments, model, optimizer, scheduler,
-               train_loader: DataLoader, imputer_step: ImputerUpdater, position: TrainPosition, *,
-               eval_loader: DataLoader | None, checkpoints: RunCheckpoints) -> list[float]:
+               train_loader: DataLoader, imputer_step: ImputerUpdater, position: TrainPosition,
+               calibration: Calibration, *, eval_loader: DataLoader | None, checkpoints: RunCheckpoints) -> list[float]:
     """Epochs from `position` until `max_steps` optimizer steps: the bi-step on every micro-batch (`train_step`);
     after each optimizer step, logging, evaluation every `eval_steps` and a checkpoint every `save_steps`.
     Returns the mean loss of each optimizer step (all processes)."""
@@ -152,7 +160,7 @@ def run_epochs(accelerator: Accelerator, args: CalMRLTrainingArguments, model, o
         train_mode(model, accelerator, args)
         for batch in batches:
             position.batches_in_epoch += 1
-            running_loss += train_step(accelerator, model, optimizer, scheduler, imputer_step, batch,
+            running_loss += train_step(accelerator, model, optimizer, scheduler, imputer_step, calibration, batch,
                                        args.max_grad_norm)
             running_count += 1
             if not accelerator.sync_gradients:  # inside a gradient accumulation
@@ -201,13 +209,17 @@ def train_mode(model, accelerator: Accelerator, args: CalMRLTrainingArguments) -
         unwrapped.encoders[unwrapped.config.encoder_owner(name)].eval()
 
 
-def train_step(accelerator: Accelerator, model, optimizer, scheduler, imputer_step: ImputerUpdater, batch,
-               max_grad_norm: float | None) -> torch.Tensor:
+def train_step(accelerator: Accelerator, model, optimizer, scheduler, imputer_step: ImputerUpdater,
+               calibration: Calibration, batch, max_grad_norm: float | None) -> torch.Tensor:
     """One micro-batch of the bi-step: the imputer step (inside forward, `imputer_update_fn`), then the encoder
-    step (an optimizer step on the last micro-batch of a gradient accumulation). Returns the detached loss."""
+    step (an optimizer step on the last micro-batch of a gradient accumulation) on the alignment loss plus the
+    teacher's term (`calibration`); an EMA teacher follows each optimizer step. Returns the detached loss."""
+    unwrapped = accelerator.unwrap_model(model)
     with accelerator.accumulate(model):
-        outputs = model(**model_inputs(batch), return_loss=True, imputer_update_fn=imputer_step)
-        accelerator.backward(outputs.loss)
+        inputs, extra, teacher_view = calibration.prepare(unwrapped, batch)
+        outputs = model(**inputs, return_loss=True, imputer_update_fn=imputer_step, **extra)
+        loss = calibration.loss(unwrapped, outputs, teacher_view)
+        accelerator.backward(loss)
         if accelerator.sync_gradients and max_grad_norm:
             # the prepared model's parameters (frozen ones have no gradient), not a list taken before prepare:
             # FSDP2's fully_shard replaces them with sharded ones
@@ -215,7 +227,9 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, imputer_st
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-    return outputs.loss.detach().float()
+    if accelerator.sync_gradients:
+        calibration.update(unwrapped)  # t <- decay * t + (1 - decay) * theta, after the optimizer step
+    return loss.detach().float()
 
 
 def log_step(accelerator: Accelerator, args: CalMRLTrainingArguments, scheduler, progress, step: int,

@@ -30,8 +30,10 @@ from .checkpoints import (
 )
 from .fsdp import full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from .imputer_step import ImputerUpdater
+from .teacher import TEACHER_FILE
 
 if TYPE_CHECKING:
+    from .calibration import Calibration
     from .loop import TrainPosition
 
 
@@ -146,8 +148,8 @@ class RunCheckpoints:
     """
 
     def __init__(self, accelerator: Accelerator, args: CalMRLTrainingArguments, manifest: dict[str, Any], model,
-                 optimizer, scheduler, imputer_step: ImputerUpdater, *, hub_pusher: CheckpointPusher | None = None,
-                 on_checkpoint: Callable[[int], None] | None = None):
+                 optimizer, scheduler, imputer_step: ImputerUpdater, *, calibration: Calibration | None = None,
+                 hub_pusher: CheckpointPusher | None = None, on_checkpoint: Callable[[int], None] | None = None):
         self.accelerator = accelerator
         self.args = args
         self.manifest = manifest  # what the run is (`run_manifest`): recorded in checkpoints, compared on resume
@@ -155,6 +157,7 @@ class RunCheckpoints:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.imputer_step = imputer_step
+        self.calibration = calibration  # its teacher is saved and restored with the run
         self.hub_pusher = hub_pusher  # pushes at each checkpoint (hub_strategy every_save / checkpoint)
         self.on_checkpoint = on_checkpoint
 
@@ -198,6 +201,8 @@ class RunCheckpoints:
                 "scheduler.safetensors": lambda: state_file_bytes(self.scheduler.state_dict()),
                 "imputer_statistics.safetensors": lambda: state_file_bytes(self.imputer_step.state_dict()),
             })
+            if self.calibration is not None and self.calibration.teacher is not None:
+                files[TEACHER_FILE] = self.calibration.state_bytes
         return files
 
     def load(self, folder: str, position: TrainPosition) -> None:
@@ -214,6 +219,7 @@ class RunCheckpoints:
             accelerator.scaler.load_state_dict(optimizer_state["scaler"])
         self.scheduler.load_state_dict(load_state_file(root / "scheduler.safetensors"))
         self.imputer_step.load_state_dict(load_state_file(root / "imputer_statistics.safetensors"))
+        self._load_teacher(root, manifest)
         position.load_state_dict(manifest["position"])
         apply_changed_hyperparameters(self.args, self.optimizer, self.scheduler, manifest["run"]["training"],
                                       position.global_step)
@@ -224,6 +230,16 @@ class RunCheckpoints:
             logger.warning("%s has no random states for process %d: its dropout continues from the seed.", folder,
                            accelerator.process_index, main_process_only=False)
         logger.info("Resumed from %s at step %d.", folder, position.global_step)
+
+    def _load_teacher(self, root: Path, manifest: dict[str, Any]) -> None:
+        """The run's teacher as saved (every process reads the same file: identical teachers). A checkpoint saved
+        without one (the teacher was allowed to change) leaves the teacher built from the resumed model."""
+        if self.calibration is None or self.calibration.teacher is None:
+            return
+        if TEACHER_FILE not in manifest["files"]:
+            logger.warning("%s has no teacher: the teacher starts from the resumed model.", root)
+            return
+        self.calibration.load_bytes((root / TEACHER_FILE).read_bytes())
 
 
 __all__ = ["ARGUMENTS_OUTSIDE_THE_TRAJECTORY", "RunCheckpoints", "apply_changed_hyperparameters",

@@ -1,0 +1,149 @@
+"""What the objective sees besides the batch's own embeddings: which modalities get imputed columns, where their
+imputations come from, and the teacher's term (`teacher.py`).
+
+    loss = alignment(observed + imputed columns) + teacher_weight * teacher_term
+
+- `impute_modalities`: "trained" (the modalities the train data observes whose towers train: imputing a modality
+  whose tower does not train in the stage only moves the others towards a fixed guess), "all" (the paper's), or a
+  list.
+- `imputation_source`: "student" (the paper's: the row's own embeddings, with gradient) or "teacher" (the
+  teacher's PPCA posterior from its detached embeddings of the row).
+- teacher term, `teacher_form="columns"`: the objective on the row's columns plus the teacher's embeddings of its
+  observed modalities as detached columns; `"distillation"`: `alignment.distillation_loss` between the student's
+  and the teacher's embeddings of each observed modality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from ..alignment import OBJECTIVES, _distillation_loss, _gather_fn
+from ..data.schema import dataset_modalities
+from ..modeling_calmrl import CalMRLModel, CalMRLOutput
+from .arguments import CalMRLTrainingArguments
+from .teacher import Teacher
+
+# (unwrapped model, collated batch) -> (imputations [B, k, D] for the missing slots, the batch without the keys
+# the function read): imputations made elsewhere, e.g. a benchmark's true embeddings of the hidden modalities
+ImputationFn = Callable[[CalMRLModel, dict], tuple[torch.Tensor, dict]]
+
+
+def observed_modalities(dataset, modalities: list[str]) -> list[str] | None:
+    """The modalities some row of a map-style 🤗 dataset observes (its `modality_mask` column, in the order of its
+    modality columns); None where that cannot be read without a pass over the data (streaming, torch datasets)."""
+    names = dataset_modalities(dataset)
+    if "modality_mask" not in (getattr(dataset, "column_names", None) or []) or not hasattr(dataset, "with_format"):
+        return None
+    masks = dataset.with_format("torch", columns=["modality_mask"])["modality_mask"]
+    if not isinstance(masks, torch.Tensor) or masks.dim() != 2 or masks.shape[1] != len(names):
+        return None
+    seen = masks.bool().any(dim=0).tolist()
+    return [name for name, observed in zip(names, seen) if observed and name in modalities]
+
+
+def resolve_impute_modalities(model: CalMRLModel, args: CalMRLTrainingArguments, dataset) -> list[str] | None:
+    """The modalities that may get imputed columns (None: every fitted one, the paper's)."""
+    modalities = list(model.config.modalities)
+    if args.impute_modalities == "all":
+        return None
+    if args.impute_modalities != "trained":
+        unknown = [m for m in args.impute_modalities if m not in modalities]
+        if unknown:
+            raise ValueError(f"impute_modalities names unknown modalities {unknown}; the model's are {modalities}.")
+        return list(args.impute_modalities)
+    observed = observed_modalities(dataset, modalities)
+    frozen = {model.config.encoder_owner(m) for m in args.freeze_modalities}
+    return [m for m in (observed if observed is not None else modalities)
+            if model.config.encoder_owner(m) not in frozen]
+
+
+def check_teacher_supported(model: CalMRLModel, args: CalMRLTrainingArguments, accelerator: Accelerator) -> None:
+    """Refuse, before training starts, the settings a teacher does not support."""
+    if args.teacher == "none":
+        return
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(f"teacher={args.teacher!r} is not supported under {accelerator.distributed_type.value}: the "
+                         f"teacher is a full copy of the model on every process, which sharded training exists to "
+                         f"avoid. Train with DDP (or one process), or with teacher='none'.")
+    if args.teacher_form == "columns" and model.config.alignment_objective == "triangle":
+        raise ValueError("TRIANGLE contrasts the three columns of triangle_modalities: the teacher's columns cannot "
+                         "join it. Use teacher_form='distillation'.")
+    if args.imputation_source == "teacher" and model.config.imputer_method != "ppca":
+        raise ValueError(f"imputation_source='teacher' imputes with the teacher's PPCA posterior; the model's "
+                         f"imputer_method is {model.config.imputer_method!r}. Set imputer_method='ppca'.")
+
+
+class Calibration:
+    """The run's calibration settings and its teacher; `train_step` calls `prepare` before the forward, `loss`
+    after it, and `update` after each optimizer step."""
+
+    def __init__(self, model: CalMRLModel, args: CalMRLTrainingArguments, train_dataset, accelerator: Accelerator,
+                 imputation_fn: ImputationFn | None = None):
+        check_teacher_supported(model, args, accelerator)
+        self.args = args
+        self.imputation_fn = imputation_fn
+        self.teacher: Teacher | None = None
+        names = resolve_impute_modalities(model, args, train_dataset)
+        self.impute_modalities = names
+        self.impute_mask = None if names is None else torch.tensor(
+            [m in names for m in model.config.modalities], device=accelerator.device)
+
+    def start(self, model: CalMRLModel) -> None:
+        """Build the teacher from the model as the run starts (a resumed run then loads the saved one)."""
+        if self.args.teacher != "none":
+            self.teacher = Teacher(model, self.args.teacher, self.args.teacher_ema_decay, self.args.teacher_dtype)
+
+    def prepare(self, model: CalMRLModel, batch: dict) -> tuple[dict, dict, tuple | None]:
+        """(the model inputs, the forward's extra keyword arguments, the teacher's (embeddings, mask) or None) of
+        a collated batch (`model_inputs` of it); `model` unwrapped."""
+        from ..data.collator import model_inputs
+
+        extra: dict[str, Any] = {}
+        if self.impute_mask is not None:
+            extra["impute_modalities"] = self.impute_mask
+        if self.imputation_fn is not None:
+            imputations, batch = self.imputation_fn(model, batch)
+            extra["imputations"] = imputations
+        inputs = model_inputs(batch)
+        teacher_view = None
+        if self.teacher is not None:
+            dtype = next(model.projections.parameters()).dtype
+            teacher_view = self.teacher.embed(inputs, dtype)
+            if self.args.imputation_source == "teacher":
+                extra["imputations"] = self.teacher.impute(*teacher_view)
+        return inputs, extra, teacher_view
+
+    def loss(self, model: CalMRLModel, outputs: CalMRLOutput, teacher_view: tuple | None) -> torch.Tensor:
+        """outputs.loss + teacher_weight * the teacher term (`model` unwrapped: its config and temperature)."""
+        if teacher_view is None or self.args.teacher_weight == 0:
+            return outputs.loss
+        teacher_embeddings, teacher_mask = teacher_view
+        config = model.config
+        if self.args.teacher_form == "distillation":
+            term = _distillation_loss(outputs.embeddings, teacher_embeddings, outputs.modality_mask,
+                                      model.temperature, _gather_fn(config))
+        else:  # the row's objective columns, then the teacher's observed ones: [B, 2k, D]
+            columns = torch.cat([outputs.imputed_embeddings, teacher_embeddings.detach()], dim=1)
+            mask = torch.cat([outputs.aligned_mask, teacher_mask], dim=1)
+            term = OBJECTIVES[config.alignment_objective].loss(columns, mask, config, model.temperature)
+        return outputs.loss + self.args.teacher_weight * term
+
+    def update(self, model: CalMRLModel) -> None:
+        if self.teacher is not None:
+            self.teacher.update(model)
+
+    def state_bytes(self) -> bytes | None:
+        return self.teacher.state_bytes() if self.teacher is not None else None
+
+    def load_bytes(self, data: bytes) -> None:
+        if self.teacher is not None:
+            self.teacher.load_bytes(data)
+
+
+__all__ = ["Calibration", "ImputationFn", "check_teacher_supported", "observed_modalities",
+           "resolve_impute_modalities"]
