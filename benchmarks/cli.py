@@ -22,7 +22,10 @@ from pathlib import Path
 
 from .methods import ALL_METHODS, BASE, METHODS, TUNED_METHODS, hyperparameters_of
 from .protocol import Experiment, run_methods, tune_methods
-from .report import calibration_gaps, summarise, write_results
+from .report import calibration_gaps, markdown_table, comparison_markdown, paired_comparisons, summarise, write_results
+
+
+AGREEMENT = ["own_imputation_cosine", "true_missing_cosine"]  # `metrics.agreement_metrics`
 
 
 @dataclass
@@ -66,10 +69,11 @@ def tune(benchmark: Benchmark, quick: bool, seed: int, methods: list[str], path:
     processes = max(1, min(processes or available_cores(), len(methods)))
     groups = [methods[index::processes] for index in range(processes)]
     tuned = {}
-    for part in run_tasks([(tune_group, benchmark.module, quick, seed, group) for group in groups], processes):
+    chosen = json.loads(path.read_text()) if path.exists() else {}
+    for part in run_tasks([(tune_group, benchmark.module, quick, seed, group, chosen) for group in groups],
+                          processes):
         tuned.update(part)
     tuned = {name: tuned[name] for name in [*methods, BASE]}
-    chosen = json.loads(path.read_text()) if path.exists() else {}
     chosen.update({name: entry["best"] for name, entry in tuned.items()})
     path.write_text(json.dumps(chosen, indent=1))
     grid_path = path.with_suffix(".grid.json")
@@ -80,12 +84,13 @@ def tune(benchmark: Benchmark, quick: bool, seed: int, methods: list[str], path:
     return tuned
 
 
-def tune_group(module: str, quick: bool, seed: int, methods: list[str]) -> dict:
-    """`tune_methods` of benchmark `module` for `methods` on world `seed`'s validation split."""
+def tune_group(module: str, quick: bool, seed: int, methods: list[str], chosen: dict) -> dict:
+    """`tune_methods` of benchmark `module` for `methods` on world `seed`'s validation split (`chosen`: the
+    hyperparameters tuned before, which methods that `inherits` extend)."""
     benchmark = importlib.import_module(module).BENCHMARK
     with tempfile.TemporaryDirectory() as workdir:
         setup, validate, _ = benchmark.experiment(benchmark.quick if quick else benchmark.sizes, seed, Path(workdir))
-        return tune_methods(setup, methods, validate, benchmark.headline)
+        return tune_methods(setup, methods, validate, benchmark.headline, tuned=chosen)
 
 
 def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None = None) -> dict:
@@ -152,14 +157,26 @@ def report(benchmark: Benchmark, per_seed: dict[int, dict[str, dict[str, float]]
     methods = list(results[0])
     summary = summarise(results, {name: hyperparameters_of(name, tuned) for name in methods})
     gaps = calibration_gaps(results, benchmark.family_metrics)
+    comparisons = paired_comparisons(results, [*benchmark.family_metrics, *AGREEMENT])
+    compared = ("Teachers, calibration and its controls, paired by seed (method - reference, mean ± std over seeds, p "
+                "of the paired t-test); a calibration gain counts only over the teacher control with the same "
+                "information and no imputation (`... vs PMRL + frozen teacher`):")
     text = benchmark.markdown(summary, gaps)
+    if comparisons:
+        text += f"\n\n{compared}\n\n{comparison_markdown(comparisons, benchmark.family_metrics)}"
+        text += ("\n\nDo the towers agree with their own imputations or with the missing modality? Cosine of an "
+                 "observed vision (audio) test embedding with the model's imputation of the hidden audio (vision) "
+                 "from the row, and with the true one:\n\n" + markdown_table(summary, AGREEMENT, digits=3))
     print(text)
     if output:
         write_results(output, command, text, summary, title=benchmark.title,
                       recall=[(metric, metric.replace("_R@1", "")) for metric in benchmark.family_metrics],
-                      siblings={"calibration": gaps, "seeds": {str(s): r for s, r in per_seed.items()}})
-        summary_path(output).write_text(f"Command: `{command}` (all tables: `{output.name}`)\n\n"
-                                        f"{benchmark.summary_markdown(summary, gaps)}\n")
+                      siblings={"calibration": gaps, "comparisons": comparisons,
+                                "seeds": {str(s): r for s, r in per_seed.items()}})
+        short = benchmark.summary_markdown(summary, gaps)
+        if comparisons:
+            short += f"\n\n{compared}\n\n{comparison_markdown(comparisons, benchmark.family_metrics[:2])}"
+        summary_path(output).write_text(f"Command: `{command}` (all tables: `{output.name}`)\n\n{short}\n")
     return summary
 
 
@@ -185,17 +202,30 @@ def run_seeds(module: str, quick: bool, seeds: list[int], methods: list[str], tu
     return run_tasks([(run_seed, module, quick, seed, methods, tuned) for seed in seeds], processes)
 
 
-def run_tasks(tasks: list[tuple], processes: int | None = None) -> list:
+# Torch threads per seed process: the benchmarks' towers are tiny, and one thread runs their small matrix products
+# fastest (measured: `python -m benchmarks.thread_timing`, benchmarks/README.md); more only adds synchronisation.
+THREADS_PER_PROCESS = 1
+
+
+def run_tasks(tasks: list[tuple], processes: int | None = None, threads: int = THREADS_PER_PROCESS) -> list:
     """`function(*arguments)` for each task `(function, *arguments)`, results in task order. Seeds (and tuning
     groups) are independent, so with `processes` > 1 they run in worker processes (spawned: a fresh interpreter
     each) that split the cores between them: small models keep one core busier than two threads of one process
-    keep two. Tasks start in the order given (put the longest first, so the last ones to finish are short)."""
+    keep two. Every task runs with `threads` torch threads, in a worker or in this process (then restored after).
+    Tasks start in the order given (put the longest first, so the last ones to finish are short)."""
     cores = available_cores()
     processes = min(processes or cores, len(tasks))
     if processes <= 1:
-        return [function(*arguments) for function, *arguments in tasks]
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return [function(*arguments) for function, *arguments in tasks]
+        finally:
+            torch.set_num_threads(previous)
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch_threads, initargs=(max(1, cores // processes),)) as pool:
+                             initializer=torch_threads, initargs=(threads,)) as pool:
         futures = [pool.submit(*task) for task in tasks]
         return [future.result() for future in futures]
 

@@ -75,6 +75,27 @@ def imputation_metrics(model: CalMRLModel, truth: torch.Tensor, patterns: dict[s
 
 
 @torch.no_grad()
+def agreement_metrics(model: CalMRLModel, truth: torch.Tensor, patterns: dict[str, Sequence[bool]],
+                      pair: tuple[str, str] = ("vision", "audio")) -> dict:
+    """Does an observed embedding agree with its own imputation or with the real missing one? On full-modality test
+    embeddings `truth` seen as stage 2 sees them (`patterns`), for each pattern that observes one modality of
+    `pair` and hides the other: the mean cosine between the observed embedding and the model's imputation of the
+    hidden one from the row (`own_imputation_cosine`, renormalised as the objective sees it), and between the
+    observed embedding and the true hidden one (`true_missing_cosine`). Towers that chase their own imputations
+    raise the first and lower the second."""
+    first, second = (model.config.modality_index(name) for name in pair)
+    own, true = [], []
+    for observed, imputed in stage2_views(model, truth, patterns):
+        for seen, hidden in ((first, second), (second, first)):
+            if bool(observed[0, seen]) and not bool(observed[0, hidden]):
+                own.append(float(F.cosine_similarity(truth[:, seen], imputed[:, hidden], dim=-1).mean()))
+                true.append(float(F.cosine_similarity(truth[:, seen], truth[:, hidden], dim=-1).mean()))
+    if not own:
+        return {}
+    return {"own_imputation_cosine": sum(own) / len(own), "true_missing_cosine": sum(true) / len(true)}
+
+
+@torch.no_grad()
 def paired_cosines(embeddings: torch.Tensor, modalities: Sequence[str], pairs: Sequence[tuple[str, str]]) -> dict:
     """Mean cosine of the two embeddings of the same instance, per pair of modalities (full-modality test set):
     negative values mean the two towers ended anti-aligned."""

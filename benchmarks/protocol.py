@@ -25,7 +25,8 @@ import torch
 from calmrl_hf import CalMRLModel
 from calmrl_hf.training import CalMRLTrainingArguments, build_accelerator, train
 
-from .methods import ALL_METHODS, BASE, hyperparameters_of
+from .methods import ALL_METHODS, BASE, hyperparameters_of, inherited
+from .true_imputations import TrueImputations, WithTruth, collate_with_truth
 
 
 @dataclass
@@ -96,9 +97,16 @@ class Experiment:
                 model.logit_scale.fill_(-math.log(float(hyperparameters["temperature"])))  # log(1 / T)
         learning_rate = hyperparameters.get("learning_rate", self.stage2.learning_rate)
         args = self.arguments(method_name.split(" ")[0], self.stage2, learning_rate=learning_rate,
-                              imputer_warm_start=True, **method.training, **method.head_training)
-        train(model, self.splits.stage2_full if method.oracle else self.splits.stage2, args,
-              collate_fn=self.collate_fn, warm_start_dataset=self.splits.stage1, accelerator=accelerator)
+                              imputer_warm_start=True, **method.training_arguments(hyperparameters),
+                              **method.head_training)
+        dataset, collate_fn, imputation_fn = self.splits.stage2_full if method.oracle else self.splits.stage2, \
+            self.collate_fn, None
+        if method.true_imputations:  # diagnostics: the hidden true embeddings in the imputed columns
+            dataset = WithTruth(self.splits.stage2, self.splits.stage2_full)
+            collate_fn = collate_with_truth(self.collate_fn)
+            imputation_fn = TrueImputations(method.true_imputations, len(dataset), self.seed)
+        train(model, dataset, args, collate_fn=collate_fn, warm_start_dataset=self.splits.stage1,
+              accelerator=accelerator, imputation_fn=imputation_fn)
         model = accelerator.unwrap_model(model)
         model.eval()
         return model
@@ -122,10 +130,11 @@ def run_methods(experiment: Experiment, methods: Sequence[str], tuned: dict[str,
 
 
 def tune_methods(experiment: Experiment, methods: Sequence[str], evaluate: Callable[[CalMRLModel], dict[str, float]],
-                 headline: str, log: Callable[[str], None] = print) -> dict[str, dict]:
+                 headline: str, log: Callable[[str], None] = print, tuned: dict | None = None) -> dict[str, dict]:
     """Each method's grid (`Method.grid`), stage 2 from one shared stage-1 model per point, scored by `headline`
-    of `evaluate(model)` on the validation split. Returns {method: {"best": hyperparameters, "grid": [[point,
-    score], ...]}}; ties go to the first point of the grid."""
+    of `evaluate(model)` on the validation split; a method that `inherits` another's tuned values (`tuned`, the
+    hyperparameters chosen before) runs each point on top of them. Returns {method: {"best": hyperparameters,
+    "grid": [[point, score], ...]}}; ties go to the first point of the grid."""
     stage1_model, accelerator = experiment.train_stage1()
     stage1_model.eval()
     base_score = evaluate(stage1_model)[headline]
@@ -133,8 +142,9 @@ def tune_methods(experiment: Experiment, methods: Sequence[str], evaluate: Calla
     tuned = {}
     for name in methods:
         scored = []
+        base = inherited(name, tuned or {})
         for point in ALL_METHODS[name].grid():
-            model = experiment.train_stage2(stage1_model, accelerator, name, point)
+            model = experiment.train_stage2(stage1_model, accelerator, name, {**base, **point})
             scored.append([point, evaluate(model)[headline]])
             log(f"{name} {point}: validation {headline} = {scored[-1][1]:.2f}")
         best = max(range(len(scored)), key=lambda index: (scored[index][1], -index))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from scipy import stats
 
-from .methods import BASE, FAMILIES
+from .methods import BASE, COMPARISONS, FAMILIES
 
 
 def summarise(per_seed: list[dict[str, dict[str, float]]],
@@ -68,6 +68,51 @@ def calibration_gaps(per_seed: list[dict[str, dict[str, float]]], metrics: Seque
                 "share_closed": mean_difference / mean_gap if mean_gap != 0 else float("nan"),
                 "t": t_value, "p": p_value, "seeds": len(rows), "verdict": verdict}
     return analysis
+
+
+def paired_test(differences: list[float], confidence: float = 0.95) -> dict:
+    """Mean ± std of paired differences (one per seed) and the two-sided paired t-test of a zero mean: "better" /
+    "worse" where it rejects at `confidence`, else "within seed spread"."""
+    mean = statistics.mean(differences)
+    spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
+    p_value = float("nan")
+    if len(differences) > 1 and spread > 0:
+        p_value = float(2 * stats.t.sf(abs(mean / (spread / len(differences) ** 0.5)), df=len(differences) - 1))
+    verdict = "within seed spread"
+    if p_value < 1 - confidence:
+        verdict = "better" if mean > 0 else "worse"
+    return {"difference": [mean, spread], "p": p_value, "seeds": len(differences), "verdict": verdict}
+
+
+def paired_comparisons(per_seed: list[dict[str, dict[str, float]]], metrics: Sequence[str],
+                       pairs: Sequence[tuple[str, str]] = COMPARISONS) -> dict[str, dict[str, dict]]:
+    """`method - reference` per metric, paired by seed (both continue from the seed's stage-1 model), for each pair
+    present in the results: {"method vs reference": {metric: paired_test}}."""
+    analysis: dict[str, dict[str, dict]] = {}
+    for method, reference in pairs:
+        if method not in per_seed[0] or reference not in per_seed[0]:
+            continue
+        rows = {}
+        for metric in metrics:
+            differences = [seed[method][metric] - seed[reference][metric] for seed in per_seed
+                           if metric in seed[method] and metric in seed[reference]]
+            if differences:
+                rows[metric] = paired_test(differences)
+        analysis[f"{method} vs {reference}"] = rows
+    return analysis
+
+
+def comparison_markdown(analysis: dict[str, dict[str, dict]], metrics: Sequence[str]) -> str:
+    """One row per comparison: the paired difference of each metric (mean ± std over seeds, p of the paired t-test)."""
+    lines = ["| method vs reference | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for name, per_metric in analysis.items():
+        cells = []
+        for metric in metrics:
+            row = per_metric.get(metric)
+            cells.append("–" if row is None else
+                         f"{row['difference'][0]:+.2f} ± {row['difference'][1]:.2f} (p={row['p']:.3f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def calibration_markdown(analysis: dict[str, dict[str, dict]], metrics: Sequence[str]) -> str:

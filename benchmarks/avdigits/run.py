@@ -45,7 +45,7 @@ from calmrl_hf.training import embed_dataset
 from ..cli import Benchmark
 from ..cli import main as benchmark_main
 from ..methods import MATCHING_HEAD, METHODS
-from ..metrics import (COSINE_COLUMNS, MATCHED_PAIRS, RERANK_TOP_K, direction_families, imputation_metrics,
+from ..metrics import (COSINE_COLUMNS, agreement_metrics, MATCHED_PAIRS, RERANK_TOP_K, direction_families, imputation_metrics,
                        paired_cosines, rerank_columns, rerank_table)
 from ..protocol import Experiment, Splits, StageSettings
 from ..report import calibration_markdown, hyperparameter_markdown, markdown_table
@@ -247,6 +247,7 @@ def evaluate(model: CalMRLModel, processor: CalMRLProcessor, test: EncodedSplit,
         result[f"zero_shot_{name}_top1"] = accuracy["top1"]
     result.update(paired_cosines(truth, MODALITIES, MATCHED_PAIRS))
     result.update(imputation_metrics(model, truth, PATTERNS))
+    result.update(agreement_metrics(model, truth, PATTERNS))
     if model.fusion is not None:
         tokens = collect_matching_tokens(model, DataLoader(test, batch_size=256, collate_fn=collate_fn), MODALITIES)
         result.update(rerank_table(model, truth, tokens, MODALITIES, labels=test.labels))

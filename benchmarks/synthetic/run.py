@@ -37,7 +37,7 @@ from calmrl_hf.evaluation.metrics import retrieval_metrics
 
 from ..cli import Benchmark
 from ..cli import main as benchmark_main
-from ..metrics import (COSINE_COLUMNS, MATCHED_PAIRS, RERANK_TOP_K, direction_families, imputation_metrics,
+from ..metrics import (COSINE_COLUMNS, agreement_metrics, MATCHED_PAIRS, RERANK_TOP_K, direction_families, imputation_metrics,
                        paired_cosines, rerank_columns, rerank_table, volume_discrimination)
 from ..protocol import Experiment, Splits, StageSettings
 from ..report import calibration_markdown, hyperparameter_markdown, markdown_table
@@ -166,6 +166,7 @@ def evaluate(model: CalMRLModel, split: Dataset, *, full: bool = True) -> dict[s
     result.update(paired_cosines(truth, list(MODALITIES), MATCHED_PAIRS))
     # hide audio+subtitle (video-text instances) and vision+subtitle (audio-text), as stage 2 does
     result.update(imputation_metrics(model, truth, PATTERNS))
+    result.update(agreement_metrics(model, truth, PATTERNS))
     result.update(volume_discrimination(model, truth, PATTERNS, anchor=MODALITIES.index("text")))
     return result
 

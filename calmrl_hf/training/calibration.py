@@ -39,10 +39,10 @@ def observed_modalities(dataset, modalities: list[str]) -> list[str] | None:
     names = dataset_modalities(dataset)
     if "modality_mask" not in (getattr(dataset, "column_names", None) or []) or not hasattr(dataset, "with_format"):
         return None
-    masks = dataset.with_format("torch", columns=["modality_mask"])["modality_mask"]
-    if not isinstance(masks, torch.Tensor) or masks.dim() != 2 or masks.shape[1] != len(names):
+    masks = dataset.with_format("numpy", columns=["modality_mask"])[:]["modality_mask"]  # [N, k] bool
+    if getattr(masks, "ndim", 0) != 2 or masks.shape[1] != len(names):
         return None
-    seen = masks.bool().any(dim=0).tolist()
+    seen = masks.astype(bool).any(axis=0).tolist()
     return [name for name, observed in zip(names, seen) if observed and name in modalities]
 
 
