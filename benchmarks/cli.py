@@ -90,7 +90,7 @@ def tune_group(module: str, quick: bool, seed: int, methods: list[str], chosen: 
     benchmark = importlib.import_module(module).BENCHMARK
     with tempfile.TemporaryDirectory() as workdir:
         setup, validate, _ = benchmark.experiment(benchmark.quick if quick else benchmark.sizes, seed, Path(workdir))
-        return tune_methods(setup, methods, validate, benchmark.headline, tuned=chosen)
+        return tune_methods(setup, methods, validate, benchmark.headline, chosen=chosen)
 
 
 def main(benchmark: Benchmark, argv=None, default_methods: Sequence[str] | None = None) -> dict:

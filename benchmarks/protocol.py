@@ -130,9 +130,9 @@ def run_methods(experiment: Experiment, methods: Sequence[str], tuned: dict[str,
 
 
 def tune_methods(experiment: Experiment, methods: Sequence[str], evaluate: Callable[[CalMRLModel], dict[str, float]],
-                 headline: str, log: Callable[[str], None] = print, tuned: dict | None = None) -> dict[str, dict]:
+                 headline: str, log: Callable[[str], None] = print, chosen: dict | None = None) -> dict[str, dict]:
     """Each method's grid (`Method.grid`), stage 2 from one shared stage-1 model per point, scored by `headline`
-    of `evaluate(model)` on the validation split; a method that `inherits` another's tuned values (`tuned`, the
+    of `evaluate(model)` on the validation split; a method that `inherits` another's tuned values (`chosen`, the
     hyperparameters chosen before) runs each point on top of them. Returns {method: {"best": hyperparameters,
     "grid": [[point, score], ...]}}; ties go to the first point of the grid."""
     stage1_model, accelerator = experiment.train_stage1()
@@ -142,7 +142,7 @@ def tune_methods(experiment: Experiment, methods: Sequence[str], evaluate: Calla
     tuned = {}
     for name in methods:
         scored = []
-        base = inherited(name, tuned or {})
+        base = inherited(name, chosen or {})
         for point in ALL_METHODS[name].grid():
             model = experiment.train_stage2(stage1_model, accelerator, name, {**base, **point})
             scored.append([point, evaluate(model)[headline]])
