@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import DistributedType
 
 from ..alignment import OBJECTIVES, _distillation_loss, _gather_fn
@@ -28,22 +29,52 @@ from ..modeling_calmrl import CalMRLModel, CalMRLOutput
 from .arguments import CalMRLTrainingArguments
 from .teacher import Teacher
 
+logger = get_logger(__name__)
+
 # (unwrapped model, collated batch) -> (imputations [B, k, D] for the missing slots, the batch without the keys
 # the function read): imputations made elsewhere, e.g. a benchmark's true embeddings of the hidden modalities
 ImputationFn = Callable[[CalMRLModel, dict], tuple[torch.Tensor, dict]]
 
 
-def observed_modalities(dataset, modalities: list[str]) -> list[str] | None:
-    """The modalities some row of a map-style 🤗 dataset observes (its `modality_mask` column, in the order of its
-    modality columns); None where that cannot be read without a pass over the data (streaming, torch datasets)."""
+def modality_masks(dataset) -> tuple[list[str], "numpy.ndarray"] | None:
+    """(the modality columns, their `modality_mask` column [N, k]) of a map-style 🤗 dataset; None where that cannot
+    be read without a pass over the data (streaming, torch datasets)."""
     names = dataset_modalities(dataset)
     if "modality_mask" not in (getattr(dataset, "column_names", None) or []) or not hasattr(dataset, "with_format"):
         return None
     masks = dataset.with_format("numpy", columns=["modality_mask"])[:]["modality_mask"]  # [N, k] bool
     if getattr(masks, "ndim", 0) != 2 or masks.shape[1] != len(names):
         return None
-    seen = masks.astype(bool).any(axis=0).tolist()
-    return [name for name, observed in zip(names, seen) if observed and name in modalities]
+    return names, masks.astype(bool)
+
+
+def observed_modalities(dataset, modalities: list[str]) -> list[str] | None:
+    """The modalities of `modalities` that some row of a map-style 🤗 dataset observes (None: unknown)."""
+    found = modality_masks(dataset)
+    if found is None:
+        return None
+    names, masks = found
+    return [name for name, seen in zip(names, masks.any(axis=0).tolist()) if seen and name in modalities]
+
+
+def warn_self_reference(model: CalMRLModel, args: CalMRLTrainingArguments, dataset,
+                        impute_modalities: list[str] | None) -> None:
+    """The paper's calibration (imputations from the row's own embeddings, with gradient) on data that lacks an
+    imputable modality: say what it measured as on the benchmarks, once, at the start."""
+    if model.config.imputer_method not in ("ppca", "mean") or args.imputation_source != "student":
+        return
+    found = modality_masks(dataset)
+    if found is not None:
+        names, masks = found
+        imputable = [index for index, name in enumerate(names) if impute_modalities is None or name in
+                     impute_modalities]
+        if not imputable or masks[:, imputable].all():
+            return  # nothing to impute: full-modality data, or no imputable modality
+    logger.warning("Training with imputed columns made from the model's own embeddings (imputer_method=%r, "
+                   "imputation_source='student', the paper's calibration): on every benchmark here it lowered "
+                   "retrieval, the towers learning to agree with their own imputations. imputation_source='teacher' "
+                   "(with teacher='frozen') or imputer_method='none' avoid it (docs/training.md).",
+                   model.config.imputer_method)
 
 
 def resolve_impute_modalities(model: CalMRLModel, args: CalMRLTrainingArguments, dataset) -> list[str] | None:
@@ -89,6 +120,8 @@ class Calibration:
         self.imputation_fn = imputation_fn
         self.teacher: Teacher | None = None
         names = resolve_impute_modalities(model, args, train_dataset)
+        if imputation_fn is None:
+            warn_self_reference(model, args, train_dataset, names)
         self.impute_modalities = names
         self.impute_mask = None if names is None else torch.tensor(
             [m in names for m in model.config.modalities], device=accelerator.device)
@@ -145,5 +178,5 @@ class Calibration:
             self.teacher.load_bytes(data)
 
 
-__all__ = ["Calibration", "ImputationFn", "check_teacher_supported", "observed_modalities",
+__all__ = ["Calibration", "ImputationFn", "check_teacher_supported", "modality_masks", "observed_modalities",
            "resolve_impute_modalities"]
