@@ -163,6 +163,10 @@ class CalMRLTrainingArguments:
             raise ValueError(f"teacher_ema_decay must be in [0, 1), got {self.teacher_ema_decay}.")
         if not self.teacher_weight >= 0.0:  # also refuses NaN
             raise ValueError(f"teacher_weight must be >= 0, got {self.teacher_weight}.")
+        if self.teacher == "ema" and self.teacher_dtype == "bfloat16":
+            raise ValueError("teacher='ema' with teacher_dtype='bfloat16': a bfloat16 average rounds away the small "
+                             "updates (1 - decay) x (model - teacher) it is made of, and stops following the model. "
+                             "Use a float32 EMA teacher, or a bfloat16 frozen one.")
         if self.imputation_source == "teacher" and self.teacher == "none":
             raise ValueError("imputation_source='teacher' needs a teacher: set teacher='frozen' or 'ema'.")
         if isinstance(self.impute_modalities, str):

@@ -40,7 +40,8 @@ def modality_masks(dataset) -> tuple[list[str], "numpy.ndarray"] | None:
     """(the modality columns, their `modality_mask` column [N, k]) of a map-style 🤗 dataset; None where that cannot
     be read without a pass over the data (streaming, torch datasets)."""
     names = dataset_modalities(dataset)
-    if "modality_mask" not in (getattr(dataset, "column_names", None) or []) or not hasattr(dataset, "with_format"):
+    if ("modality_mask" not in (getattr(dataset, "column_names", None) or [])
+            or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "with_format")):
         return None
     masks = dataset.with_format("numpy", columns=["modality_mask"])[:]["modality_mask"]  # [N, k] bool
     if getattr(masks, "ndim", 0) != 2 or masks.shape[1] != len(names):
@@ -123,6 +124,10 @@ class Calibration:
         if imputation_fn is None:
             warn_self_reference(model, args, train_dataset, names)
         self.impute_modalities = names
+        # what the student's imputer may come to fit during the run (the teacher's must have fitted it already)
+        self._train_modalities = (observed_modalities(train_dataset, list(model.config.modalities))
+                                  if args.imputation_source == "teacher" else None)
+        self._teacher_imputer_checked = False
         self.impute_mask = None if names is None else torch.tensor(
             [m in names for m in model.config.modalities], device=accelerator.device)
 
@@ -148,8 +153,29 @@ class Calibration:
             dtype = next(model.projections.parameters()).dtype
             teacher_view = self.teacher.embed(inputs, dtype)
             if self.args.imputation_source == "teacher":
+                if not self._teacher_imputer_checked:  # once: the teacher is final (built, or loaded on resume)
+                    self._check_teacher_imputer(model)
                 extra["imputations"] = self.teacher.impute(*teacher_view)
         return inputs, extra, teacher_view
+
+    def _check_teacher_imputer(self, model: CalMRLModel) -> None:
+        """imputation_source='teacher': the student imputes the missing slots of its fitted modalities, with the
+        values its teacher's imputer (the run start's fit, never updated) gives them; a modality the student's
+        imputer has fitted, or fits from the train data, that the teacher's has not would get a zero column there
+        (and rows observing only such modalities would get zero imputations of every other)."""
+        names = list(model.config.modalities)
+        needed = {name for name, fitted in zip(names, model.imputer.fitted_modalities.tolist()) if fitted}
+        if self.args.imputer_statistics != "frozen":  # M-steps in training fit what the data observes
+            needed |= set(self._train_modalities if self._train_modalities is not None else names)
+        teacher_fitted = self.teacher.model.imputer.fitted_modalities.tolist()
+        unfitted = [name for name, fitted in zip(names, teacher_fitted) if name in needed and not fitted]
+        if unfitted:
+            raise ValueError(f"imputation_source='teacher' imputes with the teacher's imputer, the run start's fit, "
+                             f"which has not fitted {unfitted}: the student would impute zero columns there. "
+                             f"Fit the imputer before the run (imputer_warm_start=True with a warm_start_dataset "
+                             f"observing them, or a model whose imputer is fitted), or use "
+                             f"imputation_source='student'.")
+        self._teacher_imputer_checked = True
 
     def loss(self, model: CalMRLModel, outputs: CalMRLOutput, teacher_view: tuple | None) -> torch.Tensor:
         """outputs.loss + teacher_weight * the teacher term (`model` unwrapped: its config and temperature)."""
