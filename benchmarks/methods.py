@@ -109,9 +109,9 @@ FAMILIES = {
                                "pairwise InfoNCE (oracle)"),
 }
 
-# the paper's calibration imputes every modality its imputer was fitted on (the library's default imputes only the
-# modalities whose towers train on the stage's data)
-PAPER = {"impute_modalities": "all"}
+# the paper's calibration: imputed columns from the row's own embeddings, of every modality its imputer was fitted on
+# (the library's default has no imputed columns; asked for, only the modalities whose towers train in the stage)
+PAPER = {"imputation_source": "student", "impute_modalities": "all"}
 METHODS: dict[str, Method] = {BASE: Method(None)}
 for _objective, _family in FAMILIES.items():
     if _family.observed_only is not None:
@@ -139,7 +139,7 @@ METHODS["CalMRL (teacher PPCA)"] = Method(
     "PMRL", imputer="ppca", training={"teacher": "frozen", "imputation_source": "teacher"}, inherits="CalMRL (PPCA)",
     axes={"teacher_weight": (0.0, 0.3, 1.0, 3.0), "learning_rate": LEARNING_RATES})
 # the paper's calibration without the columns of towers that do not train in stage 2 (subtitle)
-METHODS["CalMRL (PPCA, trained modalities)"] = Method("PMRL", imputer="ppca")
+METHODS["CalMRL (PPCA, trained modalities)"] = Method("PMRL", imputer="ppca", training={"imputation_source": "student"})
 # diagnostics at PMRL observed-only's values: the hidden true embeddings of the same instances as detached columns
 # (the ceiling of any imputer), and the same with a fixed per-row error as large as the PPCA imputer's
 STAGE2_MODALITIES = {"impute_modalities": ["vision", "audio"]}

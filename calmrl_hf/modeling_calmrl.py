@@ -354,8 +354,9 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
         method = self.config.imputer_method
         if method == "none":
             return embeddings, modality_mask
-        if method == "zero":
-            return embeddings, torch.ones_like(modality_mask)
+        if method == "zero":  # the missing slots already hold zeros
+            allowed = torch.ones_like(modality_mask[0]) if impute_modalities is None else impute_modalities
+            return embeddings, modality_mask | allowed.to(modality_mask.device)
         fitted = self.imputer.fitted_modalities.to(modality_mask.device)  # [k]
         conditioning_mask = modality_mask & fitted
         if exclude_anchor and method == "ppca":

@@ -342,7 +342,7 @@ def test_trained_modalities_leave_unobserved_and_frozen_ones_unimputed(tmp_path,
     torch.manual_seed(0)
     model = CalMRLModel(training_config())
     args = small_args(tmp_path, max_steps=2, freeze_modalities=frozen, impute_modalities=choice,
-                      imputer_warm_start=True)
+                      imputation_source="student", imputer_warm_start=True)
     train(model, with_mask_column(make_dataset(32, NO_SUBTITLE)), args, collate_fn=collate,
           warm_start_dataset=make_dataset(32, [FULL], seed=2))
     assert model.imputer.fitted_modalities.all()
@@ -529,3 +529,19 @@ def test_two_processes_keep_identical_teachers(tmp_path):
     assert reports[0]["model"] == reports[1]["model"]
     assert reports[0]["teacher_at_start"] == reports[1]["teacher_at_start"] != reports[0]["teacher"]
     assert reports[0]["imputations"] > 0
+
+
+def test_by_default_the_objective_sees_observed_columns_only_and_the_imputer_keeps_fitting(tmp_path, forwards):
+    """imputation_source="none" (the default): no imputed column in any training forward, the same trajectory as a
+    model without an imputer, and the imputer still runs its M-steps (for `encode`)."""
+    torch.manual_seed(0)
+    model = CalMRLModel(training_config())
+    reference = CalMRLModel(training_config(imputer_method="none"))
+    reference.load_state_dict(model.state_dict())
+    start = model.imputer.weight.clone()
+    train(model, make_dataset(32, MIXED_PATTERNS), small_args(tmp_path / "default", max_steps=3), collate_fn=collate)
+    assert all(torch.equal(out.aligned_mask, out.modality_mask) for out in forwards["outputs"])
+    assert model.imputer.fitted_modalities.all() and not torch.equal(model.imputer.weight, start)
+    train(reference, make_dataset(32, MIXED_PATTERNS), small_args(tmp_path / "none", max_steps=3), collate_fn=collate)
+    for (name, value), other in zip(model.encoders.state_dict().items(), reference.encoders.state_dict().values()):
+        assert torch.equal(value, other), name

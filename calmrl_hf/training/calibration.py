@@ -6,8 +6,9 @@ imputations come from, and the teacher's term (`teacher.py`).
 - `impute_modalities`: "trained" (the modalities the train data observes whose towers train: imputing a modality
   whose tower does not train in the stage only moves the others towards a fixed guess), "all" (the paper's), or a
   list.
-- `imputation_source`: "student" (the paper's: the row's own embeddings, with gradient) or "teacher" (the
-  teacher's PPCA posterior from its detached embeddings of the row).
+- `imputation_source`: "none" (the default: observed columns only; the imputer still fits, for inference),
+  "student" (the paper's: the row's own embeddings, with gradient) or "teacher" (the teacher's PPCA posterior from
+  its detached embeddings of the row).
 - teacher term, `teacher_form="columns"`: the objective on the row's columns plus the teacher's embeddings of its
   observed modalities as detached columns; `"distillation"`: `alignment.distillation_loss` between the student's
   and the teacher's embeddings of each observed modality.
@@ -121,6 +122,8 @@ class Calibration:
         self.imputation_fn = imputation_fn
         self.teacher: Teacher | None = None
         names = resolve_impute_modalities(model, args, train_dataset)
+        if args.imputation_source == "none" and imputation_fn is None:
+            names = []  # observed columns only
         if imputation_fn is None:
             warn_self_reference(model, args, train_dataset, names)
         self.impute_modalities = names
