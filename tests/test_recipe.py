@@ -79,3 +79,15 @@ def test_recipe_keys_are_checked_before_anything_runs(tmp_path):
         train_vast.main(["--output_dir", str(tmp_path / "a_file" / "run"), "--set",
                          f"data.generate_mini_vast.root={root}"])
     assert not root.exists()
+
+
+def test_the_main_jobs_output_says_what_stage_2_aligned():
+    from calmrl_hf.recipe.run import describe_calibration
+    from calmrl_hf.training import CalMRLTrainingArguments
+
+    assert "observed modalities only" in describe_calibration(CalMRLTrainingArguments(), "pmrl")
+    paper = describe_calibration(CalMRLTrainingArguments(imputation_source="student", impute_modalities="all"), "pmrl")
+    assert "the paper's calibration" in paper and "(all)" in paper
+    teacher = describe_calibration(CalMRLTrainingArguments(teacher="ema", imputation_source="teacher",
+                                                           teacher_form="distillation"), "pairwise_infonce")
+    assert "ema teacher's PPCA imputations" in teacher and "distillation term" in teacher

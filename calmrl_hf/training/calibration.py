@@ -74,8 +74,8 @@ def warn_self_reference(model: CalMRLModel, args: CalMRLTrainingArguments, datas
             return  # nothing to impute: full-modality data, or no imputable modality
     logger.warning("Training with imputed columns made from the model's own embeddings (imputer_method=%r, "
                    "imputation_source='student', the paper's calibration): on every benchmark here it lowered "
-                   "retrieval, the towers learning to agree with their own imputations. imputation_source='teacher' "
-                   "(with teacher='frozen') or imputer_method='none' avoid it (docs/training.md).",
+                   "retrieval, the towers learning to agree with their own imputations. imputation_source='none' (the "
+                   "default) or 'teacher' (with teacher='frozen') avoid it (docs/training.md).",
                    model.config.imputer_method)
 
 
