@@ -167,13 +167,15 @@ METHODS[MATCHING_HEAD] = Method("PMRL", imputer="ppca", tuned_as="CalMRL (PPCA)"
 DIAGNOSTIC_METHODS = {
     "CalMRL (mean imputation)": Method("PMRL", imputer="mean", tuned_as="CalMRL (PPCA)", training=PAPER),
     "CalMRL (zero imputation)": Method("PMRL", imputer="zero", tuned_as="CalMRL (PPCA)", training=PAPER),
-    "CalMRL (PPCA, no gradient through imputation)": Method("PMRL", imputer="ppca", tuned_as="CalMRL (PPCA)", training=PAPER,
+    "CalMRL (PPCA, no gradient through imputation)": Method("PMRL", imputer="ppca", tuned_as="CalMRL (PPCA)",
+                                                             training=PAPER,
                                                              overrides={"impute_with_grad": False}),
     "CalMRL (PPCA, imputer frozen after warm start)": Method("PMRL", imputer="ppca", tuned_as="CalMRL (PPCA)",
                                                               training={**PAPER, "imputer_statistics": "frozen"}),
     "GRAM + PPCA, imputed without the anchor": Method("GRAM", imputer="ppca", tuned_as="GRAM + PPCA", training=PAPER,
                                                       overrides={"impute_from_anchor": False}),
-    "TRIANGLE + PPCA, imputed without the anchor": Method("TRIANGLE", imputer="ppca", tuned_as="TRIANGLE + PPCA", training=PAPER,
+    "TRIANGLE + PPCA, imputed without the anchor": Method("TRIANGLE", imputer="ppca", tuned_as="TRIANGLE + PPCA",
+                                                          training=PAPER,
                                                           overrides={"impute_from_anchor": False}),
     "anchor InfoNCE + PPCA, imputed without the anchor": Method("anchor InfoNCE", imputer="ppca",
                                                                 tuned_as="anchor InfoNCE + PPCA", training=PAPER,
@@ -181,7 +183,8 @@ DIAGNOSTIC_METHODS = {
     "CalMRL (PPCA, imputed without the text)": Method("PMRL", imputer="ppca", tuned_as="CalMRL (PPCA)", training=PAPER,
                                                       overrides={"impute_from_anchor": False}),
     "GRAM + mean imputation": Method("GRAM", imputer="mean", tuned_as="GRAM + PPCA", training=PAPER),
-    "GRAM + PPCA, no gradient through imputation": Method("GRAM", imputer="ppca", tuned_as="GRAM + PPCA", training=PAPER,
+    "GRAM + PPCA, no gradient through imputation": Method("GRAM", imputer="ppca", tuned_as="GRAM + PPCA",
+                                                          training=PAPER,
                                                           overrides={"impute_with_grad": False}),
 }
 ALL_METHODS = {**METHODS, **DIAGNOSTIC_METHODS}

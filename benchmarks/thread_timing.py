@@ -2,6 +2,7 @@
 
     python -m benchmarks.thread_timing            # default size of the controlled benchmark, best of 3 each
     python -m benchmarks.thread_timing --quick    # CI size
+    python -m benchmarks.thread_timing --busy     # with one other busy process (another seed) on the machine
 
 The benchmarks' towers are tiny (2-layer MLPs of width 64, batch 64): per step their matrix products take
 microseconds, and a second thread adds synchronisation to each of them. The runs alternate between the thread
@@ -32,11 +33,18 @@ def stage2_seconds(experiment, stage1, accelerator, method: str, hyperparameters
         torch.set_num_threads(previous)
 
 
+def spin() -> None:
+    """A busy core: what another seed's process is to this one."""
+    while True:
+        pass
+
+
 def main(argv=None) -> dict[int, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--method", default="PMRL (observed only)")
+    parser.add_argument("--busy", action="store_true", help="time while one other process keeps a core busy")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import json
@@ -47,12 +55,23 @@ def main(argv=None) -> dict[int, float]:
         torch.set_num_threads(1)
         stage1, accelerator = experiment.train_stage1()
         times: dict[int, list[float]] = {1: [], 2: []}
-        for _ in range(args.repeats):
-            for threads in times:
-                times[threads].append(stage2_seconds(experiment, stage1, accelerator, args.method, tuned, threads))
+        import multiprocessing
+
+        spinner = multiprocessing.get_context("spawn").Process(target=spin, daemon=True) if args.busy else None
+        if spinner is not None:
+            spinner.start()
+        try:
+            for _ in range(args.repeats):
+                for threads in times:
+                    times[threads].append(stage2_seconds(experiment, stage1, accelerator, args.method, tuned,
+                                                         threads))
+        finally:
+            if spinner is not None:
+                spinner.terminate()
     best = {threads: min(values) for threads, values in times.items()}
     print(f"{args.method}, stage 2 ({experiment.stage2.steps} steps, batch {experiment.stage2.batch_size}), "
-          f"best of {args.repeats}:\n\n| torch threads | seconds |\n|---:|---:|")
+          f"best of {args.repeats}{', one other process busy' if args.busy else ''}:\n")
+    print("| torch threads | seconds |\n|---:|---:|")
     for threads, seconds in best.items():
         print(f"| {threads} | {seconds:.2f} |")
     return best

@@ -45,8 +45,8 @@ from calmrl_hf.training import embed_dataset
 from ..cli import Benchmark
 from ..cli import main as benchmark_main
 from ..methods import MATCHING_HEAD, METHODS
-from ..metrics import (COSINE_COLUMNS, agreement_metrics, MATCHED_PAIRS, RERANK_TOP_K, direction_families, imputation_metrics,
-                       paired_cosines, rerank_columns, rerank_table)
+from ..metrics import (COSINE_COLUMNS, MATCHED_PAIRS, RERANK_TOP_K, agreement_metrics, direction_families,
+                       imputation_metrics, paired_cosines, rerank_columns, rerank_table)
 from ..protocol import Experiment, Splits, StageSettings
 from ..report import calibration_markdown, hyperparameter_markdown, markdown_table
 from .data import AVDigits, Instance, class_prompts

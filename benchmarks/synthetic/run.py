@@ -37,8 +37,8 @@ from calmrl_hf.evaluation.metrics import retrieval_metrics
 
 from ..cli import Benchmark
 from ..cli import main as benchmark_main
-from ..metrics import (COSINE_COLUMNS, agreement_metrics, MATCHED_PAIRS, RERANK_TOP_K, direction_families, imputation_metrics,
-                       paired_cosines, rerank_columns, rerank_table, volume_discrimination)
+from ..metrics import (COSINE_COLUMNS, MATCHED_PAIRS, RERANK_TOP_K, agreement_metrics, direction_families,
+                       imputation_metrics, paired_cosines, rerank_columns, rerank_table, volume_discrimination)
 from ..protocol import Experiment, Splits, StageSettings
 from ..report import calibration_markdown, hyperparameter_markdown, markdown_table
 

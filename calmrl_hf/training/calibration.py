@@ -37,9 +37,9 @@ logger = get_logger(__name__)
 ImputationFn = Callable[[CalMRLModel, dict], tuple[torch.Tensor, dict]]
 
 
-def modality_masks(dataset) -> tuple[list[str], "numpy.ndarray"] | None:
-    """(the modality columns, their `modality_mask` column [N, k]) of a map-style 🤗 dataset; None where that cannot
-    be read without a pass over the data (streaming, torch datasets)."""
+def modality_masks(dataset) -> tuple[list[str], Any] | None:
+    """(the modality columns, their `modality_mask` column [N, k] as a numpy bool array) of a map-style 🤗 dataset;
+    None where that cannot be read without a pass over the data (streaming, torch datasets)."""
     names = dataset_modalities(dataset)
     if ("modality_mask" not in (getattr(dataset, "column_names", None) or [])
             or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "with_format")):
