@@ -29,6 +29,10 @@ RESERVED_NAMES = frozenset({"id", "ids", "index", "label", "labels", "modality",
                             "return_tensors"})
 # which component serves each kind
 _COMPONENT_OF_KIND = {"text": "tokenizer", "vision": "image_processor", "audio": "feature_extractor"}
+# CLIP's and CLAP's keywords, each meaning the processor's first modality of a kind
+KIND_ALIASES = {"images": "vision", "videos": "vision", "audio": "audio", "audios": "audio", "text": "text"}
+# tokenizer keywords `__call__` passes through to the tokenizer (as CLIP's processor does)
+TOKENIZER_KEYWORDS = ("padding", "truncation", "max_length", "pad_to_multiple_of")
 # stands for a component recorded as absent while transformers resolves the others (`_resolve_subprocessors`)
 _ABSENT = object()
 
@@ -117,7 +121,11 @@ class CalMRLProcessor(ProcessorMixin):
     component is recorded as null in `processor_config.json`, and `from_pretrained` gives None for it.
 
     Inputs (`__call__`): one keyword per modality, each a list with one entry per example, None where the modality
-    is missing for that example; a modality not passed at all is missing for every example. Items are:
+    is missing for that example; a modality not passed at all is missing for every example. A single item (a
+    string, an image, a waveform) is a batch of one. CLIP's and CLAP's keywords also work: `text=` (the first
+    text-kind modality, when no modality is named "text"), `images=` / `videos=` (the first vision-kind one),
+    `audio=` / `audios=` (the first audio-kind one); `padding`, `truncation`, `max_length` and
+    `pad_to_multiple_of` go to the tokenizer. Items are:
 
     - text kind: `str`;
     - vision kind: an image (PIL image, `np.ndarray` [H, W, C] or [H, W]) or a video (`np.ndarray` [T, H, W, C] or
@@ -184,28 +192,61 @@ class CalMRLProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------ batching
     def __call__(self, *, sampling_rate: int | None = None, return_tensors: str | None = "pt",
-                 **modality_inputs) -> BatchFeature:
+                 **inputs) -> BatchFeature:
         """Batch one list per modality (None entries = missing) into observed-rows-only tensors + `modality_mask`."""
         if return_tensors not in ("pt", None):
             raise ValueError(f"CalMRLProcessor returns PyTorch tensors only: return_tensors must be 'pt', got "
                              f"{return_tensors!r}.")
-        given = self._given_inputs(modality_inputs)
+        tokenizer_kwargs = {key: inputs.pop(key) for key in TOKENIZER_KEYWORDS if key in inputs}
+        given = self._given_inputs(self._resolve_aliases(inputs))
         mask = self._modality_mask(given)
         data: dict[str, torch.Tensor] = {}
         for name, kind in self.modalities:
             rows = [i for i, item in enumerate(given.get(name, ())) if item is not None]
             if not rows:
                 continue
-            features = self._features(name, kind, [given[name][i] for i in rows], rows, sampling_rate)
+            features = self._features(name, kind, [given[name][i] for i in rows], rows, sampling_rate,
+                                      tokenizer_kwargs)
             data.update({f"{name}_{field}": value for field, value in features.items()})
         data["modality_mask"] = mask
         return BatchFeature(data=data)
 
+    def _resolve_aliases(self, inputs: dict) -> dict:
+        """Modality keywords as given, CLIP's / CLAP's (`images`, `videos`, `audio(s)`, `text`) renamed to the first
+        modality of their kind; a single item becomes a batch of one."""
+        resolved = {}
+        for key, items in inputs.items():
+            name = key
+            if key not in self.modality_kinds and key in KIND_ALIASES:
+                kind = KIND_ALIASES[key]
+                name = next((n for n, k in self.modalities if k == kind), None)
+                if name is None:
+                    raise ValueError(f"{key}= needs a {kind}-kind modality; this processor has "
+                                     f"{self.modality_kinds}.")
+            elif key not in self.modality_kinds:
+                hint = (f" (tokenizer keywords: {list(TOKENIZER_KEYWORDS)}; CLIP-style keywords: "
+                        f"{sorted(KIND_ALIASES)})")
+                raise ValueError(f"Unknown modalities {[key]}; this processor knows {self.modality_names}{hint}.")
+            if name in resolved:
+                raise ValueError(f"{key}= and another keyword both give modality {name!r}: pass it once.")
+            resolved[name] = [items] if self._is_single_item(self.modality_kinds[name], items) else items
+        return resolved
+
+    @staticmethod
+    def _is_single_item(kind: str, items) -> bool:
+        """One example rather than a list of them: a string, an image (PIL or an array of 2-3 dims), a video array
+        (4 dims) or a waveform (a 1-D array or tensor)."""
+        if items is None or isinstance(items, (list, tuple)):
+            return False
+        if isinstance(items, str):
+            return True
+        dims = getattr(items, "ndim", None)
+        if kind == "vision":
+            return dims is None or dims in (2, 3, 4)  # a PIL image has no ndim
+        return kind == "audio" and dims == 1
+
     def _given_inputs(self, modality_inputs: dict) -> dict[str, list]:
-        """The modalities passed (not None), checked: known names, one list per modality, one length for all."""
-        unknown = sorted(set(modality_inputs) - set(self.modality_names))
-        if unknown:
-            raise ValueError(f"Unknown modalities {unknown}; this processor knows {self.modality_names}.")
+        """The modalities passed (not None), checked: one list per modality, one length for all."""
         given = {name: items for name, items in modality_inputs.items() if items is not None}
         if not given:
             raise ValueError(f"No inputs: pass a list (None where missing) for some of {self.modality_names}.")
@@ -234,8 +275,8 @@ class CalMRLProcessor(ProcessorMixin):
                              f"example needs at least one of {self.modality_names}.")
         return mask
 
-    def _features(self, name: str, kind: str, items: list, rows: list[int],
-                  sampling_rate: int | None) -> dict[str, torch.Tensor]:
+    def _features(self, name: str, kind: str, items: list, rows: list[int], sampling_rate: int | None,
+                  tokenizer_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
         """The tensors of modality `name` for its observed `items` (from batch rows `rows`), by the component of its
         kind (`processing_inputs`)."""
         component = _COMPONENT_OF_KIND[kind]
@@ -243,11 +284,42 @@ class CalMRLProcessor(ProcessorMixin):
             raise ValueError(f"Modality {name!r} is {kind}-kind and needs a {component}, but this processor was built "
                              f"with {component}=None.")
         if kind == "text":
-            return text_features(self.tokenizer, name, items, rows, self.max_length)
+            settings = dict(tokenizer_kwargs or {})
+            return text_features(self.tokenizer, name, items, rows, settings.pop("max_length", self.max_length),
+                                 **settings)
         if kind == "vision":
             return vision_features(self.image_processor, name, items, rows, self.num_frames)
         return audio_features(self.feature_extractor, name, items, rows, sampling_rate,
                               dynamic_range_db=self.audio_dynamic_range_db, as_image=self.audio_as_image)
+
+    # ------------------------------------------------------------------ the model's modalities
+    @classmethod
+    def for_model(cls, model_or_config, **kwargs) -> "CalMRLProcessor":
+        """A processor whose modalities are those of a `CalMRLModel` (or its config), in its order: `kwargs` are the
+        components and settings (`tokenizer=`, `image_processor=`, `feature_extractor=`, `num_frames=`, ...).
+        Kinds: those of `kwargs["modalities"]` where given, else the defaults (subtitle is text), else the kind of
+        the modality whose tower a modality shares."""
+        config = getattr(model_or_config, "config", model_or_config)
+        kinds = dict(normalize_modalities(kwargs.pop("modalities"))) if kwargs.get("modalities") else {}
+        return cls(modalities=modality_kinds_of(config, kinds), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' `from_pretrained`; from a model folder, the modalities are the model's (its config.json),
+        whatever the processor was built with, and a folder that holds no processor says so."""
+        import os
+
+        folder = str(pretrained_model_name_or_path)
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "processor_config.json")):
+            raise OSError(f"{folder} holds no processor (no processor_config.json): it was saved without one. Build "
+                          f"it with CalMRLProcessor.for_model(model, tokenizer=..., image_processor=..., "
+                          f"feature_extractor=...) and save it there with processor.save_pretrained({folder!r}).")
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        config = _model_config_dict(pretrained_model_name_or_path, kwargs)
+        if config is not None and config.get("modalities"):
+            processor.modalities = [[name, kind] for name, kind in modality_kinds_of(
+                config, processor.modality_kinds).items()]
+        return processor
 
     # ------------------------------------------------------------------ save / load with absent components
     # on an instance, the components it holds: `save_pretrained` saves those only (`_HeldComponents`)
@@ -310,6 +382,41 @@ class CalMRLProcessor(ProcessorMixin):
                 for name in cls.get_attributes()]
 
 
+def modality_kinds_of(config, known: dict[str, str] | None = None) -> dict[str, str]:
+    """{modality: kind} of a CalMRL config (an object or its dict), in its order: the kind in `known`, else the
+    default kind of the name, else that of the modality whose tower it shares."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    shared = get("shared_encoders") or {}
+    kinds = {**DEFAULT_MODALITY_KINDS, **(known or {})}
+    result = {}
+    for name in get("modalities"):
+        kind = kinds.get(name) or kinds.get(shared.get(name, ""))
+        if kind is None:
+            raise ValueError(f"The model's modality {name!r} has no known kind: give the processor its kinds, e.g. "
+                             f"modalities={{{name!r}: 'vision'}} (kinds: {list(MODALITY_KINDS)}).")
+        result[name] = kind
+    return result
+
+
+def _model_config_dict(pretrained_model_name_or_path, kwargs: dict) -> dict | None:
+    """The CalMRL model config saved next to a processor (config.json of model_type "calmrl"), or None."""
+    import json
+
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(pretrained_model_name_or_path, "config.json", _raise_exceptions_for_missing_entries=False,
+                           **{key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only")
+                              if key in kwargs})
+    except OSError:
+        return None
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    return config if config.get("model_type") == "calmrl" else None
+
+
 def register_auto_processor(config_class, remote_code: bool = True) -> None:
     """Make `AutoProcessor.from_pretrained(folder)` return a `CalMRLProcessor` for folders of `config_class`.
 
@@ -323,5 +430,5 @@ def register_auto_processor(config_class, remote_code: bool = True) -> None:
         CalMRLProcessor.register_for_auto_class("AutoProcessor")
 
 
-__all__ = ["CalMRLProcessor", "DEFAULT_MODALITY_KINDS", "MODALITY_KINDS", "normalize_modalities",
-           "register_auto_processor"]
+__all__ = ["CalMRLProcessor", "DEFAULT_MODALITY_KINDS", "KIND_ALIASES", "MODALITY_KINDS", "modality_kinds_of",
+           "normalize_modalities", "register_auto_processor"]

@@ -33,13 +33,16 @@ def sample_frame_indices(num_available: int, num_frames: int) -> list[int]:
     return [min(int((2 * i + 1) * num_available / (2 * num_frames)), num_available - 1) for i in range(num_frames)]
 
 
-def text_features(tokenizer, name: str, texts: Sequence, rows: list[int], max_length: int) -> dict[str, torch.Tensor]:
-    """`input_ids` and `attention_mask` [n, L], padded to the longest text and truncated to `max_length` tokens."""
+def text_features(tokenizer, name: str, texts: Sequence, rows: list[int], max_length: int,
+                  **tokenizer_kwargs) -> dict[str, torch.Tensor]:
+    """`input_ids` and `attention_mask` [n, L], padded to the longest text and truncated to `max_length` tokens
+    (`tokenizer_kwargs`: the caller's `padding`, `truncation`, `max_length`, ... instead)."""
     bad = [(row, type(t).__name__) for row, t in zip(rows, texts) if not isinstance(t, str)]
     if bad:
         raise TypeError(f"Modality {name!r} expects strings; rows {[r for r, _ in bad[:5]]} hold "
                         f"{[t for _, t in bad[:5]]}.")
-    encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    settings = {"padding": True, "truncation": True, "max_length": max_length, **tokenizer_kwargs}
+    encoded = tokenizer(list(texts), return_tensors="pt", **settings)
     return {key: encoded[key] for key in TEXT_FIELDS if key in encoded}  # [n, L]
 
 

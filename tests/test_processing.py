@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -257,7 +258,11 @@ def test_bad_inputs(processor):
     with pytest.raises(TypeError, match=r"expects strings; rows \[0\] hold \['int'\]"):
         processor(text=[3])
     with pytest.raises(TypeError, match="takes a list with one entry per example"):
-        processor(text="a dog")
+        processor(text=3)
+    with pytest.raises(ValueError, match=r"images= and another keyword both give modality 'vision'"):
+        processor(vision=[video()], images=[video()])
+    with pytest.raises(ValueError, match=r"audio= needs a audio-kind modality"):
+        CalMRLProcessor(tokenizer(), modalities=["text"])(text=["a"], audio=[np.zeros(160)])
     with pytest.raises(ValueError, match="No inputs"):
         processor(text=None)
     with pytest.raises(ValueError, match="return_tensors must be 'pt'"):
@@ -316,3 +321,50 @@ def test_log_mel_image_settings_survive_save_and_load(tmp_path):
     assert loaded.audio_as_image is True and loaded.audio_dynamic_range_db == 20.0
     clip = [tone(0.3, 0.2, 0.01)]
     assert torch.equal(loaded(audio=clip)["audio_pixel_values"], processor(audio=clip)["audio_pixel_values"])
+
+
+def test_clip_and_clap_calling_conventions(processor):
+    """A string is a batch of one; images= / videos= / audio= name the first modality of their kind; tokenizer
+    keywords reach the tokenizer."""
+    one, listed = processor(text="a dog barks"), processor(text=["a dog barks"])
+    assert set(one) == set(listed) and all(torch.equal(one[k], listed[k]) for k in one)
+    image = Image.fromarray(np.full((20, 24, 3), 90, dtype=np.uint8))
+    aliased = processor(text=["a", "b"], images=[image, None])
+    named = processor(text=["a", "b"], vision=[image, None])
+    assert set(aliased) == set(named) and all(torch.equal(aliased[k], named[k]) for k in named)
+    assert torch.equal(processor(videos=[video()])["vision_pixel_values"],
+                       processor(vision=[video()])["vision_pixel_values"])
+    assert processor(images=image)["vision_pixel_values"].shape[0] == 1  # a single image
+    wave = np.sin(np.arange(1600) / 10).astype(np.float32)
+    assert torch.equal(processor(audio=wave, sampling_rate=16000)["audio_input_values"],
+                       processor(audio=[wave], sampling_rate=16000)["audio_input_values"])
+    padded = processor(text=["a dog"], padding="max_length", max_length=12)
+    assert padded["text_input_ids"].shape == (1, 12) and padded["text_attention_mask"].sum() < 12
+    # CLIP's text= goes to the first text-kind modality where none is named "text"
+    captions = CalMRLProcessor(tokenizer(), modalities={"caption": "text", "subtitle": "text"})
+    assert "caption_input_ids" in captions(text=["a"]) and captions(text=["a"])["modality_mask"].tolist() == [[True, False]]
+
+
+def test_the_processor_follows_the_model_it_is_saved_with(tmp_path):
+    """`for_model` takes the model's modalities; a processor built with the default four and saved next to a
+    3-modality model loads with the model's three, and its batches feed that model; a model folder without a
+    processor says so."""
+    config = tiny_config(modalities=["vision", "text", "audio"])
+    model = CalMRLModel(config).eval()
+    assert CalMRLProcessor.for_model(model, tokenizer=tokenizer()).modality_names == ["vision", "text", "audio"]
+    default = CalMRLProcessor(tokenizer(), ViTImageProcessor(size={"height": 16, "width": 16}),
+                              Wav2Vec2FeatureExtractor(return_attention_mask=True))
+    assert default.modality_names == ["vision", "audio", "text", "subtitle"]
+    model.save_pretrained(tmp_path / "model")
+    with pytest.raises(OSError, match=r"model holds no processor \(no processor_config.json\).*for_model"):
+        CalMRLProcessor.from_pretrained(tmp_path / "model")
+    default.save_pretrained(tmp_path / "model")
+    loaded = CalMRLProcessor.from_pretrained(tmp_path / "model")
+    assert loaded.modality_names == ["vision", "text", "audio"]
+    batch = loaded(text=["a dog", "a cat"], images=[np.zeros((16, 16, 3), dtype=np.uint8)] * 2)
+    assert batch["modality_mask"].shape == (2, 3)
+    with torch.no_grad():
+        assert model(**batch).embeddings.shape[:2] == (2, 3)
+    with pytest.raises(ValueError, match=r"modality 'smell' has no known kind"):
+        CalMRLProcessor.for_model(SimpleNamespace(modalities=["text", "smell"], shared_encoders={}),
+                                  tokenizer=tokenizer())
