@@ -342,7 +342,8 @@ def test_clip_and_clap_calling_conventions(processor):
     assert padded["text_input_ids"].shape == (1, 12) and padded["text_attention_mask"].sum() < 12
     # CLIP's text= goes to the first text-kind modality where none is named "text"
     captions = CalMRLProcessor(tokenizer(), modalities={"caption": "text", "subtitle": "text"})
-    assert "caption_input_ids" in captions(text=["a"]) and captions(text=["a"])["modality_mask"].tolist() == [[True, False]]
+    caption_batch = captions(text=["a"])
+    assert "caption_input_ids" in caption_batch and caption_batch["modality_mask"].tolist() == [[True, False]]
 
 
 def test_the_processor_follows_the_model_it_is_saved_with(tmp_path):
