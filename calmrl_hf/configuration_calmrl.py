@@ -41,6 +41,8 @@ AutoConfig.register(FeatureEncoderConfig.model_type, FeatureEncoderConfig, exist
 DEFAULT_MODALITIES = ("vision", "audio", "text", "subtitle")
 DEFAULT_ENCODER_MODEL_TYPES = {"vision": "vit", "audio": "audio-spectrogram-transformer", "text": "bert"}
 DEFAULT_SHARED_ENCODERS = {"subtitle": "text"}
+# the kind (what a processor makes of it, what CLIP calls it) of each default modality name
+DEFAULT_KINDS = {"vision": "vision", "audio": "audio", "text": "text", "subtitle": "text"}
 DEFAULT_POOLING = {"vision": "cls", "audio": "mean", "text": "mean", "subtitle": "mean"}
 
 POOLING_MODES = ("cls", "mean", "pooler")
@@ -359,6 +361,16 @@ class CalMRLConfig(PreTrainedConfig):
         if name not in self.modalities:
             raise ValueError(f"Unknown modality {name!r}; this model's modalities are {self.modalities}.")
         return self.modalities.index(name)
+
+    def modality_kinds(self) -> dict[str, str]:
+        """{modality: kind} for the modalities whose kind is known ("vision", "audio", "text"): a default name's, or
+        that of the modality whose tower it shares; in the model's order."""
+        kinds = {}
+        for name in self.modalities:
+            kind = DEFAULT_KINDS.get(name) or DEFAULT_KINDS.get(self.shared_encoders.get(name, ""))
+            if kind is not None:
+                kinds[name] = kind
+        return kinds
 
     def encoder_owner(self, name: str) -> str:
         """The modality whose tower encodes `name` (itself unless shared)."""

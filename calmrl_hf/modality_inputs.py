@@ -20,6 +20,29 @@ _INTEGER_LIKE_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "positi
 TOWER_OUTPUT_FLAGS = ("output_hidden_states", "output_attentions")
 
 
+# CLIP's / CLAP's input names, each the input of the model's first modality of a kind
+CLIP_INPUTS = {"input_ids": "text", "attention_mask": "text", "token_type_ids": "text", "pixel_values": "vision",
+               "input_features": "audio", "input_values": "audio"}
+
+
+def rename_clip_inputs(kinds: dict[str, str], modality_inputs: dict) -> dict:
+    """`input_ids` / `attention_mask` / `pixel_values` / `input_features` / `input_values` given as CLIP and CLAP
+    take them, renamed `{modality}_{field}` for the first modality of their kind (`kinds`: {modality: kind} in the
+    model's order); every other key as it is."""
+    renamed = {}
+    for key, value in modality_inputs.items():
+        if key in CLIP_INPUTS:
+            name = next((m for m, kind in kinds.items() if kind == CLIP_INPUTS[key]), None)
+            if name is None:
+                raise ValueError(f"{key!r} is the input of a {CLIP_INPUTS[key]}-kind modality, and this model has none "
+                                 f"(modalities: {kinds}); name inputs '{{modality}}_{{field}}'.")
+            key = f"{name}_{key}"
+            if key in modality_inputs:
+                raise ValueError(f"{key!r} is given twice (also as its CLIP name): pass it once.")
+        renamed[key] = value
+    return renamed
+
+
 def group_inputs(modalities: Sequence[str], modality_inputs: dict[str, torch.Tensor]) -> dict[str, dict]:
     """Split flat `{modality}_{field}` keyword arguments by modality (longest modality name wins), in the order
     of `modalities` (so that outputs do not depend on keyword order); None values are dropped."""
@@ -164,5 +187,5 @@ def check_finite_embeddings(name: str, projected: torch.Tensor) -> None:
     )
 
 
-__all__ = ["TOWER_OUTPUT_FLAGS", "cast_features", "check_feature_inputs", "check_finite_embeddings", "feature_inputs",
-           "group_inputs", "resolve_modality_mask", "split_tower_flags"]
+__all__ = ["CLIP_INPUTS", "TOWER_OUTPUT_FLAGS", "cast_features", "check_feature_inputs", "check_finite_embeddings",
+           "feature_inputs", "group_inputs", "rename_clip_inputs", "resolve_modality_mask", "split_tower_flags"]

@@ -40,7 +40,7 @@ from .loading import config_from_towers, load_strictly
 from .lora import add_lora, freeze_lora_towers, is_lora_layer
 from .matching_head import FusionEncoder, MatchingHeadMixin
 from .modality_features import CalMRLFeaturesMixin, CalMRLModalityOutput
-from .modality_inputs import group_inputs, resolve_modality_mask, split_tower_flags
+from .modality_inputs import group_inputs, rename_clip_inputs, resolve_modality_mask, split_tower_flags
 from .towers import build_towers, run_on_placeholder, towers_support
 from .validation import check_embeddings
 
@@ -75,6 +75,9 @@ class CalMRLOutput(ModelOutput):
             observed in the batch, `exp(logit_scale)` x the cosine similarities between the n_a observed rows of
             `a` and the n_b observed rows of `b`, in batch order (`logits_per_text_vision`, `logits_per_vision_text`
             = its transpose, ...). Set as keys of the output, like its fields.
+        text_embeds, image_embeds, audio_embeds, logits_per_text, logits_per_image, logits_per_audio: CLIP's and
+            CLAP's names (`clip_fields`): the observed embeddings of the first modality of each kind, and, when the
+            batch holds text and exactly one other modality, CLIP's logits (`logits_per_image` [n_image, n_text]).
         <modality>_model_output (`CalMRLModalityOutput`): each embedded modality's tower outputs (hidden states and
             attentions with `output_hidden_states` / `output_attentions`), like CLIP's `text_model_output`.
     """
@@ -126,6 +129,28 @@ class CalMRLEncoding(ModelOutput):
     imputed_mask: torch.BoolTensor | None = None
     imputation_variance: torch.FloatTensor | None = None
     fused_embeddings: torch.FloatTensor | None = None
+
+
+CLIP_NAMES = {"text": "text", "vision": "image", "audio": "audio"}  # kind -> CLIP's / CLAP's word
+
+
+def clip_fields(kinds: dict[str, str], observed: dict[str, torch.Tensor], logits: dict) -> dict:
+    """CLIP's and CLAP's output names: `text_embeds` / `image_embeds` / `audio_embeds` (the observed rows of the
+    first modality of each kind), and when the batch holds a text-kind modality and exactly one other modality,
+    `logits_per_text` [n_text, n_other] and `logits_per_image` or `logits_per_audio` [n_other, n_text]."""
+    fields = {}
+    firsts = {}
+    for name in observed:
+        if name in kinds:
+            firsts.setdefault(kinds[name], name)
+    for kind, name in firsts.items():
+        fields[f"{CLIP_NAMES[kind]}_embeds"] = observed[name]
+    others = [name for name in observed if kinds.get(name) != "text"]
+    if "text" in firsts and len(others) == 1 and others[0] in kinds:
+        text, other = firsts["text"], others[0]
+        fields["logits_per_text"] = logits[f"logits_per_{text}_{other}"]
+        fields[f"logits_per_{CLIP_NAMES[kinds[other]]}"] = logits[f"logits_per_{other}_{text}"]
+    return fields
 
 
 class CalMRLPreTrainedModel(PreTrainedModel):
@@ -300,6 +325,7 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
     def _embed_batch(self, modality_mask: torch.Tensor | None, modality_inputs: dict):
         """(unit-norm embeddings [B, k, D], modality_mask [B, k], {modality: CalMRLModalityOutput}) of a batch."""
         modality_inputs, tower_flags = split_tower_flags(modality_inputs)
+        modality_inputs = rename_clip_inputs(self.config.modality_kinds(), modality_inputs)  # CLIP's input_ids, ...
         grouped = group_inputs(self.config.modalities, modality_inputs)
         modality_mask = resolve_modality_mask(self.config.modalities, grouped, modality_mask)
         batch_size = modality_mask.shape[0]
@@ -489,6 +515,7 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
         # CLIP's logits_per_text: exp(logit_scale) <text, image>, here for every ordered pair of observed modalities
         logits = {f"logits_per_{a}_{b}": logit_scale.exp() * observed[a] @ observed[b].T  # [n_a, n_b]
                   for a in observed for b in observed if a != b}
+        logits.update(clip_fields(self.config.modality_kinds(), observed, logits))
         return CalMRLOutput(loss=loss, alignment_loss=alignment, matching_loss=matching, embeddings=embeddings,
                             modality_mask=modality_mask, imputed_embeddings=imputed, aligned_mask=aligned_mask,
                             singular_values=singular_values, anchor_embeddings=anchor_embeddings,

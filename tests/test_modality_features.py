@@ -142,8 +142,10 @@ def test_logits_per_pair_of_observed_modalities(model):
     with torch.no_grad():
         out = model(**batch)
     observed = ["vision", "text", "subtitle"]
+    # every ordered pair, and CLIP's names: text (the first text-kind modality) and the one other kind, vision
     assert {k for k in out.keys() if k.startswith("logits_per_")} == {
-        f"logits_per_{a}_{b}" for a in observed for b in observed if a != b}
+        f"logits_per_{a}_{b}" for a in observed for b in observed if a != b} | {"logits_per_text", "logits_per_image"}
+    assert out.logits_per_text is out.logits_per_text_vision and out.logits_per_image is out.logits_per_vision_text
     torch.testing.assert_close(out.logit_scale, -torch.log(model.temperature))
     text = F.normalize(model.get_text_features(input_ids=batch["text_input_ids"],
                                                attention_mask=batch["text_attention_mask"]).pooler_output, dim=-1)

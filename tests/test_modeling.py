@@ -472,3 +472,30 @@ def test_temperature_is_a_logit_scale_of_shape_one(tmp_path):
         model.logit_scale.fill_(-math.log(0.3))  # as training leaves it
     model.save_pretrained(tmp_path)
     torch.testing.assert_close(CalMRLModel.from_pretrained(tmp_path).temperature, torch.tensor(0.3))
+
+
+def test_clip_names_in_and_out():
+    """`input_ids` / `attention_mask` / `pixel_values` / `input_features` are the inputs of the first text-,
+    vision- and audio-kind modality; with text and one other modality the output has CLIP's (CLAP's) logits and
+    embeds, equal to the model's own per-pair names."""
+    torch.manual_seed(0)
+    model = CalMRLModel(tiny_config()).eval()
+    batch = tiny_batch(torch.tensor([[True, False, True, False], [True, False, True, False]]))
+    with torch.no_grad():
+        named = model(vision_pixel_values=batch["vision_pixel_values"], text_input_ids=batch["text_input_ids"])
+        clip = model(pixel_values=batch["vision_pixel_values"], input_ids=batch["text_input_ids"])
+    assert torch.equal(clip.logits_per_text, named.logits_per_text_vision)
+    assert torch.equal(clip.logits_per_image, named.logits_per_vision_text)
+    assert clip.logits_per_image.shape == (2, 2) and torch.allclose(clip.logits_per_image, clip.logits_per_text.T)
+    assert torch.equal(clip.text_embeds, named.embeddings[:, 2])
+    assert torch.equal(clip.image_embeds, named.embeddings[:, 0])
+    with torch.no_grad():  # CLAP: text and audio
+        audio = tiny_batch(torch.tensor([[False, True, True, False]] * 2))
+        clap = model(input_values=audio["audio_input_values"], input_ids=audio["text_input_ids"])
+    assert clap.logits_per_audio.shape == (2, 2) and torch.allclose(clap.logits_per_audio, clap.logits_per_text.T)
+    assert "logits_per_image" not in clap and clap.audio_embeds.shape == (2, 16)
+    with torch.no_grad():  # three kinds: no single pair to call CLIP's
+        three = model(**tiny_batch(torch.ones(2, 4, dtype=torch.bool)))
+    assert "logits_per_text" not in three and {"text_embeds", "image_embeds", "audio_embeds"} <= set(three)
+    with pytest.raises(ValueError, match=r"'text_input_ids' is given twice"):
+        model(input_ids=batch["text_input_ids"], text_input_ids=batch["text_input_ids"])
