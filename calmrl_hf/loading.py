@@ -9,6 +9,8 @@ remote code.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,10 +34,50 @@ def _refuse_pickles(location) -> None:
                          f"CalMRL refuses to unpickle checkpoints. Convert them to safetensors first.")
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, its symlinks followed, lies in `folder` (resolved), or is a file of the Hugging Face cache
+    blob store that `folder`'s snapshot links to (models--*/snapshots/REV/x -> models--*/blobs/HASH)."""
+    target = path.resolve()
+    if target.is_relative_to(folder):
+        return True
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.count("--") >= 1:
+        return target.parent == folder.parent.parent / "blobs"
+    return False
+
+
+def _refuse_weights_outside(location) -> None:
+    """Every weight file a local model folder makes transformers read stays in the folder: the shards its
+    `*.safetensors.index*.json` names (no `..` or absolute path out of it) and `model*.safetensors`, none a symlink
+    leading out of it. An error names the file."""
+    folder = Path(str(location))
+    if not folder.is_dir():
+        return
+    root = folder.resolve()
+    weights = [path for path in folder.glob("model*.safetensors")]
+    for index in sorted(folder.glob("*.safetensors.index*.json")):
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        except (OSError, ValueError, AttributeError) as error:
+            raise ValueError(f"{index} is not a valid safetensors index: {error}.") from error
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has a weight_map that is not an object.")
+        for shard in sorted(set(map(str, weight_map.values()))):
+            normal = os.path.normpath(shard)
+            if os.path.isabs(shard) or normal == ".." or normal.startswith(".." + os.sep):
+                raise ValueError(f"{index} maps weights to {shard!r}, outside the model folder {folder}: a model "
+                                 f"loads only its own files.")
+            weights.append(folder / shard)
+    for path in weights:
+        if path.is_symlink() and not _inside(path, root):
+            raise ValueError(f"{path} is a symlink to {path.resolve()}, outside the model folder {folder}: a model "
+                             f"loads only its own files.")
+
+
 def load_strictly(from_pretrained: Callable, *args, **kwargs):
     """`(model, loading_info)` from transformers' `from_pretrained(*args, **kwargs)`, refusing pickles, safetensors
     files that do not parse (a truncated file, a damaged header) and any checkpoint that does not match the config
-    (missing, unexpected or reshaped tensors). Tensor values are not checksummed: a changed value inside a
+    (missing, unexpected or reshaped tensors), and weights outside a local model folder (a shard index entry or a
+    symlink leading out of it, `_refuse_weights_outside`). Tensor values are not checksummed: a changed value inside a
     well-formed file loads (training checkpoints are verified, `checkpointing.read_manifest`).
 
     Tensors of another shape are reported by transformers in `mismatched_keys` (`ignore_mismatched_sizes=True`)
@@ -46,6 +88,7 @@ def load_strictly(from_pretrained: Callable, *args, **kwargs):
     kwargs.update(use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True)
     if args:
         _refuse_pickles(args[0])
+        _refuse_weights_outside(args[0])
     try:
         model, info = from_pretrained(*args, **kwargs)
     except SafetensorError as error:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, GradientAccumulationPlugin
 
 from .arguments import CalMRLTrainingArguments
+from .checkpoints import RunFolderLock, check_checkpoints_root, remove_stale_staging
 
 
 logger = logging.getLogger(__name__)
@@ -161,12 +163,53 @@ def check_shared_output_dir(accelerator: Accelerator, output_dir: str) -> None:
                           f"set save_steps=None and resume from a checkpoint folder every machine sees.")
 
 
+def run_on_main_process(accelerator: Accelerator, work: Callable[[], object]):
+    """`work()` on the main process, its error raised on every process: every process enters the same one
+    collective (a broadcast of the error, if any) whatever happens, so none is left waiting in another. Returns
+    what `work` returned on the main process, None on the others."""
+    if accelerator.num_processes == 1:
+        return work()
+    from accelerate.utils import broadcast_object_list
+
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except Exception as caught:  # every process raises below
+            error = caught
+    message = [None if error is None else f"{type(error).__name__}: {error}"]
+    broadcast_object_list(message)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise LaunchError(f"The main process stopped the run before training: {message[0]}")
+    return result
+
+
+def lock_output_dir(accelerator: Accelerator, output_dir: str) -> RunFolderLock | None:
+    """The main process takes output_dir's lock (`RunFolderLock`: a second run on the folder fails, naming the
+    holder; a dead run's lock is taken over with a warning); every process fails together when it cannot. Returns
+    the lock on the main process (release it at the end, also on error), None on the others."""
+    return run_on_main_process(accelerator, lambda: RunFolderLock.acquire(output_dir))
+
+
 def check_checkpoint_folders(accelerator: Accelerator, args: CalMRLTrainingArguments) -> None:
     """Before training: the folders the run's checkpoints are written to or resumed from are seen by every
-    process (`check_shared_output_dir`; a checkpoint given by path must be there on every process)."""
+    process (`check_shared_output_dir`; a checkpoint given by path must be there on every process), output_dir/
+    checkpoints is a folder, and stale `step_N.incomplete` entries of a dead run (the caller holds the folder's
+    lock) are removed by the main process with a log line, a symlink as the link itself."""
     resume = args.resume_from_checkpoint
     if args.save_steps or resume == "latest":
         check_shared_output_dir(accelerator, args.output_dir)
+
+        def check_folder():
+            check_checkpoints_root(args.output_dir)
+            removed = remove_stale_staging(args.output_dir)
+            if removed:
+                logger.warning("Removed %s in %s/checkpoints: unfinished saves of a run that died (a symlink as the "
+                               "link itself).", [path.name for path in removed], args.output_dir)
+
+        run_on_main_process(accelerator, check_folder)
     if resume and resume != "latest" and accelerator.num_processes > 1:
         missing = _missing_on(accelerator, (Path(resume) / "manifest.json").is_file())
         if missing:
@@ -272,5 +315,5 @@ def resolve_launch_settings(args: CalMRLTrainingArguments, accelerator: Accelera
 
 
 __all__ = ["LaunchError", "build_accelerator", "check_checkpoint_folders", "check_launch", "check_shared_output_dir",
-           "launched_processes", "refuse_unsupported_engine_settings",
+           "launched_processes", "lock_output_dir", "refuse_unsupported_engine_settings", "run_on_main_process",
            "requested_processes", "resolve_launch_settings", "wants_cpu_processes"]

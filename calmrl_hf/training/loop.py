@@ -34,7 +34,8 @@ from .evaluation import evaluate
 from .fsdp import as_its_own_class
 from .imputer_step import ImputerUpdater, warm_start, warm_start_window
 from .launch import (
-    build_accelerator, check_checkpoint_folders, refuse_unsupported_engine_settings, resolve_launch_settings,
+    build_accelerator, check_checkpoint_folders, lock_output_dir, refuse_unsupported_engine_settings,
+    resolve_launch_settings,
 )
 from .progress import step_progress
 from .resume import RunCheckpoints, checkpoint_to_resume, run_manifest
@@ -99,6 +100,20 @@ def train(
     )
     ensure_writable_directory(args.output_dir)  # every process writes there (its RNG states): fail now, not at the end
     refuse_unsupported_engine_settings(args, accelerator)
+    lock = lock_output_dir(accelerator, args.output_dir)  # one run at a time in output_dir (main process holds it)
+    try:
+        return _train_holding_lock(model, train_dataset, args, accelerator, per_device, collate_fn=collate_fn,
+                                   eval_dataset=eval_dataset, warm_start_dataset=warm_start_dataset,
+                                   processor=processor, on_checkpoint=on_checkpoint, imputation_fn=imputation_fn)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_holding_lock(model, train_dataset, args: CalMRLTrainingArguments, accelerator: Accelerator,
+                        per_device: int, *, collate_fn, eval_dataset, warm_start_dataset, processor, on_checkpoint,
+                        imputation_fn) -> TrainOutput:
+    """`train` once output_dir is this run's (`lock_output_dir`)."""
     check_checkpoint_folders(accelerator, args)
     set_seed(args.seed)
     freeze_modules(model, args)
@@ -127,7 +142,8 @@ def train(
         if resume:
             calibration.start(accelerator.unwrap_model(model))  # its teacher's weights come from the checkpoint
             checkpoints.load(resume, position)
-        else:
+        checkpoints.claim_folder(position.global_step)  # later checkpoints of an abandoned run: set aside
+        if not resume:
             if warm_loader is not None:  # the imputer's fit on full-modality data stays as a prior
                 window_rows = warm_start_window(args, per_device * accelerator.num_processes, train_loader, streaming)
                 warm_start(imputer_step, model, warm_loader, accelerator, args.imputer_warm_start_max_iter,

@@ -24,12 +24,13 @@ from ..modeling_calmrl import CalMRLModel
 from ..sharing.hub import CheckpointPusher
 from .arguments import CalMRLTrainingArguments, recorded_arguments
 from .checkpoints import (
-    INCOMPLETE_SUFFIX, MANIFEST_FORMAT, CheckpointError, capture_rng_state, commit_checkpoint, find_checkpoints,
-    load_state_file, manifest_differences, prune_checkpoints, read_manifest, restore_rng_state, start_checkpoint,
-    state_file_bytes, write_checkpoint_files,
+    INCOMPLETE_SUFFIX, MANIFEST_FORMAT, MANIFEST_NAME, CheckpointError, capture_rng_state, checkpoint_file, commit_checkpoint,
+    find_checkpoints, load_state_file, manifest_differences, new_run_id, prune_checkpoints, read_manifest,
+    restore_rng_state, set_aside_checkpoints, start_checkpoint, state_file_bytes, write_checkpoint_files,
 )
 from .fsdp import full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from .imputer_step import ImputerUpdater
+from .launch import run_on_main_process
 from .teacher import TEACHER_FILE
 
 if TYPE_CHECKING:
@@ -92,16 +93,31 @@ def checkpoint_to_resume(args: CalMRLTrainingArguments) -> str | None:
     return resume
 
 
+def extends_the_run(checkpoint_manifest: dict[str, Any], args: CalMRLTrainingArguments) -> bool:
+    """Whether this run continues the checkpoint's with a larger `max_steps` (allowed without
+    `allow_resume_changes`, as transformers' Trainer allows it: the schedule is rebuilt for the new length)."""
+    saved = checkpoint_manifest["run"]["training"].get("max_steps")
+    return isinstance(saved, int) and args.max_steps > saved
+
+
 def check_resumed_run(checkpoint_manifest: dict[str, Any], manifest: dict[str, Any], args: CalMRLTrainingArguments,
                       folder: str) -> None:
     """Refuse to continue a different run (`manifest`, this run's, against the checkpoint's): the differing manifest
-    fields are named, unless `allow_resume_changes` lists them; a finished run (nothing left to train) only warns."""
+    fields are named, unless `allow_resume_changes` lists them; a finished run (nothing left to train) only warns.
+    A larger `max_steps` extends the run: allowed, with a log line naming the schedule change."""
     layouts = [m.get("optimizer_state_layout", "by position (DDP)") for m in (checkpoint_manifest["run"], manifest)]
     if layouts[0] != layouts[1]:  # not a setting that allow_resume_changes can let through: the states differ
         raise CheckpointError(f"{folder} holds its optimizer state {layouts[0]}, and this run needs it "
                               f"{layouts[1]}: resume a DDP checkpoint with DDP and an FSDP one with FSDP.")
-    differences = manifest_differences(checkpoint_manifest["run"], manifest,
-                                       [*args.allow_resume_changes, "optimizer_state_layout"])
+    allowed = [*args.allow_resume_changes, "optimizer_state_layout"]
+    if extends_the_run(checkpoint_manifest, args):
+        allowed.append("training.max_steps")
+        saved = checkpoint_manifest["run"]["training"]["max_steps"]
+        logger.info("Extending the run of %s: max_steps %d -> %d; its %s learning-rate schedule now runs to step %d "
+                    "(warm-up and decay recomputed for the new length from step %d on).", folder, saved,
+                    args.max_steps, args.lr_scheduler_type, args.max_steps,
+                    checkpoint_manifest["position"]["global_step"])
+    differences = manifest_differences(checkpoint_manifest["run"], manifest, allowed)
     if not differences:
         return
     listed = "; ".join(differences)
@@ -122,8 +138,8 @@ def apply_changed_hyperparameters(args: CalMRLTrainingArguments, optimizer, sche
     if saved.get("weight_decay") != args.weight_decay:
         for group in optimizer.param_groups:
             group["weight_decay"] = args.weight_decay
-    if saved.get("learning_rate") == args.learning_rate:
-        return
+    if saved.get("learning_rate") == args.learning_rate and saved.get("max_steps") == args.max_steps:
+        return  # else: a new base rate, or the factors of a schedule rebuilt for a new max_steps
     schedule = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper
     if not isinstance(schedule, LambdaLR):
         raise CheckpointError(f"Cannot apply the new learning rate {args.learning_rate} to a resumed "
@@ -137,8 +153,8 @@ def apply_changed_hyperparameters(args: CalMRLTrainingArguments, optimizer, sche
     for group, rate, base in zip(optimizer.param_groups, rates, schedule.base_lrs):
         group["lr"], group["initial_lr"] = rate, base
     schedule._last_lr = rates
-    logger.info("Learning rate changed on resume: %s -> %s (now %s at step %d).", saved.get("learning_rate"),
-                args.learning_rate, rates[0], step)
+    logger.info("Learning rate on resume: base %s -> %s, max_steps %s -> %s (now %s at step %d).",
+                saved.get("learning_rate"), args.learning_rate, saved.get("max_steps"), args.max_steps, rates[0], step)
 
 
 class RunCheckpoints:
@@ -160,6 +176,27 @@ class RunCheckpoints:
         self.calibration = calibration  # its teacher is saved and restored with the run
         self.hub_pusher = hub_pusher  # pushes at each checkpoint (hub_strategy every_save / checkpoint)
         self.on_checkpoint = on_checkpoint
+        # the line of checkpoints this run continues ([{run_id, until_step}], this run's own last, until_step
+        # None): pruning deletes only these (`checkpoints.in_line`)
+        self.run_id = new_run_id()
+        self.line: list[dict[str, Any]] = [{"run_id": self.run_id, "until_step": None}]
+
+    def claim_folder(self, resumed_step: int) -> None:
+        """Before the first step (every process calls it): when this run saves checkpoints, the checkpoints of
+        output_dir/checkpoints past `resumed_step` (0 for a fresh run) belong to an abandoned line; the main
+        process moves them into checkpoints/abandoned/<run id>/ (never deleted, never taken by `latest`), with a
+        log line naming them."""
+        if not self.args.save_steps:
+            return
+
+        def set_aside():
+            moved = set_aside_checkpoints(self.args.output_dir, resumed_step, self.run_id)
+            if moved:
+                logger.warning("This run continues from step %d: the later checkpoints %s of an abandoned run are "
+                               "moved to %s (kept, not resumed by 'latest').", resumed_step,
+                               [source.name for source, _ in moved], moved[0][1].parent)
+
+        run_on_main_process(self.accelerator, set_aside)
 
     def save(self, position: TrainPosition) -> None:
         """Checkpoint to output_dir/checkpoints/step_N (`checkpoints`: safetensors and JSON, no pickle; written as
@@ -178,8 +215,8 @@ class RunCheckpoints:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             commit_checkpoint(staging, {"format": MANIFEST_FORMAT, "position": position.state_dict(),
-                                        "run": self.manifest})
-            prune_checkpoints(args.output_dir, args.save_total_limit)
+                                        "run": self.manifest, "run_id": self.run_id, "line": self.line})
+            prune_checkpoints(args.output_dir, args.save_total_limit, line=self.line)
             if self.hub_pusher is not None:  # staged now, uploaded in the background
                 self.hub_pusher.push(accelerator.unwrap_model(self.model), folder, step, recorded_arguments(args),
                                      state_dict=model_state)
@@ -212,23 +249,36 @@ class RunCheckpoints:
         manifest = read_manifest(folder)
         check_resumed_run(manifest, self.manifest, self.args, folder)
         root = Path(folder)
-        load_full_model_state(accelerator, self.model, load_file(str(root / "model.safetensors")))
-        optimizer_state = load_state_file(root / "optimizer.safetensors")
+
+        def verified(name: str) -> Path:
+            return checkpoint_file(root, manifest, name)
+
+        load_full_model_state(accelerator, self.model, load_file(str(verified("model.safetensors"))))
+        optimizer_state = load_state_file(verified("optimizer.safetensors"))
         load_full_optimizer_state(accelerator, self.model, self.optimizer, optimizer_state["optimizer"])
         if accelerator.scaler is not None and optimizer_state["scaler"] is not None:
             accelerator.scaler.load_state_dict(optimizer_state["scaler"])
-        self.scheduler.load_state_dict(load_state_file(root / "scheduler.safetensors"))
-        self.imputer_step.load_state_dict(load_state_file(root / "imputer_statistics.safetensors"))
+        self.scheduler.load_state_dict(load_state_file(verified("scheduler.safetensors")))
+        self.imputer_step.load_state_dict(load_state_file(verified("imputer_statistics.safetensors")))
         self._load_teacher(root, manifest)
         position.load_state_dict(manifest["position"])
         apply_changed_hyperparameters(self.args, self.optimizer, self.scheduler, manifest["run"]["training"],
                                       position.global_step)
-        rng_file = root / f"rng_state_{accelerator.process_index}.safetensors"
-        if rng_file.is_file():
-            restore_rng_state(load_state_file(rng_file), str(rng_file))
+        rng_name = f"rng_state_{accelerator.process_index}.safetensors"
+        if rng_name in manifest["files"]:
+            restore_rng_state(load_state_file(verified(rng_name)), str(root / rng_name))
+        elif isinstance(manifest["run"].get("world_size"), int) and accelerator.process_index < manifest["run"]["world_size"]:
+            raise CheckpointError(f"{root / MANIFEST_NAME} does not list {rng_name}, the random states of process "
+                                  f"{accelerator.process_index} of the {manifest['run']['world_size']} that saved it.")
         else:  # only reachable when the number of processes changed and that was allowed
             logger.warning("%s has no random states for process %d: its dropout continues from the seed.", folder,
                            accelerator.process_index, main_process_only=False)
+        # this run continues the checkpoint's line up to the resumed step
+        inherited = [{"run_id": entry["run_id"], "until_step": position.global_step
+                      if entry["until_step"] is None else entry["until_step"]} for entry in manifest.get("line", [])]
+        if manifest.get("run_id") and not any(entry["run_id"] == manifest["run_id"] for entry in inherited):
+            inherited.append({"run_id": manifest["run_id"], "until_step": position.global_step})
+        self.line = [*inherited, {"run_id": self.run_id, "until_step": None}]
         logger.info("Resumed from %s at step %d.", folder, position.global_step)
 
     def _load_teacher(self, root: Path, manifest: dict[str, Any]) -> None:
@@ -239,7 +289,7 @@ class RunCheckpoints:
         if TEACHER_FILE not in manifest["files"]:
             logger.warning("%s has no teacher: the teacher starts from the resumed model.", root)
             return
-        self.calibration.load_bytes((root / TEACHER_FILE).read_bytes())
+        self.calibration.load_bytes(checkpoint_file(root, manifest, TEACHER_FILE).read_bytes())
 
 
 __all__ = ["ARGUMENTS_OUTSIDE_THE_TRAJECTORY", "RunCheckpoints", "apply_changed_hyperparameters",
