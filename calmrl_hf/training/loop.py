@@ -142,13 +142,13 @@ def _train_holding_lock(model, train_dataset, args: CalMRLTrainingArguments, acc
         if resume:
             calibration.start(accelerator.unwrap_model(model))  # its teacher's weights come from the checkpoint
             checkpoints.load(resume, position)
-        checkpoints.claim_folder(position.global_step)  # later checkpoints of an abandoned run: set aside
-        if not resume:
+        else:
             if warm_loader is not None:  # the imputer's fit on full-modality data stays as a prior
                 window_rows = warm_start_window(args, per_device * accelerator.num_processes, train_loader, streaming)
                 warm_start(imputer_step, model, warm_loader, accelerator, args.imputer_warm_start_max_iter,
                            window_rows)
             calibration.start(accelerator.unwrap_model(model))  # the teacher: the model as the run starts
+        checkpoints.claim_folder(position.global_step)  # later checkpoints of an abandoned run: set aside
         losses = run_epochs(accelerator, args, model, optimizer, scheduler, train_loader, imputer_step, position,
                             calibration, eval_loader=eval_loader, checkpoints=checkpoints)
         metrics = finish(accelerator, args, model, eval_loader, position.global_step, losses, processor=processor,
