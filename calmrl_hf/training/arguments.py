@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..sharing.hub import HUB_STRATEGIES
+from ..sharing.hub import DEFAULT_HUB_RETRIES, DEFAULT_HUB_TIMEOUT, HUB_STRATEGIES
 from ..validation import unknown_name_message
 
 
@@ -52,6 +52,11 @@ class CalMRLTrainingArguments:
       imputer is fitted on), or a list of names.
     - `imputer_*`, `freeze_modalities`, `freeze_projections`, `eval_pairs`, `hub_endpoint`: ours (CalMRL's bi-step,
       frozen towers, evaluation directions, a Hub API endpoint other than huggingface.co).
+    - `hub_timeout`, `hub_retries`: ours. Every Hub request of a push may go `hub_timeout` seconds without progress
+      (huggingface_hub's own client waits forever), and a timeout, network error or HTTP 408 / 429 / 5xx is retried
+      `hub_retries` times; a checkpoint push that still fails is a warning, and training goes on.
+    - `hub_token` is never written anywhere: not in `training_args.json`, the checkpoint manifest, tracker configs,
+      model cards, nor the arguments' repr.
     """
 
     output_dir: str = "outputs/calmrl"
@@ -99,8 +104,10 @@ class CalMRLTrainingArguments:
     hub_model_id: str | None = None  # repo id
     hub_strategy: str = "end"  # "end" | "every_save" (the model at each checkpoint) | "checkpoint" (+ last-checkpoint/)
     hub_endpoint: str | None = None
-    hub_token: str | None = None
+    hub_token: str | None = field(default=None, repr=False)  # never recorded, logged nor shown (`recorded_arguments`)
     hub_private_repo: bool = False
+    hub_timeout: float = DEFAULT_HUB_TIMEOUT  # seconds each Hub request may go without progress
+    hub_retries: int = DEFAULT_HUB_RETRIES  # retries of a Hub call after a timeout / network error / HTTP 5xx
     eval_pairs: Sequence[Sequence[str]] | None = None  # e.g. [["text", "vision"], ["vision", "text"]]
 
     @classmethod
@@ -121,6 +128,12 @@ class CalMRLTrainingArguments:
                 except ValueError:
                     raise ValueError(f"Training argument {f.name} must be a number, got {value!r}.") from None
         return cls(**coerced)
+
+    def __repr__(self) -> str:  # the fields but `hub_token`, a token inside another value (an endpoint) masked
+        from ..sharing.hub import redact
+
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        return redact(f"{type(self).__name__}({shown})", self.hub_token)
 
     def __post_init__(self):
         if self.mixed_precision is False:  # YAML reads `mixed_precision: no` as false
@@ -150,6 +163,11 @@ class CalMRLTrainingArguments:
         if not isinstance(self.push_to_hub, bool):
             raise ValueError(f"push_to_hub must be True or False, got {self.push_to_hub!r}; the repo id goes in "
                              f"hub_model_id.")
+        if isinstance(self.hub_timeout, bool) or not isinstance(self.hub_timeout, (int, float)) \
+                or not self.hub_timeout > 0:
+            raise ValueError(f"hub_timeout must be a number of seconds > 0, got {self.hub_timeout!r}.")
+        if isinstance(self.hub_retries, bool) or not isinstance(self.hub_retries, int) or self.hub_retries < 0:
+            raise ValueError(f"hub_retries must be an integer >= 0, got {self.hub_retries!r}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub=True needs hub_model_id (the repo id to upload to).")
         if isinstance(self.allow_resume_changes, str):
@@ -188,9 +206,24 @@ def _number_type(f) -> type | None:
     return float if "float" in kinds else int if "int" in kinds else None
 
 
+# Arguments never written anywhere (files, tracker configs, cards, logs): credentials.
+SECRET_ARGUMENTS = frozenset({"hub_token"})
+
+
 def recorded_arguments(args: CalMRLTrainingArguments) -> dict[str, Any]:
-    """The training arguments as written to `training_args.json` and the model card (never the Hub token)."""
-    return {k: v for k, v in asdict(args).items() if k != "hub_token"}
+    """The training arguments as written to `training_args.json`, the model card and the trackers' config: all
+    but `SECRET_ARGUMENTS` (and any field whose name says token), with a token that found its way into another
+    value (e.g. an endpoint `https://user:hf_...@host`) masked."""
+    from ..sharing.hub import redact
+
+    recorded = {}
+    for name, value in asdict(args).items():
+        if name in SECRET_ARGUMENTS or "token" in name.lower():
+            continue
+        if isinstance(value, str):
+            value = redact(value, args.hub_token)
+        recorded[name] = value
+    return recorded
 
 
-__all__ = ["CalMRLTrainingArguments", "recorded_arguments"]
+__all__ = ["CalMRLTrainingArguments", "SECRET_ARGUMENTS", "recorded_arguments"]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ from transformers import get_scheduler
 from ..data.loaders import dataset_modalities
 from ..modeling_calmrl import CalMRLModel
 from ..sharing.hub import TRACKER_PROJECT, CheckpointPusher
-from .arguments import CalMRLTrainingArguments
+from .arguments import CalMRLTrainingArguments, recorded_arguments
 from .fsdp import set_shard_groups
 
 
@@ -157,9 +156,11 @@ def prepare_training(accelerator: Accelerator, model: CalMRLModel, optimizer, tr
 
 
 def start_trackers(accelerator: Accelerator, args: CalMRLTrainingArguments) -> None:
-    """The trackers of `report_to` (none without), with the run's scalar arguments as their config."""
+    """The trackers of `report_to` (none without), with the run's scalar arguments as their config: the recorded
+    ones (`recorded_arguments`), never the Hub token (tensorboard writes its config to hparams.yml and the event
+    file, wandb / mlflow to their servers)."""
     if args.report_to:
-        accelerator.init_trackers(TRACKER_PROJECT, config={k: v for k, v in asdict(args).items()
+        accelerator.init_trackers(TRACKER_PROJECT, config={k: v for k, v in recorded_arguments(args).items()
                                                            if isinstance(v, (int, float, str, bool))})
 
 
@@ -169,7 +170,8 @@ def build_hub_pusher(args: CalMRLTrainingArguments, accelerator: Accelerator,
     if not args.push_to_hub or args.hub_strategy == "end" or not accelerator.is_main_process:
         return None
     return CheckpointPusher(args.hub_model_id, args.hub_strategy, processor=processor, token=args.hub_token,
-                            endpoint=args.hub_endpoint, private=args.hub_private_repo)
+                            endpoint=args.hub_endpoint, private=args.hub_private_repo, hub_timeout=args.hub_timeout,
+                            hub_retries=args.hub_retries)
 
 
 __all__ = ["build_dataloaders", "build_hub_pusher", "build_optimizer", "freeze_modules", "keep_imputer_float32",
