@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from accelerate.logging import get_logger
 from torch.utils.data import DataLoader
 
 from ..modeling_calmrl import CalMRLModel
-from ..sharing.hub import CheckpointPusher, push_to_hub, write_model_card
+from ..sharing.hub import CheckpointPusher, HubPushError, push_to_hub, write_model_card
 from .arguments import CalMRLTrainingArguments, recorded_arguments
 from .calibration import Calibration, ImputationFn
 from .checkpoints import ensure_writable_directory
@@ -43,6 +44,9 @@ from .setup import (
     build_dataloaders, build_hub_pusher, build_optimizer, freeze_modules, prepare_training, start_trackers,
     validate_setup,
 )
+
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -283,8 +287,12 @@ def finish(accelerator: Accelerator, args: CalMRLTrainingArguments, model, eval_
     if hub_pusher is not None:
         hub_pusher.wait()  # the last checkpoint's upload lands before the final model's
     if args.push_to_hub and accelerator.is_main_process:
-        push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, endpoint=args.hub_endpoint,
-                    private=args.hub_private_repo)
+        try:
+            push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, endpoint=args.hub_endpoint,
+                        private=args.hub_private_repo, hub_timeout=args.hub_timeout, hub_retries=args.hub_retries)
+        except HubPushError as error:  # the run is saved: a Hub that fails or does not answer costs the push only
+            logger.warning("The final push of %s to %s failed: %s. The model is saved locally; push it later with "
+                           "calmrl_hf.sharing.push_to_hub.", args.output_dir, args.hub_model_id, error)
     if args.report_to:
         accelerator.end_training()
     return metrics

@@ -45,7 +45,8 @@ ARGUMENTS_OUTSIDE_THE_TRAJECTORY = frozenset({
     "output_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume_from_checkpoint",
     "allow_resume_changes", "report_to", "dataloader_num_workers", "use_cpu", "dataloader_prefetch_factor",
     "dataloader_persistent_workers", "dataloader_pin_memory", "per_device_eval_batch_size", "eval_pairs",
-    "push_to_hub", "hub_strategy", "hub_model_id", "hub_endpoint", "hub_token", "hub_private_repo",
+    "push_to_hub", "hub_strategy", "hub_model_id", "hub_endpoint", "hub_token", "hub_private_repo", "hub_timeout",
+    "hub_retries",
 })
 
 
