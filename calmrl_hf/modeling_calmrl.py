@@ -200,6 +200,18 @@ class CalMRLPreTrainedModel(PreTrainedModel):
             for layer in module.lora_B.values():
                 init.zeros_(layer.weight)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, and the package's pipeline tasks registered in the folder
+        (`config.custom_pipelines` and the pipeline's code), so that `pipeline("zero-shot-multimodal-classification",
+        model=folder, trust_remote_code=True)` works on every saved model (with its processor saved beside it)."""
+        from .pipeline_calmrl import pipeline_tasks, save_pipeline_code
+
+        self.config.custom_pipelines = pipeline_tasks()
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            save_pipeline_code(save_directory)
+        return result
+
     @classmethod
     def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
         """`PreTrainedModel.from_pretrained`, but strict: safetensors only, and a checkpoint that does not match

@@ -5,8 +5,9 @@
     embedder = pipeline("multimodal-feature-extraction", model=checkpoint, trust_remote_code=True)
     embedder({"text": "a dog barks", "audio": waveform})           # any subset of modalities
 
-`save_pipelines(model, processor, folder)` saves a checkpoint with both tasks (the code is copied in, so
-`pipeline(task, model=folder, trust_remote_code=True)` works without the package). Imports torch and transformers
+Every `CalMRLModel.save_pretrained` registers both tasks in the folder it writes (`pipeline_tasks`, the code copied
+in: `save_pipeline_code`), so `pipeline(task, model=folder, trust_remote_code=True)` works on any saved model with
+its processor, without the package; `save_pipelines(model, processor, folder)` saves both at once. Imports torch and transformers
 only: this file is copied into checkpoints as remote code.
 """
 
@@ -111,6 +112,24 @@ def register_pipelines() -> None:
                                        for task in (ZERO_SHOT_TASK, EMBEDDING_TASK)}
 
 
+def pipeline_tasks() -> dict[str, dict]:
+    """`config.custom_pipelines` of a saved CalMRL model: both tasks, served by this file's `CalMRLPipeline` (what
+    `Pipeline.save_pretrained` writes for a registered pipeline)."""
+    register_pipelines()
+    tasks = {}
+    for task, info in CalMRLPipeline._registered_impl.items():
+        tasks[task] = {**info, "impl": f"{__name__.split('.')[-1]}.{CalMRLPipeline.__name__}",
+                       "pt": tuple(model_class.__name__ for model_class in info["pt"])}
+    return tasks
+
+
+def save_pipeline_code(save_directory) -> None:
+    """Copy this file (and what it imports relatively) into a model folder, for `trust_remote_code=True`."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    custom_object_save(CalMRLPipeline, save_directory)
+
+
 def save_pipelines(model, processor, save_directory) -> None:
     """Save `model` and `processor` with the pipeline's code and both tasks, for `pipeline(task, model=folder,
     trust_remote_code=True)`."""
@@ -119,4 +138,5 @@ def save_pipelines(model, processor, save_directory) -> None:
     processor.save_pretrained(save_directory)
 
 
-__all__ = ["EMBEDDING_TASK", "ZERO_SHOT_TASK", "CalMRLPipeline", "register_pipelines", "save_pipelines"]
+__all__ = ["EMBEDDING_TASK", "ZERO_SHOT_TASK", "CalMRLPipeline", "pipeline_tasks", "register_pipelines",
+           "save_pipeline_code", "save_pipelines"]

@@ -100,3 +100,18 @@ def test_embedding_any_subset_is_model_encode(checkpoint):
     torch.testing.assert_close(out["fused_embedding"], encoding.fused_embeddings[0])
     with pytest.raises(ValueError, match="takes one example as a dict"):
         embedder("a dog barks")
+
+
+def test_every_saved_model_carries_the_pipelines(checkpoint, tmp_path):
+    """A model saved the plain way (`save_pretrained`, then its processor beside it, as the training loop and the
+    main job save) gives the same pipeline as a `save_pipelines` folder."""
+    folder, model, processor = checkpoint
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    tasks = json.loads((tmp_path / "config.json").read_text())["custom_pipelines"]
+    assert set(tasks) == {ZERO_SHOT_TASK, EMBEDDING_TASK} and (tmp_path / "pipeline_calmrl.py").is_file()
+    image = np.random.default_rng(1).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    plain = pipeline(ZERO_SHOT_TASK, model=str(tmp_path), trust_remote_code=True)(image, candidate_labels=LABELS)
+    saved = pipeline(ZERO_SHOT_TASK, model=str(folder), trust_remote_code=True)(image, candidate_labels=LABELS)
+    assert [r["label"] for r in plain] == [r["label"] for r in saved]
+    assert np.allclose([r["score"] for r in plain], [r["score"] for r in saved])
