@@ -99,3 +99,37 @@ def test_gradient_checkpointing_with_lora_needs_and_gets_input_require_grads():
     model.enable_input_require_grads()
     for name, grad in adapter_grads(model).items():
         torch.testing.assert_close(grad, reference[name], msg=name)
+
+
+def test_training_a_peft_wrapped_model_saves_adapter_and_the_trained_model(tmp_path):
+    """`train(get_peft_model(model, LoraConfig(...)), ...)` ends with the adapter as peft saves it and the trained
+    model whole (adapters merged, the imputer's fit included): both reload to the model that was trained."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from training_fixtures import MIXED_PATTERNS, collate, make_dataset, training_config
+
+    from calmrl_hf.training import CalMRLTrainingArguments, train
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(CalMRLModel(training_config()), LoraConfig(r=4, target_modules=["query", "value"]))
+    args = CalMRLTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=8,
+                                   learning_rate=1e-2, imputer_min_rows=8, seed=1)
+    train(peft_model, make_dataset(32, MIXED_PATTERNS), args, collate_fn=collate)
+    folder = tmp_path / "run"
+    assert {"config.json", "model.safetensors", "README.md", "training_args.json"} <= {p.name for p in folder.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (folder / "adapter").iterdir()}
+    trained = peft_model.eval()
+    merged = CalMRLModel.from_pretrained(folder).eval()
+    torch.manual_seed(1)
+    fresh = CalMRLModel(training_config())  # another initialisation: what is loaded must replace it
+    adapter = PeftModel.from_pretrained(fresh, folder / "adapter").eval()
+    from calmrl_hf.data.collator import model_inputs
+
+    batch = model_inputs(collate(list(make_dataset(8, MIXED_PATTERNS))))
+    with torch.no_grad():
+        reference = trained(**batch).embeddings
+        assert torch.allclose(merged(**batch).embeddings, reference, atol=1e-5)
+    base = trained.get_base_model()
+    assert torch.equal(merged.imputer.weight, base.imputer.weight) and bool(merged.imputer.fitted_modalities.all())
+    lora = [n for n, _ in trained.named_parameters() if "lora_B" in n]
+    assert lora and all(torch.equal(dict(adapter.named_parameters())[n], dict(trained.named_parameters())[n])
+                        for n in lora)  # the adapter file holds the trained adapters

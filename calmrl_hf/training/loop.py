@@ -14,6 +14,7 @@ to bottom like accelerate's `complete_nlp_example.py`: build the loaders, optimi
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from accelerate.logging import get_logger
+from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
 from ..modeling_calmrl import CalMRLModel
@@ -302,11 +304,14 @@ def save_final_model(accelerator: Accelerator, args: CalMRLTrainingArguments, mo
                      results: dict[str, Any], metrics: dict[str, float]) -> None:
     """`save_pretrained` of model and processor to output_dir, with train_results.json, training_args.json and the
     model card. Every process calls it: the full state is gathered under sharding."""
-    state_dict = accelerator.get_state_dict(model)
     unwrapped = accelerator.unwrap_model(model)
-    with as_its_own_class(unwrapped):  # not FSDP2's FSDPCalMRLModel: its code and auto_map are the model's
-        unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict,
-                                  save_function=accelerator.save)
+    if is_peft_model(unwrapped):
+        save_peft_model(accelerator, args, unwrapped)
+    else:
+        state_dict = accelerator.get_state_dict(model)
+        with as_its_own_class(unwrapped):  # not FSDP2's FSDPCalMRLModel: its code and auto_map are the model's
+            unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
+                                      state_dict=state_dict, save_function=accelerator.save)
     if not accelerator.is_main_process:
         return
     if processor is not None:
@@ -317,5 +322,24 @@ def save_final_model(accelerator: Accelerator, args: CalMRLTrainingArguments, mo
     write_model_card(args.output_dir, repo_id=args.hub_model_id, metrics=metrics, training_args=recorded_args)
 
 
+def is_peft_model(model) -> bool:
+    """A peft `PeftModel` wrapping the CalMRL model (`get_peft_model(model, LoraConfig(...))`)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def save_peft_model(accelerator: Accelerator, args: CalMRLTrainingArguments, peft_model) -> None:
+    """A peft-wrapped model's output_dir: the trained model whole, its adapters merged into a copy (config,
+    weights, the imputer's fit: `AutoModel.from_pretrained(output_dir)`), and the adapter as peft saves it in
+    `output_dir/adapter` (`PeftModel.from_pretrained(base, output_dir + "/adapter")`). Apart: transformers loads an
+    adapter it finds next to a model on top of it, which would apply the merged adapters twice."""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError("Saving a peft-wrapped model trained under FSDP or DeepSpeed is not supported: train it "
+                         "with DDP, or use CalMRLConfig(lora=...) (the package's own adapters).")
+    peft_model.save_pretrained(str(Path(args.output_dir) / "adapter"), is_main_process=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        merged = copy.deepcopy(peft_model).merge_and_unload()  # the trained weights, adapters folded in
+        merged.save_pretrained(args.output_dir)
+
+
 __all__ = ["TrainOutput", "TrainPosition", "epoch_batches", "evaluate_during_training", "finish", "log_step",
-           "run_epochs", "save_final_model", "train", "train_mode", "train_step"]
+           "is_peft_model", "run_epochs", "save_final_model", "save_peft_model", "train", "train_mode", "train_step"]
