@@ -34,28 +34,39 @@ def test_table_groups_directions_with_both_stages_side_by_side():
 
 
 def test_plot_has_both_stages(tmp_path, monkeypatch):
-    """The figure plot_training writes: the loss of each stage's recorded steps on one step axis (stage 2's after
-    stage 1's; stage 2 resumed at step 2 of 4, so its steps 3 and 4 only), and each stage's class Recall@1 bars."""
+    """The figure plot_training writes: each stage's loss on its own axes, on one step axis (stage 2's after stage 1's;
+    stage 2 resumed at step 2 of 4, so its steps 3 and 4 only); the families' test Recall@1 over the steps (the
+    evaluations, then each stage's final result) with the stage boundary and chance level; each stage's class
+    Recall@1 bars by direction."""
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
     figures, close = [], plt.close
     monkeypatch.setattr(plt, "close", lambda figure=None: figures.append(figure) or close(figure))
     results = fake_results()
-    path = plot_training(tmp_path / "training.png", {"stage1": (5, [3.0, 2.5, 2.0, 1.8, 1.7]),
-                                                     "stage2": (4, [1.0, 0.9])}, results)
+    evaluations = {"stage1": [(2, results["stage1"])], "stage2": [(3, results["stage2"])]}
+    path = plot_training(tmp_path / "training.png", {"stage1 (pairwise_infonce)": (5, [3.0, 2.5, 2.0, 1.8, 1.7]),
+                                                     "stage2 (pmrl)": (4, [1.0, 0.9])}, results,
+                         evaluations=evaluations, chance=1.1)
     assert path == tmp_path / "training.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     (figure,) = figures
-    loss_axes, recall_axes = figure.axes[:2]
-    assert loss_axes.get_ylabel() == "training loss"
-    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in loss_axes.get_lines()}
-    assert lines == {"stage1": ([1, 2, 3, 4, 5], [3.0, 2.5, 2.0, 1.8, 1.7]), "stage2": ([8, 9], [1.0, 0.9])}
-    assert [text.get_text() for text in loss_axes.get_legend().get_texts()] == ["stage1", "stage2"]
-    directions = [tick.get_text() for tick in recall_axes.get_xticklabels()]
+    first, second, curves, bars = figure.axes
+    assert first.get_ylabel() == second.get_ylabel() == "training loss"  # own axes: objectives do not compare
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in first.get_lines()] == [
+        ([1, 2, 3, 4, 5], [3.0, 2.5, 2.0, 1.8, 1.7])]
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in second.get_lines()] == [([8, 9], [1.0, 0.9])]
+    observed = {line.get_label(): line for line in curves.get_lines()}["observed pairs"]
+    # stage 1 evaluated at step 2 and done at 5; stage 2 (offset 5) at 3 -> 8 and done at 4 -> 9
+    assert list(observed.get_xdata()) == [2, 5, 8, 9]
+    assert list(observed.get_ydata()) == [observed_pairs_mean(results[s]) for s in ("stage1", "stage1", "stage2",
+                                                                                      "stage2")]
+    assert {"stage 2 starts", "chance (1.1%)", "never paired in stage 2", "subtitle"} <= {
+        line.get_label() for line in curves.get_lines()}
+    directions = [tick.get_text() for tick in bars.get_xticklabels()]
     assert len(directions) == len({d for _, group in DIRECTION_GROUPS for d in group}) == 12
-    assert [container.get_label() for container in recall_axes.containers] == ["stage1", "stage2"]
-    for container in recall_axes.containers:
+    assert [container.get_label() for container in bars.containers] == ["stage1", "stage2"]
+    for container in bars.containers:
         stage = container.get_label()
         assert [bar.get_height() for bar in container] == [results[stage][f"{d}/class_R@1"] for d in directions]
 

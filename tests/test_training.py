@@ -351,3 +351,21 @@ def test_an_fsdp_checkpoint_is_refused_by_a_ddp_run_whatever_changes_are_allowed
             check_resumed_run({"run": saved, "position": {"global_step": 1}}, current, anything, str(tmp_path))
     check_resumed_run({"run": fsdp_run, "position": {"global_step": 1}}, fsdp_run, CalMRLTrainingArguments(),
                       str(tmp_path))
+
+
+def test_evaluations_during_training_are_returned_and_change_nothing(tmp_path):
+    """`eval_steps` evaluations come back in `TrainOutput.eval_history`; the last one, at the last step, equals the
+    final evaluation; and a run that evaluates ends with the same weights as one that does not."""
+    runs = {}
+    for name, eval_steps in (("evaluating", 2), ("silent", None)):
+        torch.manual_seed(0)
+        model = CalMRLModel(training_config(dropout=True))
+        args = CalMRLTrainingArguments(output_dir=str(tmp_path / name), max_steps=4, per_device_train_batch_size=8,
+                                       eval_steps=eval_steps, imputer_min_rows=8, seed=5)
+        runs[name] = (model, train(model, make_dataset(32, MIXED_PATTERNS), args, collate_fn=collate,
+                                   eval_dataset=make_dataset(16, [FULL], seed=3)))
+    history = runs["evaluating"][1].eval_history
+    assert [step for step, _ in history] == [2, 4] and history[-1][1] == runs["evaluating"][1].metrics
+    assert runs["silent"][1].eval_history == []
+    for (name, value), other in zip(runs["evaluating"][0].state_dict().items(), runs["silent"][0].state_dict().values()):
+        assert torch.equal(value, other), name

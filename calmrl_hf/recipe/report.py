@@ -1,5 +1,5 @@
 """What the recipe shows a person at the end: the test scores of both stages side by side, grouped by what stage 2
-trained on, and a PNG of the training loss of both stages and Recall@1 by direction.
+trained on, and a PNG of each stage's training loss, test Recall@1 over the steps and Recall@1 by direction.
 
     print(results_table(results))                  # results = {"stage1": {metric: value}, "stage2": {...}}
     plot_training(folder / "training.png", {"stage1": output1, "stage2": output2}, results)
@@ -64,11 +64,23 @@ def results_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def family_means(metrics: dict[str, float]) -> dict[str, float]:
+    """Mean class Recall@1 of each group of `DIRECTION_GROUPS` that `metrics` has, by its short name."""
+    return {title.split(" (")[0]: sum(metrics[f"{d}/{HEADLINE}"] for d in directions) / len(directions)
+            for title, directions in group_directions(metrics)}
+
+
 def plot_training(path: str | Path, losses: dict[str, tuple[int, list[float]]],
-                  results: dict[str, dict[str, float]]) -> Path | None:
-    """Write a PNG to `path`: left, the training loss of each optimizer step of both stages on one step axis
+                  results: dict[str, dict[str, float]], *,
+                  evaluations: dict[str, list[tuple[int, dict[str, float]]]] | None = None,
+                  chance: float | None = None) -> Path | None:
+    """Write a PNG to `path`, to be read at a glance: top, each stage's training loss on its own axes
     (`losses[stage] = (last global step, loss of each step recorded)`; a resumed stage has the steps after its
-    resume); right, class Recall@1 by direction after each stage. Returns the path, or None without matplotlib."""
+    resume; stages may train different objectives, whose losses do not compare); bottom left, the test class
+    Recall@1 of each family of directions over the optimizer steps of both stages (`evaluations[stage] = [(step,
+    metrics), ...]`, the evaluations every `eval_steps`), with the stage boundary and chance level (`chance`, %);
+    bottom right, class Recall@1 by direction after each stage, the directions grouped by family. Returns the path,
+    or None without matplotlib."""
     try:
         import matplotlib
 
@@ -77,22 +89,49 @@ def plot_training(path: str | Path, losses: dict[str, tuple[int, list[float]]],
     except ImportError:
         logger.warning("matplotlib is not installed (pip install matplotlib): no %s.", path)
         return None
-    figure, (loss_axes, recall_axes) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 1.6]})
-    offset = 0
-    for stage, (last_step, values) in losses.items():
+    figure = plt.figure(figsize=(14, 8.5))
+    grid = figure.add_gridspec(2, max(2, len(losses)), height_ratios=[1, 1.3])
+    offsets, offset = {}, 0
+    for column, (stage, (last_step, values)) in enumerate(losses.items()):
+        axes = figure.add_subplot(grid[0, column])
         first_step = last_step - len(values) + 1
-        loss_axes.plot(range(offset + first_step, offset + last_step + 1), values, label=stage)
-        offset += last_step
-    loss_axes.set(xlabel="optimizer step (both stages)", ylabel="training loss", title="training loss")
-    loss_axes.legend()
+        axes.plot(range(offset + first_step, offset + last_step + 1), values, label=stage)
+        axes.set(xlabel="optimizer step (both stages)", ylabel="training loss", title=f"{stage}: training loss")
+        axes.legend()
+        offsets[stage.split(" ")[0]], offset = offset, offset + last_step
+    curves = figure.add_subplot(grid[1, 0])
+    for family in family_means(results["stage2"]):
+        points = [(offsets.get(stage, 0) + step, family_means(metrics)[family])
+                  for stage, history in (evaluations or {}).items() for step, metrics in history]
+        points += [(offsets.get(stage, 0) + losses_end, family_means(results[stage])[family])
+                   for stage, losses_end in ((name.split(" ")[0], last) for name, (last, _) in losses.items())
+                   if stage in results]
+        points.sort()
+        curves.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=family)
+    if len(offsets) > 1:
+        curves.axvline(list(offsets.values())[1], color="grey", linestyle=":", label="stage 2 starts")
+    if chance is not None:
+        curves.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance ({chance:.1f}%)")
+    curves.set(xlabel="optimizer step (both stages)", ylabel="class Recall@1 (%)", ylim=(0, 100),
+               title="test retrieval during training, by family of directions")
+    curves.legend(fontsize=8)
+    bars = figure.add_subplot(grid[1, 1:])
     directions = [d for _, group in group_directions(results["stage2"]) for d in group]
     positions = range(len(directions))
     for shift, stage in ((-0.2, "stage1"), (0.2, "stage2")):
-        recall_axes.bar([p + shift for p in positions], [results[stage][f"{d}/{HEADLINE}"] for d in directions],
-                        width=0.4, label=stage)
-    recall_axes.set_xticks(list(positions), directions, rotation=45, ha="right")
-    recall_axes.set(ylabel="class Recall@1 (%)", title="test retrieval by direction", ylim=(0, 100))
-    recall_axes.legend()
+        bars.bar([p + shift for p in positions], [results[stage][f"{d}/{HEADLINE}"] for d in directions],
+                 width=0.4, label=stage)
+    start = 0
+    for title, group in group_directions(results["stage2"]):  # the families, separated and named
+        if start:
+            bars.axvline(start - 0.5, color="grey", linewidth=0.8)
+        bars.text(start + (len(group) - 1) / 2, 108, title.split(" (")[0], ha="center", va="top", fontsize=8)
+        start += len(group)
+    if chance is not None:
+        bars.axhline(chance, color="black", linestyle="--", linewidth=1)
+    bars.set_xticks(list(positions), directions, rotation=45, ha="right")
+    bars.set(ylabel="class Recall@1 (%)", title="test retrieval by direction after each stage", ylim=(0, 112))
+    bars.legend(loc="lower right")
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=110)
@@ -100,4 +139,4 @@ def plot_training(path: str | Path, losses: dict[str, tuple[int, list[float]]],
     return path
 
 
-__all__ = ["DIRECTION_GROUPS", "group_directions", "observed_pairs_mean", "plot_training", "results_table"]
+__all__ = ["DIRECTION_GROUPS", "family_means", "group_directions", "observed_pairs_mean", "plot_training", "results_table"]

@@ -247,11 +247,23 @@ def describe_calibration(args: CalMRLTrainingArguments, objective: str) -> str:
     return f"{objective} on {source[args.imputation_source]}{teacher}"
 
 
-def report(output_dir: Path, results: dict, losses: dict, seconds: float, stage2: str) -> None:
+def class_chance(dataset) -> float | None:
+    """Class-level Recall@1 (%) of a random ranking of `dataset` (its `label` column): sum_c n_c^2 / N^2."""
+    labels = dataset["label"] if "label" in (getattr(dataset, "column_names", None) or []) else None
+    if not labels or any(label is None for label in labels):
+        return None
+    counts: dict = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return 100.0 * sum(n * n for n in counts.values()) / len(labels) ** 2
+
+
+def report(output_dir: Path, results: dict, losses: dict, seconds: float, stage2: str, *,
+           evaluations: dict | None = None, chance: float | None = None) -> None:
     """results.json, the training plot next to the final model, and the grouped table of both stages."""
     final = output_dir / "stage2"
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-    plot = plot_training(final / "training.png", losses, results)
+    plot = plot_training(final / "training.png", losses, results, evaluations=evaluations, chance=chance)
     print(f"\nSaved the model and processor to {final}" + (f" (training plot: {plot})" if plot else ""))
     print(f"Stage 2: {stage2}.")
     print(results_table(results))
@@ -283,11 +295,12 @@ def run(args: argparse.Namespace) -> dict:
 
     decode = dict(num_frames=processor_settings.get("num_frames", 4),
                   sampling_rate=processor_settings.get("sampling_rate", 16000))
-    datasets = {name: with_media_decoding(ds, **decode)
-                for name, ds in load_data(recipe["data"], seed, accelerator).items()}
+    raw = load_data(recipe["data"], seed, accelerator)
+    chance = class_chance(raw["test"])  # from the annotations, before media decoding
+    datasets = {name: with_media_decoding(ds, **decode) for name, ds in raw.items()}
     collator = CalMRLCollator(processor)
 
-    results, losses = {}, {}
+    results, losses, evaluations = {}, {}, {}
     for stage, (training_args, objective) in stages.items():
         model.config.alignment_objective = objective
         if stage != "stage1":  # each stage its own Accelerator: its accumulation, precision and checkpoints
@@ -298,13 +311,15 @@ def run(args: argparse.Namespace) -> dict:
         model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # no stage-1 autocast left on forward
         results[stage] = result.metrics
         losses[f"{stage} ({objective})"] = (result.global_step, result.losses)  # the plot's legend
+        evaluations[stage] = result.eval_history
         if accelerator.is_main_process:
             logger.info("%s finished at step %d: test mean R@1 %.1f (every direction)", stage, result.global_step,
                         result.metrics.get("mean_R@1", float("nan")))
 
     if accelerator.is_main_process:
         report(output_dir, results, losses, time.perf_counter() - start,
-               describe_calibration(*stages["stage2"]))
+               describe_calibration(*stages["stage2"]), evaluations=evaluations,
+               chance=chance)
     return results
 
 

@@ -57,6 +57,7 @@ class TrainOutput:
     global_step: int
     metrics: dict[str, float]
     losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step (all processes)
+    eval_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (step, metrics) every eval_steps
 
 
 @dataclass
@@ -155,22 +156,26 @@ def _train_holding_lock(model, train_dataset, args: CalMRLTrainingArguments, acc
                            window_rows)
             calibration.start(accelerator.unwrap_model(model))  # the teacher: the model as the run starts
         checkpoints.claim_folder(position.global_step)  # later checkpoints of an abandoned run: set aside
+        eval_history: list[tuple[int, dict[str, float]]] = []
         losses = run_epochs(accelerator, args, model, optimizer, scheduler, train_loader, imputer_step, position,
-                            calibration, eval_loader=eval_loader, checkpoints=checkpoints)
+                            calibration, eval_loader=eval_loader, checkpoints=checkpoints, eval_history=eval_history)
         metrics = finish(accelerator, args, model, eval_loader, position.global_step, losses, processor=processor,
                          hub_pusher=hub_pusher)
     finally:
         if hub_pusher is not None:  # an upload in flight lands even when the run stops with an error
             hub_pusher.wait()
-    return TrainOutput(output_dir=args.output_dir, global_step=position.global_step, metrics=metrics, losses=losses)
+    return TrainOutput(output_dir=args.output_dir, global_step=position.global_step, metrics=metrics, losses=losses,
+                       eval_history=eval_history)
 
 
 def run_epochs(accelerator: Accelerator, args: CalMRLTrainingArguments, model, optimizer, scheduler,
                train_loader: DataLoader, imputer_step: ImputerUpdater, position: TrainPosition,
-               calibration: Calibration, *, eval_loader: DataLoader | None, checkpoints: RunCheckpoints) -> list[float]:
+               calibration: Calibration, *, eval_loader: DataLoader | None, checkpoints: RunCheckpoints,
+               eval_history: list | None = None) -> list[float]:
     """Epochs from `position` until `max_steps` optimizer steps: the bi-step on every micro-batch (`train_step`);
     after each optimizer step, logging, evaluation every `eval_steps` and a checkpoint every `save_steps`.
-    Returns the mean loss of each optimizer step (all processes)."""
+    Returns the mean loss of each optimizer step (all processes); each evaluation's (step, metrics) is appended to
+    `eval_history`."""
     losses: list[float] = []
     running_loss, running_count = torch.zeros((), device=accelerator.device), 0  # the micro-batches of one step
     # a bar on a terminal, log lines every logging_steps in a log file
@@ -195,7 +200,9 @@ def run_epochs(accelerator: Accelerator, args: CalMRLTrainingArguments, model, o
             progress.update(1)
             log_step(accelerator, args, scheduler, progress, step, losses[-1])
             if eval_loader is not None and args.eval_steps and step % args.eval_steps == 0:
-                evaluate_during_training(accelerator, args, model, eval_loader, step)
+                metrics = evaluate_during_training(accelerator, args, model, eval_loader, step)
+                if eval_history is not None:
+                    eval_history.append((step, metrics))
             if args.save_steps and step % args.save_steps == 0:
                 checkpoints.save(position)
             if step >= args.max_steps:
@@ -264,12 +271,13 @@ def log_step(accelerator: Accelerator, args: CalMRLTrainingArguments, scheduler,
 
 
 def evaluate_during_training(accelerator: Accelerator, args: CalMRLTrainingArguments, model,
-                             eval_loader: DataLoader, step: int) -> None:
-    """Evaluate (`evaluate`), log the metrics to the trackers, and go back to training mode."""
+                             eval_loader: DataLoader, step: int) -> dict[str, float]:
+    """Evaluate (`evaluate`), log the metrics to the trackers, go back to training mode; returns the metrics."""
     metrics = evaluate(model, eval_loader, accelerator, args.eval_pairs)
     train_mode(model, accelerator, args)
     if args.report_to:
         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    return metrics
 
 
 def finish(accelerator: Accelerator, args: CalMRLTrainingArguments, model, eval_loader: DataLoader | None,

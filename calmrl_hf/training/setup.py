@@ -80,8 +80,11 @@ def build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_f
                               pin_memory=args.dataloader_pin_memory and on_gpu, **worker_settings(args),
                               generator=torch.Generator().manual_seed(args.seed))
     eval_loader = warm_loader = None
+    # the eval loader has its own generator too: without one it draws its base seed from the global RNG at every pass,
+    # and an evaluation during training would change the dropout that follows it
     if eval_dataset is not None:
-        eval_loader = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn)
+        eval_loader = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn,
+                                 generator=torch.Generator().manual_seed(args.seed))
     if warm_start_dataset is not None and args.imputer_warm_start:
         warm_loader = DataLoader(warm_start_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn)
     return train_loader, eval_loader, warm_loader
