@@ -120,7 +120,9 @@ def floor_dynamic_range(log_mel: torch.Tensor, range_db: float, feature_extracto
 def _pixel_values(image_processor, images: list) -> torch.Tensor:
     if accepts(image_processor, images):  # already the output size: all at once, no PIL round trip
         return pixel_values(image_processor, images)
-    return image_processor(images=images, return_tensors="pt")["pixel_values"]
+    # `_as_image` gives every image channels last ([H, W, 3], or PIL): said, so that an image 1 or 3 pixels high is
+    # not taken for channels first
+    return image_processor(images=images, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
 
 
 def _waveform(item, name: str, row: int):
