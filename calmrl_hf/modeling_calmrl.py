@@ -40,9 +40,10 @@ from .loading import config_from_towers, load_strictly
 from .lora import add_lora, freeze_lora_towers, is_lora_layer
 from .matching_head import FusionEncoder, MatchingHeadMixin
 from .modality_features import CalMRLFeaturesMixin, CalMRLModalityOutput
-from .modality_inputs import group_inputs, rename_clip_inputs, resolve_modality_mask, split_tower_flags
+from .modality_inputs import (check_tower_inputs, group_inputs, inputs_checked, raise_bad_values, rename_clip_inputs,
+                              resolve_modality_mask, split_tower_flags)
 from .towers import build_towers, run_on_placeholder, towers_support
-from .validation import check_embeddings
+from .validation import check_embeddings, check_observed_embeddings
 
 
 AutoModel.register(FeatureEncoderConfig, FeatureEncoderModel, exist_ok=True)
@@ -339,7 +340,17 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
         modality_inputs, tower_flags = split_tower_flags(modality_inputs)
         modality_inputs = rename_clip_inputs(self.config.modality_kinds(), modality_inputs)  # CLIP's input_ids, ...
         grouped = group_inputs(self.config.modalities, modality_inputs)
-        modality_mask = resolve_modality_mask(self.config.modalities, grouped, modality_mask)
+        # the door: shapes and dtypes at once (free), every value check of the batch (mask row counts, ids in
+        # range, NaN, mask rows of zeros) read with ONE device-to-host sync, all before any tower runs
+        pending = []
+        modality_mask = resolve_modality_mask(self.config.modalities, grouped, modality_mask, pending)
+        for name, inputs in grouped.items():
+            pending += check_tower_inputs(name, self.encoders[self.config.encoder_owner(name)], inputs)
+        raise_bad_values(pending)
+        with inputs_checked(list(grouped)):
+            return self._embed_checked(grouped, modality_mask, tower_flags)
+
+    def _embed_checked(self, grouped: dict, modality_mask: torch.Tensor, tower_flags: dict):
         batch_size = modality_mask.shape[0]
         embeddings = None
         outputs: dict[str, CalMRLModalityOutput] = {}
@@ -369,6 +380,7 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
         with a PPCA imputer the values it reads (`PPCAImputer.check_values`)."""
         check_embeddings(embeddings, modality_mask, num_modalities=self.config.num_modalities,
                          dim=self.config.projection_dim, mask_optional=False)
+        check_observed_embeddings(embeddings, modality_mask, self.config.modalities)  # one sync
         if self.config.imputer_method == "ppca":
             fitted = self.imputer.fitted_modalities.to(modality_mask.device)
             self.imputer.check_values(embeddings, modality_mask & fitted)

@@ -3,15 +3,17 @@
 log-mel maps floored below each clip's peak and read as 1-channel images). `CalMRLProcessor` calls them.
 
 Each takes the items of the rows that observe the modality and their row numbers (for error messages), and returns
-`{field: tensor}` with one row per item. Besides torch, this module imports only `log_mel` and `pixel_batch` (numpy):
+`{field: tensor}` with one row per item. Besides torch and numpy, this module imports only `log_mel` and `pixel_batch`:
 `processing_calmrl` imports it, so it is copied with it next to a checkpoint as remote code.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .log_mel import ast_log_mel, computes_like
@@ -118,14 +120,30 @@ def floor_dynamic_range(log_mel: torch.Tensor, range_db: float, feature_extracto
 def _pixel_values(image_processor, images: list) -> torch.Tensor:
     if accepts(image_processor, images):  # already the output size: all at once, no PIL round trip
         return pixel_values(image_processor, images)
-    return image_processor(images=images, return_tensors="pt")["pixel_values"]
+    # `_as_image` gives every image channels last ([H, W, 3], or PIL): said, so that an image 1 or 3 pixels high is
+    # not taken for channels first
+    return image_processor(images=images, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
 
 
 def _waveform(item, name: str, row: int):
-    """A clip as the 1-D float32 numpy array feature extractors take."""
-    wave = (item.detach() if isinstance(item, torch.Tensor) else torch.tensor(item)).float().numpy()
+    """A clip as the 1-D float32 numpy array feature extractors take; paths, non-numbers and NaN / inf refused."""
+    if isinstance(item, (str, bytes, os.PathLike)):
+        raise TypeError(f"Audio for {name!r}, row {row}: CalMRLProcessor expects a waveform array; got a "
+                        f"{type(item).__name__}: decode it first with calmrl_hf.data.decode_audio(path, "
+                        f"sampling_rate).")
+    if isinstance(item, dict):
+        raise TypeError(f"Audio for {name!r}, row {row}: CalMRLProcessor expects a waveform array; got a dict (keys "
+                        f"{sorted(map(str, item))[:5]}): pass its samples (a datasets Audio column's item['array']).")
+    try:
+        wave = (item.detach() if isinstance(item, torch.Tensor) else torch.as_tensor(item)).float().numpy()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"Audio for {name!r}, row {row}: CalMRLProcessor expects a waveform array (1-D numbers); "
+                        f"got a {type(item).__name__} ({error}).") from None
     if wave.ndim != 1 or wave.size == 0:
         raise ValueError(f"Audio for {name!r}, row {row}: expected 1-D mono samples, got shape {list(wave.shape)}.")
+    if not np.isfinite(wave).all():
+        raise ValueError(f"Audio for {name!r}, row {row}: the waveform holds NaN or inf samples "
+                         f"({int((~np.isfinite(wave)).sum())} of {wave.size}).")
     return wave
 
 
@@ -136,18 +154,47 @@ def _is_video(item) -> bool:
 
 
 def _as_image(item, name: str, row: int):
-    """An image as an array the image processor takes: [H, W, C] (grey [H, W] gets 3 channels); PIL passes as is."""
+    """An image as the image processor takes it, in RGB: an array [H, W, 3] or a PIL image of mode RGB.
+
+    Converted as PIL's `convert("RGB")` does: grey [H, W] or [H, W, 1] gets three equal channels, grey + alpha
+    [H, W, 2] its grey channel three times, RGBA [H, W, 4] (or [4, H, W]) drops its alpha channel (no compositing);
+    a PIL image of another mode is `convert("RGB")`-ed. Anything else (paths, other channel counts, an image with no
+    pixels) is refused, naming the modality and row."""
+    if isinstance(item, (str, bytes, os.PathLike)):
+        raise TypeError(f"Modality {name!r}, row {row}: expected an image (an array [H, W, C] or a PIL image), got a "
+                        f"{type(item).__name__}: open it first (PIL.Image.open(path)).")
     if hasattr(item, "convert") and hasattr(item, "size"):  # PIL image
-        return item
-    array = torch.as_tensor(item) if isinstance(item, (list, tuple)) else item
-    if isinstance(array, torch.Tensor):
-        array = array.numpy()
+        if 0 in tuple(item.size):
+            raise ValueError(f"Modality {name!r}, row {row}: the image has no pixels (size {tuple(item.size)}).")
+        return item if item.mode == "RGB" else item.convert("RGB")
+    try:
+        array = torch.as_tensor(item) if isinstance(item, (list, tuple)) else item
+        if isinstance(array, torch.Tensor):
+            array = array.numpy()
+        array = np.asarray(array)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"Modality {name!r}, row {row}: expected an image array [H, W, C] or a PIL image, got a "
+                        f"{type(item).__name__} ({error}).") from None
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise TypeError(f"Modality {name!r}, row {row}: expected an image of numbers, got dtype {array.dtype}.")
     if array.ndim == 2:  # grey: three equal channels
-        array = torch.tensor(array).unsqueeze(-1).repeat(1, 1, 3).numpy()
+        array = array[..., None]
     if array.ndim != 3:
         raise ValueError(f"Modality {name!r}, row {row}: expected an image [H, W, C] (or a video [T, H, W, C] / a list "
                          f"of frames), got shape {list(array.shape)}.")
-    return array
+    if array.shape[-1] not in (1, 2, 3, 4) and array.shape[0] in (1, 3, 4):  # channels first
+        array = array.transpose(1, 2, 0)
+    if array.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"Modality {name!r}, row {row}: an image needs 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 "
+                         f"(RGBA) channels, got shape {list(array.shape)}.")
+    if 0 in array.shape[:2]:
+        raise ValueError(f"Modality {name!r}, row {row}: the image has no pixels (shape {list(array.shape)}).")
+    channels = array.shape[-1]
+    if channels in (1, 2):  # grey (+ alpha): the grey channel three times, as PIL's convert("RGB")
+        array = np.repeat(array[..., :1], 3, axis=-1)
+    elif channels == 4:  # RGBA: alpha dropped, as PIL's convert("RGB")
+        array = array[..., :3]
+    return np.ascontiguousarray(array)
 
 
 __all__ = ["audio_features", "floor_dynamic_range", "sample_frame_indices", "text_features", "vision_features"]

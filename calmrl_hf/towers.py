@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 
+from .modality_inputs import check_tower_inputs, inputs_checked, raise_bad_values, values_checked
+
 
 def build_towers(config, given: dict[str, PreTrainedModel]) -> nn.ModuleDict:
     """One tower per entry of `config.encoder_configs`: the `given` model, or one built from the config. Either
@@ -83,7 +85,13 @@ def run_tower(tower: nn.Module, mode: str, name: str, inputs: dict[str, torch.Te
     A video [n, T, C, H, W] runs frame by frame: pooled features are averaged over its T frames, token states
     (and each of `hidden_states`) are the T frames' tokens one after the other [n, T * L, H]; `attentions` stay
     per frame [n * T, heads, L, L].
+
+    The inputs are checked against the tower first (`modality_inputs.check_tower_inputs`: shapes and dtypes, then
+    the values with one sync), unless the caller checked them already (`inputs_checked`, as `_embed_batch` does
+    for a whole batch).
     """
+    if not values_checked(name):
+        raise_bad_values(check_tower_inputs(name, tower, inputs))
     pixel_values = inputs.get("pixel_values")
     num_frames = None
     if pixel_values is not None and pixel_values.dim() == 5:
@@ -135,7 +143,8 @@ def run_on_placeholder(run_modality: Callable, tower: nn.Module, device: torch.d
     row (`placeholder_inputs`), for a batch without that modality under DDP / FSDP / ZeRO-3: its output with zero
     rows (it observes none), and its zero-row unit-norm features [0, D], still in the graph of the tower (a zero
     gradient reaches every parameter)."""
-    placeholder = run_modality(placeholder_inputs(tower, device))
+    with inputs_checked():  # built here: nothing to read back
+        placeholder = run_modality(placeholder_inputs(tower, device))
     output = type(placeholder)(last_hidden_state=placeholder.last_hidden_state[:0],
                                pooler_output=placeholder.pooler_output[:0], token_mask=placeholder.token_mask[:0])
     return output, F.normalize(placeholder.pooler_output, dim=-1)[:0]

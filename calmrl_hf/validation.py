@@ -67,6 +67,26 @@ def check_embeddings(embeddings, modality_mask, *, name: str = "embeddings", mas
     return modality_mask
 
 
+def check_observed_embeddings(embeddings: torch.Tensor, modality_mask: torch.Tensor,
+                              modality_names=None, *, name: str = "embeddings") -> None:
+    """Every observed slot of embeddings [B, k, d] (`modality_mask` [B, k]) is finite with norm > 0, whatever the
+    imputer has been fitted on: an imputation conditioned on a zero or NaN "observation" is silently wrong. Reads
+    the tensors once (one device-to-host sync)."""
+    norms = torch.linalg.vector_norm(embeddings.detach().float(), dim=-1)  # [B, k]
+    bad = torch.stack([modality_mask & ~torch.isfinite(norms), modality_mask & (norms == 0)])  # [2, B, k]
+    flags = bad.flatten(1).any(1).tolist()  # the one sync: [non-finite, zero]
+    if not any(flags):
+        return
+    names = list(modality_names) if modality_names is not None else list(range(modality_mask.shape[1]))
+    for index, problem in enumerate(("NaN or inf in an observed entry", "a zero vector (norm 0) in an observed slot")):
+        if flags[index]:
+            where = bad[index].nonzero()
+            row, column = where[0].tolist()
+            raise ValueError(f"{name} has {problem} (row {row}, modality {column} = {names[column]!r}; "
+                             f"{where.shape[0]} such slots). An observed embedding must be finite with norm > 0: "
+                             f"mark a missing slot False in modality_mask instead.")
+
+
 def unknown_name_message(kind: str, unknown: Iterable[str], known: Iterable[str]) -> str:
     """"Unknown {kind} 'lr' (did you mean 'learning_rate'?); known ones are [...]."."""
     known = sorted(known)
@@ -77,4 +97,4 @@ def unknown_name_message(kind: str, unknown: Iterable[str], known: Iterable[str]
     return f"Unknown {kind} {', '.join(hints)}; known ones are {known}."
 
 
-__all__ = ["check_embeddings", "check_modality_mask", "unknown_name_message"]
+__all__ = ["check_embeddings", "check_modality_mask", "check_observed_embeddings", "unknown_name_message"]
