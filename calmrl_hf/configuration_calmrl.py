@@ -76,6 +76,13 @@ class NumberRange:
     high_inclusive: bool = False
     optional: bool = False
 
+    @property
+    def expected(self) -> str:
+        """"an integer >= 1", "a number > 0 or None", or the words themselves where they say what it is."""
+        if self.words[:1].isalpha():
+            return self.words
+        return f"{'an integer' if self.kind is int else 'a number'} {self.words}"
+
 
 def coerce_number(name: str, value: Any, spec: NumberRange) -> Any:
     """`value` as `spec.kind` where it is one: a number of the other kind (an int for a float field; a float with an
@@ -85,16 +92,15 @@ def coerce_number(name: str, value: Any, spec: NumberRange) -> Any:
     if value is None:
         if spec.optional:
             return None
-        raise TypeError(f"{name} must be a number ({spec.kind.__name__}) {spec.words}, got None.")
+        raise TypeError(f"{name} must be {spec.expected}, got None.")
     if _is_bool(value):
-        raise TypeError(f"{name} must be a number ({spec.kind.__name__}) {spec.words}, got the boolean {value!r}.")
+        raise TypeError(f"{name} must be {spec.expected}, got the boolean {value!r}.")
     if isinstance(value, str):
         text = value.strip()
         try:
             value = int(text) if spec.kind is int and text.lstrip("+-").isdigit() else float(text)
         except ValueError:
-            raise ValueError(f"{name} must be a number ({spec.kind.__name__}) {spec.words}, got the string "
-                             f"{value!r}.") from None
+            raise ValueError(f"{name} must be {spec.expected}, got the string {value!r}.") from None
     if isinstance(value, numbers.Integral):
         return spec.kind(int(value))
     if isinstance(value, numbers.Real):
@@ -103,9 +109,8 @@ def coerce_number(name: str, value: Any, spec: NumberRange) -> Any:
             return value
         if math.isfinite(value) and value.is_integer():
             return int(value)
-        raise ValueError(f"{name} must be an integer {spec.words}, got {value!r}.")
-    raise TypeError(f"{name} must be a number ({spec.kind.__name__}) {spec.words}, got {type(value).__name__} "
-                    f"{value!r}.")
+        raise ValueError(f"{name} must be {spec.expected}, got {value!r}.")
+    raise TypeError(f"{name} must be {spec.expected}, got {type(value).__name__} {value!r}.")
 
 
 def _is_bool(value: Any) -> bool:
@@ -118,7 +123,7 @@ def check_number(name: str, value: Any, spec: NumberRange) -> None:
     if value is None and spec.optional:
         return
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number {spec.words}, got {value!r}.")
+        raise ValueError(f"{name} must be {spec.expected} (finite), got {value!r}.")
     below = spec.low is not None and (value < spec.low if spec.low_inclusive else value <= spec.low)
     above = spec.high is not None and (value > spec.high if spec.high_inclusive else value >= spec.high)
     if below or above:
