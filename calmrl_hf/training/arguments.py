@@ -147,7 +147,7 @@ class CalMRLTrainingArguments:
             setattr(self, name, value)
         for name in TRAINING_SWITCHES:
             setattr(self, name, check_bool(name, getattr(self, name)))
-        for name in ("freeze_modalities", "freeze_projections"):
+        for name in ("freeze_modalities", "freeze_projections", "allow_resume_changes"):
             setattr(self, name, _names(name, getattr(self, name)))
         if self.eval_pairs is not None:
             self.eval_pairs = _pairs(self.eval_pairs)
@@ -163,8 +163,6 @@ class CalMRLTrainingArguments:
             raise ValueError(f"hub_strategy = {self.hub_strategy!r}; expected one of {HUB_STRATEGIES}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub=True needs hub_model_id (the repo id to upload to).")
-        if isinstance(self.allow_resume_changes, str):
-            self.allow_resume_changes = [self.allow_resume_changes]
 
     def _validate_teacher(self) -> None:
         choices = {"teacher": ("none", "frozen", "ema"), "teacher_form": ("columns", "distillation"),
@@ -206,7 +204,7 @@ TRAINING_NUMBERS = {
     "train_batch_size": _ints(">= 1 or None", 1, optional=True),
     "per_device_eval_batch_size": _ints(">= 1", 1),
     "gradient_accumulation_steps": _ints(">= 1 or None", 1, optional=True),
-    "learning_rate": _floats("> 0", 0, False),
+    "learning_rate": _floats(">= 0", 0, True),  # 0: the weights stay (a run that only fits the imputer)
     "weight_decay": _floats(">= 0", 0, True),
     "warmup_steps": _ints(">= 0", 0),
     "matching_learning_rate": _floats("> 0 or None", 0, False, optional=True),
@@ -232,13 +230,14 @@ TRAINING_SWITCHES = ("use_cpu", "imputer_warm_start", "dataloader_persistent_wor
 
 
 def _names(field_name: str, value: Any) -> list[str]:
-    """A list of modality names; a single string is one name (not its letters)."""
+    """A list of names (modalities, or fields for allow_resume_changes); a single string is one name (not its
+    letters)."""
     if isinstance(value, str):
         return [value]
     if value is None:
         return []
     if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
-        raise TypeError(f"{field_name} must be a modality name or a list of them, got {value!r}.")
+        raise TypeError(f"{field_name} must be a name or a list of names, got {value!r}.")
     return list(value)
 
 
