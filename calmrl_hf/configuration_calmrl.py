@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import numbers
 from contextvars import ContextVar
 from typing import Any
 
@@ -57,6 +59,102 @@ TRANSFORMERS_CONFIG_KEYS = frozenset({
 # True while `from_dict` builds a config from a file: unknown keys are then a warning, not an error.
 _LOADING_FROM_DICT: ContextVar[bool] = ContextVar("calmrl_loading_from_dict", default=False)
 IMPUTER_METHODS = ("ppca", "mean", "zero", "none")
+# Instance flag: set once `__post_init__` has checked the config (then assignments are checked too).
+_CHECKED = "_calmrl_checked"
+
+
+@dataclasses.dataclass(frozen=True)
+class NumberRange:
+    """What a numeric setting accepts: its type (`int` or `float`), its bounds (inclusive or not), whether None is
+    allowed, and the same in words for the error message (e.g. "> 0", "in [0, 1)", ">= 1 or None")."""
+
+    kind: type
+    words: str
+    low: float | None = None
+    low_inclusive: bool = True
+    high: float | None = None
+    high_inclusive: bool = False
+    optional: bool = False
+
+    @property
+    def expected(self) -> str:
+        """"an integer >= 1", "a number > 0 or None", or the words themselves where they say what it is."""
+        if self.words[:1].isalpha():
+            return self.words
+        return f"{'an integer' if self.kind is int else 'a number'} {self.words}"
+
+
+def coerce_number(name: str, value: Any, spec: NumberRange) -> Any:
+    """`value` as `spec.kind` where it is one: a number of the other kind (an int for a float field; a float with an
+    integral value for an int field), or a string that reads as one (YAML reads `7e-2` as a string). A bool is not a
+    number here. Raises TypeError (not a number) or ValueError (a string that is no number, a fraction for an int
+    field), naming the field; the range is `check_number`'s."""
+    if value is None:
+        if spec.optional:
+            return None
+        raise TypeError(f"{name} must be {spec.expected}, got None.")
+    if _is_bool(value):
+        raise TypeError(f"{name} must be {spec.expected}, got the boolean {value!r}.")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text) if spec.kind is int and text.lstrip("+-").isdigit() else float(text)
+        except ValueError:
+            raise ValueError(f"{name} must be {spec.expected}, got the string {value!r}.") from None
+    if isinstance(value, numbers.Integral):
+        return spec.kind(int(value))
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if spec.kind is float:
+            return value
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{name} must be {spec.expected}, got {value!r}.")
+    raise TypeError(f"{name} must be {spec.expected}, got {type(value).__name__} {value!r}.")
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy's too
+
+
+def check_number(name: str, value: Any, spec: NumberRange) -> None:
+    """ValueError naming the field when `value` (already `coerce_number`'s) is outside `spec`'s range, NaN or
+    infinite."""
+    if value is None and spec.optional:
+        return
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be {spec.expected} (finite), got {value!r}.")
+    below = spec.low is not None and (value < spec.low if spec.low_inclusive else value <= spec.low)
+    above = spec.high is not None and (value > spec.high if spec.high_inclusive else value >= spec.high)
+    if below or above:
+        raise ValueError(f"{name} must be {spec.words}, got {value!r}.")
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """A switch is True or False: a string ("true", "no") or a number is refused, naming the field (YAML reads
+    `true` as a boolean already; a quoted "false" would otherwise count as True)."""
+    if _is_bool(value):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}.")
+
+
+# The numeric settings of `CalMRLConfig` and what each accepts (checked at construction and on every assignment).
+CONFIG_NUMBERS = {
+    "projection_dim": NumberRange(int, ">= 1", low=1),
+    "imputer_latent_dim": NumberRange(int, ">= 1 (and < projection_dim)", low=1),
+    "imputer_noise_var_floor": NumberRange(float, "> 0", low=0, low_inclusive=False),
+    "pmrl_tau1": NumberRange(float, "> 0", low=0, low_inclusive=False),
+    "pmrl_tau2": NumberRange(float, "> 0", low=0, low_inclusive=False),
+    "temperature": NumberRange(float, "> 0", low=0, low_inclusive=False),
+    "label_smoothing": NumberRange(float, "in [0, 1)", low=0, high=1),
+    "matching_weight": NumberRange(float, ">= 0", low=0),
+    "matching_num_negatives": NumberRange(int, ">= 1", low=1),
+    "fusion_num_layers": NumberRange(int, ">= 0", low=0),
+    "fusion_num_attention_heads": NumberRange(int, ">= 1 or None", low=1, optional=True),
+    "initializer_range": NumberRange(float, "> 0", low=0, low_inclusive=False),
+}
+CONFIG_SWITCHES = ("renormalize_imputed", "impute_with_grad", "impute_from_anchor", "learnable_temperature",
+                   "gather_across_processes")
 
 
 def _as_config(config: PreTrainedConfig | dict) -> PreTrainedConfig:
@@ -240,6 +338,52 @@ class CalMRLConfig(PreTrainedConfig):
             for name, implementation in tower_attention.items():
                 self.encoder_configs[name]._attn_implementation_internal = implementation
         self._validate_calmrl()
+        # from now on every assignment of a CalMRL field is checked (`__setattr__`); not part of the saved config
+        self.__dict__[_CHECKED] = True
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        """Numbers given as strings or as the other kind of number are converted (`coerce_number`), switches must be
+        booleans, and once the config is constructed a CalMRL field is only set to a value `_validate_calmrl` accepts
+        (`config.alignment_objective = "nope"` is refused here, not at the first forward; the old value stays)."""
+        if key in CONFIG_NUMBERS:
+            value = coerce_number(key, value, CONFIG_NUMBERS[key])
+        elif key in CONFIG_SWITCHES:
+            value = check_bool(key, value)
+        if key not in _CALMRL_FIELDS or not self.__dict__.get(_CHECKED):
+            super().__setattr__(key, value)
+            return
+        missing = object()
+        previous = self.__dict__.get(key, missing)
+        super().__setattr__(key, value)
+        try:
+            self._validate_calmrl()
+        except Exception:
+            if previous is missing:
+                self.__dict__.pop(key, None)
+            else:
+                super().__setattr__(key, previous)
+            raise
+
+    def update(self, config_dict: dict[str, Any]):
+        """`PreTrainedConfig.update`, checked once all the values are set (settings that depend on each other, such
+        as projection_dim and imputer_latent_dim, may change together); nothing changes when they are refused."""
+        if not self.__dict__.get(_CHECKED):
+            return super().update(config_dict)
+        missing = object()
+        previous = {key: self.__dict__.get(key, missing) for key in config_dict}
+        self.__dict__[_CHECKED] = False
+        try:
+            super().update(config_dict)
+            self._validate_calmrl()
+        except Exception:
+            for key, value in previous.items():
+                if value is missing:
+                    self.__dict__.pop(key, None)
+                else:
+                    self.__dict__[key] = value
+            raise
+        finally:
+            self.__dict__[_CHECKED] = True
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
@@ -275,9 +419,17 @@ class CalMRLConfig(PreTrainedConfig):
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output["encoder_configs"] = {m: _config_to_dict(c) for m, c in self.encoder_configs.items()}
+        output.pop(_CHECKED, None)
         return output
 
     def _validate_calmrl(self) -> None:
+        for name, spec in CONFIG_NUMBERS.items():  # converted on assignment (`__setattr__`), checked here
+            check_number(name, coerce_number(name, getattr(self, name), spec), spec)
+        for name in CONFIG_SWITCHES:
+            check_bool(name, getattr(self, name))
+        if not isinstance(self.alignment_objective, str) or not isinstance(self.imputer_method, str):
+            raise TypeError(f"alignment_objective and imputer_method must be strings, got "
+                            f"{self.alignment_objective!r} and {self.imputer_method!r}.")
         modalities = self.modalities
         if len(modalities) < 2:
             raise ValueError(f"CalMRLConfig needs at least two modalities, got modalities={modalities}.")
@@ -323,11 +475,6 @@ class CalMRLConfig(PreTrainedConfig):
                 )
         if self.matching_modality not in modalities:
             raise ValueError(f"matching_modality = {self.matching_modality!r} is not one of the modalities {modalities}.")
-        if self.matching_num_negatives < 1:
-            raise ValueError(f"matching_num_negatives must be >= 1, got {self.matching_num_negatives}.")
-        if self.fusion_num_layers < 0 or self.matching_weight < 0:
-            raise ValueError(f"fusion_num_layers and matching_weight must be >= 0, got {self.fusion_num_layers} and "
-                             f"{self.matching_weight}.")
         if self.lora is not None:
             unknown = sorted(set(self.lora) - {"modalities", "r", "alpha", "dropout", "target_modules"})
             towers = self.lora.get("modalities") or []
@@ -341,11 +488,6 @@ class CalMRLConfig(PreTrainedConfig):
         if self.alignment_objective in ("gram", "triangle") and self.imputer_method != "none":
             logger.warning_once(VOLUME_WITH_IMPUTATION_WARNING.format(objective=self.alignment_objective,
                                                                       method=self.imputer_method))
-        if self.projection_dim < 1 or self.imputer_latent_dim < 1:
-            raise ValueError(
-                f"projection_dim and imputer_latent_dim must be positive, got {self.projection_dim} and "
-                f"{self.imputer_latent_dim}."
-            )
         if self.imputer_latent_dim >= self.projection_dim:
             raise ValueError(
                 f"imputer_latent_dim ({self.imputer_latent_dim}) must be smaller than projection_dim "
@@ -393,4 +535,6 @@ class CalMRLConfig(PreTrainedConfig):
         return int(width)
 
 
+# The fields CalMRL declares (not transformers' own): checked on every assignment once the config is constructed.
+_CALMRL_FIELDS = frozenset(CalMRLConfig.__annotations__)
 __all__ = ["CalMRLConfig"]

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..configuration_calmrl import NumberRange, check_bool, check_number, coerce_number
 from ..sharing.hub import DEFAULT_HUB_RETRIES, DEFAULT_HUB_TIMEOUT, HUB_STRATEGIES
 from ..validation import unknown_name_message
 
@@ -118,16 +119,7 @@ class CalMRLTrainingArguments:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(unknown_name_message("training arguments", unknown, known))
-        coerced = dict(values)
-        for f in fields(cls):
-            value = values.get(f.name)
-            number_type = _number_type(f)
-            if isinstance(value, str) and number_type is not None:
-                try:
-                    coerced[f.name] = number_type(float(value))
-                except ValueError:
-                    raise ValueError(f"Training argument {f.name} must be a number, got {value!r}.") from None
-        return cls(**coerced)
+        return cls(**values)  # the constructor converts numbers given as strings (`_convert`)
 
     def __repr__(self) -> str:  # the fields but `hub_token`, a token inside another value (an endpoint) masked
         from ..sharing.hub import redact
@@ -140,38 +132,37 @@ class CalMRLTrainingArguments:
             self.mixed_precision = "no"
         if self.report_to == "none" or self.report_to == ["none"]:
             self.report_to = None
+        self._convert()
         self._validate()
+
+    def _convert(self) -> None:
+        """Numbers as their field's type (from strings too: YAML reads 1e-3 as one), each within its range
+        (`TRAINING_NUMBERS`); switches booleans; lists of modality names lists (a string is one name)."""
+        if not isinstance(self.push_to_hub, bool):
+            raise ValueError(f"push_to_hub must be True or False, got {self.push_to_hub!r}; the repo id goes in "
+                             f"hub_model_id.")
+        for name, spec in TRAINING_NUMBERS.items():
+            value = coerce_number(name, getattr(self, name), spec)
+            check_number(name, value, spec)
+            setattr(self, name, value)
+        for name in TRAINING_SWITCHES:
+            setattr(self, name, check_bool(name, getattr(self, name)))
+        for name in ("freeze_modalities", "freeze_projections", "allow_resume_changes"):
+            setattr(self, name, _names(name, getattr(self, name)))
+        if self.eval_pairs is not None:
+            self.eval_pairs = _pairs(self.eval_pairs)
 
     def _validate(self) -> None:
         if self.imputer_statistics not in ("ema", "epoch", "frozen"):
             raise ValueError(f"imputer_statistics = {self.imputer_statistics!r}; expected 'ema', 'epoch' or 'frozen'.")
-        if not 0.0 <= self.imputer_ema_decay < 1.0:
-            raise ValueError(f"imputer_ema_decay must be in [0, 1), got {self.imputer_ema_decay}.")
         self._validate_teacher()
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision = {self.mixed_precision!r}; expected 'no', 'bf16', 'fp16' or None (the "
                              f"launcher's).")
-        if self.matching_learning_rate is not None and not self.matching_learning_rate > 0:
-            raise ValueError(f"matching_learning_rate must be > 0 or None, got {self.matching_learning_rate}.")
-        if self.matching_warmup_steps is not None and self.matching_warmup_steps < 0:
-            raise ValueError(f"matching_warmup_steps must be >= 0 or None, got {self.matching_warmup_steps}.")
-        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.hub_strategy not in HUB_STRATEGIES:
             raise ValueError(f"hub_strategy = {self.hub_strategy!r}; expected one of {HUB_STRATEGIES}.")
-        if not isinstance(self.push_to_hub, bool):
-            raise ValueError(f"push_to_hub must be True or False, got {self.push_to_hub!r}; the repo id goes in "
-                             f"hub_model_id.")
-        if isinstance(self.hub_timeout, bool) or not isinstance(self.hub_timeout, (int, float)) \
-                or not self.hub_timeout > 0:
-            raise ValueError(f"hub_timeout must be a number of seconds > 0, got {self.hub_timeout!r}.")
-        if isinstance(self.hub_retries, bool) or not isinstance(self.hub_retries, int) or self.hub_retries < 0:
-            raise ValueError(f"hub_retries must be an integer >= 0, got {self.hub_retries!r}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub=True needs hub_model_id (the repo id to upload to).")
-        if isinstance(self.allow_resume_changes, str):
-            self.allow_resume_changes = [self.allow_resume_changes]
 
     def _validate_teacher(self) -> None:
         choices = {"teacher": ("none", "frozen", "ema"), "teacher_form": ("columns", "distillation"),
@@ -179,10 +170,6 @@ class CalMRLTrainingArguments:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} = {getattr(self, name)!r}; expected one of {list(allowed)}.")
-        if not 0.0 <= self.teacher_ema_decay < 1.0:
-            raise ValueError(f"teacher_ema_decay must be in [0, 1), got {self.teacher_ema_decay}.")
-        if not self.teacher_weight >= 0.0:  # also refuses NaN
-            raise ValueError(f"teacher_weight must be >= 0, got {self.teacher_weight}.")
         if self.teacher == "ema" and self.teacher_dtype == "bfloat16":
             raise ValueError("teacher='ema' with teacher_dtype='bfloat16': a bfloat16 average rounds away the small "
                              "updates (1 - decay) x (model - teacher) it is made of, and stops following the model. "
@@ -197,13 +184,77 @@ class CalMRLTrainingArguments:
             self.impute_modalities = list(self.impute_modalities)
 
 
-def _number_type(f) -> type | None:
-    """int or float for a numeric field (also `float | None` ones, whose default None says nothing), else None."""
-    if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
-        return type(f.default)
-    annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    kinds = {part.strip() for part in annotation.split("|")}
-    return float if "float" in kinds else int if "int" in kinds else None
+def _ints(words: str, low: int, optional: bool = False, high: int | None = None) -> NumberRange:
+    return NumberRange(int, words, low=low, optional=optional, high=high, high_inclusive=True)
+
+
+def _floats(words: str, low: float, low_inclusive: bool, optional: bool = False,
+            high: float | None = None) -> NumberRange:
+    return NumberRange(float, words, low=low, low_inclusive=low_inclusive, optional=optional, high=high)
+
+
+# What each numeric argument accepts. None means "never" / "the default" only where the field's comment says so;
+# 0 is no synonym of None (save_steps=0 would checkpoint never, save_total_limit=0 keep all, imputer_min_rows=0
+# take the default), and a negative count or rate is always a mistake (save_steps=-1 checkpointed every step,
+# max_grad_norm=-1 reversed the update).
+TRAINING_NUMBERS = {
+    "seed": _ints("in [0, 2**32 - 1]", 0, high=2**32 - 1),  # numpy's seed range
+    "max_steps": _ints(">= 1", 1),
+    "per_device_train_batch_size": _ints(">= 1", 1),
+    "train_batch_size": _ints(">= 1 or None", 1, optional=True),
+    "per_device_eval_batch_size": _ints(">= 1", 1),
+    "gradient_accumulation_steps": _ints(">= 1 or None", 1, optional=True),
+    "learning_rate": _floats(">= 0", 0, True),  # 0: the weights stay (a run that only fits the imputer)
+    "weight_decay": _floats(">= 0", 0, True),
+    "warmup_steps": _ints(">= 0", 0),
+    "matching_learning_rate": _floats("> 0 or None", 0, False, optional=True),
+    "matching_warmup_steps": _ints(">= 0 or None", 0, optional=True),
+    "max_grad_norm": _floats("> 0 or None (no clipping)", 0, False, optional=True),
+    "logging_steps": _ints(">= 1", 1),
+    "eval_steps": _ints(">= 1 or None (never)", 1, optional=True),
+    "save_steps": _ints(">= 1 or None (never)", 1, optional=True),
+    "save_total_limit": _ints(">= 1 or None (keep all)", 1, optional=True),
+    "imputer_ema_decay": _floats("in [0, 1)", 0, True, high=1),
+    "imputer_min_rows": _ints(">= 1 or None (the default)", 1, optional=True),
+    "imputer_warm_start_max_iter": _ints(">= 1", 1),
+    "teacher_ema_decay": _floats("in [0, 1)", 0, True, high=1),
+    "teacher_weight": _floats(">= 0", 0, True),
+    "dataloader_num_workers": _ints(">= 0", 0),
+    "dataloader_prefetch_factor": _ints(">= 1 or None (torch's 2)", 1, optional=True),
+    "hub_timeout": _floats("a number of seconds > 0", 0, False),
+    "hub_retries": _ints("an integer >= 0", 0),
+}
+# Switches: True or False only (a quoted "false" is a string, which would count as True).
+TRAINING_SWITCHES = ("use_cpu", "imputer_warm_start", "dataloader_persistent_workers", "dataloader_pin_memory",
+                     "hub_private_repo")
+
+
+def _names(field_name: str, value: Any) -> list[str]:
+    """A list of names (modalities, or fields for allow_resume_changes); a single string is one name (not its
+    letters)."""
+    if isinstance(value, str):
+        return [value]
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{field_name} must be a name or a list of names, got {value!r}.")
+    return list(value)
+
+
+def _pairs(value: Any) -> list[list[str]]:
+    """eval_pairs as [[query, gallery], ...]: each pair two modality names."""
+    example = "e.g. [['text', 'vision'], ['vision', 'text']]"
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"eval_pairs must be a list of [query, gallery] pairs of modality names ({example}), got "
+                        f"{value!r}.")
+    pairs = []
+    for pair in value:
+        if isinstance(pair, str) or not isinstance(pair, (list, tuple)) or len(pair) != 2 \
+                or not all(isinstance(name, str) for name in pair):
+            raise ValueError(f"eval_pairs must be a list of [query, gallery] pairs of modality names ({example}); "
+                             f"{pair!r} is not one (in {value!r}).")
+        pairs.append(list(pair))
+    return pairs
 
 
 # Arguments never written anywhere (files, tracker configs, cards, logs): credentials.

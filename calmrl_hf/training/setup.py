@@ -19,6 +19,10 @@ from .arguments import CalMRLTrainingArguments, recorded_arguments
 from .fsdp import set_shard_groups
 
 
+# The `train` argument that gives each dataset role `validate_setup` checks.
+ROLE_ARGUMENTS = {"train": "train_dataset", "eval": "eval_dataset", "warm start": "warm_start_dataset"}
+
+
 def validate_setup(model: CalMRLModel, datasets: dict[str, Any], args: CalMRLTrainingArguments,
                    num_processes: int) -> int:
     """Fail before training starts, with a message that says what to change. Returns the per-device batch size."""
@@ -26,6 +30,9 @@ def validate_setup(model: CalMRLModel, datasets: dict[str, Any], args: CalMRLTra
     for role, dataset in datasets.items():
         if dataset is None:
             continue
+        if hasattr(dataset, "__len__") and len(dataset) == 0:  # a streaming dataset may not know its length
+            instead = "" if role == "train" else f", or pass {ROLE_ARGUMENTS.get(role, role)}=None to do without it"
+            raise ValueError(f"The {role} dataset is empty (0 rows): give it rows{instead}.")
         lacking = [m for m in dataset_modalities(dataset) if m not in modalities]
         if lacking:
             raise ValueError(
@@ -37,6 +44,9 @@ def validate_setup(model: CalMRLModel, datasets: dict[str, Any], args: CalMRLTra
     if unknown_frozen:
         raise ValueError(f"freeze_modalities / freeze_projections name unknown modalities {unknown_frozen}; the "
                          f"modalities are {modalities}.")
+    unknown_pairs = sorted({m for pair in args.eval_pairs or () for m in pair if m not in modalities})
+    if unknown_pairs:
+        raise ValueError(f"eval_pairs name unknown modalities {unknown_pairs}; the modalities are {modalities}.")
     per_device = args.per_device_train_batch_size
     if args.train_batch_size is not None:
         divisor = num_processes * args.gradient_accumulation_steps
