@@ -67,6 +67,7 @@ def test_recipe_keys_are_checked_before_anything_runs(tmp_path):
         ("data.generate_mini_vast.stage_1=8", r"data\.generate_mini_vast section: Unknown keys 'stage_1'"),
         ("seeed=1", r"top level: Unknown keys 'seeed' \(did you mean 'seed'"),
         ("stage1.max_steps=[1", r"--set 'stage1\.max_steps=\[1': the value is not valid YAML"),
+        ("stage2.alignment_objective=nope", r"stage2\.alignment_objective = 'nope'; expected one of"),
     ):
         with pytest.raises(train_vast.RecipeError, match=message):
             train_vast.main(base + ["--set", override])

@@ -32,6 +32,7 @@ from transformers import (ASTFeatureExtractor, AutoConfig, AutoImageProcessor, A
 from transformers.utils import logging as hf_logging
 
 from .. import CalMRLConfig, CalMRLModel, CalMRLProcessor
+from ..alignment import OBJECTIVES
 from ..data import CalMRLCollator, load_audiocaps, load_msrvtt, load_vast, with_media_decoding
 from ..data.mini_vast import MiniVastSizes
 from ..training import CalMRLTrainingArguments, build_accelerator, train
@@ -225,6 +226,8 @@ def stage_arguments(recipe: dict, stage: str, args: argparse.Namespace) -> tuple
     # a stage may train with its own objective (e.g. InfoNCE pre-training of towers learned from scratch)
     objective = settings.pop("alignment_objective",
                              recipe["model"].get("config", {}).get("alignment_objective", "pmrl"))
+    if objective not in OBJECTIVES:
+        raise RecipeError(f"{stage}.alignment_objective = {objective!r}; expected one of {tuple(OBJECTIVES)}.")
     if args.cpu:
         settings["use_cpu"] = True
     settings.update(output_dir=str(Path(recipe["output_dir"]) / stage), seed=recipe.get("seed", 0))
