@@ -25,6 +25,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedType
 
 from ..alignment import OBJECTIVES, _distillation_loss, _gather_fn
+from ..data.collator import model_inputs
 from ..data.schema import dataset_modalities
 from ..modeling_calmrl import CalMRLModel, CalMRLOutput
 from .arguments import CalMRLTrainingArguments
@@ -142,8 +143,6 @@ class Calibration:
     def prepare(self, model: CalMRLModel, batch: dict) -> tuple[dict, dict, tuple | None]:
         """(the model inputs, the forward's extra keyword arguments, the teacher's (embeddings, mask) or None) of
         a collated batch (`model_inputs` of it); `model` unwrapped."""
-        from ..data.collator import model_inputs
-
         extra: dict[str, Any] = {}
         if self.impute_mask is not None:
             extra["impute_modalities"] = self.impute_mask
