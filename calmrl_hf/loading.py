@@ -73,6 +73,15 @@ def _refuse_weights_outside(location) -> None:
                              f"loads only its own files.")
 
 
+def _refuse_without_config(location, kwargs: dict) -> None:
+    """A local folder without `config.json` (and no `config=` given) is not a saved model: transformers would build
+    a default-config model around it and report hundreds of missing keys."""
+    folder = Path(str(location))
+    if folder.is_dir() and kwargs.get("config") is None and not (folder / "config.json").is_file():
+        raise ValueError(f"no config.json in {folder}: not a saved CalMRL model (save one with save_pretrained, or "
+                         f"pass config=).")
+
+
 def load_strictly(from_pretrained: Callable, *args, **kwargs):
     """`(model, loading_info)` from transformers' `from_pretrained(*args, **kwargs)`, refusing pickles, safetensors
     files that do not parse (a truncated file, a damaged header) and any checkpoint that does not match the config
@@ -87,6 +96,7 @@ def load_strictly(from_pretrained: Callable, *args, **kwargs):
         raise ValueError("CalMRL checkpoints load from safetensors only (pickle files are never unpickled).")
     kwargs.update(use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True)
     if args:
+        _refuse_without_config(args[0], kwargs)
         _refuse_pickles(args[0])
         _refuse_weights_outside(args[0])
     try:
