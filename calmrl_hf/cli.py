@@ -93,7 +93,10 @@ def _load_dataset(args, processor):
         dataset = load_audiocaps(args.annotations, args.audio_dir)
     return with_media_decoding(dataset, num_frames=processor.num_frames,
                                sampling_rate=processor.feature_extractor.sampling_rate,
-                               on_error="skip" if args.skip_bad_media else "raise")
+                               on_error="skip" if args.skip_bad_media else "raise",
+                               media_roots={m: folder for m, folder in (("vision", args.video_dir),
+                                                                        ("audio", args.audio_dir))
+                                            if folder is not None and m in dataset.column_names})
 
 
 def _batches(processor, dataset, batch_size: int, ids: list | None = None):
