@@ -8,7 +8,9 @@ and the source dataset keeps its paths:
   (`sample_frame_indices`); an image file (by extension) -> [H, W, 3] uint8;
 - audio: `np.ndarray` [L] float32, mono (channels averaged), resampled to `sampling_rate`.
 
-A missing or undecodable file raises `MediaDecodingError` naming the file, the modality and the example. With
+A missing or undecodable file raises `MediaDecodingError` naming the file, the modality and the example; so does a
+WAV / AIFF file cut short (`check_riff_length`) and, given `media_roots`, a path that leads out of its media root
+(`MediaPathError`). With
 `on_error="skip"` that modality becomes missing for that example instead (its value None, its `modality_mask`
 entry False), the rest of the example keeps its pairing, and the failure is counted in `DecodingFailures`
 (readable from the main process even when DataLoader workers decode). An example left with no modality at all is
@@ -302,6 +304,9 @@ class MediaDecoder:
         sampling_rate (`int`): rate of the decoded audio.
         on_error (`"raise"` or `"skip"`): what an unreadable file does (see the module docstring).
         failures (`DecodingFailures`, *optional*): the counter to record skipped files in (a new one by default).
+        media_roots (`dict[str, str]`, *optional*): modality -> the folder its paths must resolve inside when
+            opened (`check_inside_root`); a path outside is a `MediaPathError`, skipped and counted like an
+            unreadable file with `on_error="skip"`.
     """
 
     def __init__(self, modality_kinds: dict[str, str], num_frames: int = 4, sampling_rate: int = 16000,
@@ -425,5 +430,5 @@ def with_media_decoding(dataset, num_frames: int = 4, sampling_rate: int = 16000
 
 
 __all__ = ["AUDIO_EXTENSIONS", "DecodingFailures", "IMAGE_EXTENSIONS", "MediaDecoder", "MediaDecodingError",
-           "MediaPathError", "VIDEO_EXTENSIONS", "check_inside_root", "check_riff_length", "decode_audio", "decode_image",
-           "decode_video", "decode_vision", "media_path_in", "resample_audio", "with_media_decoding"]
+           "MediaPathError", "VIDEO_EXTENSIONS", "check_inside_root", "check_riff_length", "decode_audio",
+           "decode_image", "decode_video", "decode_vision", "media_path_in", "resample_audio", "with_media_decoding"]
