@@ -80,17 +80,19 @@ def _media_notices(args, modalities) -> list[str]:
     return notices
 
 
-def _load_dataset(args, processor):
+def _load_dataset(args, processor, announce: bool = True):
     from .data import load_audiocaps, load_msrvtt, load_vast, with_media_decoding
 
     for notice in _media_notices(args, processor.modality_names):
-        print(f"calmrl {args.command}: notice: {notice}", file=sys.stderr)
+        if announce:
+            print(f"calmrl {args.command}: notice: {notice}", file=sys.stderr)
+    bad_paths = "skip" if args.skip_bad_media else "raise"  # a symlink out of a media folder: bad media
     if args.format == "vast":
-        dataset = load_vast(args.annotations, args.video_dir, args.audio_dir)
+        dataset = load_vast(args.annotations, args.video_dir, args.audio_dir, on_bad_path=bad_paths)
     elif args.format == "msrvtt":
-        dataset = load_msrvtt(args.annotations, args.video_dir, args.audio_dir)
+        dataset = load_msrvtt(args.annotations, args.video_dir, args.audio_dir, on_bad_path=bad_paths)
     else:
-        dataset = load_audiocaps(args.annotations, args.audio_dir)
+        dataset = load_audiocaps(args.annotations, args.audio_dir, on_bad_path=bad_paths)
     return with_media_decoding(dataset, num_frames=processor.num_frames,
                                sampling_rate=processor.feature_extractor.sampling_rate,
                                on_error="skip" if args.skip_bad_media else "raise",
@@ -183,8 +185,9 @@ def command_evaluate(args) -> None:
     ids, labels, embeddings, mask = _embed(model, processor, _load_dataset(args, processor), args.batch_size)
     metrics = retrieval_metrics(embeddings, mask, model.config.modalities, labels=labels)
     if args.rerank is not None:
-        metrics.update(_reranked_metrics(model, processor, _load_dataset(args, processor), args.batch_size,
-                                         embeddings, mask, labels, args.rerank))
+        second_pass = _load_dataset(args, processor, announce=False)
+        metrics.update(_reranked_metrics(model, processor, second_pass, args.batch_size, embeddings, mask, labels,
+                                         args.rerank))
     print(json.dumps({"instances": len(ids), **{k: round(v, 4) for k, v in metrics.items()}}, indent=2))
 
 

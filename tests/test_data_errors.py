@@ -122,6 +122,44 @@ def test_corpus_loaders_refuse_symlinks_out_of_their_media_folder(media):
     assert load_vast(vast, audio_dir=media["root"])["audio"] == [str(media["root"] / "fine.wav")]
 
 
+def test_skipping_bad_paths_marks_the_modality_missing_and_names_it(media, caplog):
+    vast = media["tmp"] / "vast.json"
+    vast.write_text(json.dumps([{"clip_id": "ok", "vast_cap": "a"}, {"clip_id": "evil", "vast_cap": "b"}]))
+    ds = load_vast(vast, media["root"], media["root"], on_bad_path="skip")
+    assert ds["vision"] == [str(media["root"] / "ok.mp4"), None]
+    assert ds["audio"] == [str(media["root"] / "ok.wav"), None]
+    assert ds["modality_mask"][1] == [False, False, True, False]
+    assert "id 'evil'" in caplog.text and "outside the media root" in caplog.text
+    msrvtt = media["tmp"] / "msrvtt.json"
+    msrvtt.write_text(json.dumps([{"video_id": "ok", "caption": "a"}, {"video_id": "evil", "caption": "b"}]))
+    assert load_msrvtt(msrvtt, media["root"], on_bad_path="skip")["id"] == ["ok"]  # no video: dropped, counted
+    official = media["tmp"] / "audiocaps.csv"
+    official.write_text("audiocap_id,youtube_id,start_time,caption\n1,ok,,fine\n2,evil,,bad\n")
+    assert load_audiocaps(official, media["root"], on_bad_path="skip")["id"] == ["1"]
+    annotations = media["tmp"] / "a.json"
+    annotations.write_text(json.dumps([{"id": "a", "audio": "../secret.wav", "text": "x"},
+                                       {"id": "b", "audio": "/etc/passwd", "text": "y"}]))
+    for streaming in (False, True):
+        rows = list(load_annotations(annotations, media_roots={"audio": media["root"]}, on_bad_path="skip",
+                                     streaming=streaming))
+        assert [r["audio"] for r in rows] == [None, None] and [r["text"] for r in rows] == ["x", "y"]
+    with pytest.raises(ValueError, match="on_bad_path must be 'raise' or 'skip'"):
+        load_vast(vast, media["root"], on_bad_path="ignore")
+
+
+def test_the_command_line_counts_a_symlink_out_as_bad_media_with_skip_bad_media(media, capsys):
+    import calmrl_hf.cli as cli
+
+    vast = media["tmp"] / "vast.json"
+    vast.write_text(json.dumps([{"clip_id": "ok", "vast_cap": "a"}, {"clip_id": "evil", "vast_cap": "b"}]))
+    command = ["evaluate", "model", "--annotations", str(vast), "--audio_dir", str(media["root"])]
+    with pytest.raises(MediaPathError, match=r"id 'evil'"):
+        cli._load_dataset(cli.parse_arguments(command), FakeProcessor())
+    assert "pass --skip_bad_media" in cli.error_message(MediaPathError("x"), "evaluate")
+    dataset = cli._load_dataset(cli.parse_arguments(command + ["--skip_bad_media"]), FakeProcessor())
+    assert dataset[1]["audio"] is None and dataset[0]["audio"].size
+
+
 def test_corpus_loader_ids_never_become_paths(media):
     vast = media["tmp"] / "vast.json"
     ids = ["../secret", "../../../../etc/passwd", "/etc/passwd", "sub/../ok", "..", "."]
@@ -471,21 +509,24 @@ def test_missing_media_folders_are_announced_or_required(capsys):
     assert _media_notices(args("audiocaps", audio="a"), everything) == []
 
 
+class FakeProcessor:
+    """What `cli._load_dataset` reads of a processor."""
+
+    modality_names = ["vision", "audio", "text", "subtitle"]
+    num_frames = 2
+
+    class feature_extractor:  # noqa: N801
+        sampling_rate = 16000
+
+
 def test_the_notice_is_printed_before_evaluating(monkeypatch, tmp_path, capsys):
     import calmrl_hf.cli as cli
 
     annotations = tmp_path / "a.json"
     annotations.write_text(json.dumps([{"clip_id": "a", "vast_cap": "x"}]))
 
-    class Processor:
-        modality_names = ["vision", "audio", "text", "subtitle"]
-        num_frames = 2
-
-        class feature_extractor:  # noqa: N801
-            sampling_rate = 16000
-
     args = cli.parse_arguments(["evaluate", "model", "--annotations", str(annotations)])
-    dataset = cli._load_dataset(args, Processor())
+    dataset = cli._load_dataset(args, FakeProcessor())
     assert len(dataset) == 1
     err = capsys.readouterr().err
     assert "calmrl evaluate: notice: no --video_dir: the vision modality is skipped" in err

@@ -13,7 +13,8 @@ paths until `with_media_decoding`. A row with no modality at all is dropped, wit
 Media files of the corpus loaders are looked up by name (stem) in their folder, top level only, with any of the
 extensions in `VIDEO_EXTENSIONS` / `AUDIO_EXTENSIONS` (the first listed wins when several exist). Every media path
 stays inside its media folder: an id never becomes a path (`../x` finds no file), and a file that is a symlink
-pointing out of its folder is refused with a `MediaPathError` naming the row, id and file.
+pointing out of its folder is refused with a `MediaPathError` naming the row, id and file (with
+`on_bad_path="skip"`: that modality is missing in that row, with a warning naming it).
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from datasets import Dataset, IterableDataset
 
 from ..configuration_calmrl import DEFAULT_MODALITIES
 from ..processing_calmrl import normalize_modalities
-from .media import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, check_inside_root, media_path_in
+from .media import (
+    AUDIO_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    MediaPathError,
+    check_inside_root,
+    media_path_in,
+)
 from .schema import dataset_modalities, features_for
 
 
@@ -149,15 +157,21 @@ def _first_key(row: dict, keys: Iterable[str]):
     return next((row[k] for k in keys if _clean(row.get(k)) is not None), None)
 
 
+def _check_on_bad_path(value: str) -> str:
+    if value not in ("raise", "skip"):
+        raise ValueError(f"on_bad_path must be 'raise' or 'skip', got {value!r}.")
+    return value
+
+
 class _MediaIndex:
     """File stem -> path of the media files in one folder (one listing, so 150K clips cost one `scandir`).
 
     Names come from the folder's listing, never from the annotation file, so they cannot lead out of it; an entry
     that is a symlink pointing out of the folder is refused (`MediaPathError` naming the row) when a row uses it."""
 
-    def __init__(self, folder, extensions: tuple[str, ...], argument: str):
+    def __init__(self, folder, extensions: tuple[str, ...], argument: str, on_bad_path: str = "raise"):
         self.paths: dict[str, str] = {}
-        self.folder = folder
+        self.folder, self.on_bad_path = folder, _check_on_bad_path(on_bad_path)
         if folder is None:
             return
         folder = Path(folder)
@@ -176,7 +190,13 @@ class _MediaIndex:
     def find(self, *stems, where: str = "") -> str | None:
         path = next((self.paths[s] for s in stems if s is not None and s in self.paths), None)
         if path is not None and os.path.islink(path):
-            check_inside_root(path, self.folder, where or f"the media file {path}", shown=os.path.basename(path))
+            try:
+                check_inside_root(path, self.folder, where or f"the media file {path}", shown=os.path.basename(path))
+            except MediaPathError as error:
+                if self.on_bad_path == "raise":
+                    raise
+                logger.warning("Skipping a media path (the modality is missing in that row): %s", error)
+                return None
         return path
 
 
@@ -223,7 +243,8 @@ def _output_modalities(modalities, loader: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- generic
 def load_annotations(path, media_roots: dict | None = None, modalities=None, column_map: dict | None = None,
-                     id_column: str = "id", label_column: str | None = "label", streaming: bool = False):
+                     id_column: str = "id", label_column: str | None = "label", streaming: bool = False,
+                     on_bad_path: str = "raise"):
     """Any corpus: an annotation file (JSON, JSONL, CSV, TSV or parquet; or a list of files) plus media folders.
 
     Args:
@@ -242,6 +263,8 @@ def load_annotations(path, media_roots: dict | None = None, modalities=None, col
         id_column (`str`, defaults to `"id"`): the id column (the row number where a row has none).
         label_column (`str`, *optional*, defaults to `"label"`): an integer class column, if any.
         streaming (`bool`, defaults to False): return an `IterableDataset`.
+        on_bad_path (`"raise"` or `"skip"`, defaults to `"raise"`): `"skip"` makes a media path that leads out of
+            its root missing in that row (a warning naming it) instead of raising `MediaPathError`.
 
     A missing, empty or NaN value makes its modality missing for that row; a list value gives its first entry.
     """
@@ -266,7 +289,7 @@ def load_annotations(path, media_roots: dict | None = None, modalities=None, col
     if unmapped:
         raise ValueError(f"column_map names {unmapped}, which are not among the modalities {list(kinds)}.")
     spec = {"kinds": kinds, "roots": roots, "columns": {m: column_map.get(m, m) for m in kinds},
-            "id_column": id_column, "label_column": label_column}
+            "id_column": id_column, "label_column": label_column, "on_bad_path": _check_on_bad_path(on_bad_path)}
     names = list(kinds)
     if streaming:
         return IterableDataset.from_generator(_generate_annotation_records, features=features_for(names),
@@ -301,7 +324,13 @@ def _generate_annotation_records(paths: list[str], spec: dict, keep_empty: bool 
                 value = _clean(row.get(columns[name]))
                 if value is not None and kind != "text":
                     where = f"{path}, row {number} (id {number if example_id is None else example_id!r}), {name}"
-                    value = _media_value(value, name, roots, str(path.parent), where)
+                    try:
+                        value = _media_value(value, name, roots, str(path.parent), where)
+                    except MediaPathError as error:
+                        if spec.get("on_bad_path", "raise") == "raise":
+                            raise
+                        logger.warning("Skipping a media path (the modality is missing in that row): %s", error)
+                        value = None
                 values[name] = value
             label_column = spec["label_column"]
             label = _label(row.get(label_column), f"{path}, row {number}") if label_column else None
@@ -315,7 +344,8 @@ def _generate_annotation_records(paths: list[str], spec: dict, keep_empty: bool 
 
 
 # ---------------------------------------------------------------------------------------------------- corpora
-def load_vast(annotation_file, video_dir=None, audio_dir=None, modalities=None, streaming: bool = False):
+def load_vast(annotation_file, video_dir=None, audio_dir=None, modalities=None, streaming: bool = False,
+              on_bad_path: str = "raise"):
     """VAST-150K (or VAST-27M) in the format of the VAST code base (TXH-mercury/VAST, and GRAM / PMRL built on it).
 
     The annotation file is a JSON list (or JSONL) of clips. Read per clip:
@@ -330,8 +360,8 @@ def load_vast(annotation_file, video_dir=None, audio_dir=None, modalities=None, 
     The per-modality captions of VAST-27M (`vision_cap`, `audio_cap`) are not read.
     """
     names = _output_modalities(modalities, "load_vast")
-    videos = _MediaIndex(video_dir, VIDEO_EXTENSIONS + IMAGE_EXTENSIONS, "video_dir")
-    audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir")
+    videos = _MediaIndex(video_dir, VIDEO_EXTENSIONS + IMAGE_EXTENSIONS, "video_dir", on_bad_path)
+    audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir", on_bad_path)
     records, columns = [], set()
     for number, row in enumerate(read_annotations(annotation_file)):
         columns.update(row)
@@ -349,7 +379,7 @@ def load_vast(annotation_file, video_dir=None, audio_dir=None, modalities=None, 
 
 
 def load_msrvtt(annotation_file, video_dir, audio_dir=None, modalities=None, require_video: bool = True,
-                streaming: bool = False):
+                streaming: bool = False, on_bad_path: str = "raise"):
     """MSR-VTT: video + caption (+ subtitle and audio where available), one row per caption.
 
     Accepted annotation files (rows with `video_id` and a caption under `caption`, `desc` or `sentence`, a string or
@@ -365,8 +395,8 @@ def load_msrvtt(annotation_file, video_dir, audio_dir=None, modalities=None, req
     whose video file is absent are dropped (counted in the log) unless `require_video=False`.
     """
     names = _output_modalities(modalities, "load_msrvtt")
-    videos = _MediaIndex(video_dir, VIDEO_EXTENSIONS, "video_dir")
-    audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir")
+    videos = _MediaIndex(video_dir, VIDEO_EXTENSIONS, "video_dir", on_bad_path)
+    audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir", on_bad_path)
     entries, columns = [], set()  # (video_id, caption, subtitle, label)
     for number, row in enumerate(read_annotations(annotation_file)):
         columns.update(row)
@@ -396,7 +426,8 @@ def load_msrvtt(annotation_file, video_dir, audio_dir=None, modalities=None, req
     return _build(records, names, streaming, annotation_file)
 
 
-def load_audiocaps(csv_file, audio_dir, modalities=None, require_audio: bool = True, streaming: bool = False):
+def load_audiocaps(csv_file, audio_dir, modalities=None, require_audio: bool = True, streaming: bool = False,
+                   on_bad_path: str = "raise"):
     """AudioCaps: audio + caption, one row per caption.
 
     Accepted annotation files:
@@ -412,7 +443,7 @@ def load_audiocaps(csv_file, audio_dir, modalities=None, require_audio: bool = T
     log) unless `require_audio=False`. A `label` column is read where present.
     """
     names = _output_modalities(modalities, "load_audiocaps")
-    audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir")
+    audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir", on_bad_path)
     entries, columns = [], set()  # (id, audio path, caption, label)
     for number, row in enumerate(read_annotations(csv_file)):
         columns.update(row)
