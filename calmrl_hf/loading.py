@@ -82,6 +82,27 @@ def _refuse_without_config(location, kwargs: dict) -> None:
                          f"pass config=).")
 
 
+def _refuse_missing_shards(location) -> None:
+    """Every shard a local folder's `model.safetensors.index.json` lists exists: a missing one is an error naming it
+    and the tensors it should hold (transformers fails with a bare "No such file")."""
+    folder = Path(str(location))
+    index = folder / "model.safetensors.index.json"
+    if not folder.is_dir() or not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # reported by _refuse_weights_outside
+    missing: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        if not (folder / str(shard)).is_file():
+            missing.setdefault(str(shard), []).append(str(key))
+    if missing:
+        details = "; ".join(f"{shard} (tensors {sorted(keys)[:8]}{' ...' if len(keys) > 8 else ''})"
+                            for shard, keys in sorted(missing.items()))
+        raise ValueError(f"{folder}: the checkpoint's index lists weight files that are missing: {details}.")
+
+
 def load_strictly(from_pretrained: Callable, *args, **kwargs):
     """`(model, loading_info)` from transformers' `from_pretrained(*args, **kwargs)`, refusing pickles, safetensors
     files that do not parse (a truncated file, a damaged header) and any checkpoint that does not match the config
@@ -99,6 +120,7 @@ def load_strictly(from_pretrained: Callable, *args, **kwargs):
         _refuse_without_config(args[0], kwargs)
         _refuse_pickles(args[0])
         _refuse_weights_outside(args[0])
+        _refuse_missing_shards(args[0])
     try:
         model, info = from_pretrained(*args, **kwargs)
     except SafetensorError as error:

@@ -438,6 +438,18 @@ def test_a_checkpoint_missing_tensors_names_them(saved_model, tmp_path, drop, sh
         CalMRLModel.from_pretrained(folder)
 
 
+def test_a_missing_shard_is_named_with_its_tensors(saved_model, tmp_path):
+    from calmrl_hf import CalMRLModel
+
+    folder = tmp_path / "model"
+    CalMRLModel.from_pretrained(saved_model).save_pretrained(folder, max_shard_size="20KB")
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    (folder / weight_map["logit_scale"]).unlink()
+    with pytest.raises(ValueError, match=rf"weight files that are missing: {weight_map['logit_scale']} "
+                                         rf"\(tensors \[.*'logit_scale'"):
+        CalMRLModel.from_pretrained(folder)
+
+
 # ------------------------------------------------------------------------------------------------ command line
 def one_error_line(capsys, command: str) -> str:
     err = capsys.readouterr().err
