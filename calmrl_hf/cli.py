@@ -29,6 +29,17 @@ def check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
     ensure_writable_directory(path.parent, "--output's folder")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
 def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--annotations", type=Path, required=True,
                         help="annotation file in the VAST-150K format (clip_id, vast_cap, subtitle), or --format")
@@ -36,7 +47,8 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audio_dir", type=Path, help="folder of {clip_id}.wav audio")
     parser.add_argument("--format", choices=["vast", "msrvtt", "audiocaps"], default="vast",
                         help="annotation format (default: %(default)s)")
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=positive_int, default=32, help="examples per batch, >= 1 (default: "
+                        "%(default)s)")
     parser.add_argument("--skip_bad_media", action="store_true",
                         help="mark unreadable media as missing (and count them) instead of stopping")
 
@@ -46,21 +58,47 @@ def _load_model(path: Path):
 
     if not (path / "config.json").is_file():
         raise CommandError(f"{path} is not a saved CalMRL model folder (no config.json).")
-    return CalMRLModel.from_pretrained(path).eval(), CalMRLProcessor.from_pretrained(path)
+    try:  # before the model (the cheaper check): a folder saved without its processor
+        processor = CalMRLProcessor.from_pretrained(path)
+    except OSError as error:
+        raise CommandError(str(error) if str(path) in str(error) else f"{path}: {error}") from error
+    return CalMRLModel.from_pretrained(path).eval(), processor
 
 
-def _load_dataset(args, processor):
+def _media_notices(args, modalities) -> list[str]:
+    """What a dataset command skips for want of a media folder (one line each); a format that cannot load any row
+    without its folder is an error."""
+    if args.format == "msrvtt" and args.video_dir is None:
+        raise CommandError("--format msrvtt needs --video_dir: MSR-VTT rows without their video are dropped.")
+    if args.format == "audiocaps" and args.audio_dir is None:
+        raise CommandError("--format audiocaps needs --audio_dir: AudioCaps rows without their audio are dropped.")
+    notices = []
+    for modality, option in (("vision", "--video_dir"), ("audio", "--audio_dir")):
+        fills = args.format == "vast" or (args.format == "msrvtt" and modality == "audio")
+        if fills and modality in modalities and getattr(args, option[2:]) is None:
+            notices.append(f"no {option}: the {modality} modality is skipped (missing in every example).")
+    return notices
+
+
+def _load_dataset(args, processor, announce: bool = True):
     from .data import load_audiocaps, load_msrvtt, load_vast, with_media_decoding
 
+    for notice in _media_notices(args, processor.modality_names):
+        if announce:
+            print(f"calmrl {args.command}: notice: {notice}", file=sys.stderr)
+    bad_paths = "skip" if args.skip_bad_media else "raise"  # a symlink out of a media folder: bad media
     if args.format == "vast":
-        dataset = load_vast(args.annotations, args.video_dir, args.audio_dir)
+        dataset = load_vast(args.annotations, args.video_dir, args.audio_dir, on_bad_path=bad_paths)
     elif args.format == "msrvtt":
-        dataset = load_msrvtt(args.annotations, args.video_dir, args.audio_dir)
+        dataset = load_msrvtt(args.annotations, args.video_dir, args.audio_dir, on_bad_path=bad_paths)
     else:
-        dataset = load_audiocaps(args.annotations, args.audio_dir)
+        dataset = load_audiocaps(args.annotations, args.audio_dir, on_bad_path=bad_paths)
     return with_media_decoding(dataset, num_frames=processor.num_frames,
                                sampling_rate=processor.feature_extractor.sampling_rate,
-                               on_error="skip" if args.skip_bad_media else "raise")
+                               on_error="skip" if args.skip_bad_media else "raise",
+                               media_roots={m: folder for m, folder in (("vision", args.video_dir),
+                                                                        ("audio", args.audio_dir))
+                                            if folder is not None and m in dataset.column_names})
 
 
 def _batches(processor, dataset, batch_size: int, ids: list | None = None):
@@ -105,7 +143,35 @@ def _reranked_metrics(model, processor, dataset, batch_size: int, embeddings, ma
 def command_train(args) -> None:
     from .recipe.run import run
 
-    run(args)
+    try:
+        run(args)
+    except OSError as error:
+        missing = _uncached_towers(args)
+        if missing and not any(repo in str(error) for repo in missing.values()):
+            raise CommandError(f"{error} (the tower(s) {missing} are neither local folders nor in the Hugging Face "
+                               f"cache: check the repo id, or download it while online)") from error
+        raise
+
+
+def _uncached_towers(args) -> dict[str, str]:
+    """The recipe's towers given as repo ids that are neither a local folder nor in the Hugging Face cache (named
+    in an error whose own message does not name them); {} where this cannot be told."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        from .recipe.run import load_recipe, resolve_tower
+
+        towers = (load_recipe(args)["model"] or {}).get("towers") or {}
+        missing = {}
+        for name, spec in towers.items():
+            if isinstance(spec, str):
+                resolved = str(resolve_tower(spec))
+                if not Path(resolved).is_dir() and not isinstance(try_to_load_from_cache(resolved, "config.json"),
+                                                                  str):
+                    missing[name] = spec
+        return missing
+    except Exception:  # only an error message's detail: never a second error
+        return {}
 
 
 def command_evaluate(args) -> None:
@@ -119,8 +185,9 @@ def command_evaluate(args) -> None:
     ids, labels, embeddings, mask = _embed(model, processor, _load_dataset(args, processor), args.batch_size)
     metrics = retrieval_metrics(embeddings, mask, model.config.modalities, labels=labels)
     if args.rerank is not None:
-        metrics.update(_reranked_metrics(model, processor, _load_dataset(args, processor), args.batch_size,
-                                         embeddings, mask, labels, args.rerank))
+        second_pass = _load_dataset(args, processor, announce=False)
+        metrics.update(_reranked_metrics(model, processor, second_pass, args.batch_size, embeddings, mask, labels,
+                                         args.rerank))
     print(json.dumps({"instances": len(ids), **{k: round(v, 4) for k, v in metrics.items()}}, indent=2))
 
 

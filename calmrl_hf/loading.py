@@ -73,6 +73,36 @@ def _refuse_weights_outside(location) -> None:
                              f"loads only its own files.")
 
 
+def _refuse_without_config(location, kwargs: dict) -> None:
+    """A local folder without `config.json` (and no `config=` given) is not a saved model: transformers would build
+    a default-config model around it and report hundreds of missing keys."""
+    folder = Path(str(location))
+    if folder.is_dir() and kwargs.get("config") is None and not (folder / "config.json").is_file():
+        raise ValueError(f"no config.json in {folder}: not a saved CalMRL model (save one with save_pretrained, or "
+                         f"pass config=).")
+
+
+def _refuse_missing_shards(location) -> None:
+    """Every shard a local folder's `model.safetensors.index.json` lists exists: a missing one is an error naming it
+    and the tensors it should hold (transformers fails with a bare "No such file")."""
+    folder = Path(str(location))
+    index = folder / "model.safetensors.index.json"
+    if not folder.is_dir() or not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # reported by _refuse_weights_outside
+    missing: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        if not (folder / str(shard)).is_file():
+            missing.setdefault(str(shard), []).append(str(key))
+    if missing:
+        details = "; ".join(f"{shard} (tensors {sorted(keys)[:8]}{' ...' if len(keys) > 8 else ''})"
+                            for shard, keys in sorted(missing.items()))
+        raise ValueError(f"{folder}: the checkpoint's index lists weight files that are missing: {details}.")
+
+
 def load_strictly(from_pretrained: Callable, *args, **kwargs):
     """`(model, loading_info)` from transformers' `from_pretrained(*args, **kwargs)`, refusing pickles, safetensors
     files that do not parse (a truncated file, a damaged header) and any checkpoint that does not match the config
@@ -87,8 +117,10 @@ def load_strictly(from_pretrained: Callable, *args, **kwargs):
         raise ValueError("CalMRL checkpoints load from safetensors only (pickle files are never unpickled).")
     kwargs.update(use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True)
     if args:
+        _refuse_without_config(args[0], kwargs)
         _refuse_pickles(args[0])
         _refuse_weights_outside(args[0])
+        _refuse_missing_shards(args[0])
     try:
         model, info = from_pretrained(*args, **kwargs)
     except SafetensorError as error:

@@ -7,6 +7,7 @@ from .media import (
     DecodingFailures,
     MediaDecoder,
     MediaDecodingError,
+    MediaPathError,
     decode_audio,
     decode_image,
     decode_video,
@@ -17,7 +18,8 @@ from .schema import align_modalities, concatenate, dataset_modalities, features_
 from .sharding import for_process
 
 
-__all__ = ["CalMRLCollator", "model_inputs", "DecodingFailures", "MediaDecoder", "MediaDecodingError", "SharedCounts",
+__all__ = ["CalMRLCollator", "model_inputs", "DecodingFailures", "MediaDecoder", "MediaDecodingError", "MediaPathError",
+           "SharedCounts",
            "align_modalities", "concatenate", "dataset_modalities", "decode_audio", "decode_image", "decode_video",
            "features_for", "for_process", "interleave", "load_annotations", "load_audiocaps", "load_msrvtt",
            "load_vast", "read_annotations", "resample_audio", "with_media_decoding"]

@@ -11,7 +11,10 @@ paths until `with_media_decoding`. A row with no modality at all is dropped, wit
 - `load_audiocaps`: AudioCaps (the official CSV, or the VAST code base's JSON).
 
 Media files of the corpus loaders are looked up by name (stem) in their folder, top level only, with any of the
-extensions in `VIDEO_EXTENSIONS` / `AUDIO_EXTENSIONS` (the first listed wins when several exist).
+extensions in `VIDEO_EXTENSIONS` / `AUDIO_EXTENSIONS` (the first listed wins when several exist). Every media path
+stays inside its media folder: an id never becomes a path (`../x` finds no file), and a file that is a symlink
+pointing out of its folder is refused with a `MediaPathError` naming the row, id and file (with
+`on_bad_path="skip"`: that modality is missing in that row, with a warning naming it).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -29,7 +33,14 @@ from datasets import Dataset, IterableDataset
 
 from ..configuration_calmrl import DEFAULT_MODALITIES
 from ..processing_calmrl import normalize_modalities
-from .media import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from .media import (
+    AUDIO_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    MediaPathError,
+    check_inside_root,
+    media_path_in,
+)
 from .schema import dataset_modalities, features_for
 
 
@@ -146,11 +157,21 @@ def _first_key(row: dict, keys: Iterable[str]):
     return next((row[k] for k in keys if _clean(row.get(k)) is not None), None)
 
 
-class _MediaIndex:
-    """File stem -> path of the media files in one folder (one listing, so 150K clips cost one `scandir`)."""
+def _check_on_bad_path(value: str) -> str:
+    if value not in ("raise", "skip"):
+        raise ValueError(f"on_bad_path must be 'raise' or 'skip', got {value!r}.")
+    return value
 
-    def __init__(self, folder, extensions: tuple[str, ...], argument: str):
+
+class _MediaIndex:
+    """File stem -> path of the media files in one folder (one listing, so 150K clips cost one `scandir`).
+
+    Names come from the folder's listing, never from the annotation file, so they cannot lead out of it; an entry
+    that is a symlink pointing out of the folder is refused (`MediaPathError` naming the row) when a row uses it."""
+
+    def __init__(self, folder, extensions: tuple[str, ...], argument: str, on_bad_path: str = "raise"):
         self.paths: dict[str, str] = {}
+        self.folder, self.on_bad_path = folder, _check_on_bad_path(on_bad_path)
         if folder is None:
             return
         folder = Path(folder)
@@ -166,8 +187,17 @@ class _MediaIndex:
                     best[stem] = rank[ext]
                     self.paths[stem] = entry.path
 
-    def find(self, *stems) -> str | None:
-        return next((self.paths[s] for s in stems if s is not None and s in self.paths), None)
+    def find(self, *stems, where: str = "") -> str | None:
+        path = next((self.paths[s] for s in stems if s is not None and s in self.paths), None)
+        if path is not None and os.path.islink(path):
+            try:
+                check_inside_root(path, self.folder, where or f"the media file {path}", shown=os.path.basename(path))
+            except MediaPathError as error:
+                if self.on_bad_path == "raise":
+                    raise
+                logger.warning("Skipping a media path (the modality is missing in that row): %s", error)
+                return None
+        return path
 
 
 # ---------------------------------------------------------------------------------------------------- building
@@ -213,7 +243,8 @@ def _output_modalities(modalities, loader: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- generic
 def load_annotations(path, media_roots: dict | None = None, modalities=None, column_map: dict | None = None,
-                     id_column: str = "id", label_column: str | None = "label", streaming: bool = False):
+                     id_column: str = "id", label_column: str | None = "label", streaming: bool = False,
+                     on_bad_path: str = "raise"):
     """Any corpus: an annotation file (JSON, JSONL, CSV, TSV or parquet; or a list of files) plus media folders.
 
     Args:
@@ -221,14 +252,19 @@ def load_annotations(path, media_roots: dict | None = None, modalities=None, col
             one shard, read only when iterated (for corpora whose annotations do not fit in memory).
         media_roots (`dict[str, str]`, *optional*): modality -> folder that relative media paths resolve against.
             A relative path of a media modality without a root resolves against its annotation file's folder;
-            absolute paths and URLs are kept. Paths are not checked here: a missing file is reported (or skipped)
-            by `with_media_decoding`.
+            URLs are kept. Every path must resolve inside its root (the annotation file's folder without one):
+            an absolute path under a root, `..` leading out of it or a symlink inside it pointing out of it is a
+            `MediaPathError` (a ValueError) naming the file, row, id and path; an absolute path of a modality
+            without a root is kept (the annotation file names it). A missing file is reported (or skipped) by
+            `with_media_decoding`.
         modalities (*optional*): the modalities, in order, with kinds (`{"image": "vision", "caption": "text"}`),
             or default names (vision, audio, text, subtitle; the default).
         column_map (`dict[str, str]`, *optional*): modality -> its column in the file (default: its own name).
         id_column (`str`, defaults to `"id"`): the id column (the row number where a row has none).
         label_column (`str`, *optional*, defaults to `"label"`): an integer class column, if any.
         streaming (`bool`, defaults to False): return an `IterableDataset`.
+        on_bad_path (`"raise"` or `"skip"`, defaults to `"raise"`): `"skip"` makes a media path that leads out of
+            its root missing in that row (a warning naming it) instead of raising `MediaPathError`.
 
     A missing, empty or NaN value makes its modality missing for that row; a list value gives its first entry.
     """
@@ -253,7 +289,7 @@ def load_annotations(path, media_roots: dict | None = None, modalities=None, col
     if unmapped:
         raise ValueError(f"column_map names {unmapped}, which are not among the modalities {list(kinds)}.")
     spec = {"kinds": kinds, "roots": roots, "columns": {m: column_map.get(m, m) for m in kinds},
-            "id_column": id_column, "label_column": label_column}
+            "id_column": id_column, "label_column": label_column, "on_bad_path": _check_on_bad_path(on_bad_path)}
     names = list(kinds)
     if streaming:
         return IterableDataset.from_generator(_generate_annotation_records, features=features_for(names),
@@ -262,18 +298,40 @@ def load_annotations(path, media_roots: dict | None = None, modalities=None, col
     return _build(records, names, False, paths[0] if len(paths) == 1 else f"{len(paths)} annotation files")
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _media_value(value: str, name: str, roots: dict, folder: str, where: str) -> str:
+    """A media path of the annotation file, joined to its modality's root and confined to it (`media_path_in`);
+    without a root, a relative path is confined to the annotation file's folder and an absolute one kept."""
+    if _URL.match(value):
+        return value
+    if name in roots:
+        return media_path_in(roots[name], value, where)
+    if os.path.isabs(value):
+        return value
+    return media_path_in(folder, value, where)
+
+
 def _generate_annotation_records(paths: list[str], spec: dict, keep_empty: bool = False) -> Iterator[dict]:
     kinds, roots, columns = spec["kinds"], spec["roots"], spec["columns"]
     for path in map(Path, paths):
         dropped = 0
         for number, row in enumerate(read_annotations(path)):
+            example_id = _clean(row.get(spec["id_column"]))
             values = {}
             for name, kind in kinds.items():
                 value = _clean(row.get(columns[name]))
-                if value is not None and kind != "text" and "://" not in value and not os.path.isabs(value):
-                    value = os.path.join(roots.get(name, str(path.parent)), value)
+                if value is not None and kind != "text":
+                    where = f"{path}, row {number} (id {number if example_id is None else example_id!r}), {name}"
+                    try:
+                        value = _media_value(value, name, roots, str(path.parent), where)
+                    except MediaPathError as error:
+                        if spec.get("on_bad_path", "raise") == "raise":
+                            raise
+                        logger.warning("Skipping a media path (the modality is missing in that row): %s", error)
+                        value = None
                 values[name] = value
-            example_id = _clean(row.get(spec["id_column"]))
             label_column = spec["label_column"]
             label = _label(row.get(label_column), f"{path}, row {number}") if label_column else None
             record = _record(number if example_id is None else example_id, values, list(kinds), label)
@@ -286,7 +344,8 @@ def _generate_annotation_records(paths: list[str], spec: dict, keep_empty: bool 
 
 
 # ---------------------------------------------------------------------------------------------------- corpora
-def load_vast(annotation_file, video_dir=None, audio_dir=None, modalities=None, streaming: bool = False):
+def load_vast(annotation_file, video_dir=None, audio_dir=None, modalities=None, streaming: bool = False,
+              on_bad_path: str = "raise"):
     """VAST-150K (or VAST-27M) in the format of the VAST code base (TXH-mercury/VAST, and GRAM / PMRL built on it).
 
     The annotation file is a JSON list (or JSONL) of clips. Read per clip:
@@ -301,8 +360,8 @@ def load_vast(annotation_file, video_dir=None, audio_dir=None, modalities=None, 
     The per-modality captions of VAST-27M (`vision_cap`, `audio_cap`) are not read.
     """
     names = _output_modalities(modalities, "load_vast")
-    videos = _MediaIndex(video_dir, VIDEO_EXTENSIONS + IMAGE_EXTENSIONS, "video_dir")
-    audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir")
+    videos = _MediaIndex(video_dir, VIDEO_EXTENSIONS + IMAGE_EXTENSIONS, "video_dir", on_bad_path)
+    audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir", on_bad_path)
     records, columns = [], set()
     for number, row in enumerate(read_annotations(annotation_file)):
         columns.update(row)
@@ -310,7 +369,8 @@ def load_vast(annotation_file, video_dir=None, audio_dir=None, modalities=None, 
         if clip is None:
             check_format(annotation_file, columns, "load_vast", has_captions=False)
             raise ValueError(f"{annotation_file}, row {number}: no clip_id / video_id / id.")
-        values = {"vision": videos.find(clip), "audio": audios.find(clip),
+        where = f"{annotation_file}, row {number} (id {clip!r})"
+        values = {"vision": videos.find(clip, where=where), "audio": audios.find(clip, where=where),
                   "text": _first_key(row, ("vast_cap", "desc", "caption")), "subtitle": row.get("subtitle")}
         records.append(_record(clip, values, names, _label(row.get("label"), f"{annotation_file}, row {number}")))
     check_format(annotation_file, columns, "load_vast",
@@ -319,7 +379,7 @@ def load_vast(annotation_file, video_dir=None, audio_dir=None, modalities=None, 
 
 
 def load_msrvtt(annotation_file, video_dir, audio_dir=None, modalities=None, require_video: bool = True,
-                streaming: bool = False):
+                streaming: bool = False, on_bad_path: str = "raise"):
     """MSR-VTT: video + caption (+ subtitle and audio where available), one row per caption.
 
     Accepted annotation files (rows with `video_id` and a caption under `caption`, `desc` or `sentence`, a string or
@@ -335,8 +395,8 @@ def load_msrvtt(annotation_file, video_dir, audio_dir=None, modalities=None, req
     whose video file is absent are dropped (counted in the log) unless `require_video=False`.
     """
     names = _output_modalities(modalities, "load_msrvtt")
-    videos = _MediaIndex(video_dir, VIDEO_EXTENSIONS, "video_dir")
-    audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir")
+    videos = _MediaIndex(video_dir, VIDEO_EXTENSIONS, "video_dir", on_bad_path)
+    audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir", on_bad_path)
     entries, columns = [], set()  # (video_id, caption, subtitle, label)
     for number, row in enumerate(read_annotations(annotation_file)):
         columns.update(row)
@@ -345,19 +405,20 @@ def load_msrvtt(annotation_file, video_dir, audio_dir=None, modalities=None, req
             raise ValueError(f"{annotation_file}, row {number}: no video_id.")
         label = _label(row.get("label"), f"{annotation_file}, row {number}")
         captions = _captions(_first_key(row, ("caption", "desc", "sentence"))) or [None]
-        entries += [(video, caption, row.get("subtitle"), label) for caption in captions]
+        entries += [(video, caption, row.get("subtitle"), label, number) for caption in captions]
     check_format(annotation_file, columns, "load_msrvtt", any(caption is not None for _, caption, *_ in entries))
     per_video = Counter(video for video, *_ in entries)
     seen: Counter = Counter()
     records, dropped = [], 0
-    for video, caption, subtitle, label in entries:
+    for video, caption, subtitle, label, number in entries:
         n = seen[video]
         seen[video] += 1
-        path = videos.find(video)
+        where = f"{annotation_file}, row {number} (id {video!r})"
+        path = videos.find(video, where=where)
         if path is None and require_video:
             dropped += 1
             continue
-        values = {"vision": path, "audio": audios.find(video), "text": caption, "subtitle": subtitle}
+        values = {"vision": path, "audio": audios.find(video, where=where), "text": caption, "subtitle": subtitle}
         records.append(_record(f"{video}#{n}" if per_video[video] > 1 else video, values, names, label))
     if dropped:
         logger.warning("MSR-VTT: %d of %d captions of %s have no video file in %s and were dropped.", dropped,
@@ -365,7 +426,8 @@ def load_msrvtt(annotation_file, video_dir, audio_dir=None, modalities=None, req
     return _build(records, names, streaming, annotation_file)
 
 
-def load_audiocaps(csv_file, audio_dir, modalities=None, require_audio: bool = True, streaming: bool = False):
+def load_audiocaps(csv_file, audio_dir, modalities=None, require_audio: bool = True, streaming: bool = False,
+                   on_bad_path: str = "raise"):
     """AudioCaps: audio + caption, one row per caption.
 
     Accepted annotation files:
@@ -381,7 +443,7 @@ def load_audiocaps(csv_file, audio_dir, modalities=None, require_audio: bool = T
     log) unless `require_audio=False`. A `label` column is read where present.
     """
     names = _output_modalities(modalities, "load_audiocaps")
-    audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir")
+    audios = _MediaIndex(audio_dir, AUDIO_EXTENSIONS, "audio_dir", on_bad_path)
     entries, columns = [], set()  # (id, audio path, caption, label)
     for number, row in enumerate(read_annotations(csv_file)):
         columns.update(row)
@@ -399,13 +461,14 @@ def load_audiocaps(csv_file, audio_dir, modalities=None, require_audio: bool = T
                     stems = [f"{youtube_id}_{start}"]
             stems += [f"Y{youtube_id}", youtube_id, _clean(row.get("audiocap_id"))]
             example_id = _clean(row.get("audiocap_id")) or str(number)
-            entries += [(example_id, audios.find(*stems), caption, label)
+            found = audios.find(*stems, where=f"{csv_file}, row {number} (id {example_id!r})")
+            entries += [(example_id, found, caption, label)
                         for caption in (_captions(row.get("caption")) or [None])]
         else:
             clip = _clean(_first_key(row, ("video_id", "clip_id", "id")))
             if clip is None:
                 raise ValueError(f"{csv_file}, row {number}: neither youtube_id nor video_id.")
-            path = audios.find(clip, os.path.splitext(clip)[0])
+            path = audios.find(clip, os.path.splitext(clip)[0], where=f"{csv_file}, row {number} (id {clip!r})")
             captions = _captions(_first_key(row, ("caption", "desc"))) or [None]
             entries += [(f"{clip}#{n}" if len(captions) > 1 else clip, path, caption, label)
                         for n, caption in enumerate(captions)]

@@ -8,7 +8,9 @@ and the source dataset keeps its paths:
   (`sample_frame_indices`); an image file (by extension) -> [H, W, 3] uint8;
 - audio: `np.ndarray` [L] float32, mono (channels averaged), resampled to `sampling_rate`.
 
-A missing or undecodable file raises `MediaDecodingError` naming the file, the modality and the example. With
+A missing or undecodable file raises `MediaDecodingError` naming the file, the modality and the example; so does a
+WAV / AIFF file cut short (`check_riff_length`) and, given `media_roots`, a path that leads out of its media root
+(`MediaPathError`). With
 `on_error="skip"` that modality becomes missing for that example instead (its value None, its `modality_mask`
 entry False), the rest of the example keeps its pairing, and the failure is counted in `DecodingFailures`
 (readable from the main process even when DataLoader workers decode). An example left with no modality at all is
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from math import gcd
 from pathlib import Path
 
@@ -44,6 +47,40 @@ class MediaDecodingError(RuntimeError):
     def __init__(self, message: str, path: str | os.PathLike | None = None):
         super().__init__(message)
         self.path = None if path is None else str(path)
+
+
+class MediaPathError(MediaDecodingError, ValueError):
+    """A media path read from a dataset that leads outside its media root (an absolute path, `..` out of it, a
+    symlink inside it pointing out of it); the message names the row or example and the path."""
+
+
+def check_inside_root(path: str | os.PathLike, root: str | os.PathLike, where: str, shown=None) -> None:
+    """Refuse `path` (as it would be opened: relative to the working folder, symlinks followed) unless it resolves
+    inside `root` (itself resolved: a root given by the user may be anywhere). `where` names the row or example,
+    `shown` the path as the dataset holds it."""
+    shown = path if shown is None else shown
+    try:
+        root_target = Path(root).resolve()
+        target = Path(path).resolve()
+    except (OSError, RuntimeError, ValueError) as error:  # a symlink loop, a NUL byte
+        raise MediaPathError(f"{where}: the media path {str(shown)!r} cannot be resolved ({error}).", path) from error
+    if not target.is_relative_to(root_target):
+        lexical = Path(os.path.abspath(path))  # '..' undone, symlinks not followed
+        inside = lexical.is_relative_to(os.path.abspath(root)) or lexical.is_relative_to(root_target)
+        how = "through a symlink" if inside else "by '..' or an absolute path"
+        raise MediaPathError(f"{where}: the media path {str(shown)!r} leads to {target}, outside the media root "
+                             f"{root} ({how}); a dataset's media must lie inside its media root.", path)
+
+
+def media_path_in(root: str | os.PathLike, name: str, where: str) -> str:
+    """`root`/`name` for a media file name read from a dataset, refusing (`MediaPathError`, naming `where` and the
+    name) an absolute name and one leading out of `root` by `..` or through a symlink."""
+    if os.path.isabs(name) or Path(name).anchor:
+        raise MediaPathError(f"{where}: the media path {name!r} is absolute; a dataset's media paths are relative to "
+                             f"their media root {root}.", name)
+    path = os.path.join(str(root), name)
+    check_inside_root(path, root, where, shown=name)
+    return path
 
 
 def _existing(path, what: str) -> Path:
@@ -153,6 +190,7 @@ def decode_audio(path: str | os.PathLike, sampling_rate: int) -> np.ndarray:
     resamples (libswresample).
     """
     path = _existing(path, "Audio")
+    check_riff_length(path)
     try:
         import soundfile
 
@@ -172,6 +210,42 @@ def decode_audio(path: str | os.PathLike, sampling_rate: int) -> np.ndarray:
         bad = int(np.count_nonzero(~np.isfinite(wave)))
         raise MediaDecodingError(f"Audio file {path} has {bad} non-finite samples (NaN or inf) of {wave.size}.", path)
     return wave
+
+
+_RIFF_FORMS = {b"RIFF": ("<", (b"WAVE",), b"data"), b"RIFX": (">", (b"WAVE",), b"data"),
+               b"FORM": (">", (b"AIFF", b"AIFC"), b"SSND")}
+_UNKNOWN_LENGTH = 0xFFFFFFFF  # written by streaming encoders that never came back to fill the header in
+
+
+def check_riff_length(path: str | os.PathLike) -> None:
+    """Refuse a WAV (RIFF / RIFX) or AIFF file cut short: a sample chunk (`data`, `SSND`) whose declared length
+    exceeds the bytes the file holds after it, or none at all within the file. libsndfile reads what there is
+    without a word (a WAV cut to a quarter of its samples decodes as a quarter as long). Other files pass."""
+    path = Path(path)
+    try:
+        handle = open(path, "rb")
+    except OSError as error:
+        raise MediaDecodingError(f"Could not read audio {path}: {error}", path) from error
+    with handle:
+        head = handle.read(12)
+        if len(head) < 12 or head[:4] not in _RIFF_FORMS or head[8:12] not in _RIFF_FORMS[head[:4]][1]:
+            return
+        order, _, samples_chunk = _RIFF_FORMS[head[:4]]
+        size = os.fstat(handle.fileno()).st_size
+        position = 12
+        while position + 8 <= size:
+            handle.seek(position)
+            chunk, length = struct.unpack(f"{order}4sI", handle.read(8))
+            if chunk == samples_chunk:
+                available = size - position - 8
+                if length != _UNKNOWN_LENGTH and length > available:
+                    raise MediaDecodingError(
+                        f"Audio file {path} is truncated: its header declares {length} bytes of samples, the file "
+                        f"holds {available} ({100 * available / length:.0f}%).", path)
+                return
+            position += 8 + length + (length & 1)  # chunks are padded to an even size
+    raise MediaDecodingError(f"Audio file {path} is truncated or damaged: no {samples_chunk.decode()} (sample) "
+                             f"chunk within its {size} bytes.", path)
 
 
 def _decode_audio_pyav(path: Path, sampling_rate: int) -> np.ndarray:
@@ -230,10 +304,14 @@ class MediaDecoder:
         sampling_rate (`int`): rate of the decoded audio.
         on_error (`"raise"` or `"skip"`): what an unreadable file does (see the module docstring).
         failures (`DecodingFailures`, *optional*): the counter to record skipped files in (a new one by default).
+        media_roots (`dict[str, str]`, *optional*): modality -> the folder its paths must resolve inside when
+            opened (`check_inside_root`); a path outside is a `MediaPathError`, skipped and counted like an
+            unreadable file with `on_error="skip"`.
     """
 
     def __init__(self, modality_kinds: dict[str, str], num_frames: int = 4, sampling_rate: int = 16000,
-                 on_error: str = "raise", failures: DecodingFailures | None = None):
+                 on_error: str = "raise", failures: DecodingFailures | None = None,
+                 media_roots: dict | None = None):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
         if not isinstance(num_frames, int) or num_frames < 1:
@@ -244,6 +322,11 @@ class MediaDecoder:
         if bad:
             raise ValueError(f"Unknown modality kinds {bad}; expected kinds among {list(MODALITY_KINDS)}.")
         self.modality_kinds = dict(modality_kinds)
+        self.media_roots = {m: str(r) for m, r in (media_roots or {}).items() if r is not None}
+        stray = sorted(set(self.media_roots) - set(self.modality_kinds))
+        if stray:
+            raise ValueError(f"media_roots names {stray}, which are not among the modalities "
+                             f"{list(self.modality_kinds)}.")
         self.num_frames, self.sampling_rate, self.on_error = num_frames, sampling_rate, on_error
         self.failures = failures if failures is not None else DecodingFailures(list(self.modality_kinds))
         missing = [m for m in self.modality_kinds if m not in self.failures.names]
@@ -261,9 +344,13 @@ class MediaDecoder:
         if value is None or kind == "text" or not isinstance(value, (str, os.PathLike)):
             return value, value is not None
         try:
+            if name in self.media_roots:
+                check_inside_root(value, self.media_roots[name], f"modality {name!r} of example {example_id!r}")
             return self.decode(kind, value), True
         except MediaDecodingError as error:
             if self.on_error == "raise":
+                if isinstance(error, MediaPathError):
+                    raise
                 raise MediaDecodingError(f"{error} [modality {name!r} of example {example_id!r}]",
                                          error.path) from error
             logger.warning("Skipping %s of example %r: %s", name, example_id, error)
@@ -296,7 +383,8 @@ class MediaDecoder:
 
 
 def with_media_decoding(dataset, num_frames: int = 4, sampling_rate: int = 16000, on_error: str = "raise",
-                        modality_kinds: dict[str, str] | None = None, failures: DecodingFailures | None = None):
+                        modality_kinds: dict[str, str] | None = None, failures: DecodingFailures | None = None,
+                        media_roots: dict | None = None):
     """`dataset` (map-style or streaming) with its media decoded lazily, as each example is read.
 
     Args:
@@ -309,6 +397,10 @@ def with_media_decoding(dataset, num_frames: int = 4, sampling_rate: int = 16000
             audio, text, subtitle), e.g. `{"image": "vision", "caption": "text"}` or `processor.modality_kinds`.
         failures (`DecodingFailures`, *optional*): a counter to record skips in; pass your own to keep a handle
             on it through later dataset operations.
+        media_roots (`dict[str, str]`, *optional*): modality -> its media folder: every path of that modality must
+            resolve inside it when opened (no `..` out of it, no symlink inside it pointing out of it), else
+            `MediaPathError` (a `MediaDecodingError`: counted as a failure with `on_error="skip"`), naming the
+            example and the path. The loaders check at load time; this checks again when each file is opened.
 
     Returns:
         The decoded dataset; its decoder is `.media_decoder` and its skip counter `.media_decoder.failures`
@@ -327,7 +419,8 @@ def with_media_decoding(dataset, num_frames: int = 4, sampling_rate: int = 16000
     if unknown:
         raise ValueError(f"The kinds of modality columns {unknown} are unknown: pass modality_kinds (name -> one of "
                          f"{list(MODALITY_KINDS)}), e.g. modality_kinds=processor.modality_kinds.")
-    decoder = MediaDecoder({m: kinds[m] for m in modalities}, num_frames, sampling_rate, on_error, failures)
+    decoder = MediaDecoder({m: kinds[m] for m in modalities}, num_frames, sampling_rate, on_error, failures,
+                           media_roots=media_roots)
     if isinstance(dataset, IterableDataset):
         decoded = dataset.map(decoder.decode_example)
     else:
@@ -337,5 +430,5 @@ def with_media_decoding(dataset, num_frames: int = 4, sampling_rate: int = 16000
 
 
 __all__ = ["AUDIO_EXTENSIONS", "DecodingFailures", "IMAGE_EXTENSIONS", "MediaDecoder", "MediaDecodingError",
-           "VIDEO_EXTENSIONS", "decode_audio", "decode_image", "decode_video", "decode_vision", "resample_audio",
-           "with_media_decoding"]
+           "MediaPathError", "VIDEO_EXTENSIONS", "check_inside_root", "check_riff_length", "decode_audio",
+           "decode_image", "decode_video", "decode_vision", "media_path_in", "resample_audio", "with_media_decoding"]

@@ -117,8 +117,14 @@ def load_recipe(args: argparse.Namespace) -> dict:
             raise RecipeError(f"--set expects KEY=VALUE, got {item!r}.")
         node = recipe
         *parents, leaf = key.split(".")
-        for part in parents:
+        if not all(key.split(".")):
+            raise RecipeError(f"--set {item!r}: the key {key!r} has an empty part (expected e.g. stage2.max_steps).")
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {item!r}: {'.'.join(parents[:depth + 1])!r} is a "
+                                  f"{type(node).__name__} ({node!r}), not a section: the key {key!r} cannot go "
+                                  f"into it.")
         try:
             node[leaf] = yaml.safe_load(value)
         except yaml.YAMLError as error:
