@@ -3,7 +3,7 @@
 transformers only logs missing or unexpected keys (and leaves freshly initialised values in the missing ones); a
 CalMRL checkpoint must load completely, imputer buffers included, or it is an error that says what differs.
 Pickle files are never unpickled. `config_from_towers` assembles the config of a model built around pretrained
-towers. Imports transformers and safetensors only (and same-folder files): this file is copied into checkpoints as
+towers. Imports torch, transformers and safetensors only (and same-folder files): this file is copied into checkpoints as
 remote code.
 """
 
@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 
@@ -134,7 +135,18 @@ def load_strictly(from_pretrained: Callable, *args, **kwargs):
             f"The checkpoint does not match the model config ({details}). Check that the config's modalities, "
             f"encoders, projection_dim and imputer_latent_dim are those the checkpoint was saved with."
         )
+    _refuse_non_finite(model, args[0] if args else "the checkpoint")
     return model, info
+
+
+def _refuse_non_finite(model, source) -> None:
+    """A weight or buffer holding NaN or infinity (a damaged or hand-edited file) is named at load, not found later
+    inside a Cholesky factorisation or a loss. Tensors not materialised here (meta, offloaded) are skipped."""
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise ValueError(f"The checkpoint {source} holds NaN or infinite values in {bad[:8]}"
+                         f"{' ...' if len(bad) > 8 else ''}: the file is damaged or was edited; load another.")
 
 
 def load_sub_model(name: str, spec: str, model_class: type) -> PreTrainedModel:

@@ -107,7 +107,8 @@ def register_pipelines() -> None:
     """Register both tasks with `PIPELINE_REGISTRY`. One class serves both: transformers keeps one registration
     per class, so both are recorded on it, and `save_pretrained` writes both into `config.custom_pipelines`."""
     for task in (ZERO_SHOT_TASK, EMBEDDING_TASK):
-        PIPELINE_REGISTRY.register_pipeline(task, pipeline_class=CalMRLPipeline, pt_model=AutoModel)
+        if PIPELINE_REGISTRY.supported_tasks.get(task, {}).get("impl") is not CalMRLPipeline:  # once, quietly
+            PIPELINE_REGISTRY.register_pipeline(task, pipeline_class=CalMRLPipeline, pt_model=AutoModel)
     CalMRLPipeline._registered_impl = {task: PIPELINE_REGISTRY.supported_tasks[task]
                                        for task in (ZERO_SHOT_TASK, EMBEDDING_TASK)}
 

@@ -554,3 +554,29 @@ def test_an_uncached_tower_repo_offline_is_named(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     line = result.stderr[result.stderr.index("calmrl train: error: "):]
     assert "nobody/no-such-tower" in line and "Traceback" not in result.stderr and line.count("\n") == 1, line
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_at_load(tmp_path):
+    """A NaN or infinity written into a weight or an imputer buffer is named when the model loads, not found later
+    inside a Cholesky factorisation."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from calmrl_hf import CalMRLModel
+    from tiny_models import tiny_config
+
+    model = CalMRLModel(tiny_config())
+    for name, value in (("projections.text.weight", float("nan")), ("imputer.mean", float("inf"))):
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        state = load_file(folder / "model.safetensors")
+        state[name].view(-1)[0] = value
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=rf"NaN or infinite values in \['{name}'\]"):
+            CalMRLModel.from_pretrained(folder)
+    assert torch.isfinite(CalMRLModel.from_pretrained(_saved(model, tmp_path / "clean")).imputer.mean).all()
+
+
+def _saved(model, folder):
+    model.save_pretrained(folder)
+    return folder

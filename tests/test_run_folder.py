@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file
 
 from training_fixtures import resumable_run, training_config
@@ -18,7 +19,8 @@ from training_fixtures import resumable_run, training_config
 from calmrl_hf import CalMRLModel
 from calmrl_hf.training import latest_checkpoint
 from calmrl_hf.training.checkpoints import (
-    LOCK_NAME, CheckpointError, OutputDirLocked, RunFolderLock, file_sha256, prune_checkpoints, read_manifest,
+    LOCK_NAME, MANIFEST_FORMAT, MANIFEST_NAME, REQUIRED_FILES, CheckpointError, OutputDirLocked, RunFolderLock,
+    file_sha256, prune_checkpoints, read_manifest,
 )
 
 
@@ -273,3 +275,64 @@ def test_a_larger_max_steps_extends_the_run_and_a_smaller_one_is_refused(finishe
     assert read_manifest(root / "step_8")["run"]["training"]["max_steps"] == 8
     assert load_file(str(root / "step_6" / "model.safetensors")).keys() == \
         load_file(str(root / "step_8" / "model.safetensors")).keys()
+
+
+# ---------------------------------------------------------------------------- manifests, property-based
+
+_NAMES = st.one_of(st.sampled_from([*REQUIRED_FILES, "rng_state_0.safetensors", "teacher.safetensors", "../../x",
+                                    "/etc/hostname", "a/b", "..", ".", "", "x\0y", MANIFEST_NAME]),
+                   st.text(min_size=0, max_size=12))
+READ_MANIFESTS: list = []  # the manifests the property test accepted (the accepting branch must be reached)
+_JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-3, 10 ** 6), st.floats(allow_nan=False),
+                       st.text(max_size=8))
+
+
+_COUNTS = st.integers(0, 10 ** 6)
+_VALID_POSITION = st.fixed_dictionaries({"global_step": _COUNTS, "epoch": _COUNTS, "batches_in_epoch": _COUNTS})
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(required=st.booleans(), names=st.lists(_NAMES, max_size=6, unique=True), position=st.one_of(
+           _VALID_POSITION, _VALID_POSITION,
+           st.fixed_dictionaries({"global_step": _JSON_LEAF, "epoch": _JSON_LEAF, "batches_in_epoch": _JSON_LEAF}),
+           _JSON_LEAF, st.lists(_JSON_LEAF, max_size=3)),
+       damaged=st.booleans(), run=st.one_of(st.just({"training": {}}), st.just({"training": {}}), _JSON_LEAF),
+       drop=st.sampled_from([None, None, None, "format", "files", "position", "run"]))
+def test_a_manifest_resumes_only_when_it_is_whole_plain_and_verified(tmp_path_factory, required, names, position,
+                                                                        damaged, run, drop):
+    """Whatever a manifest holds, `read_manifest` either returns one whose files are plain names of the folder, the
+    required ones among them, each matching its SHA-256, with a position of non-negative integers; or raises a
+    CheckpointError. It never opens a path outside the folder, and never raises anything else."""
+    folder = tmp_path_factory.mktemp("checkpoint")
+    files = {}
+    names = [*REQUIRED_FILES, *(n for n in names if n not in REQUIRED_FILES)] if required else names
+    for name in names:
+        plain = name and name not in (".", "..", MANIFEST_NAME) and "/" not in name and "\0" not in name
+        if plain:
+            (folder / name).write_bytes(name.encode("utf-8", "replace"))
+            files[name] = file_sha256(folder / name)
+        else:
+            files[name] = "0" * 64
+    if damaged and files:
+        files[next(iter(files))] = "f" * 64
+    manifest = {"format": MANIFEST_FORMAT, "files": files, "position": position, "run": run}
+    if drop is not None:
+        manifest.pop(drop)
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    try:
+        read = read_manifest(folder)
+    except CheckpointError:
+        return
+    READ_MANIFESTS.append(read)
+    assert set(REQUIRED_FILES) <= set(read["files"])
+    for name, digest in read["files"].items():
+        assert os.path.dirname(name) == "" and (folder / name).is_file() and file_sha256(folder / name) == digest
+    assert all(isinstance(read["position"][key], int) and not isinstance(read["position"][key], bool)
+               and read["position"][key] >= 0 for key in ("global_step", "epoch", "batches_in_epoch"))
+
+
+def test_the_manifest_property_reaches_both_outcomes(tmp_path_factory):
+    """The property test above accepts some of the manifests it draws (whole, plain, verified), not none."""
+    READ_MANIFESTS.clear()
+    test_a_manifest_resumes_only_when_it_is_whole_plain_and_verified(tmp_path_factory)
+    assert READ_MANIFESTS
