@@ -11,16 +11,46 @@ from ..sharing.hub import DEFAULT_HUB_RETRIES, DEFAULT_HUB_TIMEOUT, HUB_STRATEGI
 from ..validation import unknown_name_message
 
 
+class _KnownNames(type):
+    """Refuse a keyword that is no field, naming the closest one (a transformers `TrainingArguments` name this class
+    does not have, e.g. `num_train_epochs`: `max_steps`), instead of dataclasses' bare TypeError."""
+
+    def __call__(cls, *args, **kwargs):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            equivalents = [f"{name}: {TRAINER_EQUIVALENTS[name]}" for name in unknown if name in TRAINER_EQUIVALENTS]
+            hint = f" Trainer's names: {'; '.join(equivalents)}." if equivalents else ""
+            raise TypeError(unknown_name_message("training arguments", unknown, known) + hint)
+        return super().__call__(*args, **kwargs)
+
+
+# transformers' TrainingArguments names of concepts this class has under another name, or leaves to the launcher
+TRAINER_EQUIVALENTS = {
+    "num_train_epochs": "give max_steps (optimizer steps; an epoch is len(dataset) / global batch)",
+    "eval_strategy": "give eval_steps (evaluate every N steps; None: never)",
+    "evaluation_strategy": "give eval_steps (evaluate every N steps; None: never)",
+    "save_strategy": "give save_steps (a checkpoint every N steps; None: never)",
+    "per_gpu_train_batch_size": "give per_device_train_batch_size",
+    "deepspeed": "launch with `accelerate launch --use_deepspeed` or an accelerate config (docs/distributed.md)",
+    "fsdp": "launch with `accelerate launch --use_fsdp` or an accelerate config (docs/distributed.md)",
+    "optim": "AdamW is the optimizer; its betas and epsilon are adam_beta1, adam_beta2, adam_epsilon",
+    "warmup_ratio": "give warmup_steps a float in (0, 1), the ratio (transformers 5's Trainer does the same)",
+    "logging_dir": "trackers write under output_dir",
+}
+
+
 @dataclass
-class CalMRLTrainingArguments:
+class CalMRLTrainingArguments(metaclass=_KnownNames):
     """Arguments of `calmrl_hf.training.train`.
 
     Where a field means what a field of transformers' `TrainingArguments` means, it has the same name (`output_dir`,
     `seed`, `max_steps`, `per_device_train_batch_size`, `per_device_eval_batch_size`, `gradient_accumulation_steps`,
     `learning_rate`, `weight_decay`, `lr_scheduler_type`, `warmup_steps`, `max_grad_norm`, `logging_steps`,
     `save_total_limit`, `dataloader_num_workers`, `dataloader_prefetch_factor`, `dataloader_persistent_workers`,
-    `dataloader_pin_memory`, `use_cpu`, `report_to`, `push_to_hub`, `hub_model_id`, `hub_strategy`,
-    `hub_token`, `hub_private_repo`). These differ from Trainer's:
+    `dataloader_pin_memory`, `use_cpu`, `report_to`, `push_to_hub`, `hub_model_id`, `hub_strategy`, `bf16`, `fp16`,
+    `gradient_checkpointing`, `adam_beta1`, `adam_beta2`, `adam_epsilon`, `hub_token`, `hub_private_repo`;
+    `warmup_steps` a float in (0, 1) is a ratio of max_steps, as transformers 5 reads it). These differ from Trainer's:
 
     - `train_batch_size`: the global batch (per device x processes x accumulation) to check, when given; Trainer's
       is a read-only property without accumulation.
@@ -70,11 +100,17 @@ class CalMRLTrainingArguments:
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
     lr_scheduler_type: str = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: int | float = 0  # steps; a float in (0, 1) is a ratio of max_steps (as transformers 5's Trainer)
+    adam_beta1: float = 0.9  # AdamW's betas and epsilon, Trainer's names
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     matching_learning_rate: float | None = None  # the matching head's (fusion encoder's); None: learning_rate
     matching_warmup_steps: int | None = None  # the matching head's warm-up; None: warmup_steps
     max_grad_norm: float | None = 1.0
     mixed_precision: str | None = None  # "no" | "bf16" | "fp16"; None: the launcher's (accelerate launch / config)
+    bf16: bool = False  # Trainer's switches: mixed_precision="bf16" / "fp16"
+    fp16: bool = False
+    gradient_checkpointing: bool = False  # recompute the towers' activations in backward (less memory, more time)
     use_cpu: bool = False  # force CPU processes (torchrun on CPU: gloo all-reduce)
     logging_steps: int = 10
     eval_steps: int | None = None
@@ -133,7 +169,25 @@ class CalMRLTrainingArguments:
         if self.report_to == "none" or self.report_to == ["none"]:
             self.report_to = None
         self._convert()
+        self._translate_trainer_names()
         self._validate()
+
+    def _translate_trainer_names(self) -> None:
+        """Trainer's `bf16` / `fp16` as `mixed_precision`; a `warmup_steps` ratio as steps."""
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16=True and fp16=True: choose one mixed precision.")
+        wanted = "bf16" if self.bf16 else "fp16" if self.fp16 else None
+        if wanted is not None:
+            if self.mixed_precision not in (None, wanted):
+                raise ValueError(f"{wanted}=True but mixed_precision={self.mixed_precision!r}: give one of them.")
+            self.mixed_precision = wanted
+        import math
+
+        if 0 < self.warmup_steps < 1:  # a ratio: ceil(ratio * max_steps), as Trainer rounds it
+            self.warmup_steps = math.ceil(self.warmup_steps * self.max_steps)
+        elif self.warmup_steps != int(self.warmup_steps):
+            raise ValueError(f"warmup_steps = {self.warmup_steps}: a number of steps, or a ratio in (0, 1).")
+        self.warmup_steps = int(self.warmup_steps)
 
     def _convert(self) -> None:
         """Numbers as their field's type (from strings too: YAML reads 1e-3 as one), each within its range
@@ -206,7 +260,10 @@ TRAINING_NUMBERS = {
     "gradient_accumulation_steps": _ints(">= 1 or None", 1, optional=True),
     "learning_rate": _floats(">= 0", 0, True),  # 0: the weights stay (a run that only fits the imputer)
     "weight_decay": _floats(">= 0", 0, True),
-    "warmup_steps": _ints(">= 0", 0),
+    "warmup_steps": _floats(">= 0 (steps; a float in (0, 1): a ratio of max_steps)", 0, True),
+    "adam_beta1": _floats("in [0, 1)", 0, True, high=1),
+    "adam_beta2": _floats("in [0, 1)", 0, True, high=1),
+    "adam_epsilon": _floats("> 0", 0, False),
     "matching_learning_rate": _floats("> 0 or None", 0, False, optional=True),
     "matching_warmup_steps": _ints(">= 0 or None", 0, optional=True),
     "max_grad_norm": _floats("> 0 or None (no clipping)", 0, False, optional=True),
@@ -226,7 +283,7 @@ TRAINING_NUMBERS = {
 }
 # Switches: True or False only (a quoted "false" is a string, which would count as True).
 TRAINING_SWITCHES = ("use_cpu", "imputer_warm_start", "dataloader_persistent_workers", "dataloader_pin_memory",
-                     "hub_private_repo")
+                     "hub_private_repo", "bf16", "fp16", "gradient_checkpointing")
 
 
 def _names(field_name: str, value: Any) -> list[str]:

@@ -69,7 +69,10 @@ def validate_setup(model: CalMRLModel, datasets: dict[str, Any], args: CalMRLTra
 
 
 def freeze_modules(model: CalMRLModel, args: CalMRLTrainingArguments) -> None:
-    """Keep the towers of `freeze_modalities` and the heads of `freeze_projections` fixed."""
+    """Keep the towers of `freeze_modalities` and the heads of `freeze_projections` fixed; with
+    `gradient_checkpointing`, the towers recompute their activations in backward."""
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     for name in args.freeze_modalities:
         model.encoders[model.config.encoder_owner(name)].requires_grad_(False)
     for name in args.freeze_projections:
@@ -122,7 +125,8 @@ def build_optimizer(model: CalMRLModel, args: CalMRLTrainingArguments, num_proce
     if head:
         groups.append({"params": head, "lr": args.matching_learning_rate or args.learning_rate})
         warmups.append(args.warmup_steps if args.matching_warmup_steps is None else args.matching_warmup_steps)
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     if len(groups) == 1:
         return optimizer, get_scheduler(args.lr_scheduler_type, optimizer, **schedule_steps(args, args.warmup_steps,
                                                                                             num_processes))
