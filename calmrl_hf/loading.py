@@ -3,8 +3,8 @@
 transformers only logs missing or unexpected keys (and leaves freshly initialised values in the missing ones); a
 CalMRL checkpoint must load completely, imputer buffers included, or it is an error that says what differs.
 Pickle files are never unpickled. `config_from_towers` assembles the config of a model built around pretrained
-towers. Imports torch, transformers and safetensors only (and same-folder files): this file is copied into checkpoints as
-remote code.
+towers. Imports torch, transformers and safetensors only (and same-folder files; an installed model package only
+where one is asked for, `installed_copy`): this file is copied into checkpoints as remote code.
 """
 
 from __future__ import annotations

@@ -173,5 +173,5 @@ def test_from_encoders_offline_finds_the_installed_copy_fits_the_latent_size_and
     assert model.config.modalities == ["text", "subtitle"] and model.config.imputer_latent_dim == 16
     assert model.config.text_config.hidden_size == 384  # the pretrained MiniLM, not a fresh config
     assert "modalities ['subtitle'] share the towers ['text']" in caplog.text
-    with pytest.raises(OSError, match=r"The text tower 'nobody/no-such-tower' is neither a local folder nor a Hub repo"):
+    with pytest.raises(OSError, match=r"The text tower 'nobody/no-such-tower' is neither a local folder nor a Hub"):
         CalMRLModel.from_encoders(text="nobody/no-such-tower")
