@@ -78,6 +78,9 @@ def main(out_dir: str, mode: str, *settings: str) -> None:
     if accelerator.is_main_process:
         record.update(initial=initial, state={k: v.detach().clone() for k, v in state.items()})
     torch.save(record, Path(out_dir) / f"{mode}_rank_{accelerator.process_index}.pt")
+    if torch.distributed.is_initialized():  # a gloo group left open can abort at exit
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

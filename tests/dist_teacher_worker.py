@@ -63,6 +63,9 @@ def main(out_dir: str) -> None:
               "teacher_at_start": at_start, "model": state_hash(accelerator.unwrap_model(model)),
               "imputations": imputed[0]}
     (out / f"process_{accelerator.process_index}.json").write_text(json.dumps(report))
+    if torch.distributed.is_initialized():  # a gloo group left open can abort at exit
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

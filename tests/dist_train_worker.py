@@ -49,6 +49,9 @@ def main(out_path: str, per_device_batch: int, mode: str = "full") -> None:
         imputer = accelerator.unwrap_model(model).imputer
         torch.save({"buffers": {k: v.clone() for k, v in imputer.state_dict().items()},
                     "losses": result.losses, "processes": accelerator.num_processes}, out_path)
+    if torch.distributed.is_initialized():  # a gloo group left open can abort at exit
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
