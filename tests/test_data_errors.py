@@ -30,6 +30,7 @@ from calmrl_hf.data import (
     with_media_decoding,
 )
 from calmrl_hf.evaluation.retrieval import EmbeddingIndex
+from cli_output import one_error_line  # noqa: E402
 
 
 PROPERTY = settings(max_examples=40, deadline=None, derandomize=True,
@@ -451,13 +452,6 @@ def test_a_missing_shard_is_named_with_its_tensors(saved_model, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def one_error_line(capsys, command: str) -> str:
-    err = capsys.readouterr().err
-    prefix = f"calmrl {command}: error: "
-    assert err.count(prefix) == 1 and "Traceback" not in err, err
-    line = err[err.index(prefix):]
-    assert line.endswith("\n") and "\n" not in line[:-1], line
-    return line
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "x", "1.5"])
