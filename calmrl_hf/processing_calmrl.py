@@ -17,12 +17,12 @@ from __future__ import annotations
 import torch
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
 
-from .configuration_calmrl import DEFAULT_MODALITIES, DEFAULT_SHARED_ENCODERS
+from .configuration_calmrl import DEFAULT_KINDS
 from .processing_inputs import TEXT_FIELDS, audio_features, text_features, vision_features
 
 
-# a default modality that shares another's tower is of that modality's kind (subtitles are text)
-DEFAULT_MODALITY_KINDS = {name: DEFAULT_SHARED_ENCODERS.get(name, name) for name in DEFAULT_MODALITIES}
+# a default modality that shares another's tower is of that modality's kind (subtitles are text): the config's table
+DEFAULT_MODALITY_KINDS = DEFAULT_KINDS
 MODALITY_KINDS = ("vision", "audio", "text")
 # names a modality may not take: they are batch keys, dataset columns or keywords of `__call__`
 RESERVED_NAMES = frozenset({"id", "ids", "index", "label", "labels", "modality", "modality_mask", "sampling_rate",
