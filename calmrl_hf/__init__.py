@@ -1,6 +1,6 @@
 """calmrl_hf: CalMRL (calibrated multimodal representation learning with missing modalities) for transformers."""
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 
 from .configuration_calmrl import CalMRLConfig
 from .feature_encoder import FeatureEncoderConfig, FeatureEncoderModel
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 # register_for_auto_class makes save_pretrained copy the code, so `trust_remote_code=True` works without it.
 AutoConfig.register(CalMRLConfig.model_type, CalMRLConfig, exist_ok=True)
 AutoModel.register(CalMRLConfig, CalMRLModel, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(CalMRLConfig, CalMRLModel, exist_ok=True)  # transformers' pipeline
 register_auto_processor(CalMRLConfig)
 CalMRLConfig.register_for_auto_class()
 CalMRLModel.register_for_auto_class("AutoModel")

@@ -71,9 +71,10 @@ def group_inputs(modalities: Sequence[str], modality_inputs: dict[str, torch.Ten
 
 def resolve_modality_mask(modalities: Sequence[str], grouped: dict[str, dict],
                           modality_mask: torch.Tensor | None,
-                          pending: list[PendingCheck] | None = None) -> torch.Tensor:
+                          pending: list[PendingCheck] | None = None, unpaired: bool = False) -> torch.Tensor:
     """The mask [B, k] of a batch: checked against the rows of each modality's inputs, or (None) built with every
-    given modality observed by every row. With `pending`, the checks that read the mask's values (rows observing
+    given modality observed by every row; with `unpaired` and modalities given with different numbers of rows (one
+    image and N candidate texts, as CLIP takes them), each modality's rows are rows of their own. With `pending`, the checks that read the mask's values (rows observing
     nothing, observed rows per modality) are appended to it for `raise_bad_values` instead of read here."""
     modalities = list(modalities)
     rows = {name: next(iter(inputs.values())).shape[0] for name, inputs in grouped.items()}
@@ -87,16 +88,23 @@ def resolve_modality_mask(modalities: Sequence[str], grouped: dict[str, dict],
                 )
     k = len(modalities)
     if modality_mask is None:
+        device = next(iter(next(iter(grouped.values())).values())).device
         sizes = set(rows.values())
-        if len(sizes) != 1:
+        if len(sizes) == 1:  # paired: every row observes every given modality
+            modality_mask = torch.zeros(sizes.pop(), k, dtype=torch.bool, device=device)
+            for name in grouped:
+                modality_mask[:, modalities.index(name)] = True
+        elif unpaired:  # CLIP's separate image and text batches: each modality's inputs are rows of their own
+            modality_mask = torch.zeros(sum(rows.values()), k, dtype=torch.bool, device=device)
+            start = 0
+            for name in grouped:  # in the model's order, as the inputs' rows are laid out
+                modality_mask[start:start + rows[name], modalities.index(name)] = True
+                start += rows[name]
+        else:
             raise ValueError(
                 f"Without a modality_mask every modality must have the same number of rows; got {rows}. "
                 f"Pass modality_mask [B, {k}] when some rows miss a modality."
             )
-        device = next(iter(next(iter(grouped.values())).values())).device
-        modality_mask = torch.zeros(sizes.pop(), k, dtype=torch.bool, device=device)
-        for name in grouped:
-            modality_mask[:, modalities.index(name)] = True
         return modality_mask
     deferred = pending is not None
     check_modality_mask(modality_mask, k, context=f" (modalities {modalities})", every_row_observed=not deferred)

@@ -132,6 +132,7 @@ class CalMRLEncoding(ModelOutput):
     fused_embeddings: torch.FloatTensor | None = None
 
 
+ZERO_SHOT_IMAGE_AUTO_CLASS = "AutoModelForZeroShotImageClassification"
 CLIP_NAMES = {"text": "text", "vision": "image", "audio": "audio"}  # kind -> CLIP's / CLAP's word
 
 
@@ -208,6 +209,10 @@ class CalMRLPreTrainedModel(PreTrainedModel):
         from .pipeline_calmrl import pipeline_tasks, save_pipeline_code
 
         self.config.custom_pipelines = pipeline_tasks()
+        if self._auto_class is not None and {"text", "vision"} <= set(self.config.modality_kinds().values()):
+            # transformers' own zero-shot-image-classification pipeline loads this auto class (the audio one AutoModel)
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}),
+                                    ZERO_SHOT_IMAGE_AUTO_CLASS: f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"}
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             save_pipeline_code(save_directory)
@@ -335,15 +340,16 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
         tokens = {name: (out.last_hidden_state, out.token_mask) for name, out in outputs.items()}
         return embeddings, modality_mask, tokens
 
-    def _embed_batch(self, modality_mask: torch.Tensor | None, modality_inputs: dict):
-        """(unit-norm embeddings [B, k, D], modality_mask [B, k], {modality: CalMRLModalityOutput}) of a batch."""
+    def _embed_batch(self, modality_mask: torch.Tensor | None, modality_inputs: dict, unpaired: bool = True):
+        """(unit-norm embeddings [B, k, D], modality_mask [B, k], {modality: CalMRLModalityOutput}) of a batch;
+        `unpaired`: without a mask, modalities given with different numbers of rows are rows of their own."""
         modality_inputs, tower_flags = split_tower_flags(modality_inputs)
         modality_inputs = rename_clip_inputs(self.config.modality_kinds(), modality_inputs)  # CLIP's input_ids, ...
         grouped = group_inputs(self.config.modalities, modality_inputs)
         # the door: shapes and dtypes at once (free), every value check of the batch (mask row counts, ids in
         # range, NaN, mask rows of zeros) read with ONE device-to-host sync, all before any tower runs
         pending = []
-        modality_mask = resolve_modality_mask(self.config.modalities, grouped, modality_mask, pending)
+        modality_mask = resolve_modality_mask(self.config.modalities, grouped, modality_mask, pending, unpaired)
         for name, inputs in grouped.items():
             pending += check_tower_inputs(name, self.encoders[self.config.encoder_owner(name)], inputs)
         raise_bad_values(pending)
@@ -518,7 +524,8 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
         ```
         """
         with_matching = bool(return_loss) and self.fusion is not None and self.config.matching_weight > 0
-        embeddings, modality_mask, tower_outputs = self._embed_batch(modality_mask, kwargs)
+        # a loss pairs rows: without a mask, modalities of different row counts are refused then
+        embeddings, modality_mask, tower_outputs = self._embed_batch(modality_mask, kwargs, unpaired=not return_loss)
         if imputer_update_fn is not None:
             imputer_update_fn(embeddings.detach(), modality_mask)
         # the batch was validated where it entered (`_embed_batch`): the steps run unchecked
