@@ -1,13 +1,7 @@
-"""The recipe's report: the grouped table of both stages, the training plot, and progress as log lines."""
-
-import io
-import logging
-import sys
+"""The recipe's report: the grouped table of both stages and the training plot (progress: test_progress)."""
 
 import pytest
-from tqdm.auto import tqdm
 
-from calmrl_hf.training.progress import LoggedProgress, step_progress
 from calmrl_hf.recipe.report import DIRECTION_GROUPS, observed_pairs_mean, plot_training, results_table
 
 
@@ -69,28 +63,3 @@ def test_plot_has_both_stages(tmp_path, monkeypatch):
     for container in bars.containers:
         stage = container.get_label()
         assert [bar.get_height() for bar in container] == [results[stage][f"{d}/class_R@1"] for d in directions]
-
-
-def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(monkeypatch, caplog):
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    monkeypatch.setattr(sys, "stderr", Terminal())
-    assert isinstance(step_progress(10, 0, "training", enabled=True), tqdm)
-    monkeypatch.setattr(sys, "stderr", io.StringIO())
-    progress = step_progress(10, 2, "training stage1", enabled=True)
-    assert isinstance(progress, LoggedProgress)
-    silent = step_progress(10, 0, "training", enabled=False)  # the other processes
-    assert isinstance(silent, tqdm) and silent.disable
-    with caplog.at_level(logging.INFO, logger="calmrl_hf.training.progress"):
-        for step in range(8):
-            progress.update(1)
-            if (step + 1) % 4 == 0:
-                progress.set_postfix(loss="0.5000")
-        progress.close()
-    lines = [record.getMessage() for record in caplog.records]
-    assert len(lines) == 3
-    assert lines[0].startswith("training stage1: step 6/10 (60%), loss 0.5000,")
-    assert lines[1].startswith("training stage1: step 10/10 (100%)") and "about 0 s left" in lines[1]
-    assert lines[2].startswith("training stage1: 8 steps in")

@@ -33,9 +33,10 @@ class CalMRLCollator:
             inputs: remove them before `model(**batch)`.
 
     An example with no observed modality left (e.g. every file failed to decode with `on_error="skip"`) is dropped
-    and counted in `dropped_examples` (shared with DataLoader workers); the other examples keep their own
-    modalities, so pairings never shift. Example columns that are neither modalities of the processor nor passed
-    through are ignored (logged once).
+    and counted in `dropped_examples` (shared with DataLoader workers), not warned about batch by batch: `train`
+    tells the count at each logging step and in total at the end (a loop of one's own reads `dropped_examples`);
+    the other examples keep their own modalities, so pairings never shift. Example columns that are neither
+    modalities of the processor nor passed through are ignored (logged once).
     """
 
     def __init__(self, processor, sampling_rate: int | None = None,
@@ -63,8 +64,10 @@ class CalMRLCollator:
         kept = [e for e, keep in zip(examples, observed) if keep]
         if len(kept) < len(examples):
             self._dropped.add("dropped_examples", len(examples) - len(kept))
-            logger.warning("Dropped %d of %d examples with no observed modality (ids: %s).", len(examples) - len(kept),
-                           len(examples), [e.get("id") for e, keep in zip(examples, observed) if not keep][:5])
+            # counted, not warned: a warning every such batch, from every DataLoader worker, would bury the progress
+            # (train() tells the count at each logging step); the ids stay at debug level
+            logger.debug("Dropped %d of %d examples with no observed modality (ids: %s).", len(examples) - len(kept),
+                         len(examples), [e.get("id") for e, keep in zip(examples, observed) if not keep][:5])
         if not kept:
             raise ValueError(f"No example of this batch of {len(examples)} has an observed modality among {names}.")
         batch = self.processor(sampling_rate=self.sampling_rate,

@@ -2,6 +2,7 @@
 trained on, and a PNG of each stage's training loss, test Recall@1 over the steps and Recall@1 by direction.
 
     print(results_table(results))                  # results = {"stage1": {metric: value}, "stage2": {...}}
+    print(closing_line(results, seconds))          # the same headline as the table's last row
     plot_training(folder / "training.png", {"stage1": output1, "stage2": output2}, results)
 """
 
@@ -24,6 +25,7 @@ DIRECTION_GROUPS = (
 )
 HEADLINE = "class_R@1"
 MEAN_LABEL = "mean of the observed pairs"
+HEADLINE_NAME = f"test class R@1 (%), {MEAN_LABEL}"  # the table's last row, named where a line reports it
 
 
 def group_directions(metrics: dict[str, float]) -> list[tuple[str, list[str]]]:
@@ -42,6 +44,29 @@ def observed_pairs_mean(metrics: dict[str, float]) -> float:
     return sum(metrics[f"{d}/{HEADLINE}"] for d in directions) / len(directions)
 
 
+def headline(metrics: dict[str, float]) -> float | None:
+    """The main job's headline (`observed_pairs_mean`), or None where `metrics` lack an observed pair's
+    direction: the one number the table's last row, the stage lines and the closing line report."""
+    if not all(f"{d}/{HEADLINE}" in metrics for d in DIRECTION_GROUPS[0][1]):
+        return None
+    return observed_pairs_mean(metrics)
+
+
+def stage_line(stage: str, step: int, metrics: dict[str, float]) -> str:
+    """What the recipe logs as a stage ends: its step and test headline, named as the table names it."""
+    value = headline(metrics)
+    score = f"{HEADLINE_NAME} {value:.1f}" if value is not None else f"no {HEADLINE_NAME} (a direction is missing)"
+    return f"{stage} finished at step {step}: {score}"
+
+
+def closing_line(results: dict[str, dict[str, float]], seconds: float) -> str:
+    """The recipe's last line: the headline after each stage, as the table's last row has it, and the time."""
+    values = {stage: headline(metrics) for stage, metrics in results.items()}
+    scores = ", ".join(f"{value:.1f} after {stage}" for stage, value in values.items() if value is not None)
+    told = f"{HEADLINE_NAME}: {scores}. " if scores else ""
+    return f"{told}The recipe ran {seconds:.0f} s (from reading its config to this line)."
+
+
 def results_table(results: dict[str, dict[str, float]]) -> str:
     """A plain-text table: per direction, class-level and instance-level Recall@1 (%) after stage 1 and after
     stage 2 and the change, grouped by `DIRECTION_GROUPS`, with the observed pairs' mean."""
@@ -57,8 +82,8 @@ def results_table(results: dict[str, dict[str, float]]) -> str:
             lines.append(f"  {direction:<{width - 2}} {first[class_key]:>9.1f} {second[class_key]:>9.1f} "
                          f"{second[class_key] - first[class_key]:>+9.1f}   {first.get(instance_key, float('nan')):>7.1f} "
                          f"{second.get(instance_key, float('nan')):>7.1f}")
-    if all(f"{d}/{HEADLINE}" in second for d in DIRECTION_GROUPS[0][1]):
-        means = [observed_pairs_mean(stage) for stage in (first, second)]
+    means = [headline(stage) for stage in (first, second)]
+    if None not in means:
         lines.append(f"{MEAN_LABEL:<{width}} {means[0]:>9.1f} {means[1]:>9.1f} "
                      f"{means[1] - means[0]:>+9.1f}")
     return "\n".join(lines)
@@ -139,4 +164,5 @@ def plot_training(path: str | Path, losses: dict[str, tuple[int, list[float]]],
     return path
 
 
-__all__ = ["DIRECTION_GROUPS", "family_means", "group_directions", "observed_pairs_mean", "plot_training", "results_table"]
+__all__ = ["DIRECTION_GROUPS", "HEADLINE_NAME", "closing_line", "family_means", "group_directions", "headline",
+           "observed_pairs_mean", "plot_training", "results_table", "stage_line"]

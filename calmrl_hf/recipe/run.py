@@ -40,7 +40,7 @@ from ..training import CalMRLTrainingArguments, build_accelerator, train
 from ..training.checkpoints import ensure_writable_directory
 from ..training.progress import on_terminal
 from ..validation import unknown_name_message
-from .report import plot_training, results_table
+from .report import closing_line, plot_training, results_table, stage_line
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "mini_vast.yaml"
@@ -269,7 +269,7 @@ def report(output_dir: Path, results: dict, losses: dict, seconds: float, stage2
     print(f"\nSaved the model and processor to {final}" + (f" (training plot: {plot})" if plot else ""))
     print(f"Stage 2: {stage2}.")
     print(results_table(results))
-    print(f"The recipe ran {seconds:.0f} s (from reading its config to this table).")
+    print(closing_line(results, seconds))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -314,9 +314,8 @@ def run(args: argparse.Namespace) -> dict:
         results[stage] = result.metrics
         losses[f"{stage} ({objective})"] = (result.global_step, result.losses)  # the plot's legend
         evaluations[stage] = result.eval_history
-        if accelerator.is_main_process:
-            logger.info("%s finished at step %d: test mean R@1 %.1f (every direction)", stage, result.global_step,
-                        result.metrics.get("mean_R@1", float("nan")))
+        if accelerator.is_main_process:  # the table's headline, named as the table names it
+            logger.info("%s", stage_line(stage, result.global_step, result.metrics))
 
     if accelerator.is_main_process:
         report(output_dir, results, losses, time.perf_counter() - start,

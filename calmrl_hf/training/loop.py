@@ -178,41 +178,40 @@ def run_epochs(accelerator: Accelerator, args: CalMRLTrainingArguments, model, o
     `eval_history`."""
     losses: list[float] = []
     running_loss, running_count = torch.zeros((), device=accelerator.device), 0  # the micro-batches of one step
-    # a bar on a terminal, log lines every logging_steps in a log file
-    progress = step_progress(args.max_steps, position.global_step, f"training {Path(args.output_dir).name}",
-                             enabled=accelerator.is_local_main_process)
-    while position.global_step < args.max_steps:
-        resumed_mid_epoch = position.batches_in_epoch > 0
-        batches = epoch_batches(accelerator, train_loader, imputer_step, position, args.seed)
-        train_mode(model, accelerator, args)
-        for batch in batches:
-            position.batches_in_epoch += 1
-            running_loss += train_step(accelerator, model, optimizer, scheduler, imputer_step, calibration, batch,
-                                       args.max_grad_norm)
-            running_count += 1
-            if not accelerator.sync_gradients:  # inside a gradient accumulation
-                continue
-            position.global_step += 1
-            step = position.global_step
-            losses.append(accelerator.reduce(running_loss / running_count, reduction="mean").item())
-            running_loss.zero_()
-            running_count = 0
-            progress.update(1)
-            log_step(accelerator, args, scheduler, progress, step, losses[-1])
-            if eval_loader is not None and args.eval_steps and step % args.eval_steps == 0:
-                metrics = evaluate_during_training(accelerator, args, model, eval_loader, step)
-                if eval_history is not None:
-                    eval_history.append((step, metrics))
-            if args.save_steps and step % args.save_steps == 0:
-                checkpoints.save(position)
-            if step >= args.max_steps:
-                break
-        else:  # the epoch ran out (after a resume: the rest of the interrupted one)
-            position.epoch += 1
-            position.batches_in_epoch = 0
-            if position.global_step == 0 and not resumed_mid_epoch:
-                raise ValueError("The train dataset yields no full batch: lower the batch size.")
-    progress.close()
+    # a bar on a terminal (also under accelerate launch), elsewhere a line on stderr every logging_steps
+    with step_progress(args.max_steps, position.global_step, f"training {Path(args.output_dir).name}",
+                       enabled=accelerator.is_local_main_process) as progress:
+        while position.global_step < args.max_steps:
+            resumed_mid_epoch = position.batches_in_epoch > 0
+            batches = epoch_batches(accelerator, train_loader, imputer_step, position, args.seed)
+            train_mode(model, accelerator, args)
+            for batch in batches:
+                position.batches_in_epoch += 1
+                running_loss += train_step(accelerator, model, optimizer, scheduler, imputer_step, calibration, batch,
+                                           args.max_grad_norm)
+                running_count += 1
+                if not accelerator.sync_gradients:  # inside a gradient accumulation
+                    continue
+                position.global_step += 1
+                step = position.global_step
+                losses.append(accelerator.reduce(running_loss / running_count, reduction="mean").item())
+                running_loss.zero_()
+                running_count = 0
+                progress.update(1)
+                log_step(accelerator, args, scheduler, progress, step, losses[-1], train_loader.collate_fn)
+                if eval_loader is not None and args.eval_steps and step % args.eval_steps == 0:
+                    metrics = evaluate_during_training(accelerator, args, model, eval_loader, step)
+                    if eval_history is not None:
+                        eval_history.append((step, metrics))
+                if args.save_steps and step % args.save_steps == 0:
+                    checkpoints.save(position)
+                if step >= args.max_steps:
+                    break
+            else:  # the epoch ran out (after a resume: the rest of the interrupted one)
+                position.epoch += 1
+                position.batches_in_epoch = 0
+                if position.global_step == 0 and not resumed_mid_epoch:
+                    raise ValueError("The train dataset yields no full batch: lower the batch size.")
     return losses
 
 
@@ -262,12 +261,23 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, imputer_st
 
 
 def log_step(accelerator: Accelerator, args: CalMRLTrainingArguments, scheduler, progress, step: int,
-             loss: float) -> None:
-    """The step's loss on the progress bar and, with trackers, loss and learning rate, every `logging_steps`."""
+             loss: float, collate_fn: Callable | None = None) -> None:
+    """Every `logging_steps`: the step's loss and the examples the collator dropped so far (its
+    `dropped_examples`, summed over processes) on the progress (`step_progress`) and, with trackers, loss and
+    learning rate. Every process calls it at the same steps (the sum is a collective)."""
     if step % args.logging_steps == 0 or step == args.max_steps:
-        progress.set_postfix(loss=f"{loss:.4f}")
+        progress.log(loss, dropped=dropped_examples(accelerator, collate_fn))
         if args.report_to:
             accelerator.log({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0]}, step=step)
+
+
+def dropped_examples(accelerator: Accelerator, collate_fn: Callable | None) -> int:
+    """The examples `collate_fn` dropped so far on every process (`CalMRLCollator.dropped_examples`, counted in
+    the DataLoader workers too); 0 for a collate function that drops none."""
+    count = getattr(collate_fn, "dropped_examples", None)
+    if not isinstance(count, int):
+        return 0
+    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), reduction="sum").item())
 
 
 def evaluate_during_training(accelerator: Accelerator, args: CalMRLTrainingArguments, model,
@@ -349,5 +359,6 @@ def save_peft_model(accelerator: Accelerator, args: CalMRLTrainingArguments, pef
         merged.save_pretrained(args.output_dir)
 
 
-__all__ = ["TrainOutput", "TrainPosition", "epoch_batches", "evaluate_during_training", "finish", "log_step",
-           "is_peft_model", "run_epochs", "save_final_model", "save_peft_model", "train", "train_mode", "train_step"]
+__all__ = ["TrainOutput", "TrainPosition", "dropped_examples", "epoch_batches", "evaluate_during_training", "finish",
+           "log_step", "is_peft_model", "run_epochs", "save_final_model", "save_peft_model", "train", "train_mode",
+           "train_step"]
