@@ -2,6 +2,7 @@
 batches."""
 
 import csv
+import logging
 import json
 
 import numpy as np
@@ -16,6 +17,7 @@ from media_fixtures import RATE, frame_levels, write_image, write_video, write_w
 from calmrl_hf.data import (
     CalMRLCollator,
     DecodingFailures,
+    MediaDecoder,
     MediaDecodingError,
     align_modalities,
     concatenate,
@@ -345,6 +347,22 @@ def test_counts_survive_dataloader_workers(corpus, processor):
     batches = list(loader)  # decoding and collation happen in the worker processes
     assert sum(len(b["ids"]) for b in batches) == 3
     assert failures.counts == {"vision": 2, "audio": 0} and collator.dropped_examples == 1
+
+
+def test_skipped_files_are_warned_of_a_few_times_then_counted(corpus, caplog):
+    """A training bar is not broken by a warning per unreadable file: the first `warned_skips` are warned of (the
+    last one saying the rest are only counted), the others go to debug, and every one is counted."""
+    for name in ("clip0.mp4", "clip1.mp4", "clip2.mp4"):
+        (corpus["videos"] / name).write_bytes(b"garbage")
+    ds = load_vast(corpus["vast"], corpus["videos"], corpus["audios"], modalities=["vision", "audio"])
+    decoder = MediaDecoder({"vision": "vision", "audio": "audio"}, num_frames=2, on_error="skip")
+    decoder.warned_skips = 2
+    with caplog.at_level(logging.DEBUG, logger="calmrl_hf.data.media"):
+        decoder(ds[:])
+    skips = [r for r in caplog.records if r.getMessage().startswith("Skipping vision")]
+    assert [r.levelno for r in skips] == [logging.WARNING, logging.WARNING, logging.DEBUG]
+    assert "not warned of" in skips[1].getMessage() and "not warned of" not in skips[0].getMessage()
+    assert decoder.failures.counts["vision"] == 3
 
 
 # ------------------------------------------------------------------------------------------------ mixing, splitting

@@ -328,6 +328,7 @@ class MediaDecoder:
             raise ValueError(f"media_roots names {stray}, which are not among the modalities "
                              f"{list(self.modality_kinds)}.")
         self.num_frames, self.sampling_rate, self.on_error = num_frames, sampling_rate, on_error
+        self.warned_skips = 3  # skipped files warned of, one by one; the later ones only counted
         self.failures = failures if failures is not None else DecodingFailures(list(self.modality_kinds))
         missing = [m for m in self.modality_kinds if m not in self.failures.names]
         if missing:
@@ -353,7 +354,12 @@ class MediaDecoder:
                     raise
                 raise MediaDecodingError(f"{error} [modality {name!r} of example {example_id!r}]",
                                          error.path) from error
-            logger.warning("Skipping %s of example %r: %s", name, example_id, error)
+            skipped = sum(self.failures.counts.values())
+            # the first few are told; the rest counted in `failures`, never a warning per file on a training bar
+            log = logger.warning if skipped < self.warned_skips else logger.debug
+            log("Skipping %s of example %r: %s%s", name, example_id, error,
+                f" (further skipped files are counted in the decoder's `failures`, not warned of)"
+                if skipped == self.warned_skips - 1 else "")
             self.failures.record(name, value)
             return None, False
 
