@@ -214,7 +214,7 @@ def test_each_entry_point_reads_once_at_its_door_and_once_after_the_towers(fitte
         assert reads.count() == expected, (name, reads.summary())
 
 
-# ---------------------------------------------------------------------------------------------- same as boolean indexing
+# --------------------------------------------------------------------------------------------- as boolean indexing
 def random_mask(rows: int, k: int, seed: int) -> torch.Tensor:
     mask = torch.rand(rows, k, generator=torch.Generator().manual_seed(seed)) > 0.5
     mask[torch.arange(rows), torch.randint(k, (rows,), generator=torch.Generator().manual_seed(seed + 1))] = True
