@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .collective import gather_with_grad, world_size
+from .host_mask import HostMask
 from .validation import check_embeddings
 
 
@@ -123,6 +124,14 @@ def _observed(embeddings: torch.Tensor, modality_mask: torch.Tensor | None) -> t
     if modality_mask is None:
         return torch.ones(embeddings.shape[:2], dtype=torch.bool, device=embeddings.device)
     return modality_mask
+
+
+def _on_host(mask: torch.Tensor, modality_mask: torch.Tensor | None, host_mask: HostMask | None) -> HostMask:
+    """`mask` (`_observed`'s) with its host copy, for selecting rows without reading the device back: the caller's
+    (`host_mask`, the model's), all True without a modality_mask, else read (one sync)."""
+    if host_mask is not None:
+        return host_mask
+    return HostMask.all_true(mask) if modality_mask is None else HostMask.read(mask)
 
 
 def _masked(embeddings: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -412,17 +421,19 @@ def gram_loss(
 
 @_full_precision
 def _gram_loss(embeddings, modality_mask, temperature, label_smoothing: float, anchor: int,
-               gather_fn: GatherFn | None) -> torch.Tensor:
-    """`gram_loss` on a batch validated before."""
+               gather_fn: GatherFn | None, host_mask: HostMask | None = None) -> torch.Tensor:
+    """`gram_loss` on a batch validated before (`host_mask`: the mask's host copy, nothing read back)."""
     mask = _observed(embeddings, modality_mask)
+    host = _on_host(mask, modality_mask, host_mask)
     anchor = _anchor_index(anchor, mask.shape[1])
     temperature, label_smoothing = clamp_temperature(temperature), _label_smoothing(label_smoothing)
     if mask.shape[1] < 2:
         raise ValueError(f"gram_loss needs at least two modalities, got k={mask.shape[1]}.")
     others = [m for m in range(mask.shape[1]) if m != anchor]
-    keep = mask[:, anchor] & mask[:, others].any(dim=1)
-    columns = _masked(embeddings, modality_mask)[keep]  # [n, k, d]
-    packed = torch.cat([columns, mask[keep].unsqueeze(-1).to(columns.dtype)], dim=-1)  # the mask travels along
+    keep = host.column(anchor) & host.columns(others).any_per_row()
+    columns = _masked(embeddings, modality_mask)[keep.rows()]  # [n, k, d]
+    kept_mask = mask[keep.rows()]
+    packed = torch.cat([columns, kept_mask.unsqueeze(-1).to(columns.dtype)], dim=-1)  # the mask travels along
 
     def unpack(gathered):  # [N, k, d], [N, k]
         return gathered[..., :-1], gathered[..., -1].detach() > 0.5
@@ -430,7 +441,7 @@ def _gram_loss(embeddings, modality_mask, temperature, label_smoothing: float, a
     def volumes(anchors_of, columns_of):
         return _volume_between(anchors_of[0][:, anchor], columns_of[0], columns_of[1], anchor)
 
-    return _anchor_contrast((columns, mask[keep]), packed, unpack, volumes, temperature=temperature,
+    return _anchor_contrast((columns, kept_mask), packed, unpack, volumes, temperature=temperature,
                             label_smoothing=label_smoothing, gather_fn=gather_fn,
                             nobody=f"gram_loss: no instance observes the anchor modality {anchor} together with "
                                    f"another modality.")
@@ -496,13 +507,15 @@ def triangle_loss(
 
 @_full_precision
 def _triangle_loss(embeddings, modality_mask, temperature, label_smoothing: float, anchor: int,
-                   modalities: list[int] | None, true_area: bool, gather_fn: GatherFn | None) -> torch.Tensor:
-    """`triangle_loss` on a batch validated before."""
+                   modalities: list[int] | None, true_area: bool, gather_fn: GatherFn | None,
+                   host_mask: HostMask | None = None) -> torch.Tensor:
+    """`triangle_loss` on a batch validated before (`host_mask`: the mask's host copy, nothing read back)."""
     mask = _observed(embeddings, modality_mask)
+    host = _on_host(mask, modality_mask, host_mask)
     temperature, label_smoothing = clamp_temperature(temperature), _label_smoothing(label_smoothing)
     modalities, first, second = _triangle_modalities(mask.shape[1], anchor, modalities)
-    keep = mask[:, modalities].all(dim=1)
-    local = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))[keep][:, [anchor, first, second]]
+    keep = host.columns(modalities).all_per_row()
+    local = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))[keep.rows()][:, [anchor, first, second]]
 
     def areas(anchors_of, columns_of):  # instances [n, 3, d]: anchor, first, second
         return _area_between(anchors_of[:, 0], columns_of[:, 1], columns_of[:, 2], true_area)
@@ -513,13 +526,13 @@ def _triangle_loss(embeddings, modality_mask, temperature, label_smoothing: floa
 
 
 # ---------------------------------------------------------------------------- InfoNCE baselines
-def _pair_infonce(columns, mask, pairs, temperature, gather_fn: GatherFn | None = None) -> torch.Tensor:
+def _pair_infonce(columns, mask: HostMask, pairs, temperature, gather_fn: GatherFn | None = None) -> torch.Tensor:
     """Mean over pairs (a, b) with >= 2 rows observing both (of every process, with `gather_fn`) of the symmetric
     CLIP loss on those rows; every process gathers every pair, whatever its own rows."""
     losses = []
     for a, b in pairs:
-        both = mask[:, a] & mask[:, b]
-        local = columns[both][:, [a, b]]  # [n, 2, d]
+        both = mask.column(a) & mask.column(b)
+        local = columns[both.rows()][:, [a, b]]  # [n, 2, d]
         gathered, offset, world = _gather(gather_fn, local)  # [N, 2, d]
         if gathered.shape[0] < 2:  # no negative: the pair carries no contrast
             continue
@@ -541,13 +554,14 @@ def anchor_infonce_loss(embeddings: torch.Tensor, modality_mask: torch.Tensor | 
 
 
 @_full_precision
-def _anchor_infonce_loss(embeddings, modality_mask, anchor: int, temperature,
-                         gather_fn: GatherFn | None) -> torch.Tensor:
-    """`anchor_infonce_loss` on a batch validated before."""
+def _anchor_infonce_loss(embeddings, modality_mask, anchor: int, temperature, gather_fn: GatherFn | None,
+                         host_mask: HostMask | None = None) -> torch.Tensor:
+    """`anchor_infonce_loss` on a batch validated before (`host_mask`: the mask's host copy, nothing read back)."""
     mask = _observed(embeddings, modality_mask)
     anchor = _anchor_index(anchor, mask.shape[1])
     pairs = [(anchor, m) for m in range(mask.shape[1]) if m != anchor]
-    return _pair_infonce(_masked(embeddings, modality_mask), mask, pairs, clamp_temperature(temperature), gather_fn)
+    return _pair_infonce(_masked(embeddings, modality_mask), _on_host(mask, modality_mask, host_mask), pairs,
+                         clamp_temperature(temperature), gather_fn)
 
 
 def pairwise_infonce_loss(embeddings: torch.Tensor, modality_mask: torch.Tensor | None = None, *,
@@ -559,12 +573,14 @@ def pairwise_infonce_loss(embeddings: torch.Tensor, modality_mask: torch.Tensor 
 
 
 @_full_precision
-def _pairwise_infonce_loss(embeddings, modality_mask, temperature, gather_fn: GatherFn | None) -> torch.Tensor:
-    """`pairwise_infonce_loss` on a batch validated before."""
+def _pairwise_infonce_loss(embeddings, modality_mask, temperature, gather_fn: GatherFn | None,
+                           host_mask: HostMask | None = None) -> torch.Tensor:
+    """`pairwise_infonce_loss` on a batch validated before (`host_mask`: the mask's host copy, nothing read back)."""
     mask = _observed(embeddings, modality_mask)
     k = mask.shape[1]
     pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
-    return _pair_infonce(_masked(embeddings, modality_mask), mask, pairs, clamp_temperature(temperature), gather_fn)
+    return _pair_infonce(_masked(embeddings, modality_mask), _on_host(mask, modality_mask, host_mask), pairs,
+                         clamp_temperature(temperature), gather_fn)
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, modality_mask: torch.Tensor | None = None, *,
@@ -591,7 +607,8 @@ def _distillation_loss(student, teacher, modality_mask, temperature, gather_fn: 
     columns = torch.cat([_masked(student, modality_mask), _masked(teacher.detach().to(student.dtype), modality_mask)],
                         dim=1)  # [B, 2k, D]: column m the student's, column k + m the teacher's
     pairs = [(m, k + m) for m in range(k)]
-    return _pair_infonce(columns, torch.cat([mask, mask], dim=1), pairs, clamp_temperature(temperature), gather_fn)
+    host = _on_host(mask, modality_mask, None)
+    return _pair_infonce(columns, HostMask.cat([host, host], dim=1), pairs, clamp_temperature(temperature), gather_fn)
 
 
 # ---------------------------------------------------------------------------- anchor shift (Theorem 1)
@@ -629,10 +646,11 @@ def calibrated_anchor_shift(true_embeddings: torch.Tensor, calibrated_embeddings
 # ---------------------------------------------------------------------------- the objective registry
 @dataclass(frozen=True)
 class Objective:
-    """An entry of `OBJECTIVES`: `loss(embeddings, modality_mask, config, temperature)` is the objective with its
-    settings read from a `CalMRLConfig` (the fields named in `config_keys`); `temperature` is the model's
-    (learnable) contrastive temperature, clamped inside the loss. The batch is not validated again: the model
-    validated it where it entered (the public `*_loss` functions check theirs)."""
+    """An entry of `OBJECTIVES`: `loss(embeddings, modality_mask, config, temperature, host_mask=None)` is the
+    objective with its settings read from a `CalMRLConfig` (the fields named in `config_keys`); `temperature` is the
+    model's (learnable) contrastive temperature, clamped inside the loss; `host_mask` the mask's `HostMask` (the
+    objectives that select rows then read nothing back). The batch is not validated again: the model validated it
+    where it entered (the public `*_loss` functions check theirs)."""
 
     loss: Callable[..., torch.Tensor]
     config_keys: tuple[str, ...]
@@ -647,30 +665,31 @@ def _gather_fn(config) -> GatherFn | None:
     return gather_with_grad if config.gather_across_processes and world_size() > 1 else None
 
 
-def _pmrl_objective(embeddings, modality_mask, config, temperature):
+def _pmrl_objective(embeddings, modality_mask, config, temperature, host_mask=None):
     return _pmrl_loss(embeddings, modality_mask, config.pmrl_tau1, config.pmrl_tau2, _gather_fn(config))
 
 
-def _gram_objective(embeddings, modality_mask, config, temperature):
+def _gram_objective(embeddings, modality_mask, config, temperature, host_mask=None):
     return _gram_loss(embeddings, modality_mask, temperature, config.label_smoothing, _anchor_of(config),
-                      _gather_fn(config))
+                      _gather_fn(config), host_mask)
 
 
-def _triangle_objective(embeddings, modality_mask, config, temperature):
+def _triangle_objective(embeddings, modality_mask, config, temperature, host_mask=None):
     anchor, modalities = _anchor_of(config), None
     if config.triangle_modalities is not None:  # the three named modalities, the first one the anchor
         modalities = [config.modality_index(m) for m in config.triangle_modalities]
         anchor = modalities[0]
     return _triangle_loss(embeddings, modality_mask, temperature, config.label_smoothing, anchor, modalities,
-                          False, _gather_fn(config))
+                          False, _gather_fn(config), host_mask)
 
 
-def _anchor_infonce_objective(embeddings, modality_mask, config, temperature):
-    return _anchor_infonce_loss(embeddings, modality_mask, _anchor_of(config), temperature, _gather_fn(config))
+def _anchor_infonce_objective(embeddings, modality_mask, config, temperature, host_mask=None):
+    return _anchor_infonce_loss(embeddings, modality_mask, _anchor_of(config), temperature, _gather_fn(config),
+                                host_mask)
 
 
-def _pairwise_infonce_objective(embeddings, modality_mask, config, temperature):
-    return _pairwise_infonce_loss(embeddings, modality_mask, temperature, _gather_fn(config))
+def _pairwise_infonce_objective(embeddings, modality_mask, config, temperature, host_mask=None):
+    return _pairwise_infonce_loss(embeddings, modality_mask, temperature, _gather_fn(config), host_mask)
 
 
 _CONTRASTIVE_KEYS = ("temperature", "learnable_temperature")

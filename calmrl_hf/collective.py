@@ -49,10 +49,10 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """
     if world_size() == 1:
         return tensor, 0
-    padded, valid, _ = gather_padded(tensor)
-    counts = valid.view(world_size(), -1).sum(dim=1)
-    offset = int(counts[: dist.get_rank()].sum())
-    return padded[valid], offset
+    padded, rows, max_rows = _gather_rows(tensor)
+    # each process's rows are the first of its block of max_rows: slices, not a boolean index (no read)
+    gathered = torch.cat([padded[rank * max_rows : rank * max_rows + count] for rank, count in enumerate(rows)])
+    return gathered, sum(rows[: dist.get_rank()])
 
 
 def gather_padded(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -65,19 +65,28 @@ def gather_padded(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int
     """
     if world_size() == 1:
         return tensor, torch.ones(tensor.shape[0], dtype=torch.bool, device=tensor.device), 0
+    gathered, rows, max_rows = _gather_rows(tensor)
+    valid = torch.cat([torch.arange(max_rows, device=tensor.device) < count for count in rows])
+    return gathered, valid, dist.get_rank() * max_rows
+
+
+def _gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int], int]:
+    """(the rows of every process padded to the largest number [world * max_rows, ...], each process's number of
+    rows, max_rows): the sizes travel first and are read back once, the one sync of a gather."""
     is_bool = tensor.dtype == torch.bool
     local = tensor.to(torch.uint8) if is_bool else tensor
-    sizes = torch.tensor([local.shape[0], local.shape[1] if local.dim() > 1 else 0], device=local.device)
+    sizes = torch.full((2,), local.shape[0], dtype=torch.long, device=local.device)  # fills: no host-to-device copy
+    sizes[1] = local.shape[1] if local.dim() > 1 else 0
     all_sizes = [torch.zeros_like(sizes) for _ in range(dist.get_world_size())]
     dist.all_gather(all_sizes, sizes)
-    max_rows = int(max(size[0] for size in all_sizes))
+    shapes = torch.stack(all_sizes).tolist()  # [[rows, tokens] of each process]
+    max_rows = max(rows for rows, _ in shapes)
     padding = [0, 0] * (local.dim() - 1) + [0, max_rows - local.shape[0]]  # F.pad order: last dim first
     if local.dim() > 1:  # token axes ([n, L, H] states, [n, L] masks) may differ too; other sizes pad by 0
-        padding[-3] = int(max(size[1] for size in all_sizes)) - local.shape[1]  # right side of dim 1
+        padding[-3] = max(tokens for _, tokens in shapes) - local.shape[1]  # right side of dim 1
     padded = torch.nn.functional.pad(local, padding)
     gathered = _AllGatherWithLocalGrad.apply(padded) if padded.is_floating_point() else _gather_plain(padded)
-    valid = torch.cat([torch.arange(max_rows, device=local.device) < size[0] for size in all_sizes])
-    return (gathered.bool() if is_bool else gathered), valid, dist.get_rank() * max_rows
+    return (gathered.bool() if is_bool else gathered), [rows for rows, _ in shapes], max_rows
 
 
 def _gather_plain(tensor: torch.Tensor) -> torch.Tensor:

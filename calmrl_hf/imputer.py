@@ -31,10 +31,12 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from .validation import check_embeddings
+from .host_mask import HostMask, rows_where
+from .validation import ValueCheck, check_embeddings, read_check
 
 
 logger = logging.getLogger(__name__)
@@ -135,10 +137,21 @@ def _compute_dtype(z: torch.Tensor) -> torch.dtype:
     return torch.float64 if z.dtype == torch.float64 else torch.float32
 
 
+def _patterns_on_device(codes: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.unique(codes, return_inverse=True)` of row codes [N] holding `count` distinct values, without reading
+    that count back: (the distinct codes, increasing [count]; the index of each row's code [N])."""
+    ordered = codes.sort().values
+    first = torch.ones_like(ordered, dtype=torch.bool)  # the first row of each run of one code
+    first[1:] = ordered[1:] != ordered[:-1]
+    pattern_codes = ordered[rows_where(first, count)]
+    return pattern_codes, torch.searchsorted(pattern_codes, codes)
+
+
 def _posterior_by_pattern(z: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                          noise_var: torch.Tensor) -> _EStep:
+                          noise_var: torch.Tensor, host_mask: HostMask | None = None) -> _EStep:
     """The E-step: posterior of the shared latent of each row of z [N, k, d] given its observed modalities, with the
-    parameters W [k, d, q], mu [k, d], s2 [k] in the compute dtype."""
+    parameters W [k, d, q], mu [k, d], s2 [k] in the compute dtype. With `host_mask` (`mask` and its host copy) the
+    patterns and their rows are found without reading anything back."""
     dtype = weight.dtype
     n, k, d = z.shape
     # torch.where (not * 0) so that NaN in a missing slot cannot leak
@@ -152,12 +165,19 @@ def _posterior_by_pattern(z: torch.Tensor, mask: torch.Tensor, weight: torch.Ten
     # one Cholesky per missingness pattern: P_p = I + sum_{m in p} W_m^T W_m / s2_m
     powers = 2 ** torch.arange(k, device=mask.device)
     codes = (mask.long() * powers).sum(dim=1)
-    pattern_codes, pattern_index = torch.unique(codes, return_inverse=True)
+    if host_mask is None:
+        pattern_codes, pattern_index = torch.unique(codes, return_inverse=True)
+        rows_per_pattern = None
+    else:
+        rows_per_pattern = [rows for _, rows in host_mask.pattern_counts()]
+        pattern_codes, pattern_index = _patterns_on_device(codes, len(rows_per_pattern))
     pattern_masks = (pattern_codes.unsqueeze(1) & powers) > 0  # [p, k]
     gram = torch.einsum("kdq,kdr->kqr", weight, scaled_weight)  # W_m^T W_m / s2_m  [k, q, q]
     eye = torch.eye(weight.shape[-1], dtype=dtype, device=z.device)
     precision = eye + torch.einsum("pk,kqr->pqr", pattern_masks.to(dtype), gram)
-    cholesky = torch.linalg.cholesky(precision)
+    # P_p = I + a positive semi-definite sum (s2_m >= the noise floor > 0) cannot fail to factor: no error check (it
+    # would read the factorisation's status back from the device)
+    cholesky, _ = torch.linalg.cholesky_ex(precision)
     pattern_cov = torch.cholesky_inverse(cholesky)  # V_p  [p, q, q]
     logdet = 2.0 * cholesky.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     # m_i = V_p b_i, solved per pattern (rows of one pattern share V_p)
@@ -166,7 +186,8 @@ def _posterior_by_pattern(z: torch.Tensor, mask: torch.Tensor, weight: torch.Ten
     else:
         latent_mean = torch.empty_like(precision_times_mean)
         for p in range(pattern_codes.numel()):
-            rows = (pattern_index == p).nonzero().flatten()
+            rows = ((pattern_index == p).nonzero().flatten() if rows_per_pattern is None
+                    else rows_where(pattern_index == p, rows_per_pattern[p]))
             latent_mean = latent_mean.index_copy(0, rows, precision_times_mean[rows] @ pattern_cov[p])
     return _EStep(latent_mean, pattern_index, pattern_masks, pattern_cov, logdet, precision_times_mean, observed)
 
@@ -204,8 +225,9 @@ def _solve_m_step(A: torch.Tensor, B: torch.Tensor, c: torch.Tensor, count: torc
     d, q1 = B.shape[1], B.shape[2]
     eye = torch.eye(q1, dtype=torch.float64, device=A.device)
     ridge = ridge * count.clamp_min(1.0)[:, None, None] * eye  # solve, don't invert; tiny relative ridge
-    # [W_m, mu_m] = B_m A_m^{-1}  (A symmetric: solve A X = B^T, then transpose)
-    loading = torch.linalg.solve(A + ridge, B.transpose(1, 2)).transpose(1, 2)  # [a, d, q+1]
+    # [W_m, mu_m] = B_m A_m^{-1}  (A symmetric: solve A X = B^T, then transpose); A_m + ridge is positive definite,
+    # so the solve needs no error check (it would read its status back from the device)
+    loading = torch.linalg.solve_ex(A + ridge, B.transpose(1, 2))[0].transpose(1, 2)  # [a, d, q+1]
     # s2_m = (c_m - 2 <[W_m, mu_m], B_m> + tr([W_m, mu_m]^T [W_m, mu_m] A_m)) / (N_m d)
     cross = (loading * B).sum(dim=(1, 2))
     quadratic = torch.einsum("adq,adr,aqr->a", loading, loading, A)
@@ -281,6 +303,7 @@ class PPCAImputer(nn.Module):
         self.register_buffer("fitted", torch.empty(num_modalities))
         # which modality each row models: a reordered config must not hand the rows to other modalities
         self.register_buffer("modality_codes", modality_name_codes(names))
+        self._fitted_host: np.ndarray | None = None  # `fitted_modalities` on the host (`fitted_on_host`)
         self.reset_parameters()
 
     def extra_repr(self) -> str:
@@ -307,6 +330,7 @@ class PPCAImputer(nn.Module):
         self.mean.zero_()
         self.noise_var.fill_(self.init_noise_var)
         self.fitted.zero_()
+        self._fitted_host = None
 
     def check_modality_order(self) -> None:
         """Refuse rows saved for another modality order than `modality_names` (a config edited after fitting)."""
@@ -324,6 +348,22 @@ class PPCAImputer(nn.Module):
         """Bool [k]: modalities that have been fitted (the others keep their prior and are not imputed)."""
         return self.fitted > 0
 
+    def remember_fitted(self, values) -> None:
+        """Keep `fitted_modalities` as read on the host (by a door, with its checks: no read of its own)."""
+        self._fitted_host = np.asarray(values, dtype=bool)
+
+    def fitted_on_host(self, device: torch.device | None = None) -> HostMask:
+        """`fitted_modalities` (on `device`) with its host copy: what the last door read (`remember_fitted`) as the
+        M-steps since left it; read now (one sync) when no copy is known."""
+        fitted = self.fitted_modalities
+        if self._fitted_host is None:
+            self.remember_fitted(fitted.cpu().numpy())
+        return HostMask(fitted if device is None else fitted.to(device), self._fitted_host)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._fitted_host = None  # other buffers: the host copy of `fitted` is stale
+        super()._load_from_state_dict(*args, **kwargs)
+
     # ------------------------------------------------------------------ validation
     def _validate(self, z: torch.Tensor, mask: torch.Tensor) -> None:
         """The door of every public method taking a batch: shapes, then `check_values`."""
@@ -334,27 +374,29 @@ class PPCAImputer(nn.Module):
     def check_values(self, z: torch.Tensor, mask: torch.Tensor) -> None:
         """Refuse NaN, inf, or entries too large for the statistics (`max_abs_value`) in the slots of z [N, k, d]
         that `mask` [N, k] observes (missing slots may hold anything)."""
+        read_check(self.values_check(z, mask))
+
+    def values_check(self, z: torch.Tensor, mask: torch.Tensor) -> ValueCheck:
+        """`check_values`' check, not read yet (a door reads it with its other checks)."""
         limit = self.max_abs_value(z.dtype)
-        if z.numel():
-            low, high = torch.aminmax(z.detach())  # one pass; NaN anywhere fails the test: the slow path
-            if max(-float(low), float(high)) <= limit:
-                return
-        # where exactly: the largest |entry| of each row and modality, NaN or inf where an entry is, without an
-        # [N, k, d] temporary
-        peak = torch.maximum(z.amax(dim=-1), -z.amin(dim=-1)) if z.numel() else z.sum(dim=-1)  # [N, k]
-        bad = (mask & ~torch.isfinite(peak)).nonzero()
-        if bad.numel():
-            row, modality = bad[0].tolist()
-            raise ValueError(f"z has NaN or inf in an observed entry (row {row}, modality {modality}; "
-                             f"{bad.shape[0]} such entries).")
-        large = (mask & (peak > limit)).nonzero()
-        if large.numel():
-            row, modality = large[0].tolist()
-            raise ValueError(
-                f"z has entries up to {float(peak[mask].max()):.3g} in observed slots (row {row}, modality "
-                f"{modality}); the imputer's {_compute_dtype(z)} statistics (sums of squares over {self.dim} "
-                f"coordinates and up to {_CHUNK_ROWS} rows) overflow beyond {limit:.3g}. Rescale the embeddings "
-                f"(CalMRL's are unit-norm) or pass float64.")
+        low, high = torch.aminmax(z.detach(), dim=-1)  # one pass
+        peak = torch.maximum(high, -low)  # the largest |entry| of each row and modality, NaN where one is  [N, k]
+
+        def message(flags: list[int]) -> str | None:
+            if not flags[0]:
+                return None
+            bad = (mask & ~torch.isfinite(peak)).nonzero()
+            if bad.numel():
+                row, modality = bad[0].tolist()
+                return (f"z has NaN or inf in an observed entry (row {row}, modality {modality}; "
+                        f"{bad.shape[0]} such entries).")
+            row, modality = (mask & (peak > limit)).nonzero()[0].tolist()
+            return (f"z has entries up to {float(peak[mask].max()):.3g} in observed slots (row {row}, modality "
+                    f"{modality}); the imputer's {_compute_dtype(z)} statistics (sums of squares over {self.dim} "
+                    f"coordinates and up to {_CHUNK_ROWS} rows) overflow beyond {limit:.3g}. Rescale the embeddings "
+                    f"(CalMRL's are unit-norm) or pass float64.")
+
+        return (mask & ~(peak <= limit)).any().reshape(1), message
 
     def max_abs_value(self, dtype: torch.dtype) -> float:
         """The largest |entry| of z whose statistics cannot overflow: each chunk of up to `_CHUNK_ROWS` rows sums
@@ -366,12 +408,12 @@ class PPCAImputer(nn.Module):
         return (self.weight.to(device=device, dtype=dtype), self.mean.to(device=device, dtype=dtype),
                 self.noise_var.to(device=device, dtype=dtype))
 
-    def _e_step(self, z: torch.Tensor, mask: torch.Tensor) -> _EStep:
-        return _posterior_by_pattern(z, mask, *self._parameters_as(_compute_dtype(z), z.device))
+    def _e_step(self, z: torch.Tensor, mask: torch.Tensor, host_mask: HostMask | None = None) -> _EStep:
+        return _posterior_by_pattern(z, mask, *self._parameters_as(_compute_dtype(z), z.device), host_mask)
 
     # ------------------------------------------------------------------ inference
     # Each public method validates its batch once and runs its unchecked `_` twin, which the model calls on the
-    # embeddings it validated where they entered it.
+    # embeddings it validated where they entered it, with the mask's host copy (`host_mask`: nothing read back).
     def impute(self, z: torch.Tensor, mask: torch.Tensor, *, return_covariance: bool = False):
         """Fill the missing slots of z [N, k, d] with their posterior mean W_{m'} m_i + mu_{m'}.
 
@@ -382,8 +424,9 @@ class PPCAImputer(nn.Module):
         self._validate(z, mask)
         return self._impute(z, mask, return_covariance)
 
-    def _impute(self, z: torch.Tensor, mask: torch.Tensor, return_covariance: bool = False):
-        e = self._e_step(z, mask)
+    def _impute(self, z: torch.Tensor, mask: torch.Tensor, return_covariance: bool = False,
+                host_mask: HostMask | None = None):
+        e = self._e_step(z, mask, host_mask)
         weight, mean, noise_var = self._parameters_as(e.mean.dtype, z.device)
         predicted = torch.einsum("nq,kdq->nkd", e.mean, weight) + mean  # [N, k, d]
         imputed = torch.where(mask.unsqueeze(-1), z, predicted.to(z.dtype))
@@ -402,8 +445,9 @@ class PPCAImputer(nn.Module):
         self._validate(z, mask)
         return self._imputation_variance(z, mask)
 
-    def _imputation_variance(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        e = self._e_step(z, mask)
+    def _imputation_variance(self, z: torch.Tensor, mask: torch.Tensor,
+                             host_mask: HostMask | None = None) -> torch.Tensor:
+        e = self._e_step(z, mask, host_mask)
         weight, _, noise_var = self._parameters_as(e.mean.dtype, z.device)
         # diag(W V W^T)_d = sum_{q,r} W_dq V_qr W_dr, per pattern and modality: [p, k]
         explained = torch.einsum("kdq,pqr,kdr->pk", weight, e.pattern_cov, weight) / self.dim
@@ -437,8 +481,9 @@ class PPCAImputer(nn.Module):
         return self._sufficient_statistics(z, mask)
 
     @torch.no_grad()
-    def _sufficient_statistics(self, z: torch.Tensor, mask: torch.Tensor) -> PPCAStatistics:
-        return _accumulate_statistics(self._e_step(z.detach(), mask), mask, self.dim)
+    def _sufficient_statistics(self, z: torch.Tensor, mask: torch.Tensor,
+                               host_mask: HostMask | None = None) -> PPCAStatistics:
+        return _accumulate_statistics(self._e_step(z.detach(), mask, host_mask), mask, self.dim)
 
     @torch.no_grad()
     def m_step(self, stats: PPCAStatistics, modalities: torch.Tensor | None = None) -> None:
@@ -468,25 +513,32 @@ class PPCAImputer(nn.Module):
     @torch.no_grad()
     def _m_step(self, stats: PPCAStatistics, modalities: torch.Tensor | None = None) -> None:
         device = self.weight.device
-        A = stats.latent_second_moment.to(device=device, dtype=torch.float64)
-        B = stats.cross_moment.to(device=device, dtype=torch.float64)
-        c = stats.sum_sq_norm.to(device=device, dtype=torch.float64)
         count = stats.count.to(device=device, dtype=torch.float64)
         selected = torch.ones(self.num_modalities, dtype=torch.bool, device=device) if modalities is None else \
             modalities.to(device)
         active = (count > 0) & selected
-        unobserved = (selected & ~active).nonzero().flatten().tolist()
+        selected_host, active_host = torch.stack([selected, active]).cpu().numpy()  # one read
+        unobserved = np.flatnonzero(selected_host & ~active_host).tolist()
         if unobserved:
             warnings.warn(f"PPCAImputer.m_step: modalities {unobserved} have no observed rows; they keep their "
                           f"current parameters and are not imputed until observed.", stacklevel=2)
-        if not active.any():
+        self._update_modalities(stats, HostMask(active, active_host))
+
+    @torch.no_grad()
+    def _update_modalities(self, stats: PPCAStatistics, modalities: HostMask, verify: bool = True) -> None:
+        """The closed-form update of `modalities` (bool [k] flags with their host copy, each with rows in `stats`),
+        nothing read back but, with `verify`, whether the new parameters fit the buffers."""
+        if not modalities.any:
             return
-        loading, noise_var = _solve_m_step(A[active], B[active], c[active], count[active], self.ridge,
-                                           self.noise_var_floor)
-        index = active.nonzero().flatten()
+        index = modalities.rows()
+        A, B, c, count = (field.to(device=self.weight.device, dtype=torch.float64).index_select(0, index)
+                          for field in stats._fields())
+        loading, noise_var = _solve_m_step(A, B, c, count, self.ridge, self.noise_var_floor)
         q = self.latent_dim
-        self._write_parameters(index, loading[:, :, :q], loading[:, :, q], noise_var)
+        self._write_parameters(index, loading[:, :, :q], loading[:, :, q], noise_var, verify)
         self.fitted[index] = 1.0
+        if self._fitted_host is not None:
+            self._fitted_host = self._fitted_host | modalities.values
 
     # ------------------------------------------------------------------ full-batch EM
     @torch.no_grad()
@@ -509,10 +561,11 @@ class PPCAImputer(nn.Module):
         self._write_parameters(index, weight[index] * 0.9, mean[index], noise_var[index].clamp_min(self.noise_var_floor))
 
     def _write_parameters(self, index: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                          noise_var: torch.Tensor) -> None:
-        """Store the parameters of modalities `index` (float64 in), refusing values the buffers cannot hold."""
+                          noise_var: torch.Tensor, verify: bool = True) -> None:
+        """Store the parameters of modalities `index` (float64 in), refusing (`verify`) values the buffers cannot
+        hold."""
         cast = (weight.to(self.weight.dtype), mean.to(self.mean.dtype), noise_var.to(self.noise_var.dtype))
-        if not all(bool(torch.isfinite(value).all()) for value in cast):
+        if verify and not all(bool(torch.isfinite(value).all()) for value in cast):
             raise ValueError(f"The fitted parameters overflow the imputer's {self.weight.dtype} buffers (noise "
                              f"variance up to {float(noise_var.max()):.3g}): the embeddings are too large; rescale "
                              f"them (CalMRL's are unit-norm).")

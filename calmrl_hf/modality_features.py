@@ -22,7 +22,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
-from .modality_inputs import cast_features, check_feature_inputs, check_finite_embeddings, feature_inputs
+from .modality_inputs import cast_features, check_feature_inputs, defer_checks, feature_inputs, finite_embeddings_check
 from .towers import run_tower, tower_input_names
 
 
@@ -117,7 +117,8 @@ class CalMRLFeaturesMixin:
                                                         **tower_kwargs)
         projection = self.projections[name]
         embeds = projection(pooled.to(projection.weight.dtype))  # [n, D]
-        check_finite_embeddings(name, embeds)
+        # read at once, or with the other modalities' and the step's values (`checks_read_together`)
+        defer_checks([finite_embeddings_check(name, embeds)])
         return CalMRLModalityOutput(last_hidden_state=tokens, pooler_output=embeds,
                                     hidden_states=getattr(outputs, "hidden_states", None),
                                     attentions=getattr(outputs, "attentions", None), token_mask=token_mask)

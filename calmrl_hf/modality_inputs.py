@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .validation import check_modality_mask
+from .validation import check_modality_mask, empty_rows_check
 
 
 # Inputs whose values are ids or masks, not features: they are never checked for NaN nor cast.
@@ -109,13 +109,6 @@ def resolve_modality_mask(modalities: Sequence[str], grouped: dict[str, dict],
     deferred = pending is not None
     check_modality_mask(modality_mask, k, context=f" (modalities {modalities})", every_row_observed=not deferred)
     if deferred:
-        def empty_rows(values: list[int]) -> str | None:
-            if not any(values):
-                return None
-            empty = [i for i, flag in enumerate(values) if flag]
-            return (f"Rows {empty[:10]}{' ...' if len(empty) > 10 else ''} observe no modality ({len(empty)} such "
-                    f"rows of modality_mask); every row needs at least one.")
-
         def counts(values: list[int]) -> str | None:
             for name, expected in zip(modalities, values):
                 if rows.get(name, 0) != expected:
@@ -123,7 +116,7 @@ def resolve_modality_mask(modalities: Sequence[str], grouped: dict[str, dict],
                             f"{rows.get(name, 0)} rows (inputs hold the observed rows only, in batch order).")
             return None
 
-        pending.append(PendingCheck(~modality_mask.any(dim=1), empty_rows))
+        pending.append(PendingCheck(*empty_rows_check(modality_mask)))
         pending.append(PendingCheck(modality_mask.sum(dim=0), counts))
         return modality_mask
     for index, name in enumerate(modalities):
@@ -235,14 +228,16 @@ class PendingCheck:
         self.values, self.message = values.reshape(-1).to(torch.long), message
 
 
-def raise_bad_values(pending: Sequence[PendingCheck]) -> None:
-    """Read every pending check's values with one device-to-host copy and raise ValueError for the first that
-    fails (with the count of other failures)."""
-    if not pending:
-        return
-    devices = [check.values.device for check in pending]
-    device = next((d for d in devices if d.type != "cpu"), devices[0])
-    flat = torch.cat([check.values.to(device) for check in pending]).tolist()  # the one sync
+def raise_bad_values(pending: Sequence[PendingCheck], reads: Sequence[torch.Tensor] = ()) -> list[list[int]]:
+    """Read every pending check's values, and the integer or bool tensors `reads` (the batch's mask, the imputer's
+    fitted modalities: what the steps after the check need on the host), with one device-to-host copy; raise
+    ValueError for the first check that fails (with the count of other failures). Returns the values of each of
+    `reads`, flattened."""
+    tensors = [check.values for check in pending] + [tensor.reshape(-1).to(torch.long) for tensor in reads]
+    if not tensors:
+        return []
+    device = next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
+    flat = torch.cat([t.to(device) for t in tensors]).tolist()  # the one sync
     messages, start = [], 0
     for check in pending:
         size = check.values.numel()
@@ -253,6 +248,52 @@ def raise_bad_values(pending: Sequence[PendingCheck]) -> None:
     if messages:
         more = f" ({len(messages) - 1} more problems in this batch's inputs.)" if len(messages) > 1 else ""
         raise ValueError(messages[0] + more)
+    values = []
+    for tensor in tensors[len(pending):]:
+        values.append(flat[start:start + tensor.numel()])
+        start += tensor.numel()
+    return values
+
+
+# Checks of values computed inside a step (the towers' outputs) wait for the step's next read (`defer_checks`): the
+# imputer step reads them with its own values (`take_deferred_checks`), else `checks_read_together` reads them when
+# its block ends. Either way one device-to-host copy, not one per modality.
+_DEFERRED: contextvars.ContextVar = contextvars.ContextVar("calmrl_deferred_checks", default=None)
+
+
+@contextlib.contextmanager
+def checks_read_together() -> Iterator[None]:
+    """Within it, `defer_checks` holds checks back; what no `take_deferred_checks` took is read when the block ends
+    (not on an error). Nested blocks hand their checks to the outermost one."""
+    if _DEFERRED.get() is not None:
+        yield
+        return
+    held: list[PendingCheck] = []
+    token = _DEFERRED.set(held)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+    raise_bad_values(held)
+
+
+def defer_checks(checks: Sequence[PendingCheck]) -> None:
+    """Hold `checks` for the next read inside `checks_read_together`; outside one, read them now."""
+    held = _DEFERRED.get()
+    if held is None:
+        raise_bad_values(checks)
+    else:
+        held.extend(checks)
+
+
+def take_deferred_checks() -> list[PendingCheck]:
+    """The checks `defer_checks` holds (none outside `checks_read_together`), for a read that takes them along."""
+    held = _DEFERRED.get()
+    if held is None:
+        return []
+    taken = list(held)
+    held.clear()
+    return taken
 
 
 def _rows(flags: list[int]) -> str:
@@ -403,21 +444,24 @@ def check_tower_inputs(name: str, tower, inputs: dict[str, torch.Tensor]) -> lis
     return pending
 
 
-def check_finite_embeddings(name: str, projected: torch.Tensor) -> None:
-    """The projected tower output [n, D] of modality `name` is finite and its norm does not overflow (finite inputs
-    can overflow inside a tower; unit-normalising would turn that into NaN or a zero vector, silently)."""
-    norms = torch.linalg.vector_norm(projected, dim=-1)  # [n]
-    if bool(torch.isfinite(norms).all()):
-        return
-    bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
-    raise ValueError(
-        f"The {name} tower gave non-finite embeddings (NaN, inf or an overflowing norm) for {len(bad)} of its "
-        f"{norms.shape[0]} rows (rows {bad[:10]} of the {name} inputs): check those inputs for values far outside "
-        f"the range the tower was trained on, and the tower's weights."
-    )
+def finite_embeddings_check(name: str, projected: torch.Tensor) -> PendingCheck:
+    """The check that the projected tower output [n, D] of modality `name` is finite and its norm does not overflow
+    (finite inputs can overflow inside a tower; unit-normalising would turn that into NaN or a zero vector,
+    silently), for `defer_checks`."""
+    norms = torch.linalg.vector_norm(projected.detach(), dim=-1)  # [n]
+
+    def message(bad: list[int]) -> str | None:
+        rows = [i for i, flag in enumerate(bad) if flag]
+        if not rows:
+            return None
+        return (f"The {name} tower gave non-finite embeddings (NaN, inf or an overflowing norm) for {len(rows)} of "
+                f"its {len(bad)} rows (rows {rows[:10]} of the {name} inputs): check those inputs for values far "
+                f"outside the range the tower was trained on, and the tower's weights.")
+
+    return PendingCheck(~torch.isfinite(norms), message)
 
 
 __all__ = ["CLIP_INPUTS", "PendingCheck", "TOWER_OUTPUT_FLAGS", "cast_features", "check_feature_inputs",
-           "check_finite_embeddings", "check_tower_inputs", "inputs_checked", "raise_bad_values", "text_limits",
-           "values_checked",
+           "check_tower_inputs", "checks_read_together", "defer_checks", "finite_embeddings_check", "inputs_checked",
+           "raise_bad_values", "take_deferred_checks", "text_limits", "values_checked",
            "feature_inputs", "group_inputs", "rename_clip_inputs", "resolve_modality_mask", "split_tower_flags"]

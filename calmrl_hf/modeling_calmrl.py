@@ -8,8 +8,10 @@ brackets):
            ──alignment_loss────> loss   (alignment.OBJECTIVES; plus the matching head's term: matching_head)
 
 A batch is validated once, where it enters the model (`forward`, `encode`, `embed_modalities`, and each public
-step given embeddings of its own); the steps of a forward pass run unchecked on what the door let in. Loading
-rules live in `loading.py`, LoRA adapters in `lora.py`, the matching / re-ranking API in `matching_head.py`.
+step given embeddings of its own); the steps of a forward pass run unchecked on what the door let in. The door's
+one read brings the modality mask back too (`host_mask.HostMask`): the steps index and branch on its host copy,
+never by reading the device back. Loading rules live in `loading.py`, LoRA adapters in `lora.py`, the matching /
+re-ranking API in `matching_head.py`.
 
 Reference: Liu et al., "Calibrated Multimodal Representation Learning with Missing Modalities", ICML 2026
 (arXiv 2511.12034).
@@ -19,9 +21,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,15 +38,16 @@ from .alignment import OBJECTIVES, _gram_singular_values, clamp_temperature
 from .collective import world_size
 from .configuration_calmrl import CalMRLConfig
 from .feature_encoder import FeatureEncoderConfig, FeatureEncoderModel
+from .host_mask import HostMask, host_mask_known
 from .imputer import PPCAImputer
 from .loading import config_from_towers, load_strictly
 from .lora import add_lora, freeze_lora_towers, is_lora_layer
 from .matching_head import FusionEncoder, MatchingHeadMixin
 from .modality_features import CalMRLFeaturesMixin, CalMRLModalityOutput
-from .modality_inputs import (check_tower_inputs, group_inputs, inputs_checked, raise_bad_values, rename_clip_inputs,
-                              resolve_modality_mask, split_tower_flags)
+from .modality_inputs import (PendingCheck, check_tower_inputs, checks_read_together, group_inputs, inputs_checked,
+                              raise_bad_values, rename_clip_inputs, resolve_modality_mask, split_tower_flags)
 from .towers import build_towers, run_on_placeholder, towers_support
-from .validation import check_embeddings, check_observed_embeddings
+from .validation import check_embeddings, empty_rows_check, observed_embeddings_check
 
 
 AutoModel.register(FeatureEncoderConfig, FeatureEncoderModel, exist_ok=True)
@@ -334,15 +338,16 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
         for all rows. Returns `(embeddings [B, k, D], modality_mask [B, k])`, zeros in missing slots, and with
         `return_tokens` a third element: {modality: (token states [n_m, L, H], token mask [n_m, L])}.
         """
-        embeddings, modality_mask, outputs = self._embed_batch(modality_mask, modality_inputs)
+        embeddings, modality_mask, outputs, _ = self._embed_batch(modality_mask, modality_inputs)
         if not return_tokens:
             return embeddings, modality_mask
         tokens = {name: (out.last_hidden_state, out.token_mask) for name, out in outputs.items()}
         return embeddings, modality_mask, tokens
 
     def _embed_batch(self, modality_mask: torch.Tensor | None, modality_inputs: dict, unpaired: bool = True):
-        """(unit-norm embeddings [B, k, D], modality_mask [B, k], {modality: CalMRLModalityOutput}) of a batch;
-        `unpaired`: without a mask, modalities given with different numbers of rows are rows of their own."""
+        """(unit-norm embeddings [B, k, D], modality_mask [B, k], {modality: CalMRLModalityOutput}, the mask's
+        `HostMask`) of a batch; `unpaired`: without a mask, modalities given with different numbers of rows are rows
+        of their own."""
         modality_inputs, tower_flags = split_tower_flags(modality_inputs)
         modality_inputs = rename_clip_inputs(self.config.modality_kinds(), modality_inputs)  # CLIP's input_ids, ...
         grouped = group_inputs(self.config.modalities, modality_inputs)
@@ -352,12 +357,14 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
         modality_mask = resolve_modality_mask(self.config.modalities, grouped, modality_mask, pending, unpaired)
         for name, inputs in grouped.items():
             pending += check_tower_inputs(name, self.encoders[self.config.encoder_owner(name)], inputs)
-        raise_bad_values(pending)
-        with inputs_checked(list(grouped)):
-            return self._embed_checked(grouped, modality_mask, tower_flags)
+        host = self._read_on_host(modality_mask, pending)
+        # the towers' outputs are checked (finite) with one read for all, or with the step's next (`forward`)
+        with inputs_checked(list(grouped)), checks_read_together():
+            embeddings, outputs = self._embed_checked(grouped, host, tower_flags)
+        return embeddings, modality_mask, outputs, host
 
-    def _embed_checked(self, grouped: dict, modality_mask: torch.Tensor, tower_flags: dict):
-        batch_size = modality_mask.shape[0]
+    def _embed_checked(self, grouped: dict, host: HostMask, tower_flags: dict):
+        batch_size = host.device.shape[0]
         embeddings = None
         outputs: dict[str, CalMRLModalityOutput] = {}
         # with several processes every modality runs, in the config's order and entering the embeddings the same
@@ -370,26 +377,36 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
             elif world_size() > 1:
                 outputs[name], features = run_on_placeholder(  # [0, D]
                     functools.partial(self._run_modality, name, tower_kwargs={}),
-                    self.encoders[self.config.encoder_owner(name)], modality_mask.device)
+                    self.encoders[self.config.encoder_owner(name)], host.device.device)
             else:
                 continue
             index = self.config.modality_index(name)
             if embeddings is None:
                 embeddings = features.new_zeros(batch_size, self.config.num_modalities, self.config.projection_dim)
-            rows = modality_mask[:, index].nonzero().squeeze(1).to(features.device)
+            rows = host.rows(index).to(features.device)
             column = torch.full_like(rows, index)
             embeddings = embeddings.index_put((rows, column), features)  # [B, k, D], observed rows of modality
-        return embeddings, modality_mask, outputs
+        return embeddings, outputs
 
-    def _check_embeddings(self, embeddings: torch.Tensor, modality_mask: torch.Tensor) -> None:
+    def _read_on_host(self, modality_mask: torch.Tensor, pending: Sequence[PendingCheck] = ()) -> HostMask:
+        """The mask's `HostMask`: the mask and the imputer's fitted modalities (what the steps decide on) read with
+        the door's `pending` checks, one sync."""
+        mask_values, fitted = raise_bad_values(pending, reads=[modality_mask, self.imputer.fitted_modalities])
+        self.imputer.remember_fitted(fitted)
+        return HostMask(modality_mask, np.reshape(mask_values, modality_mask.shape))
+
+    def _check_embeddings(self, embeddings: torch.Tensor, modality_mask: torch.Tensor) -> HostMask:
         """The door of embeddings [B, k, D] given to a step (not from `embed_modalities`): their shape and mask, and
-        with a PPCA imputer the values it reads (`PPCAImputer.check_values`)."""
+        with a PPCA imputer the values it reads (`PPCAImputer.check_values`), read with the mask in one sync.
+        Returns the mask's `HostMask`."""
         check_embeddings(embeddings, modality_mask, num_modalities=self.config.num_modalities,
-                         dim=self.config.projection_dim, mask_optional=False)
-        check_observed_embeddings(embeddings, modality_mask, self.config.modalities)  # one sync
+                         dim=self.config.projection_dim, mask_optional=False, every_row_observed=False)
+        checks = [empty_rows_check(modality_mask),
+                  observed_embeddings_check(embeddings, modality_mask, self.config.modalities)]
         if self.config.imputer_method == "ppca":
             fitted = self.imputer.fitted_modalities.to(modality_mask.device)
-            self.imputer.check_values(embeddings, modality_mask & fitted)
+            checks.append(self.imputer.values_check(embeddings, modality_mask & fitted))
+        return self._read_on_host(modality_mask, [PendingCheck(*check) for check in checks])
 
     # ------------------------------------------------------------------ step 2: impute
     def impute_missing(
@@ -402,51 +419,86 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
         `exclude_anchor`: PPCA imputations are conditioned on the observed modalities other than the anchor
         (`config.impute_from_anchor = False`).
         """
-        self._check_embeddings(embeddings, modality_mask)
-        return self._impute_missing(embeddings, modality_mask, exclude_anchor)
+        imputed, aligned = self._impute_batch(embeddings, self._check_embeddings(embeddings, modality_mask),
+                                              exclude_anchor)
+        return imputed, aligned.device
 
     def _impute_missing(self, embeddings: torch.Tensor, modality_mask: torch.Tensor, exclude_anchor: bool = False,
-                        imputations: torch.Tensor | None = None, impute_modalities: torch.Tensor | None = None):
+                        imputations: torch.Tensor | None = None, impute_modalities=None):
+        """`impute_missing` unchecked, for embeddings made by the model (a teacher's): reads the mask back (one
+        sync); `_impute_batch` is the same given the mask's host copy."""
+        imputed, aligned = self._impute_batch(embeddings, self._read_on_host(modality_mask), exclude_anchor,
+                                              imputations, impute_modalities)
+        return imputed, aligned.device
+
+    def _impute_batch(self, embeddings: torch.Tensor, host: HostMask, exclude_anchor: bool = False,
+                      imputations: torch.Tensor | None = None,
+                      impute_modalities: torch.Tensor | Sequence[bool] | None = None) -> tuple[torch.Tensor, HostMask]:
+        """(imputed [B, k, D], the aligned mask's `HostMask`) of embeddings whose mask `host` holds, nothing read
+        back (`impute_missing`'s steps)."""
         method = self.config.imputer_method
         if method == "none":
-            return embeddings, modality_mask
+            return embeddings, host
+        modality_mask = host.device
+        allowed = self._imputable_columns(impute_modalities, modality_mask.device)  # [k]
         if method == "zero":  # the missing slots already hold zeros
-            allowed = torch.ones_like(modality_mask[0]) if impute_modalities is None else impute_modalities
-            return embeddings, modality_mask | allowed.to(modality_mask.device)
-        fitted = self.imputer.fitted_modalities.to(modality_mask.device)  # [k]
-        conditioning_mask = modality_mask & fitted
+            return embeddings, host | allowed
+        fitted = self.imputer.fitted_on_host(modality_mask.device)  # [k]
+        conditioning = host & fitted
         if exclude_anchor and method == "ppca":
-            conditioning_mask[:, self.config.modality_index(self.config.anchor_modality)] = False
-        imputable_rows = conditioning_mask.any(dim=1)  # rows with at least one fitted observed modality
-        imputed_columns = fitted if impute_modalities is None else fitted & impute_modalities.to(fitted.device)
-        aligned_mask = modality_mask | (imputed_columns & imputable_rows.unsqueeze(1))
-        if bool((aligned_mask == modality_mask).all()):
-            return embeddings, modality_mask
+            conditioning = conditioning.with_column(self.config.modality_index(self.config.anchor_modality), False)
+        imputable = conditioning.any_per_row()  # rows with at least one fitted observed modality
+        imputed_columns = fitted & allowed
+        aligned = host | HostMask(imputed_columns.device & imputable.device.unsqueeze(1),
+                                  imputed_columns.values & imputable.values[:, None])
+        if (aligned.values == host.values).all():
+            return embeddings, host
         if imputations is not None:  # made outside the model (a teacher's), never from the row's own embeddings
             imputed = imputations.detach().to(embeddings.dtype)
         elif method == "ppca":
             source = embeddings if self.config.impute_with_grad else embeddings.detach()
             # z^_{m'} = W_{m'} m_i + mu_{m'}, m_i the posterior mean of the shared latent (imputer.py)
+            rows, conditioning = imputable.rows(), conditioning.select_rows(imputable)
             imputed = torch.zeros_like(embeddings)
-            imputed[imputable_rows] = self.imputer._impute(source[imputable_rows], conditioning_mask[imputable_rows])
+            imputed[rows] = self.imputer._impute(source[rows], conditioning.device, host_mask=conditioning)
         else:  # "mean": the marginal mean mu_{m'} of the modality
             imputed = self.imputer.mean.to(embeddings.dtype).unsqueeze(0).expand_as(embeddings)
         if self.config.renormalize_imputed:
             imputed = F.normalize(imputed, dim=-1)
-        filled = torch.where(aligned_mask.unsqueeze(-1), imputed, torch.zeros_like(imputed))
-        return torch.where(modality_mask.unsqueeze(-1), embeddings, filled), aligned_mask
+        filled = torch.where(aligned.device.unsqueeze(-1), imputed, torch.zeros_like(imputed))
+        return torch.where(modality_mask.unsqueeze(-1), embeddings, filled), aligned
+
+    def _imputable_columns(self, impute_modalities: torch.Tensor | Sequence[bool] | None,
+                           device: torch.device) -> HostMask:
+        """The modalities [k] that may get imputed columns: all (None), or the flags given (a tensor is read back:
+        pass a sequence of bools to read nothing)."""
+        k = self.config.num_modalities
+        if impute_modalities is None:
+            return HostMask(torch.ones(k, dtype=torch.bool, device=device), np.ones(k, dtype=bool))
+        if isinstance(impute_modalities, torch.Tensor):
+            return HostMask.read(impute_modalities.to(device))
+        if len(impute_modalities) != k:
+            raise ValueError(f"impute_modalities has {len(impute_modalities)} flags for the {k} modalities "
+                             f"{list(self.config.modalities)}.")
+        return HostMask.constant(impute_modalities, device)
 
     # ------------------------------------------------------------------ step 3: align
     def alignment_loss(self, embeddings: torch.Tensor, aligned_mask: torch.Tensor) -> torch.Tensor:
         """The configured objective (`alignment.OBJECTIVES[config.alignment_objective]`) on [B, k, D] embeddings
         over the columns of `aligned_mask`; contrastive objectives use the model's (clamped) temperature."""
         check_embeddings(embeddings, aligned_mask, mask_name="aligned_mask", num_modalities=self.config.num_modalities,
-                         dim=self.config.projection_dim, mask_optional=False)
-        return self._alignment_loss(embeddings, aligned_mask)
+                         dim=self.config.projection_dim, mask_optional=False, every_row_observed=False)
+        host = self._read_on_host(aligned_mask, [PendingCheck(*empty_rows_check(aligned_mask, "aligned_mask"))])
+        return self._alignment_loss(embeddings, aligned_mask, host)
 
-    def _alignment_loss(self, embeddings: torch.Tensor, aligned_mask: torch.Tensor) -> torch.Tensor:
-        mask = None if bool(aligned_mask.all()) else aligned_mask
-        return OBJECTIVES[self.config.alignment_objective].loss(embeddings, mask, self.config, self.temperature)
+    def _alignment_loss(self, embeddings: torch.Tensor, aligned_mask: torch.Tensor,
+                        host: HostMask | None = None) -> torch.Tensor:
+        """The objective given, or not (`host`: nothing read back), the aligned mask's host copy."""
+        all_aligned = bool(aligned_mask.all()) if host is None else host.all
+        if all_aligned:
+            return OBJECTIVES[self.config.alignment_objective].loss(embeddings, None, self.config, self.temperature)
+        return OBJECTIVES[self.config.alignment_objective].loss(embeddings, aligned_mask, self.config, self.temperature,
+                                                                host_mask=host)
 
     @torch.no_grad()
     def encode(self, modality_mask: torch.Tensor | None = None, **modality_inputs: torch.Tensor) -> CalMRLEncoding:
@@ -459,29 +511,31 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
         >>> enc.fused_embeddings                  # one query for text + audio (+ imputed vision, subtitle)
         ```
         """
-        embeddings, modality_mask = self.embed_modalities(modality_mask, **modality_inputs)
-        return self._encode_embeddings(embeddings, modality_mask)
+        embeddings, _, _, host = self._embed_batch(modality_mask, modality_inputs)
+        return self._encode_embeddings(embeddings, host)
 
     @torch.no_grad()
     def encode_embeddings(self, embeddings: torch.Tensor, modality_mask: torch.Tensor) -> CalMRLEncoding:
         """What `encode` gives, from embeddings [B, k, D] computed before (`embed_modalities`, `calmrl embed`):
         the missing ones imputed as the config says (fitted modalities only, renormalised), their posterior
         variance, and the fused embedding. `calmrl impute` runs this."""
-        self._check_embeddings(embeddings, modality_mask)
-        return self._encode_embeddings(embeddings, modality_mask)
+        return self._encode_embeddings(embeddings, self._check_embeddings(embeddings, modality_mask))
 
-    def _encode_embeddings(self, embeddings: torch.Tensor, modality_mask: torch.Tensor) -> CalMRLEncoding:
-        imputed, aligned_mask = self._impute_missing(embeddings, modality_mask)
-        imputed_mask = aligned_mask & ~modality_mask
+    def _encode_embeddings(self, embeddings: torch.Tensor, host: HostMask) -> CalMRLEncoding:
+        modality_mask = host.device
+        imputed, aligned = self._impute_batch(embeddings, host)
+        imputed_mask = aligned & ~host
         variance = torch.zeros(modality_mask.shape, dtype=embeddings.dtype, device=embeddings.device)
-        conditioning = modality_mask & self.imputer.fitted_modalities.to(modality_mask.device)
-        rows = conditioning.any(dim=1) & imputed_mask.any(dim=1)
-        if self.config.imputer_method == "ppca" and bool(rows.any()):
-            variance[rows] = self.imputer._imputation_variance(embeddings[rows], conditioning[rows]).to(variance.dtype)
-            variance = torch.where(imputed_mask, variance, torch.zeros_like(variance))
-        _, fused = _gram_singular_values(imputed, aligned_mask)
+        conditioning = host & self.imputer.fitted_on_host(modality_mask.device)
+        rows = conditioning.any_per_row() & imputed_mask.any_per_row()
+        if self.config.imputer_method == "ppca" and rows.any:
+            index, conditioning = rows.rows(), conditioning.select_rows(rows)
+            variance[index] = self.imputer._imputation_variance(embeddings[index], conditioning.device,
+                                                                conditioning).to(variance.dtype)
+            variance = torch.where(imputed_mask.device, variance, torch.zeros_like(variance))
+        _, fused = _gram_singular_values(imputed, aligned.device)
         return CalMRLEncoding(embeddings=embeddings, modality_mask=modality_mask, imputed_embeddings=imputed,
-                              imputed_mask=imputed_mask, imputation_variance=variance,
+                              imputed_mask=imputed_mask.device, imputation_variance=variance,
                               fused_embeddings=F.normalize(fused, dim=-1))
 
     @can_return_tuple
@@ -504,14 +558,18 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
             imputer_update_fn (`Callable`, *optional*):
                 Called with the detached embeddings [B, k, D] and the mask before imputation: the imputer step of
                 CalMRL's bi-step (the training loop passes one that accumulates statistics and runs the M-step).
+                The towers' outputs are checked (finite) by the first read after the towers: one the function makes
+                with `modality_inputs.raise_bad_values(take_deferred_checks(), ...)`, else right after it returns;
+                `host_mask.host_mask_of(mask)` gives the mask's host copy without reading it back.
             imputations (`torch.FloatTensor` of shape `[B, k, D]`, *optional*):
                 Values for the missing slots made outside the model, e.g. a teacher's PPCA posterior from its own
                 embeddings of the row (`CalMRLTrainingArguments.imputation_source="teacher"`); used detached instead
                 of the model's imputation of the row from its own embeddings (which the towers could learn to agree
                 with). The slots imputed are the same: missing, fitted, and in `impute_modalities`.
-            impute_modalities (`torch.BoolTensor` of shape `[k]`, *optional*):
+            impute_modalities (`torch.BoolTensor` of shape `[k]` or a sequence of k bools, *optional*):
                 The modalities that may get imputed columns (default: every modality the imputer is fitted on, the
-                paper's); the training loop passes those whose towers train on the run's data.
+                paper's); the training loop passes those whose towers train on the run's data, as bools (a tensor
+                is read back to the host, a device-to-host sync).
             **kwargs: `{modality}_{field}` tensors holding the observed rows of each modality, e.g.
                 `text_input_ids`, `text_attention_mask`, `vision_pixel_values` ([n, C, H, W] or video
                 [n, T, C, H, W]), `audio_input_values`; and `output_hidden_states` / `output_attentions` for the
@@ -524,17 +582,21 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
         ```
         """
         with_matching = bool(return_loss) and self.fusion is not None and self.config.matching_weight > 0
-        # a loss pairs rows: without a mask, modalities of different row counts are refused then
-        embeddings, modality_mask, tower_outputs = self._embed_batch(modality_mask, kwargs, unpaired=not return_loss)
-        if imputer_update_fn is not None:
-            imputer_update_fn(embeddings.detach(), modality_mask)
-        # the batch was validated where it entered (`_embed_batch`): the steps run unchecked
-        imputed, aligned_mask = self._impute_missing(embeddings, modality_mask, not self.config.impute_from_anchor,
-                                                     imputations, impute_modalities)
+        with checks_read_together():  # the towers' output checks: read with the imputer step's values (one read)
+            # a loss pairs rows: without a mask, modalities of different row counts are refused then
+            embeddings, modality_mask, tower_outputs, host = self._embed_batch(modality_mask, kwargs,
+                                                                               unpaired=not return_loss)
+            if imputer_update_fn is not None:
+                with host_mask_known(host):
+                    imputer_update_fn(embeddings.detach(), modality_mask)
+        # the batch was validated where it entered (`_embed_batch`): the steps run unchecked, on its mask's host copy
+        imputed, aligned = self._impute_batch(embeddings, host, not self.config.impute_from_anchor, imputations,
+                                              impute_modalities)
+        aligned_mask = aligned.device
         singular_values, anchor_embeddings = _gram_singular_values(imputed, aligned_mask)
         loss = alignment = matching = None
         if return_loss:
-            loss = alignment = self._alignment_loss(imputed, aligned_mask)
+            loss = alignment = self._alignment_loss(imputed, aligned_mask, aligned)
             if with_matching:  # on observed modalities only (imputed embeddings have no tokens)
                 tokens = {name: (out.last_hidden_state, out.token_mask) for name, out in tower_outputs.items()}
                 matching = self.matching_step(embeddings, modality_mask, tokens)
@@ -542,7 +604,7 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
                     loss = alignment + self.config.matching_weight * matching
         logit_scale = self.clamped_logit_scale()
         columns = {name: self.config.modality_index(name) for name in tower_outputs}
-        observed = {name: embeddings[modality_mask[:, i], i] for name, i in columns.items()}  # [n_m, D] each
+        observed = {name: embeddings[host.rows(i), i] for name, i in columns.items()}  # [n_m, D] each
         # CLIP's logits_per_text: exp(logit_scale) <text, image>, here for every ordered pair of observed modalities
         logits = {f"logits_per_{a}_{b}": logit_scale.exp() * observed[a] @ observed[b].T  # [n_a, n_b]
                   for a in observed for b in observed if a != b}

@@ -8,13 +8,39 @@ the same words. Imports torch and the standard library only: this file is copied
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
 
+# A value check not read yet: (values, a 1-D integer or bool tensor; message(values as a list), the error message or
+# None). Checks are read together where a batch enters the model (`modality_inputs.raise_bad_values`: one read for
+# all), or alone by `read_check`.
+ValueCheck = tuple[torch.Tensor, Callable[[list[int]], str | None]]
+
+
 def _kind(value) -> str:
     return str(getattr(value, "dtype", type(value).__name__))
+
+
+def read_check(check: ValueCheck) -> None:
+    """Read one check's values (one sync) and raise ValueError with its message if it fails."""
+    values, message = check
+    problem = message(values.reshape(-1).tolist())
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def empty_rows_check(modality_mask: torch.Tensor, name: str = "modality_mask") -> ValueCheck:
+    """The check that every row of a mask [B, k] observes a modality."""
+    def message(flags: list[int]) -> str | None:
+        empty = [row for row, flag in enumerate(flags) if flag]
+        if not empty:
+            return None
+        return (f"Rows {empty[:10]}{' ...' if len(empty) > 10 else ''} observe no modality ({len(empty)} such rows "
+                f"of {name}); every row needs at least one.")
+
+    return ~modality_mask.any(dim=1), message
 
 
 def check_modality_mask(modality_mask, num_modalities: int, *, rows: int | None = None, name: str = "modality_mask",
@@ -30,10 +56,7 @@ def check_modality_mask(modality_mask, num_modalities: int, *, rows: int | None 
             or (rows is not None and modality_mask.shape[0] != rows)):
         raise ValueError(f"{name} must have shape {expected}{context}, got {list(modality_mask.shape)}.")
     if every_row_observed:
-        empty = (~modality_mask.any(dim=1)).nonzero().flatten()
-        if empty.numel():
-            raise ValueError(f"Rows {empty[:10].tolist()}{' ...' if empty.numel() > 10 else ''} observe no modality "
-                             f"({empty.numel()} such rows of {name}); every row needs at least one.")
+        read_check(empty_rows_check(modality_mask, name))
     return modality_mask
 
 
@@ -67,24 +90,27 @@ def check_embeddings(embeddings, modality_mask, *, name: str = "embeddings", mas
     return modality_mask
 
 
-def check_observed_embeddings(embeddings: torch.Tensor, modality_mask: torch.Tensor,
-                              modality_names=None, *, name: str = "embeddings") -> None:
-    """Every observed slot of embeddings [B, k, d] (`modality_mask` [B, k]) is finite with norm > 0, whatever the
-    imputer has been fitted on: an imputation conditioned on a zero or NaN "observation" is silently wrong. Reads
-    the tensors once (one device-to-host sync)."""
+def observed_embeddings_check(embeddings: torch.Tensor, modality_mask: torch.Tensor, modality_names=None, *,
+                              name: str = "embeddings") -> ValueCheck:
+    """The check that every observed slot of embeddings [B, k, d] (`modality_mask` [B, k]) is finite with norm > 0,
+    whatever the imputer has been fitted on: an imputation conditioned on a zero or NaN "observation" is silently
+    wrong."""
     norms = torch.linalg.vector_norm(embeddings.detach().float(), dim=-1)  # [B, k]
     bad = torch.stack([modality_mask & ~torch.isfinite(norms), modality_mask & (norms == 0)])  # [2, B, k]
-    flags = bad.flatten(1).any(1).tolist()  # the one sync: [non-finite, zero]
-    if not any(flags):
-        return
-    names = list(modality_names) if modality_names is not None else list(range(modality_mask.shape[1]))
-    for index, problem in enumerate(("NaN or inf in an observed entry", "a zero vector (norm 0) in an observed slot")):
-        if flags[index]:
-            where = bad[index].nonzero()
-            row, column = where[0].tolist()
-            raise ValueError(f"{name} has {problem} (row {row}, modality {column} = {names[column]!r}; "
-                             f"{where.shape[0]} such slots). An observed embedding must be finite with norm > 0: "
-                             f"mark a missing slot False in modality_mask instead.")
+
+    def message(flags: list[int]) -> str | None:  # [non-finite, zero]
+        names = list(modality_names) if modality_names is not None else list(range(modality_mask.shape[1]))
+        for index, problem in enumerate(("NaN or inf in an observed entry",
+                                         "a zero vector (norm 0) in an observed slot")):
+            if flags[index]:
+                where = bad[index].nonzero()
+                row, column = where[0].tolist()
+                return (f"{name} has {problem} (row {row}, modality {column} = {names[column]!r}; "
+                        f"{where.shape[0]} such slots). An observed embedding must be finite with norm > 0: "
+                        f"mark a missing slot False in modality_mask instead.")
+        return None
+
+    return bad.flatten(1).any(1), message
 
 
 def unknown_name_message(kind: str, unknown: Iterable[str], known: Iterable[str]) -> str:
@@ -97,4 +123,5 @@ def unknown_name_message(kind: str, unknown: Iterable[str], known: Iterable[str]
     return f"Unknown {kind} {', '.join(hints)}; known ones are {known}."
 
 
-__all__ = ["check_embeddings", "check_modality_mask", "check_observed_embeddings", "unknown_name_message"]
+__all__ = ["ValueCheck", "check_embeddings", "check_modality_mask", "empty_rows_check", "observed_embeddings_check",
+           "read_check", "unknown_name_message"]

@@ -66,7 +66,7 @@ def forwards(monkeypatch):
     def recording_prepare(self, model, batch):
         inputs, extra, teacher_view = prepare(self, model, batch)
         seen["inputs"].append({k: v.clone() for k, v in inputs.items()})
-        seen["extra"].append({k: v.detach().clone() for k, v in extra.items()})
+        seen["extra"].append({k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in extra.items()})
         return inputs, extra, teacher_view
 
     def recording_loss(self, model, outputs, teacher_view):

@@ -132,8 +132,8 @@ class Calibration:
         self._train_modalities = (observed_modalities(train_dataset, list(model.config.modalities))
                                   if args.imputation_source == "teacher" else None)
         self._teacher_imputer_checked = False
-        self.impute_mask = None if names is None else torch.tensor(
-            [m in names for m in model.config.modalities], device=accelerator.device)
+        # flags on the host: the forward reads nothing back to learn them
+        self.impute_mask = None if names is None else tuple(m in names for m in model.config.modalities)
 
     def start(self, model: CalMRLModel) -> None:
         """Build the teacher from the model as the run starts (a resumed run then loads the saved one)."""

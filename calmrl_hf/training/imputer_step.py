@@ -13,7 +13,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
+from ..host_mask import HostMask, host_mask_of
 from ..imputer import PPCAStatistics
+from ..modality_inputs import raise_bad_values, take_deferred_checks
 from ..modeling_calmrl import CalMRLModel
 from .arguments import CalMRLTrainingArguments
 from .evaluation import embed_dataset
@@ -47,18 +49,26 @@ class ImputerUpdater:
         if not self.enabled:
             return
         embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))  # bf16 -> float32
-        # forward validated this batch where it entered the model: no second check (and host round trip) per step
-        batch_stats = self.imputer._sufficient_statistics(embeddings, modality_mask)
+        # forward validated this batch where it entered the model and read its mask back then: no second check,
+        # and the statistics find the mask's patterns on its host copy
+        batch_stats = self.imputer._sufficient_statistics(embeddings, modality_mask, host_mask_of(modality_mask))
         flat = self.accelerator.reduce(batch_stats.to_flat(), reduction="sum")  # one all-reduce
         imputer = self.imputer
         batch_stats = PPCAStatistics.from_flat(flat, imputer.num_modalities, imputer.dim, imputer.latent_dim)
         decay = self.decay if self.mode == "ema" else 1.0
         # S <- decay * S + S_batch (ema), or S <- S + S_batch within the epoch
-        self.statistics = self.statistics.scale(decay) + batch_stats
-        total = self.statistics + self.prior_statistics
-        ready = total.count >= self.min_rows  # a modality's first M-step waits for enough rows
-        if bool(ready.any()):
-            self.imputer.m_step(total, modalities=ready)
+        statistics = self.statistics.scale(decay) + batch_stats
+        total = statistics + self.prior_statistics
+        ready = total.count >= self.min_rows  # a modality's first M-step waits for enough rows (min_rows >= 1)
+        # the step's one read: the checks forward held back (its towers' outputs are finite), whether the summed
+        # statistics are finite, and which modalities the M-step updates
+        finite, ready_values = raise_bad_values(take_deferred_checks(),
+                                                reads=[torch.isfinite(total.to_flat()).all(), ready])
+        if not finite[0]:
+            self.imputer._check_statistics(total)  # raises, naming the field and the modalities
+        self.statistics = statistics
+        # the M-step's parameters need no check of their own: they solve finite statistics of unit-norm embeddings
+        self.imputer._update_modalities(total, HostMask(ready, ready_values), verify=False)
 
     def seed(self, statistics: PPCAStatistics, window_rows: float) -> None:
         """Keep warm-start statistics as a fixed prior that every M-step adds to the accumulated ones.
