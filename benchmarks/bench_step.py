@@ -15,8 +15,9 @@ The model is the main job's stage 2 (`recipes/configs/mini_vast.yaml`) with rand
 size (frozen, as the recipe freezes it), projection 64, q = 8, PMRL, batch 32 of video-text and audio-text rows
 (the stage-2 corpus's patterns). Batches are collated from tensors in memory (no media decoding), so the loader
 costs both loops the same little. Time per step: from a post-step hook on every optimizer (the same in both loops),
-the steps after `--warmup` (`StepClock`: their median on CPU, their mean on a GPU), best of `--repeats` runs of
-each loop interleaved (bare, train, bare, train, ...); the median ratio of the back-to-back pairs is given too.
+the steps after `--warmup` (`StepClock`: on CPU the median step in CPU time of the process, on a GPU the mean
+step in wall time), best of `--repeats` runs of each loop interleaved (bare, train, bare, train, ...); the median
+ratio of the back-to-back pairs is given too.
 `train` runs without evaluation, checkpoints, trackers or warm start (`eval_dataset=None`, `save_steps=None`,
 `report_to=None`, `logging_steps=max_steps`); its final save falls after the timed window.
 """
@@ -205,15 +206,17 @@ LOOPS = {"bare": bare_loop, "train": package_loop}
 
 # ---------------------------------------------------------------------------- timing
 class StepClock:
-    """Wall time per optimizer step after `warmup` of `steps` steps: a post-step hook on every torch optimizer
-    records the time of each step, the same in both loops. On CPU the median step of the window (a step slowed by
-    another job on the machine does not move it); on a GPU the window's mean, with the device synchronised at its
-    two ends only, so that a loop that lets the host run ahead of the device keeps that advantage."""
+    """Time per optimizer step after `warmup` of `steps` steps: a post-step hook on every torch optimizer records
+    the clock at each step, the same in both loops. On CPU the process's CPU time (the machine is shared: other jobs
+    move wall time, not the work this process does) and the median step of the window; on a GPU wall time and the
+    window's mean, the device synchronised at its two ends only, so that a loop that lets the host run ahead of the
+    device keeps that advantage."""
 
     def __init__(self, warmup: int, steps: int, device: torch.device):
         if not 1 <= warmup < steps:
             raise ValueError(f"warmup must be in [1, steps), got warmup={warmup}, steps={steps}.")
         self.warmup, self.steps, self.device, self.times = warmup, steps, device, []
+        self.clock = time.perf_counter if device.type == "cuda" else time.process_time
 
     def __enter__(self):
         self.handle = register_optimizer_step_post_hook(self._stamp)
@@ -225,7 +228,7 @@ class StepClock:
     def _stamp(self, optimizer, args, kwargs) -> None:
         if self.device.type == "cuda" and len(self.times) + 1 in (self.warmup, self.steps):
             torch.cuda.synchronize(self.device)
-        self.times.append(time.perf_counter())
+        self.times.append(self.clock())
 
     def seconds_per_step(self) -> float:
         if len(self.times) != self.steps:
@@ -236,10 +239,14 @@ class StepClock:
         return statistics.median(later - earlier for earlier, later in zip(window, window[1:]))
 
 
+def training_device(args: CalMRLTrainingArguments) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
+
+
 def time_loops(build_model: Callable[[], CalMRLModel], dataset, collate_fn: Callable,
                args: CalMRLTrainingArguments, warmup: int, repeats: int) -> dict[str, list[float]]:
     """Seconds per step of each loop, `repeats` runs each, interleaved (bare, train, bare, train, ...)."""
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
+    device = training_device(args)
     seconds: dict[str, list[float]] = {name: [] for name in LOOPS}
     for _ in range(repeats):
         for name, loop in LOOPS.items():
@@ -277,18 +284,20 @@ CASE_NAMES = {"none": "imputer off", "ppca": "PPCA imputer on"}
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=5, help="steps before the timed window")
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each loop per case (best taken)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 30; --quick: 8)")
+    parser.add_argument("--warmup", type=int, help="steps before the timed window (default 5; --quick: 2)")
+    parser.add_argument("--repeats", type=int, help="runs of each loop per case, best taken (default 5; --quick: 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--cases", nargs="+", default=list(GOALS), choices=list(GOALS))
-    parser.add_argument("--quick", action="store_true", help="tiny towers, batch 8, 8 steps, 2 repeats")
+    parser.add_argument("--quick", action="store_true", help="tiny towers, batch 8 (and the --quick defaults)")
     args = parser.parse_args(argv)
+    defaults = (8, 2, 2) if args.quick else (30, 5, 5)
+    args.steps, args.warmup, args.repeats = (given if given is not None else default for given, default in
+                                             zip((args.steps, args.warmup, args.repeats), defaults))
     torch.set_num_threads(args.threads)
     sizes, batch_size, model_kwargs = InputSizes(), None, main_job_model_kwargs
     if args.quick:
         sizes, batch_size, model_kwargs = InputSizes(text_length=16, vocab_size=128), 8, tiny_model_kwargs
-        args.steps, args.warmup, args.repeats = 8, 2, 2
     print(f"Machine: {machine()}\n")
     results = {}
     with tempfile.TemporaryDirectory() as output_dir:
@@ -303,8 +312,9 @@ def main(argv=None) -> dict:
 
             seconds = time_loops(build_model, dataset, collate_rows, training, args.warmup, args.repeats)
             results[case] = {**summarize(seconds), "seconds": seconds}
+    clock = "wall time" if training_device(training).type == "cuda" else "CPU time of the process"
     print(f"{args.steps} steps per run ({args.warmup} warm-up), batch {training.per_device_train_batch_size}, best of "
-          f"{args.repeats} interleaved runs per loop\n")
+          f"{args.repeats} interleaved runs per loop; ms/step in {clock}\n")
     print("| case | bare loop (ms/step) | train() (ms/step) | train / bare | median paired ratio | goal |")
     print("|---|---:|---:|---:|---:|---:|")
     for case, result in results.items():
