@@ -325,7 +325,9 @@ class PPCAImputer(nn.Module):
     def reset_parameters(self) -> None:
         """Prior state: small random W (seeded), zero mean, `init_noise_var`, nothing fitted."""
         generator = torch.Generator().manual_seed(self.seed)
-        weight = torch.randn(self.num_modalities, self.dim, self.latent_dim, generator=generator) / self.dim
+        # drawn where the generator lives (also under `with torch.device("cuda")`), then copied to the buffer's device
+        weight = torch.randn(self.num_modalities, self.dim, self.latent_dim, generator=generator,
+                             device=generator.device) / self.dim
         self.weight.copy_(weight)
         self.mean.zero_()
         self.noise_var.fill_(self.init_noise_var)

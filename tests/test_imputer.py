@@ -290,3 +290,14 @@ def test_imputation_variance_is_the_mean_diagonal_of_the_posterior_covariance():
     _, covariance = imputer.impute(z, mask, return_covariance=True)
     expected = covariance.diagonal(dim1=-2, dim2=-1).mean(dim=-1)  # [N, k], 0 where observed
     torch.testing.assert_close(imputer.imputation_variance(z, mask), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_imputer_built_under_a_cuda_default_device_has_the_cpu_built_prior():
+    """The seeded prior W is drawn on its CPU generator whatever the default device is, so the same seed gives the
+    same W on either device."""
+    with torch.device("cuda"):
+        on_cuda = PPCAImputer(num_modalities=3, dim=8, latent_dim=2, seed=5)
+    assert on_cuda.weight.device.type == "cuda"
+    torch.testing.assert_close(on_cuda.weight.cpu(), PPCAImputer(num_modalities=3, dim=8, latent_dim=2, seed=5).weight,
+                               rtol=0, atol=0)
