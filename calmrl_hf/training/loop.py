@@ -44,7 +44,7 @@ from .progress import step_progress
 from .resume import RunCheckpoints, checkpoint_to_resume, run_manifest
 from .setup import (
     build_dataloaders, build_hub_pusher, build_optimizer, freeze_modules, prepare_training, start_trackers,
-    validate_setup,
+    validate_setup, with_epoch_steps,
 )
 
 
@@ -129,6 +129,7 @@ def _train_holding_lock(model, train_dataset, args: CalMRLTrainingArguments, acc
         train_dataset, eval_dataset, warm_start_dataset, collate_fn, per_device, args,
         on_gpu=accelerator.device.type == "cuda",
     )
+    args = with_epoch_steps(args, train_loader, accelerator.num_processes)  # max_steps from num_train_epochs
     optimizer, scheduler = build_optimizer(model, args, accelerator.num_processes)
     manifest = run_manifest(model, args, train_loader.dataset, accelerator)
     streaming = isinstance(train_loader.dataset, torch.utils.data.IterableDataset)  # it may not know its length
@@ -173,7 +174,8 @@ def run_epochs(accelerator: Accelerator, args: CalMRLTrainingArguments, model, o
                calibration: Calibration, *, eval_loader: DataLoader | None, checkpoints: RunCheckpoints,
                eval_history: list | None = None) -> list[float]:
     """Epochs from `position` until `max_steps` optimizer steps: the bi-step on every micro-batch (`train_step`);
-    after each optimizer step, logging, evaluation every `eval_steps` and a checkpoint every `save_steps`.
+    after each optimizer step, logging, evaluation every `eval_steps` and a checkpoint every `save_steps`; with
+    `eval_strategy` / `save_strategy` "epoch", both at the end of each epoch (`end_epoch`).
     Returns the mean loss of each optimizer step (all processes); each evaluation's (step, metrics) is appended to
     `eval_history`."""
     losses: list[float] = []
@@ -183,6 +185,7 @@ def run_epochs(accelerator: Accelerator, args: CalMRLTrainingArguments, model, o
                              enabled=accelerator.is_local_main_process)
     while position.global_step < args.max_steps:
         resumed_mid_epoch = position.batches_in_epoch > 0
+        steps_before = position.global_step
         batches = epoch_batches(accelerator, train_loader, imputer_step, position, args.seed)
         train_mode(model, accelerator, args)
         for batch in batches:
@@ -212,8 +215,22 @@ def run_epochs(accelerator: Accelerator, args: CalMRLTrainingArguments, model, o
             position.batches_in_epoch = 0
             if position.global_step == 0 and not resumed_mid_epoch:
                 raise ValueError("The train dataset yields no full batch: lower the batch size.")
+        if position.global_step > steps_before:  # not an epoch a resume found already done
+            end_epoch(accelerator, args, model, position, eval_loader, checkpoints, eval_history)
     progress.close()
     return losses
+
+
+def end_epoch(accelerator: Accelerator, args: CalMRLTrainingArguments, model, position: TrainPosition,
+              eval_loader: DataLoader | None, checkpoints: RunCheckpoints, eval_history: list | None) -> None:
+    """The end of an epoch (or of the run, where max_steps ends it mid-epoch, as in Trainer): evaluate, then
+    checkpoint, where `eval_strategy` / `save_strategy` is "epoch"."""
+    if eval_loader is not None and args.eval_strategy == "epoch":
+        metrics = evaluate_during_training(accelerator, args, model, eval_loader, position.global_step)
+        if eval_history is not None:
+            eval_history.append((position.global_step, metrics))
+    if args.save_strategy == "epoch":
+        checkpoints.save(position)
 
 
 def epoch_batches(accelerator: Accelerator, train_loader: DataLoader, imputer_step: ImputerUpdater,
@@ -349,5 +366,5 @@ def save_peft_model(accelerator: Accelerator, args: CalMRLTrainingArguments, pef
         merged.save_pretrained(args.output_dir)
 
 
-__all__ = ["TrainOutput", "TrainPosition", "epoch_batches", "evaluate_during_training", "finish", "log_step",
+__all__ = ["TrainOutput", "TrainPosition", "end_epoch", "epoch_batches", "evaluate_during_training", "finish", "log_step",
            "is_peft_model", "run_epochs", "save_final_model", "save_peft_model", "train", "train_mode", "train_step"]
