@@ -438,9 +438,13 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
                          dim=self.config.projection_dim, mask_optional=False)
         return self._alignment_loss(embeddings, aligned_mask)
 
+    # Objective.loss's signature; None: OBJECTIVES[config.alignment_objective].loss (training.compile_model: compiled)
+    objective_loss_fn: Callable | None = None
+
     def _alignment_loss(self, embeddings: torch.Tensor, aligned_mask: torch.Tensor) -> torch.Tensor:
         mask = None if bool(aligned_mask.all()) else aligned_mask
-        return OBJECTIVES[self.config.alignment_objective].loss(embeddings, mask, self.config, self.temperature)
+        loss_fn = self.objective_loss_fn or OBJECTIVES[self.config.alignment_objective].loss
+        return loss_fn(embeddings, mask, self.config, self.temperature)
 
     @torch.no_grad()
     def encode(self, modality_mask: torch.Tensor | None = None, **modality_inputs: torch.Tensor) -> CalMRLEncoding:

@@ -33,6 +33,7 @@ from ..sharing.hub import CheckpointPusher, HubPushError, push_to_hub, write_mod
 from .arguments import CalMRLTrainingArguments, recorded_arguments
 from .calibration import Calibration, ImputationFn
 from .checkpoints import ensure_writable_directory
+from .compiling import compile_model
 from .evaluation import evaluate
 from .fsdp import as_its_own_class
 from .imputer_step import ImputerUpdater, warm_start, warm_start_window
@@ -130,6 +131,8 @@ def _train_holding_lock(model, train_dataset, args: CalMRLTrainingArguments, acc
         on_gpu=accelerator.device.type == "cuda",
     )
     args = with_epoch_steps(args, train_loader, accelerator.num_processes)  # max_steps from num_train_epochs
+    if args.torch_compile:
+        compile_model(model, backend=args.torch_compile_backend, mode=args.torch_compile_mode)
     optimizer, scheduler = build_optimizer(model, args, accelerator.num_processes)
     manifest = run_manifest(model, args, train_loader.dataset, accelerator)
     streaming = isinstance(train_loader.dataset, torch.utils.data.IterableDataset)  # it may not know its length
@@ -366,5 +369,6 @@ def save_peft_model(accelerator: Accelerator, args: CalMRLTrainingArguments, pef
         merged.save_pretrained(args.output_dir)
 
 
-__all__ = ["TrainOutput", "TrainPosition", "end_epoch", "epoch_batches", "evaluate_during_training", "finish", "log_step",
+__all__ = ["TrainOutput", "TrainPosition", "end_epoch", "epoch_batches", "evaluate_during_training", "finish",
+           "log_step",
            "is_peft_model", "run_epochs", "save_final_model", "save_peft_model", "train", "train_mode", "train_step"]
