@@ -89,7 +89,8 @@ class CalMRLTrainingArguments(metaclass=_KnownNames):
     - `train_batch_size`: the global batch (per device x processes x accumulation) to check, when given; Trainer's
       is a read-only property without accumulation.
     - `mixed_precision`: accelerate's `"no"` / `"bf16"` / `"fp16"`, an alternative to Trainer's `bf16` / `fp16`
-      flags; None (the default) takes the launcher's (`accelerate launch --mixed_precision`, `accelerate config`).
+      flags; None (the default) takes the launcher's (`accelerate launch --mixed_precision`, `accelerate config`),
+      "no" without.
     - `gradient_accumulation_steps`: None (the default) takes the launcher's (DeepSpeed's config), 1 without; a value
       set here wins over the launcher's. `train` records the values the run used.
     - `resume_from_checkpoint`: also takes `"latest"` (the newest complete checkpoint in `output_dir/checkpoints`).
