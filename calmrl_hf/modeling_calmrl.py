@@ -491,10 +491,16 @@ class CalMRLModel(MatchingHeadMixin, CalMRLFeaturesMixin, CalMRLPreTrainedModel)
         host = self._read_on_host(aligned_mask, [PendingCheck(*empty_rows_check(aligned_mask, "aligned_mask"))])
         return self._alignment_loss(embeddings, aligned_mask, host)
 
+    # Objective.loss's signature; None: OBJECTIVES[config.alignment_objective].loss (training.compile_model: compiled)
+    objective_loss_fn: Callable | None = None
+
     def _alignment_loss(self, embeddings: torch.Tensor, aligned_mask: torch.Tensor,
                         host: HostMask | None = None) -> torch.Tensor:
         """The objective given, or not (`host`: nothing read back), the aligned mask's host copy."""
         all_aligned = bool(aligned_mask.all()) if host is None else host.all
+        if self.objective_loss_fn is not None:  # compiled (`training.compile_model`): the mask on the device only
+            return self.objective_loss_fn(embeddings, None if all_aligned else aligned_mask, self.config,
+                                          self.temperature)
         if all_aligned:
             return OBJECTIVES[self.config.alignment_objective].loss(embeddings, None, self.config, self.temperature)
         return OBJECTIVES[self.config.alignment_objective].loss(embeddings, aligned_mask, self.config, self.temperature,

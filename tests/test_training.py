@@ -370,32 +370,3 @@ def test_evaluations_during_training_are_returned_and_change_nothing(tmp_path):
     assert runs["silent"][1].eval_history == []
     for (name, value), other in zip(runs["evaluating"][0].state_dict().items(), runs["silent"][0].state_dict().values()):
         assert torch.equal(value, other), name
-
-
-def test_trainer_vocabulary_is_understood_or_refused_with_the_supported_name(tmp_path):
-    """bf16 / fp16, a warmup_steps ratio, AdamW's betas and epsilon and gradient_checkpointing do what they do in
-    transformers' Trainer; a Trainer name this class does not have is refused with what to give instead."""
-    assert CalMRLTrainingArguments(bf16=True).mixed_precision == "bf16"
-    with pytest.raises(ValueError, match=r"fp16=True but mixed_precision='bf16'"):
-        CalMRLTrainingArguments(fp16=True, mixed_precision="bf16")
-    assert CalMRLTrainingArguments(max_steps=50, warmup_steps=0.1).warmup_steps == 5  # a ratio: ceil, as Trainer
-    assert CalMRLTrainingArguments(warmup_steps=3.0).warmup_steps == 3
-    for name, hint in (("num_train_epochs", "give max_steps"), ("eval_strategy", "give eval_steps"),
-                       ("warmup_ratio", "give warmup_steps a float"), ("learning_rat", "did you mean 'learning_rate'")):
-        with pytest.raises(TypeError, match=rf"Unknown training arguments '{name}'.*{hint}"):
-            CalMRLTrainingArguments(**{name: 1})
-    from calmrl_hf.training import build_optimizer
-
-    args = CalMRLTrainingArguments(adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
-    optimizer, _ = build_optimizer(CalMRLModel(training_config()), args, 1)
-    assert optimizer.param_groups[0]["betas"] == (0.8, 0.95) and optimizer.param_groups[0]["eps"] == 1e-6
-    # checkpointing recomputes the towers' activations: the same training, less memory
-    results = {}
-    for flag in (True, False):
-        torch.manual_seed(0)
-        model = CalMRLModel(training_config())
-        args = CalMRLTrainingArguments(output_dir=str(tmp_path / str(flag)), max_steps=2, per_device_train_batch_size=8,
-                                       gradient_checkpointing=flag, imputer_min_rows=8)
-        results[flag] = train(model, make_dataset(32, MIXED_PATTERNS), args, collate_fn=collate).losses
-        assert all(tower.is_gradient_checkpointing == flag for tower in model.encoders.values())
-    assert results[True] == pytest.approx(results[False], rel=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -12,32 +14,44 @@ from ..validation import unknown_name_message
 
 
 class _KnownNames(type):
-    """Refuse a keyword that is no field, naming the closest one (a transformers `TrainingArguments` name this class
-    does not have, e.g. `num_train_epochs`: `max_steps`), instead of dataclasses' bare TypeError."""
+    """Refuse a keyword that is no field, naming the closest one (and for a transformers `TrainingArguments` name
+    this class does not have, e.g. `optim`, what to give instead), instead of dataclasses' bare TypeError."""
 
     def __call__(cls, *args, **kwargs):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
         if unknown:
-            equivalents = [f"{name}: {TRAINER_EQUIVALENTS[name]}" for name in unknown if name in TRAINER_EQUIVALENTS]
-            hint = f" Trainer's names: {'; '.join(equivalents)}." if equivalents else ""
-            raise TypeError(unknown_name_message("training arguments", unknown, known) + hint)
+            raise TypeError(unknown_arguments_message(cls, unknown))
         return super().__call__(*args, **kwargs)
 
 
 # transformers' TrainingArguments names of concepts this class has under another name, or leaves to the launcher
 TRAINER_EQUIVALENTS = {
-    "num_train_epochs": "give max_steps (optimizer steps; an epoch is len(dataset) / global batch)",
-    "eval_strategy": "give eval_steps (evaluate every N steps; None: never)",
-    "evaluation_strategy": "give eval_steps (evaluate every N steps; None: never)",
-    "save_strategy": "give save_steps (a checkpoint every N steps; None: never)",
+    "evaluation_strategy": "give eval_strategy (transformers 5's name)",
+    "logging_strategy": "give logging_steps (log every N optimizer steps)",
     "per_gpu_train_batch_size": "give per_device_train_batch_size",
     "deepspeed": "launch with `accelerate launch --use_deepspeed` or an accelerate config (docs/distributed.md)",
     "fsdp": "launch with `accelerate launch --use_fsdp` or an accelerate config (docs/distributed.md)",
     "optim": "AdamW is the optimizer; its betas and epsilon are adam_beta1, adam_beta2, adam_epsilon",
-    "warmup_ratio": "give warmup_steps a float in (0, 1), the ratio (transformers 5's Trainer does the same)",
-    "logging_dir": "trackers write under output_dir",
+    "load_best_model_at_end": "not supported: every evaluation is in TrainOutput.eval_history, and checkpoints "
+                              "(save_steps / save_strategy) keep the steps to choose from",
+    "save_safetensors": "checkpoints and models are always safetensors",
+    "dataloader_drop_last": "train batches are always whole (drop_last); evaluation keeps every row",
+    "data_seed": "seed also seeds the train loader's shuffling",
 }
+
+
+def unknown_arguments_message(cls, unknown: list[str]) -> str:
+    """"Unknown training arguments 'x' (did you mean 'y'?); known ones are [...]." plus Trainer's equivalents."""
+    message = unknown_name_message("training arguments", unknown, [f.name for f in fields(cls)])
+    equivalents = [f"{name}: {TRAINER_EQUIVALENTS[name]}" for name in unknown if name in TRAINER_EQUIVALENTS]
+    return message + (f" Trainer's names: {'; '.join(equivalents)}." if equivalents else "")
+
+
+# the schedules of transformers' `get_scheduler` the loop can step (once per optimizer step, without a metric)
+LR_SCHEDULER_TYPES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                      "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+STRATEGIES = ("no", "steps", "epoch")  # Trainer's IntervalStrategy
+DEFAULT_MAX_STEPS = 100  # when neither max_steps nor num_train_epochs is given
 
 
 @dataclass
@@ -45,21 +59,40 @@ class CalMRLTrainingArguments(metaclass=_KnownNames):
     """Arguments of `calmrl_hf.training.train`.
 
     Where a field means what a field of transformers' `TrainingArguments` means, it has the same name (`output_dir`,
-    `seed`, `max_steps`, `per_device_train_batch_size`, `per_device_eval_batch_size`, `gradient_accumulation_steps`,
-    `learning_rate`, `weight_decay`, `lr_scheduler_type`, `warmup_steps`, `max_grad_norm`, `logging_steps`,
+    `seed`, `max_steps`, `num_train_epochs`, `per_device_train_batch_size`, `per_device_eval_batch_size`,
+    `gradient_accumulation_steps`, `learning_rate`, `weight_decay`, `lr_scheduler_type`, `lr_scheduler_kwargs`,
+    `warmup_steps`, `max_grad_norm`, `logging_steps`, `eval_strategy`, `eval_steps`, `save_strategy`, `save_steps`,
     `save_total_limit`, `dataloader_num_workers`, `dataloader_prefetch_factor`, `dataloader_persistent_workers`,
     `dataloader_pin_memory`, `use_cpu`, `report_to`, `push_to_hub`, `hub_model_id`, `hub_strategy`, `bf16`, `fp16`,
-    `gradient_checkpointing`, `adam_beta1`, `adam_beta2`, `adam_epsilon`, `hub_token`, `hub_private_repo`;
-    `warmup_steps` a float in (0, 1) is a ratio of max_steps, as transformers 5 reads it). These differ from Trainer's:
+    `gradient_checkpointing`, `torch_compile`, `torch_compile_backend`, `torch_compile_mode`, `adam_beta1`,
+    `adam_beta2`, `adam_epsilon`, `hub_token`, `hub_private_repo`; `warmup_steps` a float in (0, 1) is a ratio of
+    max_steps, as transformers 5 reads it; transformers 4's `warmup_ratio` and `logging_dir` are taken too). A
+    Trainer name this class lacks is refused with the closest name it has (`TRAINER_EQUIVALENTS`). These differ
+    from Trainer's:
 
+    - `max_steps`, `num_train_epochs`: as Trainer, `max_steps` (optimizer steps) wins when given; else
+      `num_train_epochs` (a float) gives max_steps = ceil(num_train_epochs x ceil(batches per epoch and process /
+      gradient_accumulation_steps)) when `train` has built the loader; a train dataset without a length (streaming)
+      cannot count epochs: an error, give max_steps. Neither given: 100 steps (Trainer's default is 3 epochs).
+      Trainer's "not set" max_steps=-1 reads as None.
+    - `eval_strategy`, `save_strategy`: "no" | "steps" (every `eval_steps` / `save_steps`) | "epoch" (at the end of
+      each epoch, the last one too where max_steps ends it early). None (the default) reads the steps: "steps"
+      when `eval_steps` / `save_steps` is set, else "no" (Trainer's defaults evaluate never and save every 500
+      steps; ours save never unless asked). "steps" without eval_steps evaluates every `logging_steps` (Trainer's
+      default); without save_steps it is an error; a steps value with another strategy is one too.
+    - `warmup_ratio`: transformers 4's name (5 reads a float `warmup_steps` instead), folded into `warmup_steps`.
+    - `logging_dir`: transformers 4's name (5 removed it): where the trackers of `report_to` write (accelerate's
+      `ProjectConfiguration.logging_dir`); None: output_dir.
+    - `torch_compile`: compiles the towers and the objective (`compiling.compile_model`), not the whole model:
+      the model's forward holds host syncs (mask checks) that would break the graph. `torch_compile_backend` /
+      `torch_compile_mode` set turn it on, as in Trainer.
     - `train_batch_size`: the global batch (per device x processes x accumulation) to check, when given; Trainer's
       is a read-only property without accumulation.
-    - `mixed_precision`: accelerate's `"no"` / `"bf16"` / `"fp16"` instead of Trainer's `bf16` / `fp16` flags; None
-      (the default) takes the launcher's (`accelerate launch --mixed_precision`, `accelerate config`), "no" without.
+    - `mixed_precision`: accelerate's `"no"` / `"bf16"` / `"fp16"`, an alternative to Trainer's `bf16` / `fp16`
+      flags; None (the default) takes the launcher's (`accelerate launch --mixed_precision`, `accelerate config`),
+      "no" without.
     - `gradient_accumulation_steps`: None (the default) takes the launcher's (DeepSpeed's config), 1 without; a value
       set here wins over the launcher's. `train` records the values the run used.
-    - `eval_steps`, `save_steps`: evaluate / checkpoint every N optimizer steps when set, never when None (no
-      `eval_strategy` / `save_strategy`).
     - `resume_from_checkpoint`: also takes `"latest"` (the newest complete checkpoint in `output_dir/checkpoints`).
     - `allow_resume_changes`: ours. A resumed run refuses to continue when the run it resumes differed (model
       config, these arguments, dataset, number of processes); listed names (`"learning_rate"`,
@@ -92,15 +125,18 @@ class CalMRLTrainingArguments(metaclass=_KnownNames):
 
     output_dir: str = "outputs/calmrl"
     seed: int = 42
-    max_steps: int = 100  # optimizer steps
+    max_steps: int | None = None  # optimizer steps; None: from num_train_epochs, else 100
+    num_train_epochs: float | None = None  # epochs, when max_steps is not given (a float: part of the last one)
     per_device_train_batch_size: int = 32
     train_batch_size: int | None = None  # global; if set, must equal per_device * processes * accumulation
     per_device_eval_batch_size: int = 64
     gradient_accumulation_steps: int | None = None  # None: the launcher's (accelerate config / DeepSpeed), else 1
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
-    lr_scheduler_type: str = "cosine"
+    lr_scheduler_type: str = "cosine"  # a schedule of transformers' get_scheduler (LR_SCHEDULER_TYPES)
+    lr_scheduler_kwargs: dict[str, Any] | None = None  # its own settings, e.g. {"min_lr_rate": 0.1}
     warmup_steps: int | float = 0  # steps; a float in (0, 1) is a ratio of max_steps (as transformers 5's Trainer)
+    warmup_ratio: float | None = None  # transformers 4's name for a warmup_steps ratio (recorded as warmup_steps)
     adam_beta1: float = 0.9  # AdamW's betas and epsilon, Trainer's names
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -111,9 +147,15 @@ class CalMRLTrainingArguments(metaclass=_KnownNames):
     bf16: bool = False  # Trainer's switches: mixed_precision="bf16" / "fp16"
     fp16: bool = False
     gradient_checkpointing: bool = False  # recompute the towers' activations in backward (less memory, more time)
+    torch_compile: bool = False  # torch.compile the towers and the objective (`compiling.compile_model`)
+    torch_compile_backend: str | None = None  # torch.compile's backend (None: "inductor"); set, turns compiling on
+    torch_compile_mode: str | None = None  # torch.compile's mode, e.g. "max-autotune"; set, turns compiling on
     use_cpu: bool = False  # force CPU processes (torchrun on CPU: gloo all-reduce)
     logging_steps: int = 10
+    logging_dir: str | None = None  # the trackers' folder (None: output_dir)
+    eval_strategy: str | None = None  # "no" | "steps" | "epoch"; None: "steps" if eval_steps is set, else "no"
     eval_steps: int | None = None
+    save_strategy: str | None = None  # "no" | "steps" | "epoch"; None: "steps" if save_steps is set, else "no"
     save_steps: int | None = None
     save_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir/checkpoints
@@ -151,10 +193,9 @@ class CalMRLTrainingArguments(metaclass=_KnownNames):
     def from_dict(cls, values: dict[str, Any]) -> "CalMRLTrainingArguments":
         """From a recipe section: unknown names are an error (with a suggestion), numbers given as strings (YAML
         reads "1e-3" as one) are converted."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(unknown_name_message("training arguments", unknown, known))
+            raise ValueError(unknown_arguments_message(cls, unknown))
         return cls(**values)  # the constructor converts numbers given as strings (`_convert`)
 
     def __repr__(self) -> str:  # the fields but `hub_token`, a token inside another value (an endpoint) masked
@@ -168,12 +209,21 @@ class CalMRLTrainingArguments(metaclass=_KnownNames):
             self.mixed_precision = "no"
         if self.report_to == "none" or self.report_to == ["none"]:
             self.report_to = None
+        if self.max_steps in (-1, "-1"):  # Trainer's "not set": from num_train_epochs
+            self.max_steps = None
         self._convert()
         self._translate_trainer_names()
+        self._resolve_strategies()
         self._validate()
 
+    @property
+    def saves_checkpoints(self) -> bool:
+        """Whether the run writes checkpoints (`save_strategy` "steps" or "epoch")."""
+        return self.save_strategy != "no"
+
     def _translate_trainer_names(self) -> None:
-        """Trainer's `bf16` / `fp16` as `mixed_precision`; a `warmup_steps` ratio as steps."""
+        """Trainer's `bf16` / `fp16` as `mixed_precision`; max_steps / num_train_epochs; a `warmup_steps` ratio (or
+        `warmup_ratio`) as steps once max_steps is known; a compile backend or mode turns `torch_compile` on."""
         if self.bf16 and self.fp16:
             raise ValueError("bf16=True and fp16=True: choose one mixed precision.")
         wanted = "bf16" if self.bf16 else "fp16" if self.fp16 else None
@@ -181,13 +231,43 @@ class CalMRLTrainingArguments(metaclass=_KnownNames):
             if self.mixed_precision not in (None, wanted):
                 raise ValueError(f"{wanted}=True but mixed_precision={self.mixed_precision!r}: give one of them.")
             self.mixed_precision = wanted
-        import math
-
+        if self.max_steps is None and self.num_train_epochs is None:
+            self.max_steps = DEFAULT_MAX_STEPS
+        if self.warmup_ratio is not None:  # folded into warmup_steps: recorded (and resumed) as that
+            if self.warmup_steps:
+                raise ValueError(f"warmup_ratio={self.warmup_ratio} and warmup_steps={self.warmup_steps}: give one "
+                                 f"of them (a float warmup_steps in (0, 1) is a ratio too).")
+            self.warmup_steps, self.warmup_ratio = self.warmup_ratio, None
         if 0 < self.warmup_steps < 1:  # a ratio: ceil(ratio * max_steps), as Trainer rounds it
-            self.warmup_steps = math.ceil(self.warmup_steps * self.max_steps)
+            if self.max_steps is not None:  # else kept until `train` counts the epochs' steps
+                self.warmup_steps = math.ceil(self.warmup_steps * self.max_steps)
         elif self.warmup_steps != int(self.warmup_steps):
             raise ValueError(f"warmup_steps = {self.warmup_steps}: a number of steps, or a ratio in (0, 1).")
-        self.warmup_steps = int(self.warmup_steps)
+        else:
+            self.warmup_steps = int(self.warmup_steps)
+        if self.torch_compile_backend is not None or self.torch_compile_mode is not None:
+            self.torch_compile = True
+
+    def _resolve_strategies(self) -> None:
+        """`eval_strategy` / `save_strategy` and their steps made consistent: None reads the steps, "steps" without
+        eval_steps evaluates every logging_steps (Trainer's default); a contradiction is an error."""
+        for kind, steps_name in (("eval", "eval_steps"), ("save", "save_steps")):
+            name = f"{kind}_strategy"
+            strategy, steps = getattr(self, name), getattr(self, steps_name)
+            if strategy is None:
+                strategy = "steps" if steps is not None else "no"
+            if strategy not in STRATEGIES:
+                best = " (keeping the best checkpoint is not supported)" if strategy == "best" else ""
+                raise ValueError(f"{name} = {strategy!r}; expected one of {list(STRATEGIES)}{best}.")
+            if strategy == "steps" and steps is None:
+                if kind == "save":
+                    raise ValueError("save_strategy='steps' needs save_steps (a checkpoint every N optimizer steps).")
+                steps = self.logging_steps
+            if strategy != "steps" and steps is not None:
+                raise ValueError(f"{name}={strategy!r} with {steps_name}={steps}: {steps_name} goes with "
+                                 f"{name}='steps'; give one of them.")
+            setattr(self, name, str(strategy))  # Trainer's IntervalStrategy enum is a str
+            setattr(self, steps_name, steps)
 
     def _convert(self) -> None:
         """Numbers as their field's type (from strings too: YAML reads 1e-3 as one), each within its range
@@ -207,6 +287,17 @@ class CalMRLTrainingArguments(metaclass=_KnownNames):
             self.eval_pairs = _pairs(self.eval_pairs)
 
     def _validate(self) -> None:
+        if self.lr_scheduler_type not in LR_SCHEDULER_TYPES:
+            why = (" (it steps on a metric; the loop steps the schedule every optimizer step)"
+                   if self.lr_scheduler_type in ("reduce_lr_on_plateau", "greedy") else "")
+            close = difflib.get_close_matches(str(self.lr_scheduler_type), LR_SCHEDULER_TYPES, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close and not why else ""
+            raise ValueError(f"lr_scheduler_type = {self.lr_scheduler_type!r} is not supported{why}; expected one of "
+                             f"{list(LR_SCHEDULER_TYPES)}.{hint}")
+        if self.lr_scheduler_kwargs is not None and (not isinstance(self.lr_scheduler_kwargs, dict) or not all(
+                isinstance(key, str) for key in self.lr_scheduler_kwargs)):
+            raise TypeError(f"lr_scheduler_kwargs must be a dict of the schedule's keyword arguments, e.g. "
+                            f"{{'min_lr_rate': 0.1}}, got {self.lr_scheduler_kwargs!r}.")
         if self.imputer_statistics not in ("ema", "epoch", "frozen"):
             raise ValueError(f"imputer_statistics = {self.imputer_statistics!r}; expected 'ema', 'epoch' or 'frozen'.")
         self._validate_teacher()
@@ -253,7 +344,8 @@ def _floats(words: str, low: float, low_inclusive: bool, optional: bool = False,
 # max_grad_norm=-1 reversed the update).
 TRAINING_NUMBERS = {
     "seed": _ints("in [0, 2**32 - 1]", 0, high=2**32 - 1),  # numpy's seed range
-    "max_steps": _ints(">= 1", 1),
+    "max_steps": _ints(">= 1, or None (from num_train_epochs)", 1, optional=True),
+    "num_train_epochs": _floats("> 0 or None", 0, False, optional=True),
     "per_device_train_batch_size": _ints(">= 1", 1),
     "train_batch_size": _ints(">= 1 or None", 1, optional=True),
     "per_device_eval_batch_size": _ints(">= 1", 1),
@@ -261,6 +353,7 @@ TRAINING_NUMBERS = {
     "learning_rate": _floats(">= 0", 0, True),  # 0: the weights stay (a run that only fits the imputer)
     "weight_decay": _floats(">= 0", 0, True),
     "warmup_steps": _floats(">= 0 (steps; a float in (0, 1): a ratio of max_steps)", 0, True),
+    "warmup_ratio": _floats("in [0, 1) or None", 0, True, optional=True, high=1),
     "adam_beta1": _floats("in [0, 1)", 0, True, high=1),
     "adam_beta2": _floats("in [0, 1)", 0, True, high=1),
     "adam_epsilon": _floats("> 0", 0, False),
@@ -283,7 +376,7 @@ TRAINING_NUMBERS = {
 }
 # Switches: True or False only (a quoted "false" is a string, which would count as True).
 TRAINING_SWITCHES = ("use_cpu", "imputer_warm_start", "dataloader_persistent_workers", "dataloader_pin_memory",
-                     "hub_private_repo", "bf16", "fp16", "gradient_checkpointing")
+                     "hub_private_repo", "bf16", "fp16", "gradient_checkpointing", "torch_compile")
 
 
 def _names(field_name: str, value: Any) -> list[str]:

@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, GradientAccumulationPlugin
+from accelerate.utils import (
+    DistributedType, FullyShardedDataParallelPlugin, GradientAccumulationPlugin, ProjectConfiguration,
+)
 
 from .arguments import CalMRLTrainingArguments
 from .checkpoints import RunFolderLock, check_checkpoints_root, remove_stale_staging
@@ -121,10 +123,12 @@ def refuse_unsupported_engine_settings(args: CalMRLTrainingArguments, accelerato
     """Settings an engine cannot run, refused before training instead of failing (or hanging) mid-run."""
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ValueError(FSDP1_REFUSAL)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and (args.save_steps or args.resume_from_checkpoint):
-        raise ValueError("Checkpoints (save_steps / resume_from_checkpoint) are not supported under DeepSpeed: its "
-                         "ZeRO optimizer state is partitioned across processes and holds objects the checkpoint "
-                         "format refuses. Set save_steps=None (the final model is still saved), or train with DDP "
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and (args.saves_checkpoints
+                                                                  or args.resume_from_checkpoint):
+        raise ValueError("Checkpoints (save_steps / save_strategy / resume_from_checkpoint) are not supported under "
+                         "DeepSpeed: its ZeRO optimizer state is partitioned across processes and holds objects the "
+                         "checkpoint format refuses. Set save_steps=None and save_strategy='no' (the final model is "
+                         "still saved), or train with DDP "
                          "or FSDP to checkpoint.")
 
 
@@ -199,7 +203,7 @@ def check_checkpoint_folders(accelerator: Accelerator, args: CalMRLTrainingArgum
     checkpoints is a folder, and stale `step_N.incomplete` entries of a dead run (the caller holds the folder's
     lock) are removed by the main process with a log line, a symlink as the link itself."""
     resume = args.resume_from_checkpoint
-    if args.save_steps or resume == "latest":
+    if args.saves_checkpoints or resume == "latest":
         check_shared_output_dir(accelerator, args.output_dir)
 
         def check_folder():
@@ -248,7 +252,8 @@ def build_accelerator(args: CalMRLTrainingArguments) -> Accelerator:
         mixed_precision=args.mixed_precision,
         gradient_accumulation_plugin=accumulation,
         log_with=args.report_to,
-        project_dir=args.output_dir,
+        # trackers write to logging_dir (None: output_dir)
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir),
         kwargs_handlers=handlers,
         # batches hold the observed rows of each modality only (ragged), so they are never split or dispatched
         # across processes: each process collates its own examples

@@ -33,6 +33,7 @@ from ..sharing.hub import CheckpointPusher, HubPushError, push_to_hub, write_mod
 from .arguments import CalMRLTrainingArguments, recorded_arguments
 from .calibration import Calibration, ImputationFn
 from .checkpoints import ensure_writable_directory
+from .compiling import compile_model
 from .evaluation import evaluate
 from .fsdp import as_its_own_class
 from .imputer_step import ImputerUpdater, warm_start, warm_start_window
@@ -44,7 +45,7 @@ from .progress import step_progress
 from .resume import RunCheckpoints, checkpoint_to_resume, run_manifest
 from .setup import (
     build_dataloaders, build_hub_pusher, build_optimizer, freeze_modules, prepare_training, start_trackers,
-    validate_setup,
+    validate_setup, with_epoch_steps,
 )
 
 
@@ -129,6 +130,9 @@ def _train_holding_lock(model, train_dataset, args: CalMRLTrainingArguments, acc
         train_dataset, eval_dataset, warm_start_dataset, collate_fn, per_device, args,
         on_gpu=accelerator.device.type == "cuda",
     )
+    args = with_epoch_steps(args, train_loader, accelerator.num_processes)  # max_steps from num_train_epochs
+    if args.torch_compile:
+        compile_model(model, backend=args.torch_compile_backend, mode=args.torch_compile_mode)
     optimizer, scheduler = build_optimizer(model, args, accelerator.num_processes)
     manifest = run_manifest(model, args, train_loader.dataset, accelerator)
     streaming = isinstance(train_loader.dataset, torch.utils.data.IterableDataset)  # it may not know its length
@@ -173,32 +177,36 @@ def run_epochs(accelerator: Accelerator, args: CalMRLTrainingArguments, model, o
                calibration: Calibration, *, eval_loader: DataLoader | None, checkpoints: RunCheckpoints,
                eval_history: list | None = None) -> list[float]:
     """Epochs from `position` until `max_steps` optimizer steps: the bi-step on every micro-batch (`train_step`);
-    after each optimizer step, logging, evaluation every `eval_steps` and a checkpoint every `save_steps`.
+    after each optimizer step, logging, evaluation every `eval_steps` and a checkpoint every `save_steps`; with
+    `eval_strategy` / `save_strategy` "epoch", both at the end of each epoch (`end_epoch`).
     Returns the mean loss of each optimizer step (all processes); each evaluation's (step, metrics) is appended to
     `eval_history`."""
-    losses: list[float] = []
+    step_losses: list[torch.Tensor] = []  # 0-dim each, on the device
     running_loss, running_count = torch.zeros((), device=accelerator.device), 0  # the micro-batches of one step
+    unwrapped = accelerator.unwrap_model(model)
     # a bar on a terminal (also under accelerate launch), elsewhere a line on stderr every logging_steps
     with step_progress(args.max_steps, position.global_step, f"training {Path(args.output_dir).name}",
                        enabled=accelerator.is_local_main_process) as progress:
         while position.global_step < args.max_steps:
             resumed_mid_epoch = position.batches_in_epoch > 0
+            steps_before = position.global_step
             batches = epoch_batches(accelerator, train_loader, imputer_step, position, args.seed)
             train_mode(model, accelerator, args)
             for batch in batches:
                 position.batches_in_epoch += 1
                 running_loss += train_step(accelerator, model, optimizer, scheduler, imputer_step, calibration, batch,
-                                           args.max_grad_norm)
+                                           args.max_grad_norm, unwrapped)
                 running_count += 1
                 if not accelerator.sync_gradients:  # inside a gradient accumulation
                     continue
                 position.global_step += 1
                 step = position.global_step
-                losses.append(accelerator.reduce(running_loss / running_count, reduction="mean").item())
-                running_loss.zero_()
+                # kept on the device: read back at logging steps and once at the end, not every step
+                step_losses.append(accelerator.reduce(running_loss / running_count, reduction="mean"))
+                running_loss = torch.zeros((), device=accelerator.device)
                 running_count = 0
                 progress.update(1)
-                log_step(accelerator, args, scheduler, progress, step, losses[-1], train_loader.collate_fn)
+                log_step(accelerator, args, scheduler, progress, step, step_losses[-1], train_loader.collate_fn)
                 if eval_loader is not None and args.eval_steps and step % args.eval_steps == 0:
                     metrics = evaluate_during_training(accelerator, args, model, eval_loader, step)
                     if eval_history is not None:
@@ -212,7 +220,21 @@ def run_epochs(accelerator: Accelerator, args: CalMRLTrainingArguments, model, o
                 position.batches_in_epoch = 0
                 if position.global_step == 0 and not resumed_mid_epoch:
                     raise ValueError("The train dataset yields no full batch: lower the batch size.")
-    return losses
+            if position.global_step > steps_before:  # not an epoch a resume found already done
+                end_epoch(accelerator, args, model, position, eval_loader, checkpoints, eval_history)
+    return torch.stack(step_losses).tolist() if step_losses else []  # one read for the run's losses
+
+
+def end_epoch(accelerator: Accelerator, args: CalMRLTrainingArguments, model, position: TrainPosition,
+              eval_loader: DataLoader | None, checkpoints: RunCheckpoints, eval_history: list | None) -> None:
+    """The end of an epoch (or of the run, where max_steps ends it mid-epoch, as in Trainer): evaluate, then
+    checkpoint, where `eval_strategy` / `save_strategy` is "epoch"."""
+    if eval_loader is not None and args.eval_strategy == "epoch":
+        metrics = evaluate_during_training(accelerator, args, model, eval_loader, position.global_step)
+        if eval_history is not None:
+            eval_history.append((position.global_step, metrics))
+    if args.save_strategy == "epoch":
+        checkpoints.save(position)
 
 
 def epoch_batches(accelerator: Accelerator, train_loader: DataLoader, imputer_step: ImputerUpdater,
@@ -238,11 +260,12 @@ def train_mode(model, accelerator: Accelerator, args: CalMRLTrainingArguments) -
 
 
 def train_step(accelerator: Accelerator, model, optimizer, scheduler, imputer_step: ImputerUpdater,
-               calibration: Calibration, batch, max_grad_norm: float | None) -> torch.Tensor:
+               calibration: Calibration, batch, max_grad_norm: float | None, unwrapped=None) -> torch.Tensor:
     """One micro-batch of the bi-step: the imputer step (inside forward, `imputer_update_fn`), then the encoder
     step (an optimizer step on the last micro-batch of a gradient accumulation) on the alignment loss plus the
-    teacher's term (`calibration`); an EMA teacher follows each optimizer step. Returns the detached loss."""
-    unwrapped = accelerator.unwrap_model(model)
+    teacher's term (`calibration`); an EMA teacher follows each optimizer step. Returns the detached loss.
+    `unwrapped`: `accelerator.unwrap_model(model)`, taken once per run by the caller (it walks the modules)."""
+    unwrapped = accelerator.unwrap_model(model) if unwrapped is None else unwrapped
     with accelerator.accumulate(model):
         inputs, extra, teacher_view = calibration.prepare(unwrapped, batch)
         outputs = model(**inputs, return_loss=True, imputer_update_fn=imputer_step, **extra)
@@ -261,11 +284,12 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, imputer_st
 
 
 def log_step(accelerator: Accelerator, args: CalMRLTrainingArguments, scheduler, progress, step: int,
-             loss: float, collate_fn: Callable | None = None) -> None:
+             loss: torch.Tensor | float, collate_fn: Callable | None = None) -> None:
     """Every `logging_steps`: the step's loss and the examples the collator dropped so far (its
     `dropped_examples`, summed over processes) on the progress (`step_progress`) and, with trackers, loss and
     learning rate. Every process calls it at the same steps (the sum is a collective)."""
     if step % args.logging_steps == 0 or step == args.max_steps:
+        loss = float(loss)  # the step's one read of its loss, at logging steps only
         progress.log(loss, dropped=dropped_examples(accelerator, collate_fn))
         if args.report_to:
             accelerator.log({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0]}, step=step)
@@ -359,6 +383,6 @@ def save_peft_model(accelerator: Accelerator, args: CalMRLTrainingArguments, pef
         merged.save_pretrained(args.output_dir)
 
 
-__all__ = ["TrainOutput", "TrainPosition", "dropped_examples", "epoch_batches", "evaluate_during_training", "finish",
-           "log_step", "is_peft_model", "run_epochs", "save_final_model", "save_peft_model", "train", "train_mode",
-           "train_step"]
+__all__ = ["TrainOutput", "TrainPosition", "dropped_examples", "end_epoch", "epoch_batches", "evaluate_during_training",
+           "finish", "log_step", "is_peft_model", "run_epochs", "save_final_model", "save_peft_model", "train",
+           "train_mode", "train_step"]

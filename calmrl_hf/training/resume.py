@@ -9,7 +9,7 @@ not accelerate's `save_state`, whose pickled custom states `load_state` would un
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ from ..sharing.hub import CheckpointPusher
 from .arguments import CalMRLTrainingArguments, recorded_arguments
 from .checkpoints import (
     INCOMPLETE_SUFFIX, MANIFEST_FORMAT, MANIFEST_NAME, CheckpointError, capture_rng_state, checkpoint_file, commit_checkpoint,
-    find_checkpoints, load_state_file, manifest_differences, new_run_id, prune_checkpoints, read_manifest,
+    find_checkpoints, json_safe, load_state_file, manifest_differences, new_run_id, prune_checkpoints, read_manifest,
     restore_rng_state, set_aside_checkpoints, start_checkpoint, state_file_bytes, write_checkpoint_files,
 )
 from .fsdp import full_optimizer_state, load_full_model_state, load_full_optimizer_state
@@ -46,7 +46,11 @@ ARGUMENTS_OUTSIDE_THE_TRAJECTORY = frozenset({
     "allow_resume_changes", "report_to", "dataloader_num_workers", "use_cpu", "dataloader_prefetch_factor",
     "dataloader_persistent_workers", "dataloader_pin_memory", "per_device_eval_batch_size", "eval_pairs",
     "push_to_hub", "hub_strategy", "hub_model_id", "hub_endpoint", "hub_token", "hub_private_repo", "hub_timeout",
-    "hub_retries",
+    "hub_retries", "logging_dir", "eval_strategy", "save_strategy",
+    # the run's length is its max_steps (recorded, counted from the epochs), its warm-up its warmup_steps
+    "num_train_epochs", "warmup_ratio",
+    # compiled and eager steps compute the same function (equal within rounding: tests/test_compile.py)
+    "torch_compile", "torch_compile_backend", "torch_compile_mode",
 })
 
 
@@ -101,6 +105,15 @@ def extends_the_run(checkpoint_manifest: dict[str, Any], args: CalMRLTrainingArg
     return isinstance(saved, int) and args.max_steps > saved
 
 
+def arguments_added_since(saved_run: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    """The training arguments a checkpoint's manifest lacks (it was written before they existed) whose value in
+    this run is their default: the checkpoint's run had that default too, so they are no difference."""
+    defaults = {f.name: f.default for f in fields(CalMRLTrainingArguments) if f.default is not MISSING}
+    saved = saved_run.get("training", {})
+    return [f"training.{name}" for name, value in run["training"].items()
+            if name not in saved and name in defaults and json_safe(value) == json_safe(defaults[name])]
+
+
 def check_resumed_run(checkpoint_manifest: dict[str, Any], manifest: dict[str, Any], args: CalMRLTrainingArguments,
                       folder: str) -> None:
     """Refuse to continue a different run (`manifest`, this run's, against the checkpoint's): the differing manifest
@@ -110,7 +123,8 @@ def check_resumed_run(checkpoint_manifest: dict[str, Any], manifest: dict[str, A
     if layouts[0] != layouts[1]:  # not a setting that allow_resume_changes can let through: the states differ
         raise CheckpointError(f"{folder} holds its optimizer state {layouts[0]}, and this run needs it "
                               f"{layouts[1]}: resume a DDP checkpoint with DDP and an FSDP one with FSDP.")
-    allowed = [*args.allow_resume_changes, "optimizer_state_layout"]
+    allowed = [*args.allow_resume_changes, "optimizer_state_layout",
+               *arguments_added_since(checkpoint_manifest["run"], manifest)]
     if extends_the_run(checkpoint_manifest, args):
         allowed.append("training.max_steps")
         saved = checkpoint_manifest["run"]["training"]["max_steps"]
@@ -187,7 +201,7 @@ class RunCheckpoints:
         output_dir/checkpoints past `resumed_step` (0 for a fresh run) belong to an abandoned line; the main
         process moves them into checkpoints/abandoned/<run id>/ (never deleted, never taken by `latest`), with a
         log line naming them."""
-        if not self.args.save_steps:
+        if not self.args.saves_checkpoints:
             return
 
         def set_aside():

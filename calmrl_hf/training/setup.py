@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -103,6 +105,24 @@ def build_dataloaders(train_dataset, eval_dataset, warm_start_dataset, collate_f
     return train_loader, eval_loader, warm_loader
 
 
+def with_epoch_steps(args: CalMRLTrainingArguments, train_loader: DataLoader,
+                     num_processes: int) -> CalMRLTrainingArguments:
+    """`args` with `max_steps` from `num_train_epochs` when max_steps was not given (Trainer's rule):
+    max_steps = ceil(num_train_epochs x ceil(batches / gradient_accumulation_steps)), batches being one process's
+    whole batches of an epoch (accelerate's sharded loader gives each process len(loader) // processes); a
+    `warmup_steps` ratio becomes steps of that length. A train dataset without a length cannot count epochs."""
+    if args.max_steps is not None:
+        return args
+    if isinstance(train_loader.dataset, torch.utils.data.IterableDataset):
+        raise ValueError(f"num_train_epochs={args.num_train_epochs} needs a train dataset whose length is known, to "
+                         f"count an epoch's steps; this one is streaming ({type(train_loader.dataset).__name__}): "
+                         f"give max_steps (optimizer steps) instead.")
+    batches = len(train_loader) // num_processes
+    accumulation = args.gradient_accumulation_steps or 1
+    steps_per_epoch = max(math.ceil(batches / accumulation), 1)
+    return replace(args, max_steps=max(math.ceil(args.num_train_epochs * steps_per_epoch), 1))
+
+
 def worker_settings(args: CalMRLTrainingArguments) -> dict[str, Any]:
     """The DataLoader options that only exist with workers (torch refuses them with `num_workers=0`)."""
     if not args.dataloader_num_workers:
@@ -134,9 +154,19 @@ def build_optimizer(model: CalMRLModel, args: CalMRLTrainingArguments, num_proce
     return optimizer, LambdaLR(optimizer, [schedule_factor(args, warmup, num_processes) for warmup in warmups])
 
 
-def schedule_steps(args: CalMRLTrainingArguments, warmup_steps: int, num_processes: int) -> dict[str, int]:
-    # accelerate steps a prepared scheduler once per process per optimizer step: scale the schedule to match
-    return {"num_warmup_steps": warmup_steps * num_processes, "num_training_steps": args.max_steps * num_processes}
+# the settings of `lr_scheduler_kwargs` counted in steps (scaled with the schedule, `schedule_steps`)
+SCHEDULE_STEP_SETTINGS = ("num_decay_steps", "num_stable_steps", "timescale")
+
+
+def schedule_steps(args: CalMRLTrainingArguments, warmup_steps: int, num_processes: int) -> dict[str, Any]:
+    """`get_scheduler`'s step counts and `lr_scheduler_kwargs`. accelerate steps a prepared scheduler once per
+    process per optimizer step: every count of steps is scaled to match."""
+    steps = {"num_warmup_steps": warmup_steps * num_processes, "num_training_steps": args.max_steps * num_processes}
+    if args.lr_scheduler_kwargs:
+        steps["scheduler_specific_kwargs"] = {
+            name: value * num_processes if name in SCHEDULE_STEP_SETTINGS and value is not None else value
+            for name, value in args.lr_scheduler_kwargs.items()}
+    return steps
 
 
 def schedule_factor(args: CalMRLTrainingArguments, warmup_steps: int, num_processes: int) -> Callable[[int], float]:
@@ -193,4 +223,4 @@ def build_hub_pusher(args: CalMRLTrainingArguments, accelerator: Accelerator,
 
 __all__ = ["build_dataloaders", "build_hub_pusher", "build_optimizer", "freeze_modules", "keep_imputer_float32",
            "prepare_training", "schedule_factor", "schedule_steps", "start_trackers", "validate_setup",
-           "worker_settings"]
+           "with_epoch_steps", "worker_settings"]
