@@ -38,7 +38,8 @@ _TORCH = str(Path(torch.__file__).parent)
 
 class HostReads(TorchDispatchMode):
     """Counts the reads of tensor values on the host made inside it, each with where it came from: "package" (the
-    innermost frame outside torch is calmrl_hf's), "tower" (transformers', inside a tower) or "other".
+    innermost frame outside torch is calmrl_hf's), "tower" (transformers', inside a tower), "loader" (accelerate's
+    seedable sampler drawing each epoch's order from its CPU generator: host memory on any machine) or "other".
 
     `host_tensors()` lists tensors that live on the host on any device (the optimizer's step counters), whose
     reads are not device reads. On CPU a dispatch mode cannot tell a host tensor from a device one otherwise.
@@ -54,7 +55,8 @@ class HostReads(TorchDispatchMode):
                   if not f.filename.startswith(_TORCH) and f.filename != __file__]
         where = frames[-1] if frames else None
         path = where.filename if where else ""
-        origin = "package" if "calmrl_hf" in path else "tower" if "/transformers/" in path else "other"
+        origin = ("package" if "calmrl_hf" in path else "tower" if "/transformers/" in path
+                  else "loader" if "/accelerate/data_loader.py" in path else "other")
         self.reads.append((operation, origin, f"{Path(path).name}:{where.lineno if where else '?'}"))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -347,3 +349,57 @@ def test_non_finite_tower_outputs_are_refused_before_the_imputer_step_keeps_anyt
     assert torch.equal(updater.statistics.to_flat(), statistics_before)
     for name, buffer in model.imputer.state_dict().items():
         assert torch.equal(buffer, imputer_before[name]), name
+
+
+# ---------------------------------------------------------------------------------------------- the loop around it
+def loop_reads(tmp_path, steps: int) -> HostReads:
+    """The device reads of `run_epochs` over a run of `steps` steps that logs only at its last step, with no
+    evaluation and no checkpoint: the steps, the loss bookkeeping, the progress, the epoch boundaries. The batches'
+    collation is host work on host tensors (a DataLoader's), so the reads are counted outside it."""
+    counted, run_epochs, train_step = HostReads(), loop.run_epochs, loop.train_step
+
+    def counting_epochs(accelerator, args, model, optimizer, *rest, **kwargs):
+        counted.host_tensors = lambda: [state["step"] for state in optimizer.optimizer.state.values()
+                                        if "step" in state]
+        with counted:
+            return run_epochs(accelerator, args, model, optimizer, *rest, **kwargs)
+
+    torch.manual_seed(0)
+    values = dict(output_dir=str(tmp_path / f"run{steps}"), max_steps=steps, logging_steps=steps,
+                  per_device_train_batch_size=16, learning_rate=1e-3, imputer_min_rows=8, seed=3, max_grad_norm=1.0,
+                  imputer_warm_start=True)
+    loop.run_epochs = counting_epochs
+    try:
+        train(CalMRLModel(training_config()), make_dataset(48, MIXED_PATTERNS), CalMRLTrainingArguments(**values),
+              collate_fn=_outside(counted, collate), warm_start_dataset=make_dataset(32, [FULL], seed=2))
+    finally:
+        loop.run_epochs, loop.train_step = run_epochs, train_step
+    return counted
+
+
+def _outside(counted: HostReads, collate_fn):
+    """`collate_fn` run with the counter paused (a DataLoader worker would run it in another process)."""
+    def collate_outside(examples):
+        if not hasattr(counted, "_saved"):  # the counter has not started (the warm start's loader)
+            return collate_fn(examples)
+        saved = {name: getattr(torch.Tensor, name) for name in _HOST_COPIES}
+        for name, method in counted._saved.items():
+            setattr(torch.Tensor, name, method)
+        try:
+            with torch.utils._python_dispatch._disable_current_modes():
+                return collate_fn(examples)
+        finally:
+            for name, method in saved.items():
+                setattr(torch.Tensor, name, method)
+    return collate_outside
+
+
+def test_the_loop_adds_no_read_per_step(tmp_path):
+    """Three more steps (one more epoch) cost at most the steps' own two reads each: the loss of a step that does not
+    log stays on the device (the run's losses are read once at the end), nothing else reads per step."""
+    short, long = loop_reads(tmp_path, 3), loop_reads(tmp_path, 6)
+    assert long.count("package") - short.count("package") <= 2 * 3, long.summary()
+    assert long.count("other") == short.count("other") == 0, long.summary()
+    # the run's end: its last step's logged loss and the losses of all its steps, one read each
+    assert [where for _, origin, where in long.reads if origin == "package" and where.startswith("loop.py")] == \
+        [where for _, origin, where in short.reads if origin == "package" and where.startswith("loop.py")]
