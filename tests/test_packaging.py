@@ -80,7 +80,10 @@ REGISTRATION_ORDERS = {
 LOAD_THROUGH_AUTO_CLASSES = """
 config, model = AutoConfig.from_pretrained({folder!r}), AutoModel.from_pretrained({folder!r})
 processor = AutoProcessor.from_pretrained({folder!r})
-print("loaded:", type(config).__module__, type(model).__module__, type(processor).__module__)
+from transformers import AutoModelForZeroShotImageClassification  # transformers' zero-shot image pipeline's class
+zero_shot = AutoModelForZeroShotImageClassification.from_pretrained({folder!r})
+print("loaded:", type(config).__module__, type(model).__module__, type(processor).__module__,
+      type(zero_shot).__module__)
 # save_pretrained of the package's classes writes auto_map and copies the code (trust_remote_code loading)
 from calmrl_hf import CalMRLConfig, CalMRLModel, CalMRLProcessor
 model.save_pretrained({copy!r})
@@ -109,9 +112,10 @@ def test_import_calmrl_hf_then_the_auto_classes_load_the_package_classes(order, 
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = next(line for line in result.stdout.splitlines() if line.startswith("loaded:"))
     assert loaded.split()[1:] == ["calmrl_hf.configuration_calmrl", "calmrl_hf.modeling_calmrl",
-                                  "calmrl_hf.processing_calmrl"], result.stdout
+                                  "calmrl_hf.processing_calmrl", "calmrl_hf.modeling_calmrl"], result.stdout
     assert json.loads((tmp_path / "copy" / "config.json").read_text())["auto_map"] == {
-        "AutoConfig": "configuration_calmrl.CalMRLConfig", "AutoModel": "modeling_calmrl.CalMRLModel"}
+        "AutoConfig": "configuration_calmrl.CalMRLConfig", "AutoModel": "modeling_calmrl.CalMRLModel",
+        "AutoModelForZeroShotImageClassification": "modeling_calmrl.CalMRLModel"}  # a text and a vision modality
     assert json.loads((tmp_path / "copy" / "processor_config.json").read_text())["auto_map"] == {
         "AutoProcessor": "processing_calmrl.CalMRLProcessor"}
     assert (tmp_path / "copy" / "modeling_calmrl.py").is_file()
