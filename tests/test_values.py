@@ -17,6 +17,7 @@ from transformers import BertConfig
 
 from calmrl_hf import CalMRLConfig
 from calmrl_hf.training import CalMRLTrainingArguments
+from calmrl_hf.training.arguments import DEFAULT_MAX_STEPS
 
 
 FAST = settings(max_examples=50, deadline=None, derandomize=True,
@@ -89,6 +90,10 @@ ANY_VALUE = st.one_of(
 )
 
 
+# values meaning "not set" -> what is stored: max_steps None or Trainer's -1 with no num_train_epochs is 100 steps
+NOT_SET = {"max_steps": ((None, -1, "-1"), DEFAULT_MAX_STEPS)}
+
+
 def assert_accepted_or_named(field: str, value, build, ranges) -> None:
     """Construction either keeps the value within the documented range with the right type, or raises a
     ValueError / TypeError naming the field."""
@@ -99,6 +104,9 @@ def assert_accepted_or_named(field: str, value, build, ranges) -> None:
         assert field in str(error), (field, value, str(error))
         return
     stored = getattr(built, field)
+    if field in NOT_SET and not isinstance(value, bool) and value in NOT_SET[field][0]:
+        assert stored == NOT_SET[field][1], (field, value, stored)  # "not set": the documented default
+        return
     if stored is None:
         assert optional and value is None, (field, value)
         return
@@ -342,8 +350,8 @@ def test_training_switches_are_booleans_only(field, value):
     ("imputer_warm_start_max_iter", 0, "imputer_warm_start_max_iter must be >= 1"),
     ("per_device_eval_batch_size", 0, "per_device_eval_batch_size must be >= 1"),
     ("seed", -1, r"seed must be in \[0, 2\*\*32 - 1\]"),
-    ("max_steps", "ten", "max_steps must be an integer >= 1, got the string 'ten'"),
-    ("max_steps", 2.5, "max_steps must be an integer >= 1, got 2.5"),
+    ("max_steps", "ten", r"max_steps must be an integer >= 1, or None \(from num_train_epochs\), got the string 'ten'"),
+    ("max_steps", 2.5, r"max_steps must be an integer >= 1, or None \(from num_train_epochs\), got 2.5"),
     ("learning_rate", [1e-4], "learning_rate must be a number >= 0, got list"),
 ])
 def test_training_numbers_out_of_range_are_refused_naming_the_field(field, value, message):
