@@ -5,6 +5,7 @@ and runs the main job from outside the repository."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -92,8 +93,8 @@ processor.save_pretrained({copy!r})
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("order", list(REGISTRATION_ORDERS))
-def test_import_calmrl_hf_then_the_auto_classes_load_the_package_classes(order, tmp_path):
+def test_import_calmrl_hf_then_the_auto_classes_load_the_package_classes(tmp_path):
+    """Every order of REGISTRATION_ORDERS, each in a fresh interpreter (run side by side: each is mostly imports)."""
     import torch
     from transformers import BertTokenizer, ViTImageProcessor, Wav2Vec2FeatureExtractor
 
@@ -106,19 +107,26 @@ def test_import_calmrl_hf_then_the_auto_classes_load_the_package_classes(order, 
     CalMRLProcessor(BertTokenizer(vocab={w: i for i, w in enumerate(words)}),
                     ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
                     Wav2Vec2FeatureExtractor(return_attention_mask=True)).save_pretrained(tmp_path / "model")
-    script = "import sys\n" + REGISTRATION_ORDERS[order] + LOAD_THROUGH_AUTO_CLASSES.format(
-        folder=str(tmp_path / "model"), copy=str(tmp_path / "copy"))
-    result = run_python(script, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = next(line for line in result.stdout.splitlines() if line.startswith("loaded:"))
-    assert loaded.split()[1:] == ["calmrl_hf.configuration_calmrl", "calmrl_hf.modeling_calmrl",
-                                  "calmrl_hf.processing_calmrl", "calmrl_hf.modeling_calmrl"], result.stdout
-    assert json.loads((tmp_path / "copy" / "config.json").read_text())["auto_map"] == {
-        "AutoConfig": "configuration_calmrl.CalMRLConfig", "AutoModel": "modeling_calmrl.CalMRLModel",
-        "AutoModelForZeroShotImageClassification": "modeling_calmrl.CalMRLModel"}  # a text and a vision modality
-    assert json.loads((tmp_path / "copy" / "processor_config.json").read_text())["auto_map"] == {
-        "AutoProcessor": "processing_calmrl.CalMRLProcessor"}
-    assert (tmp_path / "copy" / "modeling_calmrl.py").is_file()
+
+    def run(order: str):
+        copy = tmp_path / f"copy {len(order)}-{abs(hash(order))}"
+        script = "import sys\n" + REGISTRATION_ORDERS[order] + LOAD_THROUGH_AUTO_CLASSES.format(
+            folder=str(tmp_path / "model"), copy=str(copy))
+        return order, copy, run_python(script, cwd=tmp_path)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(REGISTRATION_ORDERS)) as pool:
+        runs = list(pool.map(run, REGISTRATION_ORDERS))
+    for order, copy, result in runs:
+        assert result.returncode == 0, (order, result.stderr[-3000:])
+        loaded = next(line for line in result.stdout.splitlines() if line.startswith("loaded:"))
+        assert loaded.split()[1:] == ["calmrl_hf.configuration_calmrl", "calmrl_hf.modeling_calmrl",
+                                      "calmrl_hf.processing_calmrl", "calmrl_hf.modeling_calmrl"], (order, loaded)
+        assert json.loads((copy / "config.json").read_text())["auto_map"] == {
+            "AutoConfig": "configuration_calmrl.CalMRLConfig", "AutoModel": "modeling_calmrl.CalMRLModel",
+            "AutoModelForZeroShotImageClassification": "modeling_calmrl.CalMRLModel"}, order  # text and vision
+        assert json.loads((copy / "processor_config.json").read_text())["auto_map"] == {
+            "AutoProcessor": "processing_calmrl.CalMRLProcessor"}, order
+        assert (copy / "modeling_calmrl.py").is_file(), order
 
 
 def pip_install_lines(text: str) -> list[str]:
