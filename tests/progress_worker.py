@@ -28,7 +28,7 @@ EXAMPLES, BATCH_SIZE = 16, 4
 EMPTY = (3, 11)  # the examples observing no modality: 2 dropped in every epoch
 
 
-def tiny_run(output_dir: str, max_steps: int, logging_steps: int):
+def tiny_run(output_dir: str, max_steps: int, logging_steps: int, **overrides):
     """Train the tiny model for `max_steps` (every epoch: 4 batches, 2 examples dropped); returns `train`'s output."""
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *map(str, range(10))]
     processor = CalMRLProcessor(BertTokenizer(vocab={w: i for i, w in enumerate(words)}),
@@ -44,7 +44,7 @@ def tiny_run(output_dir: str, max_steps: int, logging_steps: int):
         rows["vision"].append(None if i in EMPTY else frames)
         rows["text"].append(None if i in EMPTY else f"{i % 10} {i % 7}")
     args = CalMRLTrainingArguments(output_dir=output_dir, max_steps=max_steps, logging_steps=logging_steps,
-                                   per_device_train_batch_size=BATCH_SIZE, use_cpu=True, seed=0)
+                                   per_device_train_batch_size=BATCH_SIZE, use_cpu=True, seed=0, **overrides)
     return train(model, Dataset.from_dict(rows).with_format("numpy"), args, collate_fn=CalMRLCollator(processor))
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from calmrl_hf.training.progress import ProgressBar, ProgressLines, StepProgress, step_progress, terminal_size
 
@@ -170,6 +171,20 @@ def test_dropped_examples_are_summarised_not_told_per_batch(tmp_path, monkeypatc
     ours = [line for line in lines if line.startswith("training run: ")]  # (saving the model draws its own bar)
     assert len(ours) == len(step_lines) + 2 and ours[-2] == step_lines[-1]
     assert ours[-1].endswith(f"; {2 * len(EMPTY)} examples with no observed modality dropped in all")
+
+
+def test_disable_tqdm_shows_no_progress_and_trains_the_same(tmp_path, monkeypatch):
+    """Trainer's `disable_tqdm`: neither a line nor a bar, and the same losses as the run that shows them."""
+    shown, hidden = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", shown)
+    torch.manual_seed(0)  # the model's initialisation
+    showing = tiny_run(str(tmp_path / "shown"), max_steps=4, logging_steps=2)
+    monkeypatch.setattr(sys, "stderr", hidden)
+    torch.manual_seed(0)
+    silent = tiny_run(str(tmp_path / "hidden"), max_steps=4, logging_steps=2, disable_tqdm=True)
+    assert [line for line in shown.getvalue().splitlines() if line.startswith("training shown: ")]
+    assert not [line for line in hidden.getvalue().splitlines() if line.startswith("training hidden")]
+    assert silent.losses == showing.losses
 
 
 @pytest.mark.slow

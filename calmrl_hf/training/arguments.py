@@ -175,6 +175,7 @@ class CalMRLTrainingArguments(metaclass=_KnownNames):
     freeze_modalities: Sequence[str] = ()  # towers to keep frozen (e.g. a pretrained text tower)
     freeze_projections: Sequence[str] = ()  # projection heads to keep frozen
     report_to: str | list[str] | None = None  # trackers, e.g. "tensorboard" ("none" or None: no tracker)
+    disable_tqdm: bool = False  # Trainer's name: no progress at all, neither the bar nor the lines off a terminal
     dataloader_num_workers: int = 0
     dataloader_prefetch_factor: int | None = None  # batches each worker loads ahead (None: torch's 2)
     dataloader_persistent_workers: bool = False  # keep the workers between epochs
@@ -376,7 +377,7 @@ TRAINING_NUMBERS = {
 }
 # Switches: True or False only (a quoted "false" is a string, which would count as True).
 TRAINING_SWITCHES = ("use_cpu", "imputer_warm_start", "dataloader_persistent_workers", "dataloader_pin_memory",
-                     "hub_private_repo", "bf16", "fp16", "gradient_checkpointing", "torch_compile")
+                     "hub_private_repo", "bf16", "fp16", "gradient_checkpointing", "torch_compile", "disable_tqdm")
 
 
 def _names(field_name: str, value: Any) -> list[str]:

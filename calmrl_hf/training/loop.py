@@ -186,7 +186,7 @@ def run_epochs(accelerator: Accelerator, args: CalMRLTrainingArguments, model, o
     unwrapped = accelerator.unwrap_model(model)
     # a bar on a terminal (also under accelerate launch), elsewhere a line on stderr every logging_steps
     with step_progress(args.max_steps, position.global_step, f"training {Path(args.output_dir).name}",
-                       enabled=accelerator.is_local_main_process) as progress:
+                       enabled=accelerator.is_local_main_process and not args.disable_tqdm) as progress:
         while position.global_step < args.max_steps:
             resumed_mid_epoch = position.batches_in_epoch > 0
             steps_before = position.global_step

@@ -46,7 +46,7 @@ ARGUMENTS_OUTSIDE_THE_TRAJECTORY = frozenset({
     "allow_resume_changes", "report_to", "dataloader_num_workers", "use_cpu", "dataloader_prefetch_factor",
     "dataloader_persistent_workers", "dataloader_pin_memory", "per_device_eval_batch_size", "eval_pairs",
     "push_to_hub", "hub_strategy", "hub_model_id", "hub_endpoint", "hub_token", "hub_private_repo", "hub_timeout",
-    "hub_retries", "logging_dir", "eval_strategy", "save_strategy",
+    "hub_retries", "logging_dir", "eval_strategy", "save_strategy", "disable_tqdm",
     # the run's length is its max_steps (recorded, counted from the epochs), its warm-up its warmup_steps
     "num_train_epochs", "warmup_ratio",
     # compiled and eager steps compute the same function (equal within rounding: tests/test_compile.py)
