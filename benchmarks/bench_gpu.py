@@ -200,18 +200,21 @@ def measure_row(initial: CalMRLModel, sizes: str, attention: str, compiled: bool
     optimizer, scheduler = build_optimizer(model, args, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     clock = Clock(device)
-    imputer_step = TimedImputerStep(ImputerUpdater(accelerator.unwrap_model(model), accelerator, args), clock)
-    calibration = Calibration(accelerator.unwrap_model(model), args, None, accelerator)
+    unwrapped = accelerator.unwrap_model(model)  # once, as train() takes it
+    imputer_step = TimedImputerStep(ImputerUpdater(unwrapped, accelerator, args), clock)
+    calibration = Calibration(unwrapped, args, None, accelerator)
     batch = make_batch(TINY_BATCH if sizes == "tiny" else BatchSizes(), device)
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
-        train_step(accelerator, model, optimizer, scheduler, imputer_step, calibration, batch, args.max_grad_norm)
+        train_step(accelerator, model, optimizer, scheduler, imputer_step, calibration, batch, args.max_grad_norm,
+                   unwrapped)
     imputer_step.timing = True
     start = clock.mark()
     for _ in range(steps):
-        train_step(accelerator, model, optimizer, scheduler, imputer_step, calibration, batch, args.max_grad_norm)
+        train_step(accelerator, model, optimizer, scheduler, imputer_step, calibration, batch, args.max_grad_norm,
+                   unwrapped)
     step_ms = clock.milliseconds(start, clock.mark()) / steps
     imputer_ms = sum(clock.milliseconds(a, b) for a, b in imputer_step.marks) / steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")

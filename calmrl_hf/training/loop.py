@@ -260,12 +260,11 @@ def train_mode(model, accelerator: Accelerator, args: CalMRLTrainingArguments) -
 
 
 def train_step(accelerator: Accelerator, model, optimizer, scheduler, imputer_step: ImputerUpdater,
-               calibration: Calibration, batch, max_grad_norm: float | None, unwrapped=None) -> torch.Tensor:
+               calibration: Calibration, batch, max_grad_norm: float | None, unwrapped) -> torch.Tensor:
     """One micro-batch of the bi-step: the imputer step (inside forward, `imputer_update_fn`), then the encoder
     step (an optimizer step on the last micro-batch of a gradient accumulation) on the alignment loss plus the
     teacher's term (`calibration`); an EMA teacher follows each optimizer step. Returns the detached loss.
     `unwrapped`: `accelerator.unwrap_model(model)`, taken once per run by the caller (it walks the modules)."""
-    unwrapped = accelerator.unwrap_model(model) if unwrapped is None else unwrapped
     with accelerator.accumulate(model):
         inputs, extra, teacher_view = calibration.prepare(unwrapped, batch)
         outputs = model(**inputs, return_loss=True, imputer_update_fn=imputer_step, **extra)
