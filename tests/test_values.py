@@ -266,16 +266,16 @@ def test_the_recipe_stage_objective_is_checked_where_the_recipe_sets_it():
 
 
 # -------------------------------------------------------------------------------------- CalMRLTrainingArguments
-@FAST
-@given(field=st.sampled_from(sorted(TRAINING_RANGES)), value=ANY_VALUE)
-def test_training_numbers_are_converted_kept_in_range_or_refused_naming_the_field(field, value):
-    assert_accepted_or_named(field, value, lambda f, v: CalMRLTrainingArguments(**{f: v}), TRAINING_RANGES)
+# the two doors of training numbers: the constructor, and a recipe section (`from_dict`), checked the same
+TRAINING_BUILDS = {"constructor": lambda f, v: CalMRLTrainingArguments(**{f: v}),
+                   "recipe section": lambda f, v: CalMRLTrainingArguments.from_dict({f: v})}
 
 
 @FAST
+@pytest.mark.parametrize("door", list(TRAINING_BUILDS))
 @given(field=st.sampled_from(sorted(TRAINING_RANGES)), value=ANY_VALUE)
-def test_training_numbers_from_a_recipe_section_are_checked_the_same(field, value):
-    assert_accepted_or_named(field, value, lambda f, v: CalMRLTrainingArguments.from_dict({f: v}), TRAINING_RANGES)
+def test_training_numbers_are_converted_kept_in_range_or_refused_naming_the_field(door, field, value):
+    assert_accepted_or_named(field, value, TRAINING_BUILDS[door], TRAINING_RANGES)
 
 
 def _valid_training_values():
